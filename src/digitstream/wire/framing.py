@@ -1,0 +1,166 @@
+"""Length-prefixed frames: a 4-byte big-endian unsigned length, then the payload.
+
+The hot path is :class:`FrameSplitter`, which turns whatever a socket read
+returned into groups of complete payloads. A run of frames that all have the
+same length (the common case: every image of a stream has the same size) is
+cut out with NumPy as one ``(n_frames, length)`` array, without a Python loop
+per frame.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+DEFAULT_MAX_FRAME = 1 << 20
+
+
+class FrameTooLarge(ValueError):
+    """A length header above the allowed maximum: the stream cannot be trusted further."""
+
+    def __init__(self, length: int, limit: int):
+        super().__init__(f"frame length {length} exceeds the limit of {limit} bytes")
+        self.length = length
+        self.limit = limit
+
+
+@dataclass
+class Payloads:
+    """Complete frame payloads, in stream order.
+
+    Exactly one of ``fixed`` and ``items`` is set: ``fixed`` is a read-only
+    ``(n, length)`` uint8 array when every payload has the same length,
+    ``items`` a list of ``bytes`` otherwise.
+    """
+
+    fixed: np.ndarray | None = None
+    items: list[bytes] | None = None
+
+    def __len__(self) -> int:
+        return len(self.fixed) if self.fixed is not None else len(self.items)
+
+    def __getitem__(self, index: int) -> bytes:
+        if self.fixed is not None:
+            return self.fixed[index].tobytes()
+        return self.items[index]
+
+    def to_list(self) -> list[bytes]:
+        if self.fixed is not None:
+            return [row.tobytes() for row in self.fixed]
+        return list(self.items)
+
+    @property
+    def nbytes(self) -> int:
+        if self.fixed is not None:
+            return self.fixed.size + HEADER_SIZE * len(self.fixed)
+        return sum(map(len, self.items)) + HEADER_SIZE * len(self.items)
+
+    @classmethod
+    def from_list(cls, payloads: list[bytes]) -> "Payloads":
+        """Payloads from a list; the fixed form when all have one length."""
+        if payloads and len(payloads) > 1 and all(len(p) == len(payloads[0]) for p in payloads):
+            joined = np.frombuffer(b"".join(payloads), dtype=np.uint8)
+            return cls(fixed=joined.reshape(len(payloads), len(payloads[0])))
+        return cls(items=list(payloads))
+
+
+def frame(payload: bytes) -> bytes:
+    """One frame: header and payload."""
+    return HEADER.pack(len(payload)) + payload
+
+
+def frame_many(payloads: Iterable[bytes]) -> bytes:
+    """Many frames, concatenated."""
+    return b"".join(HEADER.pack(len(p)) + p for p in payloads)
+
+
+def frame_fixed(rows: np.ndarray) -> bytes:
+    """Frames of a ``(n, length)`` uint8 array, built in one go."""
+    rows = np.ascontiguousarray(rows, dtype=np.uint8)
+    n, length = rows.shape
+    out = np.empty((n, HEADER_SIZE + length), dtype=np.uint8)
+    out[:, :HEADER_SIZE] = np.frombuffer(HEADER.pack(length), dtype=np.uint8)
+    out[:, HEADER_SIZE:] = rows
+    return out.tobytes()
+
+
+def iter_frames(data: bytes) -> Iterator[bytes]:
+    """Every complete frame payload in ``data`` (a trailing partial frame is ignored)."""
+    pos = 0
+    view = memoryview(data)
+    while pos + HEADER_SIZE <= len(data):
+        (length,) = HEADER.unpack_from(data, pos)
+        end = pos + HEADER_SIZE + length
+        if end > len(data):
+            break
+        yield bytes(view[pos + HEADER_SIZE:end])
+        pos = end
+
+
+class FrameSplitter:
+    """Cut a byte stream, arriving in arbitrary pieces, into frame payloads.
+
+    ``feed(data)`` returns the payloads completed by ``data`` as a list of
+    :class:`Payloads` groups, in stream order; incomplete bytes are kept for
+    the next call. A header above ``max_frame`` raises :class:`FrameTooLarge`.
+    """
+
+    #: a run of equal-length frames shorter than this is not worth NumPy's overhead
+    MIN_RUN = 4
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
+        self.max_frame = max_frame
+        self._rest = b""
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back."""
+        return len(self._rest)
+
+    def feed(self, data: bytes) -> list[Payloads]:
+        buf = self._rest + data if self._rest else bytes(data)
+        groups: list[Payloads] = []
+        singles: list[bytes] = []
+        n = len(buf)
+        pos = 0
+        view = memoryview(buf)
+        unpack = HEADER.unpack_from
+        while pos + HEADER_SIZE <= n:
+            (length,) = unpack(buf, pos)
+            if length > self.max_frame:
+                self._rest = b""
+                raise FrameTooLarge(length, self.max_frame)
+            stride = HEADER_SIZE + length
+            if (pos + self.MIN_RUN * stride <= n
+                    and buf[pos + stride:pos + stride + HEADER_SIZE] == buf[pos:pos + HEADER_SIZE]):
+                count = self._uniform_run(buf, pos, stride)
+                if count >= self.MIN_RUN:
+                    if singles:
+                        groups.append(Payloads(items=singles))
+                        singles = []
+                    rows = np.frombuffer(buf, dtype=np.uint8, count=count * stride, offset=pos)
+                    groups.append(Payloads(fixed=rows.reshape(count, stride)[:, HEADER_SIZE:]))
+                    pos += count * stride
+                    continue
+            if pos + stride > n:
+                break
+            singles.append(bytes(view[pos + HEADER_SIZE:pos + stride]))
+            pos += stride
+        if singles:
+            groups.append(Payloads(items=singles))
+        self._rest = bytes(view[pos:]) if pos < n else b""
+        return groups
+
+    @staticmethod
+    def _uniform_run(buf: bytes, pos: int, stride: int) -> int:
+        """How many whole frames from ``pos`` on carry the same header as the first."""
+        count = (len(buf) - pos) // stride
+        rows = np.frombuffer(buf, dtype=np.uint8, count=count * stride, offset=pos).reshape(count, stride)
+        headers = rows[:, :HEADER_SIZE].view(np.uint32)[:, 0]
+        mismatch = np.flatnonzero(headers != headers[0])
+        return int(mismatch[0]) if mismatch.size else count
