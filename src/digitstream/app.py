@@ -1,0 +1,331 @@
+"""The streaming application behind ``digitstream run``.
+
+Wiring only: the model bundle becomes a :class:`~digitstream.pipeline.Flow`,
+an engine runs it on batches, the TCP source feeds the engine and the TCP sink
+takes its results. Per connection, batches are submitted in order and their
+results written in the same order; a bounded queue of batches in flight per
+connection, and the sink's bounded queue, stop the source reading when the
+downstream falls behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from digitstream.addresses import Address, is_loopback
+from digitstream.connectors.tcp import READ_SIZE, TcpSink
+from digitstream.errors import UserError
+from digitstream.pipeline import Batch, Flow
+from digitstream.wire.framing import FrameSplitter, FrameTooLarge, Payloads
+
+log = logging.getLogger("digitstream.app")
+
+
+@dataclass
+class AppConfig:
+    in_addr: Address = Address("127.0.0.1", 8002)
+    out_addr: Address = Address("127.0.0.1", 7002)
+    metrics_addr: Address | None = Address("127.0.0.1", 5001)
+    model_path: str = "models"
+    input_format: str = "auto"
+    output_format: str = "text"
+    engine: str = "local"
+    workers: int | None = None
+    scheduler: str | None = None
+    name: str = "worker-1"
+    max_batch: int = 65536
+    max_delay: float = 0.0  # seconds
+    max_frame: int = 1 << 20
+    compile_model: bool = True
+    in_flight: int = 4
+    #: on a stop signal, keep reading a connection until it is quiet this long ...
+    drain_quiet: float = 0.2
+    #: ... but no longer than this
+    drain_grace: float = 5.0
+    #: how long to wait for the listener to take the last results on a stop signal
+    flush_timeout: float = 30.0
+    extra: dict = field(default_factory=dict)
+
+
+class _Connection:
+    __slots__ = ("id", "peer", "reader", "writer", "last_rx", "frames", "handler")
+
+    def __init__(self, conn_id, peer, reader, writer):
+        self.id = conn_id
+        self.peer = peer
+        self.reader = reader
+        self.writer = writer
+        self.last_rx = time.monotonic()
+        self.frames = 0
+        self.handler: asyncio.Task | None = None
+
+
+class Application:
+    def __init__(self, config: AppConfig):
+        self.config = config
+        self.bundle = None
+        self.flow: Flow | None = None
+        self.engine = None
+        self.sink: TcpSink | None = None
+        self.metrics = None
+        self.metrics_server = None
+        self.server: asyncio.base_events.Server | None = None
+        self.bound_in: Address | None = None
+        self.connections: dict[int, _Connection] = {}
+        self._ids = itertools.count(1)
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self.ready = asyncio.Event()
+
+    # ------------------------------------------------------------ start-up
+    def load(self) -> None:
+        from digitstream.model.bundle import load_bundle
+        from digitstream.model.runner import make_runner
+
+        cfg = self.config
+        self.bundle = load_bundle(cfg.model_path)
+        runner = make_runner(self.bundle.pipeline, compile=cfg.compile_model)
+        self.flow = Flow(runner, cfg.input_format, cfg.output_format, worker=cfg.name)
+        log.info("model %s: %s, %d features, classes %s%s", cfg.model_path,
+                 " -> ".join(runner.stage_names), runner.n_features,
+                 " ".join(str(c) for c in runner.classes), " (fused)" if runner.compiled else "")
+
+    def _make_engine(self):
+        cfg = self.config
+        if cfg.engine == "dask":
+            from digitstream.engine.dask import DaskEngine
+
+            return DaskEngine(self.flow, self.bundle, cfg)
+        from digitstream.engine.local import LocalEngine
+
+        return LocalEngine(self.flow)
+
+    async def start(self) -> None:
+        cfg = self.config
+        if self.flow is None:
+            self.load()
+        if cfg.metrics_addr is not None:
+            from digitstream.metrics.recorder import Metrics
+
+            self.metrics = Metrics(cfg.name, self.flow.stage_names, self.flow.runner.classes)
+        self.engine = self._make_engine()
+        await self.engine.start()
+        if cfg.metrics_addr is not None:
+            from digitstream.metrics.server import MetricsServer
+
+            if not is_loopback(cfg.metrics_addr.host):
+                log.warning("the metrics UI is bound to %s: anyone who can reach it can read it",
+                            cfg.metrics_addr)
+            self.metrics_server = MetricsServer(self, cfg.metrics_addr)
+            await self.metrics_server.start()
+        self.sink = TcpSink(cfg.out_addr)
+        self.sink.start()
+        try:
+            self.server = await asyncio.start_server(
+                self._serve, cfg.in_addr.host, cfg.in_addr.port, limit=2 * READ_SIZE, backlog=1024)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {cfg.in_addr}: {exc.strerror or exc}") from None
+        port = self.server.sockets[0].getsockname()[1]
+        self.bound_in = Address(cfg.in_addr.host, port)
+        if self.metrics is not None:
+            self.metrics.ready = True
+        self.ready.set()
+        log.info("listening on %s, results to %s%s", self.bound_in, cfg.out_addr,
+                 f", metrics UI at {self.metrics_server.url}" if self.metrics_server else "")
+
+    # ---------------------------------------------------------- the stream
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        conn = _Connection(next(self._ids), peer_text, reader, writer)
+        conn.handler = asyncio.current_task()
+        self.connections[conn.id] = conn
+        metrics = self.metrics
+        if metrics:
+            metrics.connection_opened()
+        log.debug("connection %d from %s", conn.id, peer_text)
+        results: asyncio.Queue = asyncio.Queue(maxsize=self.config.in_flight)
+        deliver = asyncio.create_task(self._deliver(results))
+        splitter = FrameSplitter(self.config.max_frame)
+        try:
+            await self._read_loop(conn, splitter, results)
+        except FrameTooLarge as exc:
+            log.warning("connection %d from %s closed: %s", conn.id, peer_text, exc)
+            if metrics:
+                metrics.connection_error("frame_too_large")
+        except (ConnectionError, OSError) as exc:
+            log.info("connection %d from %s failed: %s", conn.id, peer_text, exc)
+        finally:
+            if splitter.pending:
+                log.warning("connection %d from %s closed in the middle of a frame: "
+                            "%d bytes of a partial frame dropped", conn.id, peer_text,
+                            splitter.pending)
+                if metrics:
+                    metrics.connection_error("partial_frame")
+            await results.put(None)
+            await deliver
+            writer.close()
+            self.connections.pop(conn.id, None)
+            if metrics:
+                metrics.connection_closed()
+            log.debug("connection %d from %s done: %d frames", conn.id, peer_text, conn.frames)
+
+    async def _read_loop(self, conn: _Connection, splitter: FrameSplitter,
+                         results: asyncio.Queue) -> None:
+        cfg = self.config
+        reader = conn.reader
+        engine = self.engine
+        metrics = self.metrics
+        seq = 0
+        eof = False
+        while not eof:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                break
+            conn.last_rx = time.monotonic()
+            groups = splitter.feed(data)
+            if cfg.max_delay > 0:
+                eof = await self._fill(reader, splitter, groups)
+            if not groups:
+                continue
+            received = time.perf_counter_ns()
+            for group in _merge(groups):
+                n = len(group)
+                conn.frames += n
+                if metrics:
+                    metrics.frames_received(n, group.nbytes)
+                for start in range(0, n, cfg.max_batch):
+                    part = _slice(group, start, start + cfg.max_batch)
+                    batch = Batch(conn.id, seq, part, received)
+                    seq += len(part)
+                    await results.put((batch, engine.submit(batch)))
+
+    async def _fill(self, reader, splitter, groups) -> bool:
+        """Read more until max_batch frames or max_delay; True at end of stream."""
+        cfg = self.config
+        deadline = time.monotonic() + cfg.max_delay
+        while sum(map(len, groups)) < cfg.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                data = await asyncio.wait_for(reader.read(READ_SIZE), remaining)
+            except asyncio.TimeoutError:
+                break
+            if not data:
+                return True
+            groups.extend(splitter.feed(data))
+        return False
+
+    async def _deliver(self, results: asyncio.Queue) -> None:
+        sink = self.sink
+        metrics = self.metrics
+        while True:
+            item = await results.get()
+            if item is None:
+                return
+            batch, future = item
+            result = await future
+            await sink.write(result.output)
+            if metrics:
+                metrics.batch_done(result, (time.perf_counter_ns() - batch.received_ns) * 1e-9)
+
+    # ------------------------------------------------------------ shutdown
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("stopping: no new connections; answering what was received")
+            self._stop.set()
+
+    async def serve_until_stopped(self) -> int:
+        await self._stop.wait()
+        return await self.shutdown()
+
+    async def shutdown(self) -> int:
+        cfg = self.config
+        self._stopping = True
+        if self.metrics is not None:
+            self.metrics.ready = False
+        if self.server is not None:
+            self.server.close()
+        handlers = [c.handler for c in self.connections.values() if c.handler]
+        quiesce = [asyncio.create_task(self._quiesce(c)) for c in list(self.connections.values())]
+        if handlers:
+            await asyncio.gather(*handlers, return_exceptions=True)
+        for task in quiesce:
+            task.cancel()
+        status = 0
+        try:
+            await asyncio.wait_for(self.sink.flush(), cfg.flush_timeout)
+        except asyncio.TimeoutError:
+            log.error("the listener at %s did not take the last %d result bytes within %.0f s",
+                      cfg.out_addr, self.sink.queued_bytes, cfg.flush_timeout)
+            status = 1
+        await self.sink.close()
+        if self.engine is not None:
+            await self.engine.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+        if self.metrics is not None:
+            log.info("stopped after %d messages", self.metrics.messages_out)
+        return status
+
+    async def _quiesce(self, conn: _Connection) -> None:
+        """Read a connection until it is quiet (or the grace time ends), then end it."""
+        cfg = self.config
+        deadline = time.monotonic() + cfg.drain_grace
+        while True:
+            now = time.monotonic()
+            quiet_for = now - conn.last_rx
+            if quiet_for >= cfg.drain_quiet or now >= deadline:
+                break
+            await asyncio.sleep(min(cfg.drain_quiet - quiet_for, deadline - now) + 0.001)
+        transport = conn.writer.transport
+        if not transport.is_closing():
+            transport.pause_reading()
+        conn.reader.feed_eof()
+
+
+def _merge(groups: list[Payloads]) -> list[Payloads]:
+    """Join neighbouring fixed-width groups (from several reads) into one."""
+    if len(groups) < 2:
+        return groups
+    merged: list[Payloads] = []
+    for group in groups:
+        last = merged[-1] if merged else None
+        if (last is not None and last.fixed is not None and group.fixed is not None
+                and last.fixed.shape[1] == group.fixed.shape[1]):
+            merged[-1] = Payloads(fixed=np.concatenate([last.fixed, group.fixed]))
+        else:
+            merged.append(group)
+    return merged
+
+
+def _slice(group: Payloads, start: int, stop: int) -> Payloads:
+    if start == 0 and stop >= len(group):
+        return group
+    if group.fixed is not None:
+        return Payloads(fixed=group.fixed[start:stop])
+    return Payloads(items=group.items[start:stop])
+
+
+async def _main(config: AppConfig) -> int:
+    app = Application(config)
+    app.load()
+    await app.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, app.request_stop)
+    return await app.serve_until_stopped()
+
+
+def run_app(config: AppConfig) -> int:
+    """Run until SIGINT or SIGTERM; the exit status."""
+    return asyncio.run(_main(config))
+

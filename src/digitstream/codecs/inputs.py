@@ -1,0 +1,268 @@
+"""Input payload formats: images to bytes (the sender) and bytes to images (the application).
+
+Formats (one image per payload):
+
+* ``pickle``: a pickled NumPy array, as the seed's sender makes it. Read through
+  :mod:`digitstream.codecs.safe_pickle`, never plain ``pickle.loads``.
+* ``npy``: the bytes of a ``.npy`` file of one image, read without pickle.
+* ``u8``, ``f32``, ``f64``: the raw pixels, little-endian.
+* ``json``: ``{"pixels": [...], "label": 3, "id": "..."}``, label and id optional.
+* ``auto`` (application only): what the seed's sender sends, byte for byte,
+  plus ``.npy`` and JSON payloads, told apart by their first byte.
+
+A decoder turns a batch of payloads into one ``(n, n_features)`` float64 array
+and a reason for every payload it rejects. Rejected rows are zeros in the array;
+they are answered with an error, never dropped.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import pickle
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from digitstream.codecs.safe_pickle import NUMERIC_KINDS, PickleTemplates, restricted_loads
+from digitstream.wire.framing import Payloads
+
+INPUT_FORMATS = ("pickle", "npy", "u8", "f32", "f64", "json")
+RAW_DTYPES = {"u8": np.dtype("u1"), "f32": np.dtype("<f4"), "f64": np.dtype("<f8")}
+NPY_MAGIC = b"\x93NUMPY"
+
+
+class RejectedInput(ValueError):
+    """One payload that cannot be classified; the message is the reason sent back."""
+
+
+@dataclass
+class Decoded:
+    """A batch of images decoded from payloads.
+
+    ``X`` has shape (n, n_features), float64, C-contiguous; the rows named in
+    ``errors`` (index -> reason) are zeros. ``labels`` and ``ids`` hold what
+    JSON payloads carried (None where absent), or are None for other formats.
+    """
+
+    X: np.ndarray
+    errors: dict[int, str] = field(default_factory=dict)
+    labels: list | None = None
+    ids: list | None = None
+
+
+# ------------------------------------------------------------------ encoding
+def encode_images(X: np.ndarray, fmt: str, labels=None, ids=None) -> list[bytes]:
+    """One payload per row of ``X`` (shape (n, n_features)) in format ``fmt``."""
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"expected images of shape (n, n_features), got {X.shape}")
+    if fmt in RAW_DTYPES:
+        dtype = RAW_DTYPES[fmt]
+        if dtype.kind == "u":
+            X = np.clip(np.rint(X), 0, 255)
+        data = np.ascontiguousarray(X, dtype=dtype)
+        width = data.shape[1] * dtype.itemsize
+        raw = data.tobytes()
+        return [raw[i:i + width] for i in range(0, len(raw), width)]
+    rows = np.ascontiguousarray(X, dtype=np.float64)
+    if fmt == "pickle":
+        return [pickle.dumps(row) for row in rows]
+    if fmt == "npy":
+        header = _npy_header(rows.shape[1])
+        return [header + row.tobytes() for row in rows]
+    if fmt == "json":
+        out = []
+        for i, row in enumerate(rows):
+            obj = {"pixels": row.tolist()}
+            if labels is not None:
+                obj["label"] = labels[i].item() if hasattr(labels[i], "item") else labels[i]
+            if ids is not None:
+                obj["id"] = ids[i]
+            out.append(json.dumps(obj, separators=(",", ":")).encode())
+        return out
+    raise ValueError(f"unknown input format {fmt!r}; expected one of {', '.join(INPUT_FORMATS)}")
+
+
+def _npy_header(n_features: int) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(n_features, dtype="<f8"))
+    return buffer.getvalue()[: -8 * n_features]
+
+
+# ------------------------------------------------------------------ decoding
+class Decoder:
+    """Turns :class:`Payloads` into a :class:`Decoded` batch for one format."""
+
+    def __init__(self, fmt: str, n_features: int):
+        if fmt not in INPUT_FORMATS and fmt != "auto":
+            raise ValueError(f"unknown input format {fmt!r}")
+        self.fmt = fmt
+        self.n_features = n_features
+        self._templates = PickleTemplates(n_features) if fmt in ("pickle", "auto") else None
+
+    def decode(self, payloads: Payloads) -> Decoded:
+        n = len(payloads)
+        X = np.zeros((n, self.n_features), dtype=np.float64)
+        out = Decoded(X)
+        if self.fmt == "json":
+            out.labels, out.ids = [None] * n, [None] * n
+        todo: np.ndarray | list[int]
+        if payloads.fixed is not None:
+            todo = self._decode_fixed(payloads.fixed, X)
+        else:
+            todo = range(n)
+        for i in todo:
+            try:
+                X[i] = self._decode_one(payloads[i], out, int(i))
+            except RejectedInput as exc:
+                out.errors[int(i)] = str(exc)
+        self._reject_non_finite(X, out.errors)
+        return out
+
+    # A whole group of same-length payloads at once; returns the rows left to do one by one.
+    def _decode_fixed(self, rows: np.ndarray, X: np.ndarray):
+        n, length = rows.shape
+        if self.fmt in RAW_DTYPES:
+            dtype = RAW_DTYPES[self.fmt]
+            if length == self.n_features * dtype.itemsize:
+                X[:] = np.ascontiguousarray(rows).view(dtype)
+                return ()
+            return range(n)
+        if self._templates is not None and length in self._templates.lengths:
+            ok, pixels = self._templates.match(rows)
+            X[ok] = pixels[ok]
+            return np.flatnonzero(~ok)
+        if self.fmt in ("npy", "auto") and length > len(NPY_MAGIC):
+            return self._decode_npy_fixed(rows, X)
+        return range(n)
+
+    def _decode_npy_fixed(self, rows: np.ndarray, X: np.ndarray):
+        first = rows[0].tobytes()
+        try:
+            header_len, dtype = _npy_layout(first, self.n_features)
+        except RejectedInput:
+            return range(len(rows))
+        same = (rows[:, :header_len] == rows[0, :header_len]).all(axis=1)
+        data = np.ascontiguousarray(rows[same, header_len:])
+        X[same] = data.view(dtype).astype(np.float64, copy=False)
+        return np.flatnonzero(~same)
+
+    def _decode_one(self, payload: bytes, out: Decoded, index: int) -> np.ndarray:
+        if not payload:
+            raise RejectedInput("empty payload")
+        fmt = self.fmt
+        if fmt == "auto":
+            fmt = "npy" if payload.startswith(NPY_MAGIC) else \
+                "json" if payload[:1] == b"{" else "pickle"
+        if fmt in RAW_DTYPES:
+            dtype = RAW_DTYPES[fmt]
+            expected = self.n_features * dtype.itemsize
+            if len(payload) != expected:
+                raise RejectedInput(f"expected {expected} bytes ({self.n_features} {fmt} values), "
+                                    f"got {len(payload)}")
+            return np.frombuffer(payload, dtype=dtype)
+        if fmt == "pickle":
+            try:
+                array = restricted_loads(payload)
+            except pickle.UnpicklingError as exc:
+                raise RejectedInput(f"bad pickle: {exc}") from None
+            return self._image(array)
+        if fmt == "npy":
+            header_len, dtype = _npy_layout(payload, self.n_features)
+            expected = header_len + self.n_features * dtype.itemsize
+            if len(payload) != expected:
+                raise RejectedInput(f"npy payload holds {len(payload) - header_len} data bytes, "
+                                    f"expected {expected - header_len}")
+            return np.frombuffer(payload, dtype=dtype, offset=header_len)
+        return self._decode_json(payload, out, index)
+
+    def _decode_json(self, payload: bytes, out: Decoded, index: int) -> np.ndarray:
+        try:
+            obj = json.loads(payload)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise RejectedInput(f"bad json: {str(exc)[:120]}") from None
+        if not isinstance(obj, dict) or "pixels" not in obj:
+            raise RejectedInput('bad json: expected an object with "pixels"')
+        pixels = obj["pixels"]
+        if not isinstance(pixels, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in pixels):
+            raise RejectedInput('bad json: "pixels" must be a flat list of numbers')
+        if out.labels is not None:
+            out.labels[index] = obj.get("label")
+            out.ids[index] = obj.get("id")
+        try:
+            return self._image(np.array(pixels, dtype=np.float64))
+        except OverflowError:
+            raise RejectedInput("bad json: a pixel value is out of range") from None
+
+    def _image(self, array: np.ndarray) -> np.ndarray:
+        if array.dtype.kind not in NUMERIC_KINDS:
+            raise RejectedInput(f"expected numbers, got an array of dtype {array.dtype}")
+        if array.size != self.n_features:
+            raise RejectedInput(f"expected {self.n_features} values, got {array.size} "
+                                f"(shape {array.shape})")
+        return array.reshape(-1)
+
+    @staticmethod
+    def _reject_non_finite(X: np.ndarray, errors: dict[int, str]) -> None:
+        finite = np.isfinite(X).all(axis=1)
+        if not finite.all():
+            for i in np.flatnonzero(~finite):
+                i = int(i)
+                if i not in errors:
+                    errors[i] = "image holds NaN or infinity"
+                X[i] = 0.0
+
+
+def _npy_layout(payload: bytes, n_features: int) -> tuple[int, np.dtype]:
+    """Header length and dtype of a one-image ``.npy`` payload, read without pickle."""
+    if not payload.startswith(NPY_MAGIC) or len(payload) < 10:
+        raise RejectedInput("not an npy payload (bad magic)")
+    major = payload[6]
+    if major == 1:
+        header_len = 10 + int.from_bytes(payload[8:10], "little")
+    elif major in (2, 3):
+        header_len = 12 + int.from_bytes(payload[8:12], "little")
+    else:
+        raise RejectedInput(f"npy version {major} is not supported")
+    if header_len > len(payload) or header_len > 65536:
+        raise RejectedInput("npy header is truncated")
+    try:
+        prefix = 10 if major == 1 else 12
+        header = ast.literal_eval(payload[prefix:header_len].decode("latin1"))
+        dtype = np.dtype(header["descr"])
+        shape = tuple(header["shape"])
+        fortran = bool(header["fortran_order"])
+    except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError) as exc:
+        raise RejectedInput(f"bad npy header ({type(exc).__name__})") from None
+    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.hasobject:
+        raise RejectedInput(f"npy dtype {dtype} is not a plain numeric type")
+    size = int(np.prod(shape)) if shape else 1
+    if size != n_features:
+        raise RejectedInput(f"expected {n_features} values, got shape {shape}")
+    if fortran and len(shape) > 1:
+        raise RejectedInput("fortran-ordered npy payloads are not supported")
+    return header_len, dtype
+
+
+_REASON_KINDS = (
+    ("empty payload", "empty"),
+    ("bad pickle", "pickle"),
+    ("bad json", "json"),
+    ("npy", "npy"),
+    ("not an npy", "npy"),
+    ("bad npy", "npy"),
+    ("image holds NaN", "non_finite"),
+    ("expected numbers", "dtype"),
+    ("expected", "size"),
+)
+
+
+def reason_kind(reason: str) -> str:
+    """A short, fixed name for a rejection reason, for metrics labels."""
+    for prefix, kind in _REASON_KINDS:
+        if reason.startswith(prefix):
+            return kind
+    return "other"

@@ -1,0 +1,187 @@
+"""Pickled NumPy arrays, read without letting a pickle run anything.
+
+Two readers, one contract:
+
+* :func:`restricted_loads` unpickles with an allow-list: the globals NumPy's
+  own array pickles name (``_reconstruct``, ``ndarray``, ``dtype``,
+  ``_frombuffer``, and ``_codecs.encode`` that Python 3 uses for bytes in
+  protocols 0-2), each wrapped so that it accepts only the arguments an array
+  pickle passes. Any other global is refused before it is imported.
+* :class:`PickleTemplates` is the fast path: a pickled float64 array of a known
+  shape has a fixed byte layout in which only the pixel bytes vary. A whole
+  batch of such payloads is compared with the layout at once and the pixels are
+  cut straight out. A payload that differs anywhere outside the pixel bytes is
+  left to :func:`restricted_loads`.
+
+Both accept Python 3 pickles of every protocol and Python 2 ``cPickle``
+protocol 0 and 2 streams; NumPy's module ``numpy.core`` (before 2.0) and
+``numpy._core`` (2.0 and later) are both understood.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+
+import numpy as np
+
+#: dtype kinds an image may arrive in: bool, signed, unsigned, float
+NUMERIC_KINDS = frozenset("biuf")
+
+
+class UnsafePickle(pickle.UnpicklingError):
+    """The pickle names something outside the allow-list, or misuses an allowed name."""
+
+
+def _checked_dtype(obj, align=False, copy=False):
+    dtype = np.dtype(obj, align=bool(align), copy=bool(copy))
+    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise UnsafePickle(f"dtype {dtype} is not a plain numeric type")
+    return dtype
+
+
+def _checked_reconstruct(subtype, shape, dtype):
+    # NumPy's pickles always call _reconstruct(ndarray, (0,), b'b'); the real
+    # shape and data arrive later through __setstate__, which checks sizes.
+    if subtype is not np.ndarray or tuple(shape) != (0,):
+        raise UnsafePickle("_reconstruct called with arguments no array pickle uses")
+    return np.ndarray.__new__(np.ndarray, (0,), dtype="b")
+
+
+def _checked_frombuffer(buf, dtype, shape, order):
+    dtype = _checked_dtype(dtype)
+    if not isinstance(buf, (bytes, bytearray, pickle.PickleBuffer)):
+        raise UnsafePickle("_frombuffer needs a bytes buffer")
+    shape = tuple(int(d) for d in shape)
+    count = int(np.prod(shape)) if shape else 1
+    if count * dtype.itemsize != len(memoryview(buf)):
+        raise UnsafePickle(f"buffer holds {len(memoryview(buf))} bytes, shape {shape} of {dtype} "
+                           f"needs {count * dtype.itemsize}")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+
+
+def _checked_encode(text, encoding="utf-8"):
+    # Python 3 pickles bytes in protocols 0-2 as _codecs.encode(str, 'latin1').
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickle("_codecs.encode is allowed only as bytes pickling uses it")
+    return text.encode("latin1")
+
+
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): _checked_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _checked_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _checked_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _checked_frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _checked_dtype,
+    ("_codecs", "encode"): _checked_encode,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafePickle(f"forbidden global {module}.{name}") from None
+
+    def persistent_load(self, pid):
+        raise UnsafePickle("persistent ids are not allowed")
+
+
+def restricted_loads(data: bytes) -> np.ndarray:
+    """Unpickle ``data`` that must hold one numeric NumPy array.
+
+    Raises :class:`pickle.UnpicklingError` (or a subclass) with a reason when
+    the pickle is malformed, names anything but NumPy's array reconstruction,
+    or holds anything but a numeric array. Nothing named in the pickle is
+    imported or called unless it is on the allow-list.
+    """
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except pickle.UnpicklingError:
+        raise
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            struct.error, OverflowError, MemoryError, RecursionError, UnicodeError) as exc:
+        raise pickle.UnpicklingError(f"malformed pickle ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, np.ndarray):
+        raise pickle.UnpicklingError(f"pickle holds {type(obj).__name__}, expected a NumPy array")
+    if obj.dtype.kind not in NUMERIC_KINDS:
+        raise pickle.UnpicklingError(f"array of dtype {obj.dtype}, expected numbers")
+    return obj
+
+
+class PickleTemplates:
+    """Byte layouts of pickled float64 arrays of ``n_features`` values.
+
+    ``match(rows)`` takes a ``(n, length)`` uint8 array of payloads and
+    returns ``(ok, pixels)``: which rows match a layout exactly outside their
+    pixel bytes, and the float64 pixels of those rows.
+    """
+
+    def __init__(self, n_features: int):
+        self.n_features = n_features
+        self.data_size = 8 * n_features
+        self._by_length: dict[int, list[tuple[bytes, int]]] = {}
+        for template, offset in self._build(n_features):
+            entries = self._by_length.setdefault(len(template), [])
+            if (template, offset) not in entries:
+                entries.append((template, offset))
+
+    @property
+    def lengths(self) -> set[int]:
+        return set(self._by_length)
+
+    def _build(self, n_features: int):
+        probe = np.arange(1, n_features + 1, dtype="<f8")
+        marker = probe.tobytes()
+        for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+            for variant in self._module_variants(pickle.dumps(probe, protocol=protocol)):
+                offset = variant.find(marker)
+                if offset < 0 or variant.find(marker, offset + 1) >= 0:
+                    continue
+                # A layout is trusted only if the restricted reader agrees with it.
+                try:
+                    check = restricted_loads(variant)
+                except pickle.UnpicklingError:
+                    continue
+                if check.dtype == np.dtype("<f8") and check.shape == (n_features,) \
+                        and np.array_equal(check, probe):
+                    yield variant, offset
+
+    @staticmethod
+    def _module_variants(data: bytes):
+        """The pickle as written, and as NumPy before 2.0 names its modules."""
+        yield data
+        for new, old in ((b"numpy._core.multiarray", b"numpy.core.multiarray"),
+                         (b"numpy._core.numeric", b"numpy.core.numeric")):
+            if data.count(new) != 1:
+                continue
+            if data[:2] in (b"\x80\x02", b"\x80\x03"):
+                yield data.replace(b"c" + new + b"\n", b"c" + old + b"\n")
+            elif data[2:3] == b"\x95":  # FRAME: fix the 8-byte frame length
+                short = b"\x8c" + bytes([len(new)]) + new
+                if data.count(short) == 1:
+                    body = data.replace(short, b"\x8c" + bytes([len(old)]) + old)
+                    (frame_len,) = struct.unpack_from("<Q", body, 3)
+                    fixed = struct.pack("<Q", frame_len - (len(new) - len(old)))
+                    yield body[:3] + fixed + body[11:]
+
+    def match(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n, length = rows.shape
+        ok = np.zeros(n, dtype=bool)
+        pixels = np.zeros((n, self.n_features), dtype=np.float64)
+        for template, offset in self._by_length.get(length, ()):
+            todo = ~ok
+            if not todo.any():
+                break
+            tpl = np.frombuffer(template, dtype=np.uint8)
+            end = offset + self.data_size
+            hit = todo & (rows[:, :offset] == tpl[:offset]).all(axis=1) \
+                & (rows[:, end:] == tpl[end:]).all(axis=1)
+            if hit.any():
+                data = np.ascontiguousarray(rows[hit, offset:end])
+                pixels[hit] = data.view("<f8")
+                ok |= hit
+        return ok, pixels

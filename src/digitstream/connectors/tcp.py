@@ -1,0 +1,180 @@
+"""TCP source and sink.
+
+The source is an asyncio server: each connection's bytes are cut into frames
+and handed on as batches (see :mod:`digitstream.app`). The sink is one client
+connection to the listener; it waits for the listener to appear, reconnects
+with backoff when it goes away, and keeps results that were not yet handed to
+the socket until it is back.
+
+What a listener that crashes can lose: result bytes already handed to the
+operating system (the kernel's socket buffers, at most a few MiB) and not yet
+read by the listener when it died. Results still queued in the application
+are written after the reconnection. The acknowledged delivery mode closes that
+gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+
+from digitstream.addresses import Address
+
+log = logging.getLogger("digitstream.sink")
+
+READ_SIZE = 1 << 20
+
+
+class TcpSink:
+    """Writes result bytes, in the order given, to the listener at ``addr``.
+
+    ``write`` waits while more than ``high_water`` bytes are queued: that is
+    the back-pressure that stops the source reading when the listener is slow
+    or gone.
+    """
+
+    def __init__(self, addr: Address, high_water: int = 8 << 20, backoff_max: float = 2.0):
+        self.addr = addr
+        self.high_water = high_water
+        self.backoff_max = backoff_max
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._has_data = asyncio.Event()
+        self._has_space = asyncio.Event()
+        self._has_space.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self.bytes_written = 0
+        self.connects = 0
+        self.closed = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="sink")
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    async def write(self, data: bytes) -> None:
+        if not data:
+            return
+        while self._queued >= self.high_water:
+            self._has_space.clear()
+            await self._has_space.wait()
+        self._queue.append(data)
+        self._queued += len(data)
+        self._idle.clear()
+        self._has_data.set()
+
+    async def flush(self) -> None:
+        """Wait until everything written so far has been handed to the socket and drained."""
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._writer is not None:
+            self._writer.close()
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        delay = 0.05
+        warned = False
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(self.addr.host, self.addr.port)
+            except OSError as exc:
+                if not warned:
+                    log.info("waiting for the listener at %s (%s); start it with "
+                             "`digitstream listen %s`", self.addr, exc.strerror or exc, self.addr)
+                    warned = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff_max)
+                continue
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            writer.transport.set_write_buffer_limits(high=1 << 20)
+            return reader, writer
+
+    async def _run(self) -> None:
+        while not self.closed:
+            reader, writer = await self._connect()
+            self.connects += 1
+            log.info("connected to the listener at %s%s", self.addr,
+                     "" if self.connects == 1 else f" (reconnection {self.connects - 1})")
+            self._writer = writer
+            self._connected.set()
+            watch = asyncio.create_task(self._watch_peer(reader))
+            try:
+                await self._pump(writer, watch)
+            except (ConnectionError, OSError) as exc:
+                log.warning("listener at %s went away (%s); %d result bytes queued, reconnecting",
+                            self.addr, exc, self._queued)
+            finally:
+                self._connected.clear()
+                self._writer = None
+                watch.cancel()
+                writer.close()
+
+    async def _pump(self, writer: asyncio.StreamWriter, watch: asyncio.Task) -> None:
+        queue = self._queue
+        while True:
+            if not queue:
+                if writer.transport.get_write_buffer_size() == 0:
+                    self._idle.set()
+                self._has_data.clear()
+                waiter = asyncio.ensure_future(self._has_data.wait())
+                done, _ = await asyncio.wait({waiter, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if watch in done:
+                    waiter.cancel()
+                    raise ConnectionResetError("the listener closed the connection")
+                continue
+            if watch.done():
+                raise ConnectionResetError("the listener closed the connection")
+            # Several small results are joined into one write: fewer system calls.
+            chunk = queue.popleft()
+            if queue and len(chunk) < READ_SIZE:
+                parts = [chunk]
+                size = len(chunk)
+                while queue and size < READ_SIZE:
+                    part = queue.popleft()
+                    parts.append(part)
+                    size += len(part)
+                chunk = b"".join(parts)
+            if writer.transport.is_closing():
+                queue.appendleft(chunk)
+                raise ConnectionResetError("the connection to the listener is closed")
+            writer.write(chunk)
+            self._queued -= len(chunk)
+            self.bytes_written += len(chunk)
+            if self._queued < self.high_water:
+                self._has_space.set()
+            await writer.drain()
+            if not queue and writer.transport.get_write_buffer_size() == 0:
+                self._idle.set()
+
+    @staticmethod
+    async def _watch_peer(reader: asyncio.StreamReader) -> None:
+        # The listener never sends; end of stream or an error means it is gone.
+        try:
+            while await reader.read(65536):
+                pass
+        except (ConnectionError, OSError):
+            pass
