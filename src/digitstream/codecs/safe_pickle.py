@@ -6,7 +6,9 @@ Two readers, one contract:
   own array pickles name (``_reconstruct``, ``ndarray``, ``dtype``,
   ``_frombuffer``, and ``_codecs.encode`` that Python 3 uses for bytes in
   protocols 0-2), each wrapped so that it accepts only the arguments an array
-  pickle passes. Any other global is refused before it is imported.
+  pickle passes; any other global is refused before it is imported. Setting
+  an object's state (BUILD) is allowed only with the states NumPy writes, and
+  the opcodes that create arbitrary objects are refused.
 * :class:`PickleTemplates` is the fast path: a pickled float64 array of a known
   shape has a fixed byte layout in which only the pixel bytes vary. A whole
   batch of such payloads is compared with the layout at once and the pixels are
@@ -35,7 +37,9 @@ class UnsafePickle(pickle.UnpicklingError):
 
 
 def _checked_dtype(obj, align=False, copy=False):
-    dtype = np.dtype(obj, align=bool(align), copy=bool(copy))
+    # Always a fresh copy: BUILD then sets the byte order on it, and must never
+    # reach NumPy's shared built-in descriptors.
+    dtype = np.dtype(obj, align=bool(align), copy=True)
     if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise UnsafePickle(f"dtype {dtype} is not a plain numeric type")
     return dtype
@@ -43,22 +47,25 @@ def _checked_dtype(obj, align=False, copy=False):
 
 def _checked_reconstruct(subtype, shape, dtype):
     # NumPy's pickles always call _reconstruct(ndarray, (0,), b'b'); the real
-    # shape and data arrive later through __setstate__, which checks sizes.
+    # shape and data arrive later through BUILD, which is checked below.
     if subtype is not np.ndarray or tuple(shape) != (0,):
         raise UnsafePickle("_reconstruct called with arguments no array pickle uses")
     return np.ndarray.__new__(np.ndarray, (0,), dtype="b")
 
 
 def _checked_frombuffer(buf, dtype, shape, order):
-    dtype = _checked_dtype(dtype)
-    if not isinstance(buf, (bytes, bytearray, pickle.PickleBuffer)):
+    if not isinstance(dtype, np.dtype):
+        dtype = _checked_dtype(dtype)
+    if not isinstance(buf, (bytes, bytearray)):
         raise UnsafePickle("_frombuffer needs a bytes buffer")
-    shape = tuple(int(d) for d in shape)
+    shape = _checked_shape(shape)
     count = int(np.prod(shape)) if shape else 1
-    if count * dtype.itemsize != len(memoryview(buf)):
-        raise UnsafePickle(f"buffer holds {len(memoryview(buf))} bytes, shape {shape} of {dtype} "
+    if count * dtype.itemsize != len(buf):
+        raise UnsafePickle(f"buffer holds {len(buf)} bytes, shape {shape} of {dtype} "
                            f"needs {count * dtype.itemsize}")
-    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+    if order not in ("C", "F"):
+        raise UnsafePickle(f"unknown array order {order!r}")
+    return np.frombuffer(bytes(buf), dtype=dtype).reshape(shape, order=order)
 
 
 def _checked_encode(text, encoding="utf-8"):
@@ -66,6 +73,46 @@ def _checked_encode(text, encoding="utf-8"):
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise UnsafePickle("_codecs.encode is allowed only as bytes pickling uses it")
     return text.encode("latin1")
+
+
+def _checked_shape(shape) -> tuple[int, ...]:
+    if not isinstance(shape, tuple) or len(shape) > 32 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < (1 << 31) for d in shape):
+        raise UnsafePickle(f"bad array shape {shape!r:.80}")
+    return shape
+
+
+def _build_dtype(dtype: np.dtype, state) -> None:
+    # NumPy writes (3, '<', None, None, None, -1, -1, 0) for a plain number type.
+    if (not isinstance(state, tuple) or len(state) not in (8, 9) or state[0] not in (3, 4)
+            or state[1] not in ("<", ">", "|", "=") or any(v is not None for v in state[2:5])
+            or state[5:7] != (-1, -1) or not isinstance(state[7], int)
+            or (len(state) == 9 and state[8] is not None)):
+        raise UnsafePickle(f"dtype state {state!r:.80} is not that of a plain number type")
+    dtype.__setstate__(state)
+    if dtype.kind not in NUMERIC_KINDS:
+        raise UnsafePickle(f"dtype {dtype} is not a plain numeric type")
+
+
+def _build_array(array: np.ndarray, state) -> None:
+    # NumPy writes (version, shape, dtype, is_fortran, raw bytes).
+    if not isinstance(state, tuple) or len(state) != 5 or state[0] != 1:
+        raise UnsafePickle(f"array state {state!r:.80} is not that of a NumPy array")
+    _, shape, dtype, fortran, raw = state
+    shape = _checked_shape(shape)
+    if not isinstance(dtype, np.dtype) or dtype.kind not in NUMERIC_KINDS:
+        raise UnsafePickle("array state names no plain numeric dtype")
+    if not isinstance(fortran, (bool, int)):
+        raise UnsafePickle("array state has a bad order flag")
+    if isinstance(raw, str):  # Python 2 str, read as latin-1
+        raw = raw.encode("latin1")
+    if not isinstance(raw, (bytes, bytearray)):
+        raise UnsafePickle("array data must be bytes")
+    count = int(np.prod(shape)) if shape else 1
+    if count * dtype.itemsize != len(raw):
+        raise UnsafePickle(f"array data holds {len(raw)} bytes, shape {shape} of {dtype} "
+                           f"needs {count * dtype.itemsize}")
+    array.__setstate__((1, shape, dtype, bool(fortran), bytes(raw)))
 
 
 _ALLOWED = {
@@ -77,9 +124,20 @@ _ALLOWED = {
     ("numpy", "dtype"): _checked_dtype,
     ("_codecs", "encode"): _checked_encode,
 }
+_CALLABLE = frozenset({_checked_reconstruct, _checked_frombuffer, _checked_dtype, _checked_encode})
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Python's own unpickler with every opcode that calls or builds something checked.
+
+    The pure-Python implementation is used on purpose: its opcode table can be
+    overridden, so REDUCE calls only the wrapped functions above, BUILD only
+    accepts the states NumPy writes, and the opcodes that create arbitrary
+    objects are refused outright.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def find_class(self, module, name):
         try:
             return _ALLOWED[(module, name)]
@@ -89,6 +147,46 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         raise UnsafePickle("persistent ids are not allowed")
 
+    def load_reduce(self):
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if func not in _CALLABLE or not isinstance(args, tuple):
+            raise UnsafePickle(f"calling {getattr(func, '__name__', type(func).__name__)} is not allowed")
+        self.stack[-1] = func(*args)
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if type(inst) is np.ndarray:
+            _build_array(inst, state)
+        elif isinstance(inst, np.dtype):
+            _build_dtype(inst, state)
+        else:
+            raise UnsafePickle(f"setting the state of {type(inst).__name__} is not allowed")
+
+    def load_bytearray8(self):
+        # The stock reader allocates the declared size before reading: a pickle
+        # bomb could ask for gigabytes in a few bytes.
+        (size,) = struct.unpack("<Q", self.read(8))
+        if size > self.payload_size:
+            raise UnsafePickle(f"declared size {size} exceeds the {self.payload_size}-byte payload")
+        data = self.read(size)
+        if len(data) != size:
+            raise pickle.UnpicklingError("pickle data was truncated")
+        self.append(bytearray(data))
+
+    def refuse(self):
+        raise UnsafePickle("pickle opcode that builds arbitrary objects is not allowed")
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+    for _op in (pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.OBJ, pickle.INST, pickle.EXT1, pickle.EXT2,
+                pickle.EXT4, pickle.PERSID, pickle.BINPERSID, pickle.NEXT_BUFFER,
+                pickle.READONLY_BUFFER):
+        dispatch[_op[0]] = refuse
+    del _op
+
 
 def restricted_loads(data: bytes) -> np.ndarray:
     """Unpickle ``data`` that must hold one numeric NumPy array.
@@ -96,16 +194,19 @@ def restricted_loads(data: bytes) -> np.ndarray:
     Raises :class:`pickle.UnpicklingError` (or a subclass) with a reason when
     the pickle is malformed, names anything but NumPy's array reconstruction,
     or holds anything but a numeric array. Nothing named in the pickle is
-    imported or called unless it is on the allow-list.
+    imported or called unless it is on the allow-list, and allowed names are
+    called only with the arguments NumPy's own pickles pass.
     """
     try:
-        obj = _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+        unpickler = _RestrictedUnpickler(io.BytesIO(data), encoding="latin1")
+        unpickler.payload_size = len(data)
+        obj = unpickler.load()
     except pickle.UnpicklingError:
         raise
     except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
             struct.error, OverflowError, MemoryError, RecursionError, UnicodeError) as exc:
-        raise pickle.UnpicklingError(f"malformed pickle ({type(exc).__name__}: {exc})") from None
-    if not isinstance(obj, np.ndarray):
+        raise pickle.UnpicklingError(f"malformed pickle ({type(exc).__name__}: {exc})"[:200]) from None
+    if type(obj) is not np.ndarray:
         raise pickle.UnpicklingError(f"pickle holds {type(obj).__name__}, expected a NumPy array")
     if obj.dtype.kind not in NUMERIC_KINDS:
         raise pickle.UnpicklingError(f"array of dtype {obj.dtype}, expected numbers")

@@ -1,0 +1,198 @@
+"""Real parts for tests: free ports, a result collector, the application as a process.
+
+Everything talks to 127.0.0.1 only, on ports the OS hands out; every socket has
+a timeout, every wait is on a condition with a deadline, and every process
+started here is stopped by its fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from digitstream.wire.framing import HEADER_SIZE, FrameSplitter
+
+HOST = "127.0.0.1"
+TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float = TIMEOUT, interval: float = 0.01, what: str = "condition"):
+    """Poll ``condition()`` until it is truthy; its value, or AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Collector:
+    """A listener in a thread: accepts the application's connections, keeps every frame."""
+
+    def __init__(self, port: int = 0):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((HOST, port))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.frames: list[bytes] = []
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._conn: socket.socket | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @property
+    def addr(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            self.connections += 1
+            conn.settimeout(0.2)
+            self._conn = conn
+            splitter = FrameSplitter(max_frame=1 << 30)
+            while not self._stop.is_set():
+                try:
+                    data = conn.recv(1 << 20)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    break
+                if not data:
+                    break
+                groups = splitter.feed(data)
+                with self._lock:
+                    for group in groups:
+                        self.frames.extend(group.to_list())
+            conn.close()
+            self._conn = None
+
+    def texts(self) -> list[str]:
+        with self._lock:
+            return [f.decode("utf-8", "replace") for f in self.frames]
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.frames)
+
+    def wait_count(self, n: int, timeout: float = TIMEOUT) -> list[str]:
+        wait_for(lambda: self.count() >= n, timeout, what=f"{n} result frames (have {self.count()})")
+        return self.texts()
+
+    def drop_connection(self):
+        """Close the current connection from the listener's side."""
+        if self._conn is not None:
+            self._conn.close()
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+def send_bytes(port: int, data: bytes, close: bool = True) -> socket.socket | None:
+    sock = socket.create_connection((HOST, port), timeout=TIMEOUT)
+    sock.sendall(data)
+    if close:
+        sock.close()
+        return None
+    return sock
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+class AppProcess:
+    """``digitstream run`` as a real process on free ports."""
+
+    def __init__(self, model: str | Path, out_port: int, *args: str, env: dict | None = None,
+                 in_port: int | None = None, metrics_port: int | None = None):
+        self.in_port = in_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.out_port = out_port
+        cmd = [sys.executable, "-m", "digitstream.cli", "run",
+               "--in", f"{HOST}:{self.in_port}", "--out", f"{HOST}:{out_port}",
+               "--metrics", f"{HOST}:{self.metrics_port}", "--model", str(model), *args]
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"digitstream-app-{self.in_port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.metrics_port}"
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = TIMEOUT) -> "AppProcess":
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"application exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                status, _ = http_get(self.metrics_url + "/readyz", timeout=1)
+            except OSError:
+                return False
+            return status == 200
+        wait_for(ready, timeout, interval=0.05, what="the application to be ready")
+        return self
+
+    def stats(self) -> dict:
+        return json.loads(http_get(self.metrics_url + "/api/stats")[1])
+
+    def signal(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = TIMEOUT) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._log.close()
+
+
+def frame_count_of(data: bytes) -> int:
+    """Number of complete frames in ``data``."""
+    pos = count = 0
+    while pos + HEADER_SIZE <= len(data):
+        length = int.from_bytes(data[pos:pos + HEADER_SIZE], "big")
+        if pos + HEADER_SIZE + length > len(data):
+            break
+        pos += HEADER_SIZE + length
+        count += 1
+    return count

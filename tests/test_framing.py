@@ -1,0 +1,103 @@
+"""Frame splitting: any way of cutting a stream into reads gives the same frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from digitstream.wire.framing import (FrameSplitter, FrameTooLarge, Payloads, frame, frame_fixed,
+                                      frame_many, iter_frames)
+
+
+def reference_frames(data: bytes) -> list[bytes]:
+    """The simplest correct parser: one frame at a time."""
+    frames, pos = [], 0
+    while pos + 4 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        if pos + 4 + length > len(data):
+            break
+        frames.append(data[pos + 4:pos + 4 + length])
+        pos += 4 + length
+    return frames
+
+
+def split_all(data: bytes, cuts: list[int], max_frame: int = 1 << 20) -> tuple[list[bytes], int]:
+    splitter = FrameSplitter(max_frame)
+    out: list[bytes] = []
+    start = 0
+    for cut in sorted(set(cuts)) + [len(data)]:
+        for group in splitter.feed(data[start:cut]):
+            out.extend(group.to_list())
+        start = cut
+    return out, splitter.pending
+
+
+payload_lists = st.lists(
+    st.one_of(st.binary(max_size=40), st.sampled_from([b"", b"x" * 7, b"y" * 64])),
+    max_size=60,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(payloads=payload_lists, data=st.data())
+def test_any_cut_gives_the_reference_frames(payloads, data):
+    stream = frame_many(payloads)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=20))
+    frames, pending = split_all(stream, cuts)
+    assert frames == reference_frames(stream) == payloads
+    assert pending == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(0, 300), width=st.integers(0, 70), data=st.data())
+def test_uniform_runs_cut_anywhere(n, width, data):
+    rows = np.arange(n * width, dtype=np.uint64).astype(np.uint8).reshape(n, width)
+    stream = frame_fixed(rows) if n else b""
+    partial = frame(data.draw(st.binary(max_size=10)))
+    stream += partial[:data.draw(st.integers(0, len(partial) - 1))]  # an incomplete frame at the end
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10))
+    frames, pending = split_all(stream, cuts)
+    assert frames == reference_frames(stream)
+    assert len(frames) >= n
+    assert pending == len(stream) - sum(4 + len(f) for f in frames)
+
+
+@settings(max_examples=2_000, deadline=None)
+@given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=5))
+def test_random_bytes_never_raise_anything_but_too_large(blob, cuts):
+    try:
+        frames, _ = split_all(blob, [c for c in cuts if c <= len(blob)], max_frame=256)
+    except FrameTooLarge as exc:
+        assert exc.length > 256
+    else:
+        assert frames == reference_frames(blob)
+
+
+def test_uniform_run_is_one_array_without_copy_per_frame():
+    rows = np.random.default_rng(0).integers(0, 256, size=(1000, 64), dtype=np.uint8)
+    groups = FrameSplitter().feed(frame_fixed(rows))
+    assert len(groups) == 1 and groups[0].fixed is not None
+    assert np.array_equal(groups[0].fixed, rows)
+
+
+def test_mixed_lengths_come_out_in_order_as_groups():
+    payloads = [b"a" * 5] * 10 + [b"bb", b"c" * 9] + [b"d" * 3] * 10 + [b""]
+    groups = FrameSplitter().feed(frame_many(payloads))
+    assert [p for g in groups for p in g.to_list()] == payloads
+    assert any(g.fixed is not None for g in groups)
+
+
+def test_header_above_the_limit_raises():
+    with pytest.raises(FrameTooLarge) as info:
+        FrameSplitter(max_frame=100).feed(frame(b"x" * 101))
+    assert info.value.length == 101
+
+
+def test_frame_helpers_agree():
+    payloads = [b"", b"abc", b"\x00" * 9]
+    assert list(iter_frames(frame_many(payloads))) == payloads
+    assert b"".join(frame(p) for p in payloads) == frame_many(payloads)
+    fixed = Payloads.from_list([b"ab", b"cd"])
+    assert fixed.fixed is not None and fixed.to_list() == [b"ab", b"cd"]
