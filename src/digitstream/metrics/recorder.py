@@ -1,70 +1,256 @@
 """What the application measures, recorded once per batch.
 
-The engine calls these methods; the metrics server (:mod:`digitstream.metrics.server`)
-reads them. Every call is per batch or per connection, never per message, so
-recording costs nothing measurable on the hot path.
+Engines call :meth:`Metrics.batch_done` once per batch and the source calls
+:meth:`Metrics.frames_received` once per read; a batch's latency is attributed
+to every message in it (``n`` observations at once), so the cost does not grow
+with the number of messages. Readers (the metrics server, the Prometheus
+collector) take a :meth:`Metrics.snapshot`, a consistent copy, once per request.
+
+Latency histograms have fixed log-scale buckets, 48 per decade (each ~4.9%
+wide) from 1 microsecond to 10 seconds, so p99.9 is known to within a few
+percent anywhere in that range, and histograms of different workers add up.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from bisect import bisect_left
+from collections import Counter, deque
+from dataclasses import dataclass, field
 
 import numpy as np
 
-#: latency histogram bucket edges: log scale, 1 microsecond to 10 seconds, ~5% apart
-LATENCY_EDGES = np.logspace(-6, 1, 7 * 48 + 1)
+BUCKETS_PER_DECADE = 48
+#: upper bounds (inclusive, as Prometheus' ``le``) of the latency buckets, in seconds;
+#: one more bucket past the last holds everything slower than 10 s
+LATENCY_EDGES: tuple[float, ...] = tuple(
+    float(f"{10.0 ** (k / BUCKETS_PER_DECADE - 6):.6g}") for k in range(7 * BUCKETS_PER_DECADE + 1))
+#: upper bounds of the batch-size buckets: powers of two, then everything larger
+BATCH_SIZE_EDGES: tuple[int, ...] = tuple(1 << k for k in range(21))
+#: how many per-second samples the throughput history keeps (ten minutes)
+HISTORY_SECONDS = 600
+#: the stage name of whole-message latency, from a frame complete to its result written
+END_TO_END = "end_to_end"
+
+QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("p99_9", 0.999))
 
 
-class LatencyHistogram:
-    """Counts of observations per log-scale bucket; each batch adds ``n`` observations."""
+class Histogram:
+    """Latency observations counted per log-scale bucket of :data:`LATENCY_EDGES`."""
+
+    __slots__ = ("counts", "count", "sum", "max")
 
     def __init__(self):
-        self.counts = np.zeros(len(LATENCY_EDGES) + 1, dtype=np.int64)
-        self.total = 0
+        self.counts = [0] * (len(LATENCY_EDGES) + 1)
+        self.count = 0
         self.sum = 0.0
+        self.max = 0.0
 
     def observe(self, seconds: float, n: int = 1) -> None:
-        self.counts[int(np.searchsorted(LATENCY_EDGES, seconds))] += n
-        self.total += n
+        """Add ``n`` observations of ``seconds`` (a batch's time, shared by its messages)."""
+        self.counts[bisect_left(LATENCY_EDGES, seconds)] += n
+        self.count += n
         self.sum += seconds * n
+        if seconds > self.max:
+            self.max = seconds
+
+    def copy(self) -> "Histogram":
+        other = Histogram()
+        other.counts = self.counts.copy()
+        other.count, other.sum, other.max = self.count, self.sum, self.max
+        return other
+
+    def add(self, other: "Histogram") -> "Histogram":
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.count += other.count
+        self.sum += other.sum
+        self.max = max(self.max, other.max)
+        return self
+
+    def minus(self, earlier: "Histogram") -> "Histogram":
+        """The observations made since ``earlier`` (a copy of this histogram); max is not known."""
+        diff = Histogram()
+        diff.counts = [a - b for a, b in zip(self.counts, earlier.counts)]
+        diff.count = self.count - earlier.count
+        diff.sum = self.sum - earlier.sum
+        return diff
 
     def quantile(self, q: float) -> float | None:
-        if self.total == 0:
+        """The ``q`` quantile in seconds, interpolated on the log scale within its bucket."""
+        if self.count == 0:
             return None
-        rank = q * self.total
-        index = int(np.searchsorted(np.cumsum(self.counts), rank, side="left"))
-        index = min(index, len(LATENCY_EDGES) - 1)
-        return float(LATENCY_EDGES[index])
+        rank = q * self.count
+        seen = 0
+        for index, c in enumerate(self.counts):
+            if c and seen + c >= rank:
+                break
+            seen += c
+        if index >= len(LATENCY_EDGES):
+            return max(self.max, LATENCY_EDGES[-1])
+        upper = LATENCY_EDGES[index]
+        lower = LATENCY_EDGES[index - 1] if index else upper / _BUCKET_RATIO
+        fraction = min(max((rank - seen) / c, 0.0), 1.0) if c else 1.0
+        value = lower * (upper / lower) ** fraction
+        # an interpolated value past the largest one seen would be invented
+        return min(value, self.max) if self.max else value
+
+    def summary(self) -> dict:
+        """``count``, ``mean``, ``max`` and the :data:`QUANTILES`, in seconds (None when empty)."""
+        out = {"count": self.count,
+               "mean": self.sum / self.count if self.count else None,
+               "max": self.max if self.count else None}
+        for name, q in QUANTILES:
+            out[name] = self.quantile(q)
+        return out
+
+
+_BUCKET_RATIO = 10.0 ** (1 / BUCKETS_PER_DECADE)
+
+
+class WorkerStats:
+    """What one worker (the application itself, or a Dask worker) did."""
+
+    __slots__ = ("name", "state", "joined_at", "lost_at", "messages", "batches",
+                 "latency", "stages", "batch_sizes")
+
+    def __init__(self, name: str, joined_at: float):
+        self.name = name
+        self.state = "active"
+        self.joined_at = joined_at
+        self.lost_at: float | None = None
+        self.messages = 0
+        self.batches = 0
+        self.latency = Histogram()
+        self.stages: dict[str, Histogram] = {}
+        self.batch_sizes = [0] * (len(BATCH_SIZE_EDGES) + 1)
+
+    def copy(self) -> "WorkerStats":
+        other = WorkerStats(self.name, self.joined_at)
+        other.state, other.lost_at = self.state, self.lost_at
+        other.messages, other.batches = self.messages, self.batches
+        other.latency = self.latency.copy()
+        other.stages = {k: h.copy() for k, h in self.stages.items()}
+        other.batch_sizes = self.batch_sizes.copy()
+        return other
+
+
+@dataclass
+class Sample:
+    """One second of the throughput history: rates over the second that ended at ``t``."""
+
+    t: float
+    messages_in: float
+    messages_out: float
+    bytes_in: float
+    bytes_out: float
+    rejected: float
+    latency_p50: float | None
+    latency_p99: float | None
+    workers: dict[str, float]
+
+
+@dataclass
+class Snapshot:
+    """A consistent copy of every measurement, taken under the lock."""
+
+    name: str
+    taken_at: float
+    started_at: float
+    ready: bool
+    status: str
+    stage_names: list[str]
+    classes: list[str]
+    messages_in: int
+    messages_out: int
+    bytes_in: int
+    bytes_out: int
+    batches: int
+    rejected: dict[str, int]
+    connections_open: int
+    connections_total: int
+    connection_errors: dict[str, int]
+    class_counts: list[int]
+    labelled: int
+    correct: int
+    confusion: dict[tuple[str, str], int]
+    workers: list[WorkerStats]
+    worker_events: list[dict]
+    history: list[Sample] = field(default_factory=list)
+
+    def latency(self) -> Histogram:
+        """End-to-end latency of all workers together."""
+        total = Histogram()
+        for w in self.workers:
+            total.add(w.latency)
+        return total
+
+    def stages(self) -> dict[str, Histogram]:
+        """Per-stage latency of all workers together, in pipeline order."""
+        out: dict[str, Histogram] = {}
+        for stage in self.stage_names:
+            out[stage] = Histogram()
+        for w in self.workers:
+            for stage, hist in w.stages.items():
+                out.setdefault(stage, Histogram()).add(hist)
+        return out
+
+    def batch_sizes(self) -> list[int]:
+        return [sum(column) for column in zip(*(w.batch_sizes for w in self.workers))] or \
+            [0] * (len(BATCH_SIZE_EDGES) + 1)
 
 
 class Metrics:
-    """Counters and histograms for one application process (``name``)."""
+    """Counters and histograms for one application process (``name``).
 
-    def __init__(self, name: str = "worker-1", stage_names=(), classes=()):
+    ``stage_names`` are the pipeline's stages in order (decode, the model's
+    steps or its fused kernel, encode); ``classes`` the model's class labels.
+    """
+
+    def __init__(self, name: str = "worker-1", stage_names=(), classes=(), clock=time.time):
         self.name = name
-        self.lock = threading.Lock()
-        self.started = time.time()
         self.stage_names = list(stage_names)
         self.classes = [str(c) for c in classes]
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.started_at = clock()
+        self._ready = False
+        self._stopping = False
         self.messages_in = 0
-        self.messages_out = 0
         self.bytes_in = 0
+        self.messages_out = 0
+        self.bytes_out = 0
         self.batches = 0
         self.rejected: Counter = Counter()
-        self.connection_errors: Counter = Counter()
         self.connections_open = 0
         self.connections_total = 0
+        self.connection_errors: Counter = Counter()
         self.class_counts = np.zeros(len(self.classes), dtype=np.int64)
-        self.latency = LatencyHistogram()
-        self.stage_latency: dict[str, LatencyHistogram] = {}
-        self.worker_messages: Counter = Counter()
         self.labelled = 0
         self.correct = 0
-        self.ready = False
+        self.confusion: Counter = Counter()
+        self._workers: dict[str, WorkerStats] = {}
+        self._events: deque = deque(maxlen=100)
+        self._history: deque[Sample] = deque(maxlen=HISTORY_SECONDS)
+        self._last_sample: tuple | None = None
 
-    # ---- called by the application
+    # ------------------------------------------------ called by the application
+    @property
+    def ready(self) -> bool:
+        """Set once the model is loaded and the source listens, cleared when stopping."""
+        return self._ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        if self._ready and not value:
+            self._stopping = True
+        self._ready = bool(value)
+
+    @property
+    def status(self) -> str:
+        """``"starting"``, ``"ready"`` or ``"stopping"``."""
+        return "ready" if self._ready else ("stopping" if self._stopping else "starting")
+
     def connection_opened(self) -> None:
         self.connections_open += 1
         self.connections_total += 1
@@ -73,6 +259,7 @@ class Metrics:
         self.connections_open -= 1
 
     def connection_error(self, kind: str) -> None:
+        """A connection ended badly: ``kind`` is e.g. ``frame_too_large``, ``partial_frame``."""
         self.connection_errors[kind] += 1
 
     def frames_received(self, n: int, nbytes: int) -> None:
@@ -80,20 +267,110 @@ class Metrics:
         self.bytes_in += nbytes
 
     def batch_done(self, result, latency_seconds: float) -> None:
+        """A batch's results were written: ``latency_seconds`` from its frames complete.
+
+        ``result`` is a :class:`~digitstream.pipeline.BatchResult`; its
+        ``worker`` names who computed it (the application's own name if empty).
+        """
         n = result.count
-        with self.lock:
-            self.batches += 1
-            self.messages_out += n
-            self.latency.observe(latency_seconds, n)
+        worker_name = result.worker or self.name
+        with self._lock:
+            worker = self._workers.get(worker_name)
+            if worker is None:
+                worker = self._join(worker_name)
+            worker.messages += n
+            worker.batches += 1
+            worker.batch_sizes[bisect_left(BATCH_SIZE_EDGES, n)] += 1
+            worker.latency.observe(latency_seconds, n)
+            stages = worker.stages
             for stage, seconds in result.stage_seconds:
-                hist = self.stage_latency.get(stage)
+                hist = stages.get(stage)
                 if hist is None:
-                    hist = self.stage_latency[stage] = LatencyHistogram()
+                    hist = stages[stage] = Histogram()
                 hist.observe(seconds, n)
+            self.messages_out += n
+            self.bytes_out += len(result.output)
+            self.batches += 1
             if result.rejected:
                 self.rejected.update(result.rejected)
             if len(result.class_counts) == len(self.class_counts):
                 self.class_counts += result.class_counts
-            self.worker_messages[result.worker or self.name] += n
-            self.labelled += result.labelled
-            self.correct += result.correct
+            if result.labelled:
+                self.labelled += result.labelled
+                self.correct += result.correct
+                if result.confusion:
+                    self.confusion.update(result.confusion)
+
+    def worker_event(self, name: str, event: str) -> None:
+        """A worker ``"joined"`` or was ``"lost"`` (engines that have workers call this)."""
+        with self._lock:
+            worker = self._workers.get(name)
+            if event == "joined":
+                if worker is None:
+                    self._join(name)
+                else:
+                    worker.state, worker.lost_at = "active", None
+                    self._events.append({"time": self._clock(), "worker": name, "event": "joined"})
+            else:
+                if worker is None:
+                    worker = self._join(name)
+                worker.state, worker.lost_at = event, self._clock()
+                self._events.append({"time": worker.lost_at, "worker": name, "event": event})
+
+    def _join(self, name: str) -> WorkerStats:
+        now = self._clock()
+        worker = self._workers[name] = WorkerStats(name, now)
+        self._events.append({"time": now, "worker": name, "event": "joined"})
+        return worker
+
+    # ------------------------------------------------------------ for readers
+    def sample(self) -> Sample | None:
+        """Close one interval of the throughput history; call it about once a second."""
+        now = self._clock()
+        with self._lock:
+            latency = Histogram()
+            for w in self._workers.values():
+                latency.add(w.latency)
+            totals = (now, self.messages_in, self.messages_out, self.bytes_in, self.bytes_out,
+                      sum(self.rejected.values()), latency,
+                      {name: w.messages for name, w in self._workers.items()})
+        last, self._last_sample = self._last_sample, totals
+        if last is None:
+            return None
+        elapsed = now - last[0]
+        if elapsed <= 0:
+            return None
+        window = totals[6].minus(last[6])
+        sample = Sample(
+            t=now,
+            messages_in=(totals[1] - last[1]) / elapsed,
+            messages_out=(totals[2] - last[2]) / elapsed,
+            bytes_in=(totals[3] - last[3]) / elapsed,
+            bytes_out=(totals[4] - last[4]) / elapsed,
+            rejected=(totals[5] - last[5]) / elapsed,
+            latency_p50=window.quantile(0.5),
+            latency_p99=window.quantile(0.99),
+            workers={name: (count - last[7].get(name, 0)) / elapsed
+                     for name, count in totals[7].items()},
+        )
+        with self._lock:
+            self._history.append(sample)
+        return sample
+
+    def snapshot(self, history: bool = True) -> Snapshot:
+        with self._lock:
+            return Snapshot(
+                name=self.name, taken_at=self._clock(), started_at=self.started_at,
+                ready=self._ready, status=self.status, stage_names=list(self.stage_names), classes=list(self.classes),
+                messages_in=self.messages_in, messages_out=self.messages_out,
+                bytes_in=self.bytes_in, bytes_out=self.bytes_out, batches=self.batches,
+                rejected=dict(self.rejected), connections_open=self.connections_open,
+                connections_total=self.connections_total,
+                connection_errors=dict(self.connection_errors),
+                class_counts=[int(c) for c in self.class_counts],
+                labelled=self.labelled, correct=self.correct, confusion=dict(self.confusion),
+                workers=[w.copy() for w in self._workers.values()],
+                worker_events=list(self._events),
+                history=list(self._history) if history else [],
+            )
+

@@ -1,39 +1,92 @@
 """The metrics UI: plain HTTP served by the application itself (aiohttp).
 
-``/`` dashboard, ``/metrics`` Prometheus text, ``/api/stats`` JSON,
-``/healthz`` (the process is up) and ``/readyz`` (model loaded, source listening).
-Read-only: no endpoint changes anything.
+=================  ==========================================================
+``/``              the live dashboard (``static/``: no CDN, works offline)
+``/metrics``       Prometheus text format (:mod:`digitstream.metrics.prometheus`)
+``/api/stats``     JSON (:func:`digitstream.metrics.stats.stats_document`);
+                   ``?window=N`` keeps the last N seconds of history
+``/healthz``       200 while the process serves HTTP
+``/readyz``        200 once the model is loaded and the source listens;
+                   503 before that and while stopping
+=================  ==========================================================
+
+Read-only: every endpoint answers GET (and HEAD); any other method is 405.
+It runs on the application's event loop, so a handler must stay short: the
+costliest, a snapshot and its JSON, takes about a millisecond.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import time
+from pathlib import Path
 
 from aiohttp import web
 
+import digitstream
 from digitstream.addresses import Address
 from digitstream.errors import UserError
+from digitstream.metrics import prometheus
+from digitstream.metrics.stats import stats_document
 
 log = logging.getLogger("digitstream.metrics")
 
+STATIC_DIR = Path(__file__).with_name("static")
+READ_METHODS = frozenset({"GET", "HEAD"})
+_SECURITY_HEADERS = {
+    # the page loads nothing from elsewhere; saying so makes a stray CDN link fail loudly
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+@web.middleware
+async def _read_only(request: web.Request, handler):
+    if request.method not in READ_METHODS:
+        raise web.HTTPMethodNotAllowed(request.method, sorted(READ_METHODS),
+                                       text="read-only: GET only\n")
+    response = await handler(request)
+    response.headers.update(_SECURITY_HEADERS)
+    return response
+
 
 class MetricsServer:
+    """Serves ``app.metrics`` (a :class:`~digitstream.metrics.recorder.Metrics`) on ``addr``.
+
+    ``app`` is the :class:`~digitstream.app.Application`; besides its metrics the
+    server reads its model card and addresses, for the dashboard.
+    """
+
     def __init__(self, app, addr: Address):
         self.app = app
         self.addr = addr
-        self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        self._runner: web.AppRunner | None = None
+        self._ticker: asyncio.Task | None = None
+        self._registry = None
 
     @property
     def url(self) -> str:
         return f"http://{Address(self.addr.host, self.port or self.addr.port)}/"
 
+    @property
+    def metrics(self):
+        return self.app.metrics
+
     async def start(self) -> None:
-        web_app = web.Application()
-        web_app.router.add_get("/healthz", self._healthz)
-        web_app.router.add_get("/readyz", self._readyz)
-        web_app.router.add_get("/api/stats", self._stats)
-        self._runner = web.AppRunner(web_app, access_log=None)
+        self._registry = prometheus.make_registry(self.metrics, self._card())
+        web_app = web.Application(middlewares=[_read_only])
+        router = web_app.router
+        router.add_get("/", self._index)
+        router.add_get("/metrics", self._prometheus)
+        router.add_get("/api/stats", self._stats)
+        router.add_get("/healthz", self._healthz)
+        router.add_get("/readyz", self._readyz)
+        router.add_static("/static/", STATIC_DIR)
+        self._runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.addr.host, self.addr.port)
         try:
@@ -42,24 +95,70 @@ class MetricsServer:
             await self._runner.cleanup()
             raise UserError(f"cannot serve metrics on {self.addr}: {exc.strerror or exc}") from None
         self.port = site._server.sockets[0].getsockname()[1]
+        self.metrics.sample()  # the first interval of the throughput history starts now
+        self._ticker = asyncio.create_task(self._tick())
 
     async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _tick(self) -> None:
+        """Close one second of the throughput history on each wall-clock second."""
+        while True:
+            await asyncio.sleep(1.0 - time.time() % 1.0)
+            try:
+                self.metrics.sample()
+            except Exception:  # a bug here must not stop the history, or the stream
+                log.exception("metrics sample failed")
+
+    def _card(self) -> dict:
+        bundle = self.app.bundle
+        card = getattr(bundle, "card", None) if bundle is not None else None
+        if card is None:
+            return {}
+        if isinstance(card, dict):
+            return card
+        from dataclasses import asdict, is_dataclass
+
+        return asdict(card) if is_dataclass(card) else dict(vars(card))
+
+    def _info(self) -> dict:
+        app = self.app
+        cfg = app.config
+        return {
+            "version": digitstream.__version__,
+            "engine": cfg.engine,
+            "input_format": cfg.input_format,
+            "output_format": cfg.output_format,
+            "addresses": {"in": str(app.bound_in or cfg.in_addr), "out": str(cfg.out_addr),
+                          "metrics": self.url},
+            "model": self._card(),
+        }
+
+    # ------------------------------------------------------------- handlers
+    async def _index(self, request):
+        return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def _prometheus(self, request):
+        body = prometheus.render(self._registry)
+        return web.Response(body=body, headers={"Content-Type": prometheus.CONTENT_TYPE_LATEST})
+
+    async def _stats(self, request):
+        try:
+            window = int(request.query.get("window", "600"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="window must be a whole number of seconds\n") from None
+        document = stats_document(self.metrics.snapshot(), self._info(), window=max(window, 0))
+        return web.Response(text=json.dumps(document, separators=(",", ":")),
+                            content_type="application/json",
+                            headers={"Cache-Control": "no-store"})
 
     async def _healthz(self, request):
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request):
-        ready = self.app.ready.is_set() and not self.app._stopping
-        return web.json_response({"ready": ready}, status=200 if ready else 503)
-
-    async def _stats(self, request):
-        m = self.app.metrics
-        return web.json_response({
-            "name": m.name,
-            "messages_in": m.messages_in,
-            "messages_out": m.messages_out,
-            "rejected": dict(m.rejected),
-            "connections_open": m.connections_open,
-        })
+        status = self.metrics.status
+        return web.json_response({"ready": status == "ready", "status": status},
+                                 status=200 if status == "ready" else 503)

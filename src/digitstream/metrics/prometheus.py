@@ -1,0 +1,208 @@
+"""``/metrics``: the recorder's counters in Prometheus text format.
+
+A custom collector turns one :class:`~digitstream.metrics.recorder.Snapshot`
+into metric families at scrape time, so no ``prometheus_client`` object sits on
+the hot path. Every name starts with ``digitstream_``:
+
+==========================================  =========  ======================================
+name                                        type       labels
+==========================================  =========  ======================================
+``digitstream_messages_total``              counter    ``stage`` (``source``, each pipeline
+                                                       stage, ``sink``), ``worker``
+``digitstream_received_bytes_total``        counter
+``digitstream_sent_bytes_total``            counter
+``digitstream_batches_total``               counter    ``worker``
+``digitstream_batch_size``                  histogram  ``worker`` (messages per batch)
+``digitstream_latency_seconds``             histogram  ``stage`` (``end_to_end`` or a
+                                                       pipeline stage), ``worker``
+``digitstream_rejected_total``              counter    ``reason``
+``digitstream_connections_open``            gauge
+``digitstream_connections_total``           counter
+``digitstream_connection_errors_total``     counter    ``kind``
+``digitstream_predictions_total``           counter    ``class``
+``digitstream_labelled_total``              counter    (inputs that carried a true label)
+``digitstream_correct_total``               counter    (... classified as labelled)
+``digitstream_confusion_total``             counter    ``label``, ``predicted``
+``digitstream_worker_up``                   gauge      ``worker``
+``digitstream_ready``                       gauge
+``digitstream_start_time_seconds``          gauge
+``digitstream_model_info``                  info       data set, model, steps, versions
+``digitstream_model_held_out_accuracy``     gauge
+==========================================  =========  ======================================
+
+plus ``process_*`` and ``python_*`` from ``prometheus_client``'s own collectors.
+Latency is from a frame being complete at the source to its result written to
+the sink; a stage's latency is the time its batch spent in that stage. Stages
+do not add up to end to end (queueing is in end to end only), so do not sum
+over ``stage``.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                    InfoMetricFamily)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.utils import floatToGoString
+
+from digitstream.metrics.recorder import (BATCH_SIZE_EDGES, BUCKETS_PER_DECADE, END_TO_END,
+                                          LATENCY_EDGES, Histogram, Metrics)
+
+#: Prometheus gets every 4th recorder bucket (12 per decade, ~21% wide): enough
+#: for histogram_quantile, and a quarter of the series. The recorder keeps the
+#: fine ones for the dashboard's percentiles.
+EXPORT_STEP = 4
+assert BUCKETS_PER_DECADE % EXPORT_STEP == 0
+_EXPORT_INDEXES = range(0, len(LATENCY_EDGES), EXPORT_STEP)
+_EXPORT_LE = [floatToGoString(LATENCY_EDGES[i]) for i in _EXPORT_INDEXES]
+_BATCH_LE = [floatToGoString(edge) for edge in BATCH_SIZE_EDGES]
+
+__all__ = ["CONTENT_TYPE_LATEST", "StreamCollector", "make_registry", "render"]
+
+
+def _latency_buckets(hist: Histogram) -> list[tuple[str, int]]:
+    cumulative = list(accumulate(hist.counts))
+    buckets = [(le, cumulative[i]) for le, i in zip(_EXPORT_LE, _EXPORT_INDEXES)]
+    buckets.append(("+Inf", hist.count))
+    return buckets
+
+
+def _batch_buckets(counts: list[int]) -> list[tuple[str, int]]:
+    cumulative = list(accumulate(counts))
+    buckets = list(zip(_BATCH_LE, cumulative))
+    buckets.append(("+Inf", cumulative[-1]))
+    return buckets
+
+
+class StreamCollector:
+    """Collects the application's measurements: ``metrics`` and, if given, its model card."""
+
+    def __init__(self, metrics: Metrics, card: dict | None = None):
+        self.metrics = metrics
+        self.card = card or {}
+
+    def describe(self):
+        # empty: names depend on the pipeline's stages, so they are only known at scrape time
+        return []
+
+    def collect(self):
+        s = self.metrics.snapshot(history=False)
+
+        messages = CounterMetricFamily("digitstream_messages", "Messages that passed each stage.",
+                                       labels=["stage", "worker"])
+        messages.add_metric(["source", s.name], s.messages_in)
+        latency = HistogramMetricFamily(
+            "digitstream_latency_seconds",
+            "Latency per message: end_to_end from frame complete to result written, or per stage.",
+            labels=["stage", "worker"])
+        batches = CounterMetricFamily("digitstream_batches", "Batches processed.", labels=["worker"])
+        batch_size = HistogramMetricFamily("digitstream_batch_size", "Messages per batch.",
+                                           labels=["worker"])
+        up = GaugeMetricFamily("digitstream_worker_up", "1 while a worker is active, 0 once lost.",
+                               labels=["worker"])
+        for w in s.workers:
+            stages = sorted(w.stages.items(), key=lambda kv: _stage_order(s.stage_names, kv[0]))
+            for stage, hist in stages:
+                messages.add_metric([stage, w.name], hist.count)
+            latency.add_metric([END_TO_END, w.name], _latency_buckets(w.latency), w.latency.sum)
+            for stage, hist in stages:
+                latency.add_metric([stage, w.name], _latency_buckets(hist), hist.sum)
+            batches.add_metric([w.name], w.batches)
+            batch_size.add_metric([w.name], _batch_buckets(w.batch_sizes), w.messages)
+            up.add_metric([w.name], 1 if w.state == "active" else 0)
+        sink_by_worker = {w.name: w.messages for w in s.workers}
+        for worker, count in sink_by_worker.items():
+            messages.add_metric(["sink", worker], count)
+        yield from (messages, latency, batches, batch_size, up)
+
+        yield CounterMetricFamily("digitstream_received_bytes", "Payload bytes received.",
+                                  value=s.bytes_in)
+        yield CounterMetricFamily("digitstream_sent_bytes", "Result bytes sent, framing included.",
+                                  value=s.bytes_out)
+        rejected = CounterMetricFamily("digitstream_rejected",
+                                       "Inputs answered with an error instead of a class.",
+                                       labels=["reason"])
+        for reason, count in sorted(s.rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        yield GaugeMetricFamily("digitstream_connections_open", "Source connections open now.",
+                                value=s.connections_open)
+        yield CounterMetricFamily("digitstream_connections", "Source connections accepted.",
+                                  value=s.connections_total)
+        errors = CounterMetricFamily("digitstream_connection_errors",
+                                     "Source connections that ended badly.", labels=["kind"])
+        for kind, count in sorted(s.connection_errors.items()):
+            errors.add_metric([kind], count)
+        yield errors
+
+        predictions = CounterMetricFamily("digitstream_predictions", "Predicted classes.",
+                                          labels=["class"])
+        for label, count in zip(s.classes, s.class_counts):
+            predictions.add_metric([label], count)
+        yield predictions
+        yield CounterMetricFamily("digitstream_labelled", "Inputs that carried a true label.",
+                                  value=s.labelled)
+        yield CounterMetricFamily("digitstream_correct", "Labelled inputs classified as labelled.",
+                                  value=s.correct)
+        confusion = CounterMetricFamily("digitstream_confusion",
+                                        "Labelled inputs by true label and predicted class.",
+                                        labels=["label", "predicted"])
+        for (label, predicted), count in sorted(s.confusion.items()):
+            confusion.add_metric([label, predicted], count)
+        yield confusion
+
+        yield GaugeMetricFamily("digitstream_ready",
+                                "1 once the model is loaded and the source listens, 0 while stopping.",
+                                value=1 if s.ready else 0)
+        yield GaugeMetricFamily("digitstream_start_time_seconds",
+                                "When the application started, in seconds since the epoch.",
+                                value=s.started_at)
+        if self.card:
+            info = InfoMetricFamily("digitstream_model", "The model being served.")
+            info.add_metric([], _card_labels(self.card))
+            yield info
+            accuracy = self.card.get("held_out_accuracy")
+            if isinstance(accuracy, (int, float)):
+                yield GaugeMetricFamily("digitstream_model_held_out_accuracy",
+                                        "The model's accuracy on data held out from training.",
+                                        value=accuracy)
+
+
+def _stage_order(stage_names: list[str], stage: str) -> int:
+    try:
+        return stage_names.index(stage)
+    except ValueError:
+        return len(stage_names)
+
+
+def _card_labels(card: dict) -> dict[str, str]:
+    labels = {}
+    for key, value in card.items():
+        if isinstance(value, (str, int, float, bool)):
+            labels[key] = str(value)
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
+            labels[key] = ",".join(map(str, value))
+        elif isinstance(value, dict) and all(isinstance(v, (str, int, float)) for v in value.values()):
+            for k, v in value.items():
+                labels[f"{key}_{k}"] = str(v)
+    return {_label_name(k): v for k, v in labels.items() if len(v) <= 200}
+
+
+def _label_name(key: str) -> str:
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in str(key))
+    return name if name and not name[0].isdigit() else f"_{name}"
+
+
+def make_registry(metrics: Metrics, card: dict | None = None) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StreamCollector(metrics, card))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

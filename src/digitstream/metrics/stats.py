@@ -1,0 +1,163 @@
+"""``/api/stats``: everything the dashboard shows, as one JSON document."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from digitstream.metrics.recorder import BATCH_SIZE_EDGES, Snapshot
+
+
+def stats_document(snapshot: Snapshot, info: dict, window: int | None = None) -> dict:
+    """The ``/api/stats`` document. Times are in seconds, rates per second.
+
+    Top-level fields:
+
+    - ``name``: the application's ``--name``; ``version``: digitstream's version.
+    - ``status``: ``"starting"``, ``"ready"`` or ``"stopping"``; ``ready``: bool (as ``/readyz``).
+    - ``now``, ``started_at``: Unix times; ``uptime_seconds``.
+    - ``engine``, ``input_format``, ``output_format``, ``addresses`` (``in``, ``out``, ``metrics``).
+    - ``pipeline``: stage names in order, e.g. ``["decode", "PCA", "Logistic Regression", "encode"]``.
+    - ``messages``: ``in`` (frames received), ``out`` (results written), ``in_flight``
+      (``in - out``), ``rejected`` (inputs answered with an error; counted in ``out``).
+    - ``bytes``: ``in`` (payload bytes), ``out`` (result bytes, framing included).
+    - ``throughput``: ``in_per_s``, ``out_per_s``, ``bytes_in_per_s``, ``bytes_out_per_s``
+      over the last second; ``out_per_s_1m``: mean over the last minute; ``peak_out_per_s``
+      in the history.
+    - ``latency``: ``end_to_end`` (frame complete at the source to result written to the
+      sink) and ``stages`` (stage name -> the time its batch spent in that stage), all
+      workers together; each is ``{count, mean, max, p50, p95, p99, p99_9}`` in seconds
+      (null while empty).
+    - ``batches``: ``count``, ``mean_size``, ``sizes`` (``[{"le": 1, "count": n}, ...]``,
+      powers of two; the last bucket's ``le`` is null, larger than every edge).
+    - ``rejected``: reason -> count.
+    - ``connections``: ``open``, ``total`` (accepted), ``errors`` (kind -> count).
+    - ``workers``: a list of ``{name, state ("active"|"lost"), joined_at, lost_at, messages,
+      batches, out_per_s, latency: {end_to_end, stages}}``; ``worker_events``: the last
+      100 ``{time, worker, event}``.
+    - ``classes``: ``labels`` and ``counts`` of predicted classes (rejected inputs excluded).
+    - ``accuracy``: ``labelled``, ``correct``, ``accuracy`` (null until a label arrives),
+      ``confusion``: ``{"labels": [...], "matrix": [[...]]}``, rows true, columns predicted.
+    - ``model``: the model card of the bundle (data set, held-out accuracy, step names,
+      library versions, ...), as in its ``model.json``.
+    - ``history``: per-second samples, oldest first, at most ``window`` (default 600):
+      ``interval_s``, and lists ``t``, ``in_per_s``, ``out_per_s``, ``bytes_in_per_s``,
+      ``rejected_per_s``, ``latency_p50``, ``latency_p99`` (end to end, that second),
+      ``workers`` (name -> list of out_per_s).
+    """
+    s = snapshot
+    history = s.history[-window:] if window else s.history
+    if window == 0:
+        history = []
+    last = s.history[-1] if s.history else None
+    minute = s.history[-60:]
+    stages = s.stages()
+    sizes = s.batch_sizes()
+    worker_rates = last.workers if last else {}
+    labels = list(s.classes)
+    for pair in s.confusion:
+        for label in pair:
+            if label not in labels:
+                labels.append(label)
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for (true, predicted), count in s.confusion.items():
+        matrix[index[true]][index[predicted]] += count
+    return {
+        "name": s.name,
+        "version": info.get("version"),
+        "status": s.status,
+        "ready": s.ready,
+        "now": s.taken_at,
+        "started_at": s.started_at,
+        "uptime_seconds": s.taken_at - s.started_at,
+        "engine": info.get("engine"),
+        "input_format": info.get("input_format"),
+        "output_format": info.get("output_format"),
+        "addresses": info.get("addresses", {}),
+        "pipeline": list(s.stage_names),
+        "messages": {"in": s.messages_in, "out": s.messages_out,
+                     "in_flight": s.messages_in - s.messages_out,
+                     "rejected": sum(s.rejected.values())},
+        "bytes": {"in": s.bytes_in, "out": s.bytes_out},
+        "throughput": {
+            "in_per_s": last.messages_in if last else 0.0,
+            "out_per_s": last.messages_out if last else 0.0,
+            "bytes_in_per_s": last.bytes_in if last else 0.0,
+            "bytes_out_per_s": last.bytes_out if last else 0.0,
+            "out_per_s_1m": sum(x.messages_out for x in minute) / len(minute) if minute else 0.0,
+            "peak_out_per_s": max((x.messages_out for x in s.history), default=0.0),
+        },
+        "latency": {"end_to_end": s.latency().summary(),
+                    "stages": {name: hist.summary() for name, hist in stages.items()}},
+        "batches": {
+            "count": s.batches,
+            "mean_size": s.messages_out / s.batches if s.batches else None,
+            "sizes": [{"le": BATCH_SIZE_EDGES[i] if i < len(BATCH_SIZE_EDGES) else None,
+                       "count": count} for i, count in enumerate(sizes)],
+        },
+        "rejected": dict(sorted(s.rejected.items())),
+        "connections": {"open": s.connections_open, "total": s.connections_total,
+                        "errors": dict(sorted(s.connection_errors.items()))},
+        "workers": [{
+            "name": w.name, "state": w.state, "joined_at": w.joined_at, "lost_at": w.lost_at,
+            "messages": w.messages, "batches": w.batches,
+            "out_per_s": worker_rates.get(w.name, 0.0),
+            "latency": {"end_to_end": w.latency.summary(),
+                        "stages": {name: w.stages[name].summary()
+                                   for name in _ordered(s.stage_names, w.stages)}},
+        } for w in s.workers],
+        "worker_events": s.worker_events,
+        "classes": {"labels": list(s.classes), "counts": list(s.class_counts)},
+        "accuracy": {"labelled": s.labelled, "correct": s.correct,
+                     "accuracy": s.correct / s.labelled if s.labelled else None,
+                     "confusion": {"labels": labels, "matrix": matrix}},
+        "model": _jsonable(info.get("model") or {}),
+        "history": {
+            "interval_s": 1,
+            "t": [round(x.t, 3) for x in history],
+            "in_per_s": [round(x.messages_in, 1) for x in history],
+            "out_per_s": [round(x.messages_out, 1) for x in history],
+            "bytes_in_per_s": [round(x.bytes_in) for x in history],
+            "rejected_per_s": [round(x.rejected, 1) for x in history],
+            "latency_p50": [_round_time(x.latency_p50) for x in history],
+            "latency_p99": [_round_time(x.latency_p99) for x in history],
+            "workers": {name: [round(x.workers.get(name, 0.0), 1) for x in history]
+                        for name in _worker_names(history)},
+        },
+    }
+
+
+def _ordered(stage_names: list[str], present) -> list[str]:
+    known = [name for name in stage_names if name in present]
+    return known + [name for name in present if name not in stage_names]
+
+
+def _worker_names(history) -> list[str]:
+    names: dict[str, None] = {}
+    for sample in history:
+        names.update(dict.fromkeys(sample.workers))
+    return list(names)
+
+
+def _round_time(seconds: float | None) -> float | None:
+    if seconds is None:
+        return None
+    return float(f"{seconds:.4g}")
+
+
+def _jsonable(value):
+    """The model card as plain JSON (it may be a dataclass, and hold tuples or NaN)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if hasattr(value, "item"):
+        return _jsonable(value.item())
+    return str(value)
