@@ -1,0 +1,310 @@
+// The digitstream dashboard: polls /api/stats once a second and redraws.
+// Everything is built with textContent, never innerHTML: stage names, reasons
+// and the model card come from the model bundle and the stream.
+"use strict";
+
+const POLL_MS = 1000;
+const $ = (id) => document.getElementById(id);
+
+// ------------------------------------------------------------ formatting
+function fmtRate(x) {
+  if (x == null || !isFinite(x)) return "–";
+  if (x >= 1e6) return (x / 1e6).toFixed(x >= 1e7 ? 1 : 2) + "M";
+  if (x >= 1e4) return (x / 1e3).toFixed(0) + "k";
+  if (x >= 1e3) return (x / 1e3).toFixed(1) + "k";
+  return x.toFixed(x > 0 && x < 10 ? 1 : 0);
+}
+function fmtCount(n) {
+  if (n == null) return "–";
+  return Number(n).toLocaleString("en-US");
+}
+function fmtDur(s) {
+  if (s == null || !isFinite(s)) return "–";
+  if (s < 1e-3) return (s * 1e6).toPrecision(3) + " µs";
+  if (s < 1) return (s * 1e3).toPrecision(3) + " ms";
+  return s.toPrecision(3) + " s";
+}
+function fmtUptime(s) {
+  if (s == null) return "–";
+  s = Math.floor(s);
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+  if (h) return `${h}h ${m}m`;
+  if (m) return `${m}m ${sec}s`;
+  return `${sec}s`;
+}
+function fmtSize(n) {
+  if (n >= 1 << 20) return (n / (1 << 20)) + "M";
+  if (n >= 1024) return (n / 1024) + "k";
+  return String(n);
+}
+function fmtPercent(x, digits = 1) {
+  return x == null ? "–" : (100 * x).toFixed(digits) + "%";
+}
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") node.className = v;
+    else if (k === "style") Object.assign(node.style, v);
+    else node.setAttribute(k, v);
+  }
+  for (const child of children) {
+    if (child == null) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+function setText(id, text) {
+  const node = $(id);
+  if (node.textContent !== text) node.textContent = text;
+}
+
+// ------------------------------------------------------------ charts
+const AXIS = { stroke: "#8a94a6", grid: { stroke: "#232936", width: 1 }, ticks: { stroke: "#232936", width: 1 } };
+const charts = {};
+
+function makeChart(id, series, yOpts) {
+  const box = $(id);
+  const opts = {
+    width: box.clientWidth,
+    height: box.clientHeight - 30,
+    cursor: { drag: { x: false, y: false } },
+    legend: { live: true },
+    scales: { x: { time: true }, y: yOpts.scale },
+    axes: [
+      { ...AXIS },
+      { ...AXIS, size: 64, values: (u, vals) => vals.map(yOpts.format) },
+    ],
+    series: [{ value: (u, v) => (v == null ? "–" : new Date(v * 1000).toLocaleTimeString()) },
+      ...series.map((s) => ({ width: 2, points: { show: false }, value: (u, v) => yOpts.format(v), ...s }))],
+  };
+  const chart = new uPlot(opts, [[], ...series.map(() => [])], box);
+  new ResizeObserver(() => chart.setSize({ width: box.clientWidth, height: box.clientHeight - 30 })).observe(box);
+  return chart;
+}
+
+function drawCharts(h) {
+  if (!window.uPlot) return;
+  if (!charts.throughput) {
+    charts.throughput = makeChart("chart-throughput", [
+      { label: "out", stroke: "#5ab0ff", fill: "rgba(90,176,255,0.12)" },
+      { label: "in", stroke: "#ffb35a", dash: [4, 4] },
+      { label: "rejected", stroke: "#ff6b6b" },
+    ], { scale: { range: (u, min, max) => [0, Math.max(10, max * 1.1)] }, format: fmtRate });
+    charts.latency = makeChart("chart-latency", [
+      { label: "p50", stroke: "#47c97e" },
+      { label: "p99", stroke: "#ffb35a" },
+    ], { scale: { distr: 3 }, format: fmtDur });
+  }
+  charts.throughput.setData([h.t, h.out_per_s, h.in_per_s, h.rejected_per_s]);
+  // a log scale has no room for zero: a second with no messages is a gap
+  const positive = (xs) => xs.map((x) => (x > 0 ? x : null));
+  charts.latency.setData([h.t, positive(h.latency_p50), positive(h.latency_p99)]);
+}
+
+// ------------------------------------------------------------ sections
+function drawHeader(s) {
+  setText("app-name", s.name);
+  const pill = $("status");
+  pill.className = "pill " + s.status;
+  setText("status", s.status);
+  setText("uptime", fmtUptime(s.uptime_seconds));
+  setText("engine", s.engine || "–");
+  setText("formats", `${s.input_format} → ${s.output_format}`);
+  setText("updated", "updated " + new Date(s.now * 1000).toLocaleTimeString());
+}
+
+function drawPipeline(s) {
+  const box = $("pipeline");
+  const stages = s.latency.stages;
+  const key = JSON.stringify([s.pipeline, s.addresses]);
+  if (box.dataset.key !== key) {
+    box.dataset.key = key;
+    box.replaceChildren();
+    const parts = [["source", "tcp source", s.addresses.in, "io"]];
+    for (const name of s.pipeline) {
+      const kind = name === "decode" || name === "encode" ? "codec" : "model step";
+      parts.push([name, kind, null, kind === "model step" ? "model" : ""]);
+    }
+    parts.push(["sink", "tcp sink", s.addresses.out, "io"]);
+    parts.forEach(([name, kind, where, cls], i) => {
+      if (i) box.append(el("div", { class: "arrow" }, "→"));
+      box.append(el("div", { class: "stage " + cls, "data-stage": name },
+        el("div", { class: "stage-kind" }, kind),
+        el("div", { class: "stage-name" }, name),
+        el("div", { class: "stage-figure" }, where || "")));
+    });
+  }
+  for (const node of box.querySelectorAll(".stage")) {
+    const name = node.dataset.stage;
+    const fig = node.querySelector(".stage-figure");
+    if (stages[name]) {
+      const st = stages[name];
+      fig.replaceChildren("p99 ", el("b", {}, fmtDur(st.p99)), el("br"), fmtCount(st.count) + " msgs");
+    } else if (name === "source") {
+      fig.replaceChildren(s.addresses.in, el("br"), fmtRate(s.throughput.in_per_s) + " msg/s in");
+    } else if (name === "sink") {
+      fig.replaceChildren(s.addresses.out, el("br"), fmtRate(s.throughput.out_per_s) + " msg/s out");
+    }
+  }
+}
+
+function drawTiles(s) {
+  const t = s.throughput, m = s.messages, e2e = s.latency.end_to_end;
+  setText("throughput-now", fmtRate(t.out_per_s));
+  setText("throughput-1m", fmtRate(t.out_per_s_1m));
+  setText("throughput-peak", fmtRate(t.peak_out_per_s));
+  setText("messages-out", fmtCount(m.out));
+  setText("messages-in", fmtCount(m.in));
+  setText("in-flight", fmtCount(m.in_flight));
+  setText("latency-p99", fmtDur(e2e.p99));
+  setText("latency-p50", fmtDur(e2e.p50));
+  setText("latency-p999", fmtDur(e2e.p99_9));
+  setText("connections-open", fmtCount(s.connections.open));
+  setText("connections-total", fmtCount(s.connections.total));
+  setText("connection-errors", fmtCount(Object.values(s.connections.errors).reduce((a, b) => a + b, 0)));
+  setText("rejected-total", fmtCount(m.rejected));
+  setText("rejected-share", m.out ? fmtPercent(m.rejected / m.out, 2) + " of answers" : "–");
+  const a = s.accuracy;
+  setText("accuracy", a.accuracy == null ? "–" : fmtPercent(a.accuracy, 2));
+  setText("accuracy-sub", a.labelled ? `${fmtCount(a.correct)} of ${fmtCount(a.labelled)} labelled` : "no labelled inputs yet");
+}
+
+function latencyRow(name, st, share, cls) {
+  const bar = share == null ? "" : el("div", { class: "share" }, el("div", { style: { width: (100 * share).toFixed(1) + "%" } }));
+  return el("tr", cls ? { class: cls } : {},
+    el("td", {}, name), el("td", {}, fmtCount(st.count)), el("td", {}, fmtDur(st.p50)),
+    el("td", {}, fmtDur(st.p95)), el("td", {}, fmtDur(st.p99)), el("td", {}, fmtDur(st.p99_9)),
+    el("td", {}, fmtDur(st.max)), el("td", {}, bar));
+}
+
+function drawLatencyTable(s) {
+  const body = $("latency-table").tBodies[0];
+  const stages = Object.entries(s.latency.stages);
+  const total = stages.reduce((sum, [, st]) => sum + (st.mean || 0), 0);
+  const rows = [latencyRow("end to end", s.latency.end_to_end, null, "total")];
+  for (const [name, st] of stages) rows.push(latencyRow(name, st, total ? (st.mean || 0) / total : 0));
+  body.replaceChildren(...rows);
+}
+
+function drawWorkers(s) {
+  const body = $("worker-table").tBodies[0];
+  body.replaceChildren(...s.workers.map((w) => {
+    const e2e = w.latency.end_to_end;
+    return el("tr", {},
+      el("td", {}, w.name), el("td", { class: "state-" + w.state }, w.state),
+      el("td", {}, fmtRate(w.out_per_s)), el("td", {}, fmtCount(w.messages)),
+      el("td", {}, fmtDur(e2e.p50)), el("td", {}, fmtDur(e2e.p99)), el("td", {}, fmtDur(e2e.p99_9)));
+  }));
+  if (!s.workers.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "no batch yet")));
+  const events = s.worker_events.slice(-6).reverse();
+  $("worker-events").replaceChildren(...events.map((ev) =>
+    el("li", {}, `${new Date(ev.time * 1000).toLocaleTimeString()} ${ev.worker} ${ev.event}`)));
+}
+
+function drawBars(id, labels, counts, alt) {
+  const max = Math.max(1, ...counts);
+  $(id).replaceChildren(...counts.map((c, i) => el("div", { class: "bar", title: `${labels[i]}: ${fmtCount(c)}` },
+    el("div", { class: "count" }, c ? fmtRate(c) : ""),
+    el("div", { class: "fill" + (alt ? " alt" : ""), style: { height: (100 * c / max).toFixed(1) + "%" } }),
+    el("div", { class: "label" }, labels[i]))));
+}
+
+function drawDistributions(s) {
+  drawBars("classes", s.classes.labels, s.classes.counts, false);
+  const sizes = s.batches.sizes;
+  let first = sizes.findIndex((b) => b.count > 0);
+  let last = sizes.length - 1 - [...sizes].reverse().findIndex((b) => b.count > 0);
+  if (first < 0) { first = 0; last = 7; }
+  // a few empty buckets either side keep one batch size from filling the whole card
+  first = Math.max(0, Math.min(first - 2, last - 7));
+  last = Math.min(sizes.length - 1, Math.max(last + 1, first + 7));
+  const shown = sizes.slice(first, last + 1);
+  drawBars("batch-sizes", shown.map((b) => (b.le == null ? "more" : "≤" + fmtSize(b.le))),
+    shown.map((b) => b.count), true);
+  const mean = s.batches.mean_size;
+  setText("batch-summary", `${fmtCount(s.batches.count)} batches · mean ${mean == null ? "–" : fmtRate(mean)} messages`);
+}
+
+function drawRejected(s) {
+  const rows = [];
+  for (const [reason, n] of Object.entries(s.rejected)) rows.push(el("tr", {}, el("td", {}, reason), el("td", {}, fmtCount(n))));
+  for (const [kind, n] of Object.entries(s.connections.errors)) {
+    rows.push(el("tr", {}, el("td", {}, "connection: " + kind.replace(/_/g, " ")), el("td", {}, fmtCount(n))));
+  }
+  $("rejected-table").tBodies[0].replaceChildren(...rows);
+  $("rejected-empty").hidden = rows.length > 0;
+}
+
+function drawConfusion(s) {
+  const a = s.accuracy, box = $("confusion");
+  $("confusion-empty").hidden = a.labelled > 0;
+  if (!a.labelled) { box.replaceChildren(); return; }
+  const { labels, matrix } = a.confusion;
+  const max = Math.max(1, ...matrix.flat());
+  const head = el("tr", {}, el("th", {}, "true ╲ pred"), ...labels.map((l) => el("th", {}, l)));
+  const rows = matrix.map((row, i) => el("tr", {}, el("th", {}, labels[i]), ...row.map((c, j) => {
+    const alpha = c ? 0.15 + 0.85 * Math.sqrt(c / max) : 0;
+    const color = i === j ? `rgba(71,201,126,${alpha})` : `rgba(255,107,107,${alpha})`;
+    return el("td", { class: i === j ? "diag" : "", title: `true ${labels[i]}, predicted ${labels[j]}: ${c}`,
+      style: { background: color } }, c ? fmtRate(c) : "");
+  })));
+  box.replaceChildren(el("table", { class: "matrix" }, head, ...rows));
+}
+
+const CARD_ORDER = ["dataset", "model", "held_out_accuracy", "steps", "n_features", "classes", "versions", "library_versions"];
+
+function cardValue(key, v) {
+  if (v == null) return "–";
+  if (/accuracy/.test(key) && typeof v === "number") return fmtPercent(v, 2);
+  if (Array.isArray(v)) return v.map((x) => (typeof x === "object" ? JSON.stringify(x) : String(x))).join(key === "steps" ? " → " : ", ");
+  if (typeof v === "object") return Object.entries(v).map(([k, x]) => `${k} ${typeof x === "object" ? JSON.stringify(x) : x}`).join(" · ");
+  return String(v);
+}
+
+function drawModelCard(s) {
+  const box = $("model-card");
+  const key = JSON.stringify(s.model);
+  if (box.dataset.key === key) return;
+  box.dataset.key = key;
+  const entries = Object.entries(s.model);
+  entries.sort(([a], [b]) => {
+    const ia = CARD_ORDER.indexOf(a), ib = CARD_ORDER.indexOf(b);
+    return (ia < 0 ? 99 : ia) - (ib < 0 ? 99 : ib);
+  });
+  const items = [];
+  for (const [k, v] of entries) items.push(el("dt", {}, k.replace(/_/g, " ")), el("dd", {}, cardValue(k, v)));
+  items.push(el("dt", {}, "pipeline"), el("dd", {}, s.pipeline.join(" → ")));
+  items.push(el("dt", {}, "digitstream"), el("dd", {}, s.version || "–"));
+  box.replaceChildren(...items);
+}
+
+// ------------------------------------------------------------ the loop
+function draw(s) {
+  drawHeader(s);
+  drawPipeline(s);
+  drawTiles(s);
+  drawCharts(s.history);
+  drawLatencyTable(s);
+  drawWorkers(s);
+  drawDistributions(s);
+  drawRejected(s);
+  drawConfusion(s);
+  drawModelCard(s);
+}
+
+async function poll() {
+  try {
+    const response = await fetch("/api/stats?window=600", { cache: "no-store" });
+    if (!response.ok) throw new Error("HTTP " + response.status);
+    draw(await response.json());
+  } catch (err) {
+    const pill = $("status");
+    pill.className = "pill down";
+    pill.textContent = "unreachable";
+    console.warn("digitstream: /api/stats failed:", err);
+  }
+  setTimeout(poll, POLL_MS);
+}
+
+poll();
