@@ -1,0 +1,197 @@
+"""The systems under test, each started as a process of its own on free ports.
+
+* ``digitstream``: ``python -m digitstream.cli run`` with one input format;
+* ``baseline``: :mod:`digitstream.bench.baseline`, the seed's per-message design;
+* ``relay``: :mod:`digitstream.bench.relay`, frames forwarded untouched.
+
+Every one reads frames on its ``in_addr`` and writes one frame per input frame
+to the benchmark's listener. :class:`MemorySampler` follows their resident
+memory while they run.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from digitstream.addresses import Address
+
+HOST = "127.0.0.1"
+
+
+class BenchError(RuntimeError):
+    """A measurement that could not be made; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class System:
+    key: str  # the name in the JSON figures
+    label: str  # the name in tables and charts
+    kind: str  # digitstream | baseline | relay
+    fmt: str  # the payload format the sender sends
+    metrics: bool = True  # digitstream only: the metrics UI on or off
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def command(system: System, in_addr: Address, out_addr: Address, model_dir: str | Path) -> list[str]:
+    if system.kind == "digitstream":
+        metrics = ["--metrics", f"{HOST}:{free_port()}"] if system.metrics else ["--no-metrics"]
+        return [sys.executable, "-m", "digitstream.cli", "-q", "run", "--in", str(in_addr),
+                "--out", str(out_addr), "--model", str(model_dir), "--input-format", system.fmt,
+                *metrics]
+    if system.kind == "baseline":
+        return [sys.executable, "-m", "digitstream.bench.baseline", "--in", str(in_addr),
+                "--out", str(out_addr), "--model", str(model_dir)]
+    if system.kind == "relay":
+        return [sys.executable, "-m", "digitstream.bench.relay", "--in", str(in_addr),
+                "--out", str(out_addr)]
+    raise ValueError(f"unknown system kind {system.kind!r}")
+
+
+class Running:
+    """One system under test as a live process; its log goes to ``log_path``."""
+
+    def __init__(self, system: System, out_addr: Address, model_dir: str | Path, log_dir: Path):
+        self.system = system
+        self.in_addr = Address(HOST, free_port())
+        self.log_path = log_dir / f"{system.key}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(command(system, self.in_addr, out_addr, model_dir),
+                                     stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace").strip().splitlines()
+        return "\n".join(text[-lines:])
+
+    def failure(self, what: str) -> BenchError:
+        status = "" if self.alive() else f" (exited with status {self.proc.returncode})"
+        return BenchError(f"{self.system.label}: {what}{status}; log {self.log_path}:\n{self.log_tail()}")
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until the input port accepts connections (the model is loaded by then)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                raise self.failure("did not start")
+            try:
+                with socket.create_connection((self.in_addr.host, self.in_addr.port), timeout=1):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise self.failure(f"not listening after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def peak_rss(self) -> int | None:
+        """The process's resident-memory high-water mark in bytes (VmHWM), if readable."""
+        try:
+            with open(f"/proc/{self.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+class MemorySampler:
+    """Samples the resident memory of processes every ``interval`` seconds, in a thread.
+
+    ``series[key]`` is a list of ``(seconds since start, rss bytes)``.
+    """
+
+    def __init__(self, interval: float = 0.25):
+        import psutil
+
+        self._psutil = psutil
+        self.interval = interval
+        self.series: dict[str, list[tuple[float, int]]] = {}
+        self._procs: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def start(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def watch(self, key: str, pid: int) -> None:
+        with self._lock:
+            self._procs[key] = self._psutil.Process(pid)
+            self.series.setdefault(key, [])
+
+    def unwatch(self, key: str) -> None:
+        with self._lock:
+            self._procs.pop(key, None)
+
+    def peak(self, key: str) -> int | None:
+        samples = self.series.get(key)
+        return max(rss for _, rss in samples) if samples else None
+
+    def sample(self) -> None:
+        with self._lock:
+            procs = list(self._procs.items())
+        now = time.monotonic() - self._t0
+        for key, proc in procs:
+            try:
+                rss = proc.memory_info().rss
+            except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
+                continue
+            self.series[key].append((now, rss))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def start_all(systems: list[System], out_addr: Address, model_dir: str | Path, log_dir: Path,
+              timeout: float = 120.0) -> dict[str, Running]:
+    """Start every system at once (start-up is mostly imports: they overlap) and wait
+    until all are ready; on failure, stop the ones started and raise."""
+    running: dict[str, Running] = {}
+    try:
+        for system in systems:
+            running[system.key] = Running(system, out_addr, model_dir, log_dir)
+        for proc in running.values():
+            proc.wait_ready(timeout)
+    except BaseException:
+        for proc in running.values():
+            proc.stop()
+        raise
+    return running
+

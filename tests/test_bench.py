@@ -1,0 +1,191 @@
+"""The benchmark: its seed-design baseline, its relay, its latency arithmetic, and a
+whole ``digitstream bench --quick`` run (every figure present; no speed asserted)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from helpers import HOST, Collector, free_port, wait_for
+from digitstream.wire.framing import frame, frame_many
+
+
+def _start(module: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def _wait_listening(proc: subprocess.Popen, port: int) -> None:
+    def listening():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited with {proc.returncode}: {proc.stdout.read().decode()}")
+        try:
+            socket.create_connection((HOST, port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+    wait_for(listening, what=f"a server on port {port}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(timeout=10)
+    proc.stdout.close()
+
+
+class _RawSink:
+    """Accepts one connection and keeps every byte it receives."""
+
+    def __init__(self):
+        self.server = socket.create_server((HOST, 0))
+        self.port = self.server.getsockname()[1]
+        self.data = bytearray()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        conn, _ = self.server.accept()
+        with conn:
+            while chunk := conn.recv(1 << 16):
+                with self._lock:
+                    self.data += chunk
+
+    def received(self) -> bytes:
+        with self._lock:
+            return bytes(self.data)
+
+    def close(self):
+        self.server.close()
+
+
+# ------------------------------------------------------------------ baseline
+def test_seed_classifier_matches_the_pipeline(seed_pipeline, digits):
+    from digitstream.bench.baseline import SeedClassifier
+
+    classify = SeedClassifier(seed_pipeline)
+    for x in digits.X[:40]:
+        assert classify(pickle.dumps(x)) == str(seed_pipeline.predict([x])).encode()
+
+
+def test_baseline_server_answers_the_seed_way(model_dir, digits, expected_texts, collector):
+    in_port = free_port()
+    proc = _start("digitstream.bench.baseline", "--in", f"{HOST}:{in_port}",
+                  "--out", collector.addr, "--model", str(model_dir))
+    try:
+        _wait_listening(proc, in_port)
+        n = 25
+        with socket.create_connection((HOST, in_port), timeout=10) as sock:
+            sock.sendall(frame_many(pickle.dumps(x) for x in digits.X[:n]))
+        assert collector.wait_count(n) == expected_texts[:n]
+        assert expected_texts[0] == "[0]"
+    finally:
+        _stop(proc)
+
+
+# --------------------------------------------------------------------- relay
+def test_relay_forwards_frames_byte_for_byte():
+    rng = np.random.default_rng(7)
+    payloads = [rng.integers(0, 256, size=int(size), dtype=np.uint8).tobytes()
+                for size in rng.choice([0, 1, 3, 64, 64, 64, 700, 5000, 70_000], size=400)]
+    data = frame_many(payloads)
+    sink = _RawSink()
+    in_port = free_port()
+    proc = _start("digitstream.bench.relay", "--in", f"{HOST}:{in_port}",
+                  "--out", f"{HOST}:{sink.port}")
+    try:
+        _wait_listening(proc, in_port)
+        with socket.create_connection((HOST, in_port), timeout=10) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # cut the stream inside headers and payloads alike
+            cuts = np.unique(np.concatenate([[0, len(data)], rng.integers(0, len(data), 60)]))
+            for start, stop in zip(cuts[:-1], cuts[1:]):
+                sock.sendall(data[start:stop])
+        wait_for(lambda: len(sink.received()) >= len(data), what="the relayed bytes")
+        assert sink.received() == data
+    finally:
+        _stop(proc)
+        sink.close()
+
+
+def test_relay_holds_back_a_partial_frame_until_it_is_whole():
+    from digitstream.bench.relay import forward
+
+    sink = _RawSink()
+    out = socket.create_connection((HOST, sink.port))
+    a, b = socket.socketpair()
+    thread = threading.Thread(target=forward, args=(b, out, threading.Lock()))
+    thread.start()
+    whole = frame(b"abcdef")
+    a.sendall(whole[:5])
+    a.sendall(whole[5:] + frame(b"x")[:2])
+    a.close()
+    thread.join(10)
+    out.close()
+    wait_for(lambda: len(sink.received()) >= len(whole), what="one frame")
+    assert sink.received() == whole
+    sink.close()
+
+
+# ------------------------------------------------------------------- figures
+def test_latency_is_matched_per_message():
+    from digitstream.bench.measure import as_timeline, latencies_ns, latency_summary
+
+    # 3 writes of 2, 3 and 1 messages; reads complete messages 0-1, 2-4, then 5
+    sent = as_timeline([(100, 2), (200, 5), (300, 6)])
+    received = as_timeline([(150, 1), (180, 2), (260, 5), (900, 6)])
+    assert latencies_ns(sent, received, 6).tolist() == [50, 80, 60, 60, 60, 600]
+    summary = latency_summary(np.array([1_000_000] * 99 + [5_000_000]))
+    assert summary["p50"] == 1.0 and summary["max"] == 5.0
+    assert summary["cdf"][-1] == [5.0, 1.0]
+
+
+def test_exact_plan_sends_exactly_the_count_asked():
+    from digitstream.bench.worker import exact_plan
+    from digitstream.tools.sender import Framed
+
+    framed = Framed.from_payloads([bytes([i]) * 3 for i in range(7)])
+    for n in (1, 6, 7, 8, 100):
+        assert exact_plan(framed, n).messages == n
+
+
+# ----------------------------------------------------------------- the suite
+EXPECTED_SYSTEMS = {"digitstream_u8", "digitstream_u8_no_metrics", "digitstream_pickle",
+                    "digitstream_f32", "baseline", "relay_u8", "relay_pickle"}
+
+
+@pytest.mark.slow
+def test_bench_quick_produces_every_figure(tmp_path):
+    json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "digitstream.cli", "bench", "--quick", "--json", str(json_path),
+         "--plot", str(plot_path)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(json_path.read_text())
+    assert figures["errors"] == []
+    assert figures["machine"]["cores_logical"] >= 1 and figures["machine"]["cpu_model"]
+    assert all(figures["versions"][k] for k in ("python", "numpy", "scikit-learn"))
+
+    assert set(figures["throughput"]) == EXPECTED_SYSTEMS
+    for key, fig in figures["throughput"].items():
+        assert len(fig["runs"]) == figures["settings"]["runs"], key
+        assert fig["median"] > 0 and fig["min"] <= fig["median"] <= fig["max"], key
+        assert fig["peak_rss_mb"] > 0, key
+    for key in ("digitstream_u8", "digitstream_pickle", "relay_u8"):
+        lat = figures["latency"][key]
+        assert lat["messages"] > 0
+        assert 0 < lat["p50"] <= lat["p99"] <= lat["p99_9"] <= lat["max"]
+        assert lat["cdf"]
+    assert all(value > 0 for value in figures["ratios"].values()), figures["ratios"]
+    assert figures["memory"]["peak_rss_mb"] > 0 and figures["memory"]["samples_mb"]
+    assert all(row["measured"] is not None for row in figures["targets"])
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for word in ("Throughput", "Latency", "Ratios", "Targets"):
+        assert word in result.stdout
