@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import signal
 import socket
 import subprocess
@@ -17,6 +18,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+import numpy as np
 
 from digitstream.wire.framing import HEADER_SIZE, FrameSplitter
 
@@ -196,3 +199,22 @@ def frame_count_of(data: bytes) -> int:
         pos += HEADER_SIZE + length
         count += 1
     return count
+
+
+def py2_pickle(row: np.ndarray, protocol: int) -> bytes:
+    """What Python 2's ``cPickle.dumps(row, protocol)`` wrote for a float64 array (NumPy 1.x)."""
+    data = np.ascontiguousarray(row, dtype="<f8").tobytes()
+    n = len(row)
+    if protocol == 0:
+        escaped = "".join(f"\\x{b:02x}" for b in data)
+        text = ("cnumpy.core.multiarray\n_reconstruct\np0\n(cnumpy\nndarray\np1\n(I0\ntp2\nS'b'\np3\n"
+                f"tp4\nRp5\n(I1\n(I{n}\ntp6\ncnumpy\ndtype\np7\n(S'f8'\np8\nI0\nI1\ntp9\nRp10\n"
+                "(I3\nS'<'\np11\nNNNI-1\nI-1\nI0\ntp12\nbI00\n"
+                f"S'{escaped}'\np13\ntp14\nb.")
+        return text.encode("ascii")
+    assert protocol == 2
+    count = bytes([n]) if n < 256 else b""
+    return (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\nq\x00cnumpy\nndarray\nq\x01K\x00\x85q\x02"
+            b"U\x01bq\x03\x87q\x04Rq\x05(K\x01K" + count + b"\x85q\x06cnumpy\ndtype\nq\x07U\x02f8q\x08"
+            b"K\x00K\x01\x87q\tRq\n(K\x03U\x01<q\x0bNNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tq\x0cb"
+            b"\x89T" + struct.pack("<I", len(data)) + data + b"q\rtq\x0eb.")

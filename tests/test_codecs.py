@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import struct
 
 import numpy as np
 import pytest
@@ -14,25 +13,7 @@ from digitstream.codecs.inputs import INPUT_FORMATS, Decoder, encode_images, rea
 from digitstream.codecs.outputs import JsonEncoder, TextEncoder, seed_label_text
 from digitstream.codecs.safe_pickle import PickleTemplates, UnsafePickle, restricted_loads
 from digitstream.wire.framing import FrameSplitter, Payloads, frame_many
-
-
-def py2_pickle(row: np.ndarray, protocol: int) -> bytes:
-    """What Python 2's ``cPickle.dumps(row, protocol)`` wrote for a float64 array (NumPy 1.x)."""
-    data = np.ascontiguousarray(row, dtype="<f8").tobytes()
-    n = len(row)
-    if protocol == 0:
-        escaped = "".join(f"\\x{b:02x}" for b in data)
-        text = ("cnumpy.core.multiarray\n_reconstruct\np0\n(cnumpy\nndarray\np1\n(I0\ntp2\nS'b'\np3\n"
-                f"tp4\nRp5\n(I1\n(I{n}\ntp6\ncnumpy\ndtype\np7\n(S'f8'\np8\nI0\nI1\ntp9\nRp10\n"
-                "(I3\nS'<'\np11\nNNNI-1\nI-1\nI0\ntp12\nbI00\n"
-                f"S'{escaped}'\np13\ntp14\nb.")
-        return text.encode("ascii")
-    assert protocol == 2
-    count = bytes([n]) if n < 256 else b""
-    return (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\nq\x00cnumpy\nndarray\nq\x01K\x00\x85q\x02"
-            b"U\x01bq\x03\x87q\x04Rq\x05(K\x01K" + count + b"\x85q\x06cnumpy\ndtype\nq\x07U\x02f8q\x08"
-            b"K\x00K\x01\x87q\tRq\n(K\x03U\x01<q\x0bNNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tq\x0cb"
-            b"\x89T" + struct.pack("<I", len(data)) + data + b"q\rtq\x0eb.")
+from helpers import py2_pickle
 
 
 def decode(fmt: str, payloads: list[bytes], n_features: int = 64):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import math
 import pickle
 from dataclasses import dataclass, field
 
@@ -101,14 +102,25 @@ class Decoder:
         self.fmt = fmt
         self.n_features = n_features
         self._templates = PickleTemplates(n_features) if fmt in ("pickle", "auto") else None
+        # The longest honest pickle of an image: protocol 0 escapes a byte in up to 6 and a
+        # value takes up to 16 bytes. Anything longer is refused before the unpickler runs,
+        # so a pickle bomb costs at most milliseconds and a few MiB.
+        self.max_pickle = 1024 + 6 * 16 * n_features
 
     def decode(self, payloads: Payloads) -> Decoded:
         n = len(payloads)
+        if payloads.fixed is not None:
+            whole = self._decode_whole(payloads.fixed)
+            if whole is not None:
+                out = Decoded(whole)
+                if whole.dtype.kind == "f" and self.fmt not in ("u8",):
+                    self._reject_non_finite(whole, out.errors)
+                return out
         X = np.zeros((n, self.n_features), dtype=np.float64)
         out = Decoded(X)
         if self.fmt == "json":
             out.labels, out.ids = [None] * n, [None] * n
-        todo: np.ndarray | list[int]
+        todo: np.ndarray | range
         if payloads.fixed is not None:
             todo = self._decode_fixed(payloads.fixed, X)
         else:
@@ -121,15 +133,24 @@ class Decoder:
         self._reject_non_finite(X, out.errors)
         return out
 
-    # A whole group of same-length payloads at once; returns the rows left to do one by one.
-    def _decode_fixed(self, rows: np.ndarray, X: np.ndarray):
+    def _decode_whole(self, rows: np.ndarray) -> np.ndarray | None:
+        """The common case in one or two NumPy calls: every payload of the group is
+        raw pixels of the right size, or the seed's pickle layout; else None."""
         n, length = rows.shape
         if self.fmt in RAW_DTYPES:
             dtype = RAW_DTYPES[self.fmt]
-            if length == self.n_features * dtype.itemsize:
-                X[:] = np.ascontiguousarray(rows).view(dtype)
-                return ()
-            return range(n)
+            if length != self.n_features * dtype.itemsize:
+                return None
+            if dtype.itemsize > 1:
+                rows = np.ascontiguousarray(rows).view(dtype)
+            return rows.astype(np.float64)
+        if self._templates is not None and length in self._templates.lengths:
+            return self._templates.match_all(rows)
+        return None
+
+    # A whole group of same-length payloads at once; returns the rows left to do one by one.
+    def _decode_fixed(self, rows: np.ndarray, X: np.ndarray):
+        n, length = rows.shape
         if self._templates is not None and length in self._templates.lengths:
             ok, pixels = self._templates.match(rows)
             X[ok] = pixels[ok]
@@ -144,6 +165,8 @@ class Decoder:
             header_len, dtype = _npy_layout(first, self.n_features)
         except RejectedInput:
             return range(len(rows))
+        if rows.shape[1] != header_len + self.n_features * dtype.itemsize:
+            return range(len(rows))  # one by one, each gets the size reason
         same = (rows[:, :header_len] == rows[0, :header_len]).all(axis=1)
         data = np.ascontiguousarray(rows[same, header_len:])
         X[same] = data.view(dtype).astype(np.float64, copy=False)
@@ -164,6 +187,9 @@ class Decoder:
                                     f"got {len(payload)}")
             return np.frombuffer(payload, dtype=dtype)
         if fmt == "pickle":
+            if len(payload) > self.max_pickle:
+                raise RejectedInput(f"bad pickle: {len(payload)} bytes, more than a pickled image of "
+                                    f"{self.n_features} values takes ({self.max_pickle})")
             try:
                 array = restricted_loads(payload)
             except pickle.UnpicklingError as exc:
@@ -239,7 +265,9 @@ def _npy_layout(payload: bytes, n_features: int) -> tuple[int, np.dtype]:
         raise RejectedInput(f"bad npy header ({type(exc).__name__})") from None
     if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.hasobject:
         raise RejectedInput(f"npy dtype {dtype} is not a plain numeric type")
-    size = int(np.prod(shape)) if shape else 1
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise RejectedInput(f"bad npy header (shape {shape!r:.60} is not a tuple of sizes)")
+    size = math.prod(shape)
     if size != n_features:
         raise RejectedInput(f"expected {n_features} values, got shape {shape}")
     if fortran and len(shape) > 1:

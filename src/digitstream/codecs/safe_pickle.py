@@ -83,10 +83,11 @@ def _checked_shape(shape) -> tuple[int, ...]:
 
 
 def _build_dtype(dtype: np.dtype, state) -> None:
-    # NumPy writes (3, '<', None, None, None, -1, -1, 0) for a plain number type.
+    # NumPy writes (3, '<', None, None, None, -1, -1, 0) for a plain number type;
+    # other flags (the last value) would mark a float type as holding objects.
     if (not isinstance(state, tuple) or len(state) not in (8, 9) or state[0] not in (3, 4)
             or state[1] not in ("<", ">", "|", "=") or any(v is not None for v in state[2:5])
-            or state[5:7] != (-1, -1) or not isinstance(state[7], int)
+            or state[5:7] != (-1, -1) or type(state[7]) is not int or state[7] != 0
             or (len(state) == 9 and state[8] is not None)):
         raise UnsafePickle(f"dtype state {state!r:.80} is not that of a plain number type")
     dtype.__setstate__(state)
@@ -268,6 +269,16 @@ class PickleTemplates:
                     (frame_len,) = struct.unpack_from("<Q", body, 3)
                     fixed = struct.pack("<Q", frame_len - (len(new) - len(old)))
                     yield body[:3] + fixed + body[11:]
+
+    def match_all(self, rows: np.ndarray) -> np.ndarray | None:
+        """The float64 pixels if every row matches one layout exactly, else None."""
+        for template, offset in self._by_length.get(rows.shape[1], ()):
+            tpl = np.frombuffer(template, dtype=np.uint8)
+            end = offset + self.data_size
+            if np.array_equal(rows[:, :offset], np.broadcast_to(tpl[:offset], (len(rows), offset))) \
+                    and np.array_equal(rows[:, end:], np.broadcast_to(tpl[end:], (len(rows), len(tpl) - end))):
+                return np.ascontiguousarray(rows[:, offset:end]).view("<f8")
+        return None
 
     def match(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n, length = rows.shape

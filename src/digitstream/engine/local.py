@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+from threadpoolctl import threadpool_limits
+
 from digitstream.pipeline import Batch, BatchResult, Flow
 
 
@@ -18,13 +20,19 @@ class LocalEngine:
         self.flow = flow
 
     async def start(self) -> None:
-        pass
+        # A batch is too small to gain from BLAS threads, and on a machine whose
+        # cores are busy with the network they only add contention.
+        threadpool_limits(1)
 
     async def close(self) -> None:
         pass
 
-    def submit(self, batch: Batch) -> "asyncio.Future[BatchResult]":
-        """Classify ``batch`` now; the returned future is already done."""
+    async def submit(self, batch: Batch) -> "asyncio.Future[BatchResult]":
+        """Classify ``batch`` now; the returned future is already done.
+
+        An engine's ``submit`` waits while the engine cannot take more (the
+        application stops reading there); this one never waits.
+        """
         future = asyncio.get_running_loop().create_future()
         future.set_result(self.flow.process(batch))
         return future
