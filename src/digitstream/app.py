@@ -80,6 +80,8 @@ class Application:
         self.bound_in: Address | None = None
         self.connections: dict[int, _Connection] = {}
         self._ids = itertools.count(1)
+        self.frames_in = 0  # complete frames received
+        self.frames_out = 0  # result frames handed to the sink
         self._stop = asyncio.Event()
         self._stopping = False
         self.ready = asyncio.Event()
@@ -102,7 +104,7 @@ class Application:
         if cfg.engine == "dask":
             from digitstream.engine.dask import DaskEngine
 
-            return DaskEngine(self.flow, self.bundle, cfg)
+            return DaskEngine(self.flow, self.bundle, cfg, metrics=self.metrics)
         from digitstream.engine.local import LocalEngine
 
         return LocalEngine(self.flow)
@@ -151,7 +153,10 @@ class Application:
         if metrics:
             metrics.connection_opened()
         log.debug("connection %d from %s", conn.id, peer_text)
-        results: asyncio.Queue = asyncio.Queue(maxsize=self.config.in_flight)
+        # an engine that computes elsewhere (Dask) takes `capacity` batches at once:
+        # one connection may keep all of them busy
+        depth = max(self.config.in_flight, getattr(self.engine, "capacity", 0))
+        results: asyncio.Queue = asyncio.Queue(maxsize=depth)
         deliver = asyncio.create_task(self._deliver(results))
         splitter = FrameSplitter(self.config.max_frame)
         try:
@@ -199,13 +204,15 @@ class Application:
             for group in _merge(groups):
                 n = len(group)
                 conn.frames += n
+                self.frames_in += n
                 if metrics:
                     metrics.frames_received(n, group.nbytes)
                 for start in range(0, n, cfg.max_batch):
                     part = _slice(group, start, start + cfg.max_batch)
                     batch = Batch(conn.id, seq, part, received)
                     seq += len(part)
-                    await results.put((batch, engine.submit(batch)))
+                    # submit waits while the engine is full: reading stops there
+                    await results.put((batch, await engine.submit(batch)))
 
     async def _fill(self, reader, splitter, groups) -> bool:
         """Read more until max_batch frames or max_delay; True at end of stream."""
@@ -234,6 +241,7 @@ class Application:
             batch, future = item
             result = await future
             await sink.write(result.output)
+            self.frames_out += result.count
             if metrics:
                 metrics.batch_done(result, (time.perf_counter_ns() - batch.received_ns) * 1e-9)
 
@@ -272,8 +280,7 @@ class Application:
             await self.engine.close()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
-        if self.metrics is not None:
-            log.info("stopped after %d messages", self.metrics.messages_out)
+        log.info("stopped: %d frames received, %d answered", self.frames_in, self.frames_out)
         return status
 
     async def _quiesce(self, conn: _Connection) -> None:
