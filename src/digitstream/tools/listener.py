@@ -109,7 +109,9 @@ class Listener:
         except OSError as exc:
             self._wake_r.close()
             self._wake_w.close()
-            raise UserError(f"cannot listen on {self.requested}: {exc.strerror or exc}") from None
+            # create_server appends the address to strerror; the address is in our message already
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise UserError(f"cannot listen on {self.requested}: {reason}") from None
         self._lsock.setblocking(False)
         self._address = Address(*self._lsock.getsockname()[:2])
         if isinstance(self._output_spec, (str, os.PathLike)):
