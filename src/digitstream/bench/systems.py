@@ -36,6 +36,7 @@ class System:
     kind: str  # digitstream | baseline | relay
     fmt: str  # the payload format the sender sends
     metrics: bool = True  # digitstream only: the metrics UI on or off
+    args: tuple[str, ...] = ()  # digitstream only: more options of `digitstream run`
 
 
 def free_port() -> int:
@@ -49,7 +50,7 @@ def command(system: System, in_addr: Address, out_addr: Address, model_dir: str 
         metrics = ["--metrics", f"{HOST}:{free_port()}"] if system.metrics else ["--no-metrics"]
         return [sys.executable, "-m", "digitstream.cli", "-q", "run", "--in", str(in_addr),
                 "--out", str(out_addr), "--model", str(model_dir), "--input-format", system.fmt,
-                *metrics]
+                *metrics, *system.args]
     if system.kind == "baseline":
         return [sys.executable, "-m", "digitstream.bench.baseline", "--in", str(in_addr),
                 "--out", str(out_addr), "--model", str(model_dir)]

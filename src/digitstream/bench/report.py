@@ -1,0 +1,203 @@
+"""The benchmark's figures as tables (rich), a JSON file and a chart (PNG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _num(value, fmt: str = ",.0f", missing: str = "—") -> str:
+    return missing if value is None else format(value, fmt)
+
+
+def _mark(met) -> str:
+    return {True: "[green]met[/green]", False: "[red]missed[/red]", None: "[yellow]n/a[/yellow]"}[met]
+
+
+def print_header(figures: dict, console: Console) -> None:
+    m, v = figures["machine"], figures["versions"]
+    console.print(f"[bold]{figures['command']}[/bold]  ({figures['started']})")
+    console.print(f"machine: {m['cpu_model']}, {m['cores_logical']} logical cores "
+                  f"({m['cores_physical']} physical), {m['memory_gb']} GB, {m['platform']}, "
+                  f"load average at start {' '.join(map(str, m['load_average_at_start']))}")
+    console.print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
+    model = figures.get("model") or {}
+    if model:
+        console.print(f"model: {' -> '.join(model['steps'])}, {model['n_features']} features, "
+                      f"fitted on {model['fitted_on']} of {model['dataset']}")
+
+
+def print_report(figures: dict, console: Console) -> None:
+    print_header(figures, console)
+    settings = figures["settings"]
+
+    table = Table(title=f"Throughput, end to end (median of {settings['runs']} runs)")
+    for name, justify in [("system", "left"), ("input", "left"), ("messages/run", "right"),
+                          ("median msg/s", "right"), ("min – max msg/s", "right"),
+                          ("peak RSS", "right")]:
+        table.add_column(name, justify=justify)
+    for fig in figures["throughput"].values():
+        table.add_row(fig["label"], fig["format"], _num(fig["messages_per_run"]),
+                      _num(fig["median"]), f"{_num(fig['min'])} – {_num(fig['max'])}",
+                      _num(fig["peak_rss_mb"], ",.0f") + " MB")
+    console.print(table)
+
+    table = Table(title=f"Latency, end to end, paced at {settings['latency_rate']:,.0f} msg/s "
+                        f"for {settings['latency_seconds']:g} s (ms)")
+    for name in ["system", "messages", "sent msg/s", "p50", "p90", "p99", "p99.9", "max"]:
+        table.add_column(name, justify="left" if name == "system" else "right")
+    for fig in figures["latency"].values():
+        table.add_row(fig["label"], _num(fig["messages"]), _num(fig["rate_sent"]),
+                      *(_num(fig[k], ".3f") for k in ("p50", "p90", "p99", "p99_9", "max")))
+    console.print(table)
+
+    table = Table(title="Ratios (medians of this run)")
+    table.add_column("ratio")
+    table.add_column("value", justify="right")
+    names = {"u8_vs_baseline": "digitstream u8 / seed design",
+             "pickle_vs_baseline": "digitstream pickle / seed design (same input)",
+             "u8_vs_relay": "digitstream u8 / relay u8 (the ceiling)",
+             "pickle_vs_relay": "digitstream pickle / relay pickle",
+             "metrics_on_vs_off": "digitstream u8, metrics on / off"}
+    for key, value in figures["ratios"].items():
+        table.add_row(names.get(key, key), _num(value, ",.2f" if value and value < 10 else ",.0f"))
+    console.print(table)
+
+    table = Table(title="Targets")
+    for name in ["target", "wanted", "measured", ""]:
+        table.add_column(name)
+    for row in figures["targets"]:
+        measured = row["measured"]
+        unit = row["unit"]
+        text = ("—" if measured is None else
+                f"{measured:,.0f} {unit}" if unit == "msg/s" else
+                f"{measured:,.3f} {unit}" if unit == "ms" else
+                f"{measured:,.0f} {unit}" if unit == "MB" else
+                f"{measured:,.2f}{unit}" if measured < 10 else f"{measured:,.0f}{unit}")
+        if row.get("note"):
+            text += f" ({row['note']})"
+        table.add_row(row["name"], row["target"], text, _mark(row["met"]))
+    console.print(table)
+    if "dask" in figures:
+        console.print("dask engine:", figures["dask"])
+    for error in figures["errors"]:
+        console.print(f"[red]error:[/red] {error}")
+
+
+def print_soak(figures: dict, console: Console) -> None:
+    print_header(figures, console)
+    soak = figures["soak"]
+    table = Table(title=f"Soak: digitstream u8, {soak['minutes']:g} min of sustained load")
+    for name in ["t (s)", "msg/s", "app RSS (MB)"]:
+        table.add_column(name, justify="right")
+    for point in soak["timeline"]:
+        table.add_row(f"{point['t']:.0f}", _num(point["msg_per_s"]), _num(point["rss_mb"], ",.1f"))
+    console.print(table)
+    console.print(f"{soak['messages']:,} messages in {soak['seconds']:.1f} s: "
+                  f"{soak['msg_per_s']:,.0f} msg/s overall; RSS {soak['rss_first_mb']:.0f} MB "
+                  f"at the first sample, {soak['rss_last_mb']:.0f} MB at the last, "
+                  f"peak {soak['peak_rss_mb']:.0f} MB")
+    for error in figures["errors"]:
+        console.print(f"[red]error:[/red] {error}")
+
+
+def write_json(figures: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(figures, indent=1, allow_nan=False) + "\n")
+
+
+def write_plot(figures: dict, path: str | Path) -> None:
+    """Throughput bars (log scale, one dot per run) and the latency distributions;
+    for a soak, throughput and memory over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "soak" in figures:
+        fig = _plot_soak(plt, figures)
+    else:
+        fig, (bars, cdf) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.2, 1]})
+        _plot_throughput(bars, figures)
+        _plot_latency(cdf, figures)
+        fig.suptitle(f"{figures['command']} — {figures['machine']['cpu_model']}, "
+                     f"{figures['machine']['cores_logical']} cores", fontsize=10)
+        fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_throughput(ax, figures: dict) -> None:
+    items = [f for f in figures["throughput"].values() if f["median"]]
+    colours = {"digitstream": "tab:blue", "baseline": "tab:red", "relay": "tab:gray"}
+    xs = range(len(items))
+    ax.bar(xs, [f["median"] for f in items], color=[colours[f["kind"]] for f in items])
+    for x, f in zip(xs, items):
+        runs = [r["msg_per_s"] for r in f["runs"]]
+        ax.plot([x] * len(runs), runs, "k.", markersize=4)
+        ax.annotate(_short(f["median"]), (x, f["median"]), ha="center", va="bottom", fontsize=8,
+                    xytext=(0, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([f["label"] for f in items], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("messages/s, end to end (median; dots: runs)")
+    ax.set_title("Throughput")
+    ax.grid(axis="y", which="both", alpha=0.3)
+
+
+def _plot_latency(ax, figures: dict) -> None:
+    """Latency by percentile, the tail stretched out: x is -log10(1 - fraction)."""
+    import numpy as np
+    from matplotlib.ticker import FuncFormatter
+
+    top = 1
+    for fig in figures["latency"].values():
+        points = [(ms, f) for ms, f in fig["cdf"] if f < 1.0]
+        if not points:
+            continue
+        ms, frac = np.array(points).T
+        x = -np.log10(1.0 - frac)
+        top = max(top, int(np.ceil(x.max())))
+        ax.plot(x, np.maximum(ms, 1e-3), label=f"{fig['label']} (p99 {fig['p99']:.2f} ms)")
+    labels = ["90%", "99%", "99.9%", "99.99%", "99.999%", "99.9999%", "99.99999%"][:top]
+    ax.set_xticks([np.log10(2), *range(1, len(labels) + 1)])
+    ax.set_xticklabels(["50%", *labels])
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+    ax.set_xlabel("percentile")
+    ax.set_ylabel("latency, ms (sender write to listener read)")
+    ax.set_title(f"Latency at {figures['settings']['latency_rate']:,.0f} msg/s paced")
+    ax.axhline(2.0, color="tab:red", lw=0.8, ls=":", label="target p99: 2 ms")
+    ax.grid(which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def _plot_soak(plt, figures: dict):
+    soak = figures["soak"]
+    fig, (rate, rss) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    points = soak["timeline"]
+    rate.plot([p["t"] for p in points], [p["msg_per_s"] for p in points], "o-")
+    rate.set_ylabel("messages/s")
+    rate.set_ylim(bottom=0)
+    rate.set_title(f"Soak: digitstream u8, {soak['minutes']:g} min")
+    samples = soak["rss_samples_mb"]
+    rss.plot([s[0] for s in samples], [s[1] for s in samples])
+    rss.set_ylabel("application RSS, MB")
+    rss.set_xlabel("seconds")
+    rss.set_ylim(bottom=0)
+    for ax in (rate, rss):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _short(value: float) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:.2f} M"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f} k"
+    return f"{value:.0f}"
+

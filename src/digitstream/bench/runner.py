@@ -1,0 +1,523 @@
+"""``digitstream bench``: digitstream against the seed's design and a bare relay.
+
+One invocation, this machine, loopback only. A sender process and a listener
+process (:mod:`digitstream.bench.worker`) serve the whole benchmark; every
+system under test (:mod:`digitstream.bench.systems`) runs as a process of its
+own between them, all started up front and measured in turns (round robin),
+so that a slow spell of a shared machine spreads over every system instead of
+landing on one.
+
+Throughput of a run is messages / (time from the sender's start to the
+listener holding the last result); a system's figure is the median of its
+runs. Latency is measured per message at a paced rate (see
+:mod:`digitstream.bench.measure`). Memory is the application's resident-set
+high-water mark, sampled along the way as well.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from digitstream.addresses import Address
+from digitstream.bench.measure import (as_timeline, latencies_ns, latency_summary, rate_summary,
+                                       ratio)
+from digitstream.bench.systems import (HOST, BenchError, MemorySampler, Running, System,
+                                       start_all)
+from digitstream.bench.worker import JsonLines
+
+SYSTEMS = [
+    System("digitstream_u8", "digitstream u8", "digitstream", "u8"),
+    System("digitstream_u8_no_metrics", "digitstream u8, no metrics", "digitstream", "u8",
+           metrics=False),
+    System("digitstream_pickle", "digitstream pickle", "digitstream", "pickle"),
+    System("digitstream_f32", "digitstream f32", "digitstream", "f32"),
+    System("baseline", "seed design (baseline)", "baseline", "pickle"),
+    System("relay_u8", "relay u8", "relay", "u8"),
+    System("relay_pickle", "relay pickle", "relay", "pickle"),
+]
+#: the systems whose latency is measured at the paced rate
+LATENCY_SYSTEMS = ["digitstream_u8", "digitstream_pickle", "relay_u8"]
+#: the system the memory target is about
+MEMORY_SYSTEM = "digitstream_u8"
+
+#: the slowest plausible rate of each kind (messages/s), for a run's deadline
+_SLOWEST = {"digitstream": 20_000, "baseline": 500, "relay": 50_000}
+
+TARGETS = {
+    "u8_msg_per_s": 3_000_000,
+    "u8_vs_relay": 0.5,
+    "pickle_msg_per_s": 1_000_000,
+    "vs_baseline": 500,
+    "p99_ms": 2.0,
+    "peak_rss_mb": 300,
+    "memory_messages": 20_000_000,
+    "metrics_on_vs_off": 0.95,
+}
+
+
+@dataclass
+class Settings:
+    runs: int
+    messages: dict[str, int]  # per system key, per throughput run
+    warmup: dict[str, int]
+    latency_rate: float = 100_000
+    latency_seconds: float = 10.0
+    quick: bool = False
+
+    @classmethod
+    def full(cls) -> "Settings":
+        messages = {"digitstream_u8": 20_000_000, "digitstream_u8_no_metrics": 10_000_000,
+                    "digitstream_pickle": 5_000_000, "digitstream_f32": 5_000_000,
+                    "baseline": 20_000, "relay_u8": 10_000_000, "relay_pickle": 5_000_000}
+        return cls(runs=5, messages=messages, warmup=_warmups(messages), latency_seconds=10.0)
+
+    @classmethod
+    def quick_run(cls) -> "Settings":
+        messages = {"digitstream_u8": 1_000_000, "digitstream_u8_no_metrics": 1_000_000,
+                    "digitstream_pickle": 300_000, "digitstream_f32": 300_000,
+                    "baseline": 1_000, "relay_u8": 1_000_000, "relay_pickle": 300_000}
+        return cls(runs=3, messages=messages, warmup=_warmups(messages), latency_seconds=1.5,
+                   quick=True)
+
+
+def _warmups(messages: dict[str, int]) -> dict[str, int]:
+    return {key: max(100, min(200_000, n // 10)) for key, n in messages.items()}
+
+
+# ------------------------------------------------------------------- session
+class WorkerProcess:
+    """A :mod:`digitstream.bench.worker` process and its JSON-lines channel."""
+
+    def __init__(self, role: str, directory: Path):
+        self.role = role
+        self.log_path = directory / f"{role}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "digitstream.bench.worker", role, str(directory)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, bufsize=0)
+        self.channel = JsonLines(self.proc.stdout.fileno(), self.proc.stdin.fileno())
+
+    def request(self, obj: dict) -> None:
+        try:
+            self.channel.write(obj)
+        except BrokenPipeError:
+            raise self._dead() from None
+
+    def reply(self, timeout: float | None) -> dict | None:
+        """The next reply; None if none within ``timeout``."""
+        try:
+            return self.channel.read(timeout)
+        except EOFError:
+            raise self._dead() from None
+
+    def _dead(self) -> BenchError:
+        self.proc.poll()
+        tail = self.log_path.read_text(errors="replace").strip().splitlines()[-10:]
+        return BenchError(f"the benchmark's {self.role} process ended "
+                          f"(status {self.proc.returncode}):\n" + "\n".join(tail))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.channel.write({"cmd": "quit"})
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+class Session:
+    """The benchmark's fixtures: a work directory, a model, the sender and the
+    listener, a memory sampler, and the systems under test started so far.
+
+    :meth:`throughput` and :meth:`latency` measure one run of one system; an
+    engine-specific benchmark (``--engine dask``) uses the same calls.
+    """
+
+    def __init__(self, log=None):
+        self.log = log or (lambda text: None)
+        self._tmp = tempfile.TemporaryDirectory(prefix="digitstream-bench-")
+        self.directory = Path(self._tmp.name)
+        self.model_dir = self.directory / "model"
+        self.model_info: dict = {}
+        self.sender: WorkerProcess | None = None
+        self.listener: WorkerProcess | None = None
+        self.listen_addr: Address | None = None
+        self.sampler = MemorySampler()
+        self.running: dict[str, Running] = {}
+        self.answered: dict[str, int] = {}  # messages answered per system, over every run
+
+    def __enter__(self) -> "Session":
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def open(self) -> None:
+        self.sender = WorkerProcess("send", self.directory)
+        self.listener = WorkerProcess("listen", self.directory)
+        self.model_info = prepare_model(self.model_dir)
+        hello = self.listener.reply(60)
+        if hello is None:
+            raise BenchError("the benchmark's listener did not start within 60 s")
+        self.listen_addr = Address(HOST, hello["port"])
+        self.sampler.start()
+
+    def start(self, systems: list[System]) -> None:
+        """Start systems (all at once) and warm nothing up yet."""
+        started = start_all(systems, self.listen_addr, self.model_dir, self.directory)
+        for key, proc in started.items():
+            self.running[key] = proc
+            self.sampler.watch(key, proc.pid)
+
+    def stop(self, key: str) -> None:
+        proc = self.running.pop(key, None)
+        if proc is not None:
+            self.sampler.sample()
+            self.sampler.unwatch(key)
+            proc.stop()
+
+    def close(self) -> None:
+        for key in list(self.running):
+            self.stop(key)
+        self.sampler.stop()
+        for worker in (self.sender, self.listener):
+            if worker is not None:
+                worker.close()
+        self._tmp.cleanup()
+
+    # -------------------------------------------------------------- runs
+    def throughput(self, key: str, messages: int) -> dict:
+        """Send ``messages`` as fast as the system takes them; the run's figures."""
+        sent, received = self._run(key, messages, rate=None, timeline=False)
+        seconds = (received["last_ns"] - sent["start_ns"]) / 1e9
+        return {"messages": messages, "seconds": seconds, "msg_per_s": messages / seconds,
+                "sender_msg_per_s": messages / ((sent["end_ns"] - sent["start_ns"]) / 1e9)}
+
+    def latency(self, key: str, rate: float, seconds: float) -> dict:
+        """Send for ``seconds`` paced at ``rate`` messages/s; per-message latency figures."""
+        messages = max(1, int(rate * seconds))
+        sent, received = self._run(key, messages, rate=rate, timeline=True)
+        lat = latencies_ns(as_timeline(np.load(sent["timeline"])),
+                           as_timeline(np.load(received["timeline"])), messages)
+        send_seconds = (sent["end_ns"] - sent["start_ns"]) / 1e9
+        return {"rate_target": rate, "rate_sent": messages / send_seconds,
+                **latency_summary(lat)}
+
+    def _run(self, key: str, messages: int, rate: float | None, timeline: bool):
+        proc = self.running[key]
+        slowest = min(_SLOWEST[proc.system.kind], rate or float("inf"))
+        deadline = 60 + messages / slowest
+        self.listener.request({"cmd": "expect", "messages": messages, "timeout": deadline,
+                               "timeline": timeline})
+        if self.listener.reply(30) is None:
+            raise BenchError("the benchmark's listener does not answer")
+        self.sender.request({"cmd": "send", "to": str(proc.in_addr), "format": proc.system.fmt,
+                             "messages": messages, "rate": rate, "timeline": timeline})
+        sent = received = None
+        problem = None
+        until = time.monotonic() + deadline
+        while received is None:
+            received = self.listener.reply(0.1)
+            if sent is None:
+                sent = self.sender.reply(0)
+            if sent is not None and "error" in sent:
+                problem = proc.failure(f"the sender failed: {sent['error']}")
+            elif not proc.alive():
+                problem = proc.failure("stopped in the middle of a run")
+            elif received is None and time.monotonic() > until:
+                problem = proc.failure(f"{messages:,} results not in after {deadline:.0f} s")
+            if problem is not None and received is None:
+                self.listener.request({"cmd": "cancel"})
+                self.listener.reply(30)
+                if sent is None:
+                    self.stop(key)  # unblocks a sender stuck on a full socket
+                    self.sender.reply(60)
+                self.stop(key)
+                raise problem
+        if sent is None:
+            sent = self.sender.reply(120)
+            if sent is None:
+                raise BenchError("the benchmark's sender does not answer")
+        if "error" in sent:
+            raise proc.failure(f"the sender failed: {sent['error']}")
+        if not received["ok"]:
+            raise proc.failure(f"only {received['frames']:,} of {messages:,} results arrived")
+        self.answered[key] = self.answered.get(key, 0) + messages
+        return sent, received
+
+    def peak_rss(self, key: str) -> int | None:
+        proc = self.running.get(key)
+        hwm = proc.peak_rss() if proc is not None else None
+        sampled = self.sampler.peak(key)
+        return max(v for v in (hwm, sampled) if v is not None) if (hwm or sampled) else None
+
+
+def prepare_model(directory: Path) -> dict:
+    """Fit the seed's model (PCA with 40 components, then logistic regression with
+    C=3, on the whole digits set) and save it as a bundle in ``directory``."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    from digitstream.datasets import load_dataset
+    from digitstream.model.bundle import save_bundle
+
+    data = load_dataset("digits")
+    pipeline = Pipeline([("PCA", PCA(n_components=40, random_state=0)),
+                         ("Logistic Regression", LogisticRegression(C=3, max_iter=5000))])
+    pipeline.fit(data.X, data.y)
+    accuracy = float(np.mean(pipeline.predict(data.X) == data.y))
+    save_bundle(pipeline, directory, {"dataset": "digits", "model": "pca-logistic",
+                                      "training_accuracy": accuracy})
+    return {"steps": [name for name, _ in pipeline.steps], "n_features": int(data.X.shape[1]),
+            "dataset": "digits", "fitted_on": f"all {len(data.X)} images",
+            "training_accuracy": accuracy}
+
+
+# --------------------------------------------------------------------- suite
+def run_suite(settings: Settings, session: Session, systems: list[System] = SYSTEMS) -> dict:
+    """Every measurement of the benchmark; the figures (see :func:`digitstream.bench.report`)."""
+    log = session.log
+    figures = new_figures(settings)
+    figures["model"] = session.model_info
+    errors = figures["errors"]
+    log(f"starting {len(systems)} systems under test")
+    session.start(systems)
+    live = list(systems)
+
+    def attempt(system: System, what: str, measure):
+        try:
+            return measure()
+        except BenchError as exc:
+            errors.append(f"{system.label}, {what}: {exc}")
+            log(f"[red]{system.label}: {what} failed[/red]")
+            session.stop(system.key)
+            live.remove(system)
+            return None
+
+    for system in list(live):
+        attempt(system, "warm-up",
+                lambda: session.throughput(system.key, settings.warmup[system.key]))
+
+    runs: dict[str, list[dict]] = {s.key: [] for s in systems}
+    for round_no in range(1, settings.runs + 1):
+        for system in list(live):
+            result = attempt(system, f"run {round_no}",
+                             lambda: session.throughput(system.key, settings.messages[system.key]))
+            if result is not None:
+                runs[system.key].append(result)
+                log(f"run {round_no}/{settings.runs}  {system.label:28s} "
+                    f"{result['msg_per_s']:>14,.0f} msg/s  ({result['messages']:,} in "
+                    f"{result['seconds']:.2f} s)")
+
+    latency = {}
+    for key in LATENCY_SYSTEMS:
+        system = next((s for s in live if s.key == key), None)
+        if system is None:
+            continue
+        result = attempt(system, "latency",
+                         lambda: session.latency(key, settings.latency_rate, settings.latency_seconds))
+        if result is not None:
+            latency[key] = {"label": system.label, **result}
+            log(f"latency at {settings.latency_rate:,.0f} msg/s  {system.label:20s} "
+                f"p50 {result['p50']:.3f} ms  p99 {result['p99']:.3f} ms  "
+                f"p99.9 {result['p99_9']:.3f} ms")
+
+    for system in systems:
+        rates = [r["msg_per_s"] for r in runs[system.key]]
+        peak = session.peak_rss(system.key)
+        figures["throughput"][system.key] = {
+            "label": system.label, "kind": system.kind, "format": system.fmt,
+            "metrics": system.metrics if system.kind == "digitstream" else None,
+            "messages_per_run": settings.messages[system.key],
+            "runs": runs[system.key], **rate_summary(rates),
+            "peak_rss_mb": peak / 2**20 if peak else None,
+            "messages_answered": session.answered.get(system.key, 0),
+        }
+    figures["latency"] = latency
+    memory_samples = session.sampler.series.get(MEMORY_SYSTEM, [])
+    figures["memory"] = {
+        "system": MEMORY_SYSTEM,
+        "messages_answered": session.answered.get(MEMORY_SYSTEM, 0),
+        "peak_rss_mb": figures["throughput"].get(MEMORY_SYSTEM, {}).get("peak_rss_mb"),
+        "samples_mb": [[round(t, 2), rss / 2**20] for t, rss in memory_samples],
+    }
+    for system in systems:
+        session.stop(system.key)
+    figures["ratios"] = compute_ratios(figures)
+    figures["targets"] = evaluate_targets(figures)
+    return figures
+
+
+def new_figures(settings: Settings) -> dict:
+    return {
+        "benchmark": "digitstream bench",
+        "command": command_line(),
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "quick": settings.quick,
+        "settings": {"runs": settings.runs, "messages_per_run": settings.messages,
+                     "warmup_messages": settings.warmup, "latency_rate": settings.latency_rate,
+                     "latency_seconds": settings.latency_seconds},
+        "machine": machine_info(),
+        "versions": versions(),
+        "throughput": {}, "latency": {}, "memory": {}, "ratios": {}, "targets": [],
+        "errors": [],
+    }
+
+
+def command_line() -> str:
+    """How this benchmark was started, as a user would type it."""
+    args = sys.argv[1:]
+    return "digitstream " + shlex.join(args) if "bench" in args else "digitstream bench"
+
+
+def _median(figures: dict, key: str) -> float | None:
+    return figures["throughput"].get(key, {}).get("median")
+
+
+def compute_ratios(figures: dict) -> dict:
+    m = lambda key: _median(figures, key)  # noqa: E731
+    return {
+        "u8_vs_baseline": ratio(m("digitstream_u8"), m("baseline")),
+        "pickle_vs_baseline": ratio(m("digitstream_pickle"), m("baseline")),
+        "u8_vs_relay": ratio(m("digitstream_u8"), m("relay_u8")),
+        "pickle_vs_relay": ratio(m("digitstream_pickle"), m("relay_pickle")),
+        "metrics_on_vs_off": ratio(m("digitstream_u8"), m("digitstream_u8_no_metrics")),
+    }
+
+
+def evaluate_targets(figures: dict) -> list[dict]:
+    t = TARGETS
+    ratios = figures["ratios"]
+    p99 = figures["latency"].get("digitstream_u8", {}).get("p99")
+    memory = figures["memory"]
+
+    def row(name, target_text, measured, met, unit=""):
+        return {"name": name, "target": target_text, "measured": measured, "unit": unit,
+                "met": None if measured is None else met}
+
+    answered = memory.get("messages_answered") or 0
+    peak = memory.get("peak_rss_mb")
+    memory_row = row("digitstream u8 peak RSS", f"<= {t['peak_rss_mb']} MB over "
+                     f"{t['memory_messages'] / 1e6:.0f} M messages", peak,
+                     peak is not None and peak <= t["peak_rss_mb"], "MB")
+    if peak is not None and answered < t["memory_messages"]:
+        memory_row["met"] = None
+        memory_row["note"] = f"only {answered:,} messages in this run"
+    u8, pickle = _median(figures, "digitstream_u8"), _median(figures, "digitstream_pickle")
+    rows = [
+        row("digitstream u8 throughput", f">= {t['u8_msg_per_s']:,} msg/s", u8,
+            u8 is not None and u8 >= t["u8_msg_per_s"], "msg/s"),
+        row("digitstream u8 / relay u8", f">= {t['u8_vs_relay']}", ratios["u8_vs_relay"],
+            (ratios["u8_vs_relay"] or 0) >= t["u8_vs_relay"], "x"),
+        row("digitstream pickle throughput", f">= {t['pickle_msg_per_s']:,} msg/s", pickle,
+            pickle is not None and pickle >= t["pickle_msg_per_s"], "msg/s"),
+        row("digitstream u8 / baseline", f">= {t['vs_baseline']}", ratios["u8_vs_baseline"],
+            (ratios["u8_vs_baseline"] or 0) >= t["vs_baseline"], "x"),
+        row("digitstream pickle / baseline (same input)", f">= {t['vs_baseline']}",
+            ratios["pickle_vs_baseline"], (ratios["pickle_vs_baseline"] or 0) >= t["vs_baseline"],
+            "x"),
+        row("digitstream u8 p99 latency, paced", f"<= {t['p99_ms']} ms", p99,
+            p99 is not None and p99 <= t["p99_ms"], "ms"),
+        memory_row,
+        row("metrics on / off (u8)", f">= {t['metrics_on_vs_off']}", ratios["metrics_on_vs_off"],
+            (ratios["metrics_on_vs_off"] or 0) >= t["metrics_on_vs_off"], "x"),
+    ]
+    return rows
+
+
+# ------------------------------------------------------------- environment
+def machine_info() -> dict:
+    import psutil
+
+    model = None
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cores_logical": os.cpu_count(),
+        "cores_physical": psutil.cpu_count(logical=False),
+        "cpu_model": model or platform.processor() or None,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "blas_env": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")},
+    }
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("digitstream", "numpy", "scikit-learn", "skops"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+# ---------------------------------------------------------------------- main
+def main(quick: bool = False, json_path: str | None = None, plot_path: str | None = None,
+         engine: str = "local", soak_minutes: float | None = None, runs: int | None = None) -> int:
+    """``digitstream bench``; the exit status (1 if any measurement failed)."""
+    from rich.console import Console
+
+    from digitstream.bench import report
+
+    # tables wider than a pipe's default 80 columns stay readable in a log file
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    progress = Console(stderr=True, highlight=False)
+    started = time.monotonic()
+
+    def log(text: str) -> None:
+        progress.print(f"[dim]{time.monotonic() - started:6.1f}s[/dim] {text}")
+
+    if soak_minutes is not None:
+        from digitstream.bench.soak import run_soak
+
+        with Session(log) as session:
+            figures = run_soak(session, soak_minutes)
+        report.print_soak(figures, console)
+    else:
+        settings = Settings.quick_run() if quick else Settings.full()
+        if runs is not None:
+            settings = replace(settings, runs=runs)
+        with Session(log) as session:
+            figures = run_suite(settings, session)
+            if engine == "dask":
+                from digitstream.bench.dask_bench import run as run_dask
+
+                figures["dask"] = run_dask(session, settings)
+        report.print_report(figures, console)
+    figures["duration_s"] = round(time.monotonic() - started, 1)
+    if json_path:
+        report.write_json(figures, json_path)
+        log(f"figures written to {json_path}")
+    if plot_path:
+        report.write_plot(figures, plot_path)
+        log(f"chart written to {plot_path}")
+    return 1 if figures["errors"] else 0
