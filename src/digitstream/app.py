@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from digitstream.addresses import Address, is_loopback
-from digitstream.connectors.tcp import READ_SIZE, TcpSink
+from digitstream.connectors.tcp import FrameSource, TcpSink
 from digitstream.errors import UserError
 from digitstream.pipeline import Batch, Flow
-from digitstream.wire.framing import FrameSplitter, FrameTooLarge, Payloads
+from digitstream.wire.framing import FrameTooLarge, Payloads
 
 log = logging.getLogger("digitstream.app")
 
@@ -55,14 +55,11 @@ class AppConfig:
 
 
 class _Connection:
-    __slots__ = ("id", "peer", "reader", "writer", "last_rx", "frames", "handler")
+    __slots__ = ("id", "source", "frames", "handler")
 
-    def __init__(self, conn_id, peer, reader, writer):
+    def __init__(self, conn_id: int, source: FrameSource):
         self.id = conn_id
-        self.peer = peer
-        self.reader = reader
-        self.writer = writer
-        self.last_rx = time.monotonic()
+        self.source = source
         self.frames = 0
         self.handler: asyncio.Task | None = None
 
@@ -130,8 +127,10 @@ class Application:
         self.sink = TcpSink(cfg.out_addr)
         self.sink.start()
         try:
-            self.server = await asyncio.start_server(
-                self._serve, cfg.in_addr.host, cfg.in_addr.port, limit=2 * READ_SIZE, backlog=1024)
+            loop = asyncio.get_running_loop()
+            self.server = await loop.create_server(
+                lambda: FrameSource(self._accepted, cfg.max_frame), cfg.in_addr.host,
+                cfg.in_addr.port, backlog=1024)
         except OSError as exc:
             raise UserError(f"cannot listen on {cfg.in_addr}: {exc.strerror or exc}") from None
         port = self.server.sockets[0].getsockname()[1]
@@ -143,63 +142,59 @@ class Application:
                  f", metrics UI at {self.metrics_server.url}" if self.metrics_server else "")
 
     # ---------------------------------------------------------- the stream
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        conn = _Connection(next(self._ids), peer_text, reader, writer)
-        conn.handler = asyncio.current_task()
+    def _accepted(self, source: FrameSource) -> None:
+        conn = _Connection(next(self._ids), source)
+        if self._stopping:
+            source.finish()
         self.connections[conn.id] = conn
+        conn.handler = asyncio.get_running_loop().create_task(self._serve(conn))
+
+    async def _serve(self, conn: _Connection) -> None:
+        source = conn.source
         metrics = self.metrics
         if metrics:
             metrics.connection_opened()
-        log.debug("connection %d from %s", conn.id, peer_text)
+        log.debug("connection %d from %s", conn.id, source.peer)
         # an engine that computes elsewhere (Dask) takes `capacity` batches at once:
         # one connection may keep all of them busy
         depth = max(self.config.in_flight, getattr(self.engine, "capacity", 0))
         results: asyncio.Queue = asyncio.Queue(maxsize=depth)
         deliver = asyncio.create_task(self._deliver(results))
-        splitter = FrameSplitter(self.config.max_frame)
+        too_large = False
         try:
-            await self._read_loop(conn, splitter, results)
+            await self._read_loop(conn, results)
         except FrameTooLarge as exc:
-            log.warning("connection %d from %s closed: %s", conn.id, peer_text, exc)
+            too_large = True
+            log.warning("connection %d from %s closed: %s", conn.id, source.peer, exc)
             if metrics:
                 metrics.connection_error("frame_too_large")
-        except (ConnectionError, OSError) as exc:
-            log.info("connection %d from %s failed: %s", conn.id, peer_text, exc)
         finally:
-            if splitter.pending:
+            if source.pending and not too_large:
                 log.warning("connection %d from %s closed in the middle of a frame: "
-                            "%d bytes of a partial frame dropped", conn.id, peer_text,
-                            splitter.pending)
+                            "%d bytes of a partial frame dropped", conn.id, source.peer,
+                            source.pending)
                 if metrics:
                     metrics.connection_error("partial_frame")
             await results.put(None)
             await deliver
-            writer.close()
+            source.close()
             self.connections.pop(conn.id, None)
             if metrics:
                 metrics.connection_closed()
-            log.debug("connection %d from %s done: %d frames", conn.id, peer_text, conn.frames)
+            log.debug("connection %d from %s done: %d frames", conn.id, source.peer, conn.frames)
 
-    async def _read_loop(self, conn: _Connection, splitter: FrameSplitter,
-                         results: asyncio.Queue) -> None:
+    async def _read_loop(self, conn: _Connection, results: asyncio.Queue) -> None:
         cfg = self.config
-        reader = conn.reader
+        source = conn.source
         engine = self.engine
         metrics = self.metrics
         seq = 0
-        eof = False
-        while not eof:
-            data = await reader.read(READ_SIZE)
-            if not data:
+        while True:
+            groups = await source.read_groups()
+            if groups is None:
                 break
-            conn.last_rx = time.monotonic()
-            groups = splitter.feed(data)
             if cfg.max_delay > 0:
-                eof = await self._fill(reader, splitter, groups)
-            if not groups:
-                continue
+                await self._fill(source, groups)
             received = time.perf_counter_ns()
             for group in _merge(groups):
                 n = len(group)
@@ -214,22 +209,18 @@ class Application:
                     # submit waits while the engine is full: reading stops there
                     await results.put((batch, await engine.submit(batch)))
 
-    async def _fill(self, reader, splitter, groups) -> bool:
-        """Read more until max_batch frames or max_delay; True at end of stream."""
+    async def _fill(self, source: FrameSource, groups: list[Payloads]) -> None:
+        """Wait for more frames until max_batch of them or max_delay has passed."""
         cfg = self.config
         deadline = time.monotonic() + cfg.max_delay
         while sum(map(len, groups)) < cfg.max_batch:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                break
-            try:
-                data = await asyncio.wait_for(reader.read(READ_SIZE), remaining)
-            except asyncio.TimeoutError:
-                break
-            if not data:
-                return True
-            groups.extend(splitter.feed(data))
-        return False
+                return
+            more = await source.read_groups(timeout=remaining)
+            if not more:  # the end of the stream, or the deadline
+                return
+            groups.extend(more)
 
     async def _deliver(self, results: asyncio.Queue) -> None:
         sink = self.sink
@@ -286,17 +277,15 @@ class Application:
     async def _quiesce(self, conn: _Connection) -> None:
         """Read a connection until it is quiet (or the grace time ends), then end it."""
         cfg = self.config
+        source = conn.source
         deadline = time.monotonic() + cfg.drain_grace
         while True:
             now = time.monotonic()
-            quiet_for = now - conn.last_rx
+            quiet_for = now - source.last_rx
             if quiet_for >= cfg.drain_quiet or now >= deadline:
                 break
             await asyncio.sleep(min(cfg.drain_quiet - quiet_for, deadline - now) + 0.001)
-        transport = conn.writer.transport
-        if not transport.is_closing():
-            transport.pause_reading()
-        conn.reader.feed_eof()
+        source.finish()
 
 
 def _merge(groups: list[Payloads]) -> list[Payloads]:

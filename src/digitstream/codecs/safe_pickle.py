@@ -273,11 +273,9 @@ class PickleTemplates:
     def match_all(self, rows: np.ndarray) -> np.ndarray | None:
         """The float64 pixels if every row matches one layout exactly, else None."""
         for template, offset in self._by_length.get(rows.shape[1], ()):
-            tpl = np.frombuffer(template, dtype=np.uint8)
-            end = offset + self.data_size
-            if np.array_equal(rows[:, :offset], np.broadcast_to(tpl[:offset], (len(rows), offset))) \
-                    and np.array_equal(rows[:, end:], np.broadcast_to(tpl[end:], (len(rows), len(tpl) - end))):
-                return np.ascontiguousarray(rows[:, offset:end]).view("<f8")
+            if _rows_equal(rows, template, 0, offset) and \
+                    _rows_equal(rows, template, offset + self.data_size, len(template)):
+                return np.ascontiguousarray(rows[:, offset:offset + self.data_size]).view("<f8")
         return None
 
     def match(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -297,3 +295,17 @@ class PickleTemplates:
                 pixels[hit] = data.view("<f8")
                 ok |= hit
         return ok, pixels
+
+
+def _rows_equal(rows: np.ndarray, template: bytes, start: int, stop: int) -> bool:
+    """Whether every row's bytes ``start:stop`` equal the template's (compared 8 at a time)."""
+    tpl = np.frombuffer(template, dtype=np.uint8)
+    words = start + (stop - start) // 8 * 8
+    if words > start:
+        got = rows[:, start:words].view("<u8")
+        if not np.array_equal(got, np.broadcast_to(tpl[start:words].view("<u8"), got.shape)):
+            return False
+    if stop > words:
+        got = rows[:, words:stop]
+        return bool(np.array_equal(got, np.broadcast_to(tpl[words:stop], got.shape)))
+    return True

@@ -19,12 +19,140 @@ import asyncio
 import collections
 import logging
 import socket
+import time
+
+import numpy as np
 
 from digitstream.addresses import Address
+from digitstream.wire.framing import HEADER_SIZE, Payloads, split_frames
 
 log = logging.getLogger("digitstream.sink")
 
 READ_SIZE = 1 << 20
+#: input buffer per connection; a larger --max-frame makes it larger
+SOURCE_BUFFER = 4 << 20
+
+
+class FrameSource(asyncio.BufferedProtocol):
+    """One input connection. The socket reads straight into a buffer of ours and
+    frames are cut out of it in place: fixed-width payloads are views of the
+    buffer, with no copy between the kernel and the decoder.
+
+    A region of the buffer, once handed out, is never written again (new reads
+    go after it, and a fresh buffer is taken when the space runs out), so the
+    payloads stay valid for as long as anyone holds them. When the consumer
+    falls behind and the buffer fills, reading pauses: that is the
+    back-pressure the sender feels.
+    """
+
+    def __init__(self, on_connect, max_frame: int, buffer_size: int = SOURCE_BUFFER):
+        self._on_connect = on_connect
+        self.max_frame = max_frame
+        self._size = max(buffer_size, 2 * (max_frame + HEADER_SIZE))
+        #: below this much free space at the end, the next take moves to a fresh buffer
+        self._low = max(self._size // 4, max_frame + HEADER_SIZE)
+        self._buf = np.empty(self._size, dtype=np.uint8)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first byte not yet handed out
+        self._end = 0  # end of received bytes
+        self._eof = False
+        self._paused = False
+        self._waiter: asyncio.Future | None = None
+        self.transport: asyncio.Transport | None = None
+        self.error: BaseException | None = None
+        self.last_rx = time.monotonic()
+        self.peer = "?"
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return self._end - self._start
+
+    # ---- the event loop's side
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self._on_connect(self)
+
+    def get_buffer(self, sizehint: int):
+        return self._view[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        self.last_rx = time.monotonic()
+        if self._size - self._end == 0 and not self._paused:
+            self._pause()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._eof = True
+        self.error = exc
+        self._wake()
+
+    # ---- the consumer's side
+    async def read_groups(self, timeout: float | None = None) -> list[Payloads] | None:
+        """The next complete frames; ``[]`` when ``timeout`` passes first, None at
+        the end of the stream. Raises FrameTooLarge."""
+        while True:
+            groups = self._take()
+            if groups:
+                return groups
+            if self._eof:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                if timeout is None:
+                    await self._waiter
+                else:
+                    try:
+                        await asyncio.wait_for(self._waiter, timeout)
+                    except asyncio.TimeoutError:
+                        return []
+            finally:
+                self._waiter = None
+
+    def finish(self) -> None:
+        """Stop reading: what is already received is still handed out, then the end."""
+        if self.transport is not None and not self.transport.is_closing() and not self._paused:
+            self._pause()
+        self._eof = True
+        self._wake()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _take(self) -> list[Payloads]:
+        if self._end == self._start:
+            return []
+        groups, pos = split_frames(self._view, self._start, self._end, self.max_frame)
+        self._start = pos
+        if self._size - self._end < self._low:
+            # Move the incomplete tail to a fresh buffer; the old one lives on
+            # for as long as the payloads just handed out are referenced.
+            tail = self._end - self._start
+            fresh = np.empty(self._size, dtype=np.uint8)
+            fresh[:tail] = self._buf[self._start:self._end]
+            self._buf, self._view = fresh, memoryview(fresh)
+            self._start, self._end = 0, tail
+        if self._paused and not self._eof and self._size - self._end > 0:
+            self._paused = False
+            self.transport.resume_reading()
+        return groups
+
+    def _pause(self) -> None:
+        self._paused = True
+        self.transport.pause_reading()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 class TcpSink:

@@ -102,6 +102,55 @@ def iter_frames(data: bytes) -> Iterator[bytes]:
         pos = end
 
 
+def split_frames(buf, start: int, end: int, max_frame: int = DEFAULT_MAX_FRAME,
+                 min_run: int = 4) -> tuple[list[Payloads], int]:
+    """Cut the complete frames out of ``buf[start:end]``.
+
+    ``buf`` is any bytes-like object (bytes, or a NumPy uint8 array the caller
+    fills); fixed-width payloads come back as views of it, so it must not be
+    overwritten while they are in use. Returns the :class:`Payloads` groups in
+    stream order and the offset where the first incomplete frame begins. A
+    header above ``max_frame`` raises :class:`FrameTooLarge`.
+    """
+    view = memoryview(buf).cast("B")
+    groups: list[Payloads] = []
+    singles: list[bytes] = []
+    pos = start
+    unpack = HEADER.unpack_from
+    while pos + HEADER_SIZE <= end:
+        (length,) = unpack(view, pos)
+        if length > max_frame:
+            raise FrameTooLarge(length, max_frame)
+        stride = HEADER_SIZE + length
+        if (pos + min_run * stride <= end
+                and view[pos + stride:pos + stride + HEADER_SIZE] == view[pos:pos + HEADER_SIZE]):
+            count = _uniform_run(view, pos, end, stride)
+            if count >= min_run:
+                if singles:
+                    groups.append(Payloads(items=singles))
+                    singles = []
+                rows = np.frombuffer(view, dtype=np.uint8, count=count * stride, offset=pos)
+                groups.append(Payloads(fixed=rows.reshape(count, stride)[:, HEADER_SIZE:]))
+                pos += count * stride
+                continue
+        if pos + stride > end:
+            break
+        singles.append(bytes(view[pos + HEADER_SIZE:pos + stride]))
+        pos += stride
+    if singles:
+        groups.append(Payloads(items=singles))
+    return groups, pos
+
+
+def _uniform_run(view: memoryview, pos: int, end: int, stride: int) -> int:
+    """How many whole frames from ``pos`` on carry the same header as the first."""
+    count = (end - pos) // stride
+    rows = np.frombuffer(view, dtype=np.uint8, count=count * stride, offset=pos).reshape(count, stride)
+    headers = rows[:, :HEADER_SIZE].view(np.uint32)[:, 0]
+    mismatch = np.flatnonzero(headers != headers[0])
+    return int(mismatch[0]) if mismatch.size else count
+
+
 class FrameSplitter:
     """Cut a byte stream, arriving in arbitrary pieces, into frame payloads.
 
@@ -109,9 +158,6 @@ class FrameSplitter:
     :class:`Payloads` groups, in stream order; incomplete bytes are kept for
     the next call. A header above ``max_frame`` raises :class:`FrameTooLarge`.
     """
-
-    #: a run of equal-length frames shorter than this is not worth NumPy's overhead
-    MIN_RUN = 4
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
         self.max_frame = max_frame
@@ -124,43 +170,10 @@ class FrameSplitter:
 
     def feed(self, data: bytes) -> list[Payloads]:
         buf = self._rest + data if self._rest else bytes(data)
-        groups: list[Payloads] = []
-        singles: list[bytes] = []
-        n = len(buf)
-        pos = 0
-        view = memoryview(buf)
-        unpack = HEADER.unpack_from
-        while pos + HEADER_SIZE <= n:
-            (length,) = unpack(buf, pos)
-            if length > self.max_frame:
-                self._rest = b""
-                raise FrameTooLarge(length, self.max_frame)
-            stride = HEADER_SIZE + length
-            if (pos + self.MIN_RUN * stride <= n
-                    and buf[pos + stride:pos + stride + HEADER_SIZE] == buf[pos:pos + HEADER_SIZE]):
-                count = self._uniform_run(buf, pos, stride)
-                if count >= self.MIN_RUN:
-                    if singles:
-                        groups.append(Payloads(items=singles))
-                        singles = []
-                    rows = np.frombuffer(buf, dtype=np.uint8, count=count * stride, offset=pos)
-                    groups.append(Payloads(fixed=rows.reshape(count, stride)[:, HEADER_SIZE:]))
-                    pos += count * stride
-                    continue
-            if pos + stride > n:
-                break
-            singles.append(bytes(view[pos + HEADER_SIZE:pos + stride]))
-            pos += stride
-        if singles:
-            groups.append(Payloads(items=singles))
-        self._rest = bytes(view[pos:]) if pos < n else b""
+        try:
+            groups, pos = split_frames(buf, 0, len(buf), self.max_frame)
+        except FrameTooLarge:
+            self._rest = b""
+            raise
+        self._rest = buf[pos:]
         return groups
-
-    @staticmethod
-    def _uniform_run(buf: bytes, pos: int, stride: int) -> int:
-        """How many whole frames from ``pos`` on carry the same header as the first."""
-        count = (len(buf) - pos) // stride
-        rows = np.frombuffer(buf, dtype=np.uint8, count=count * stride, offset=pos).reshape(count, stride)
-        headers = rows[:, :HEADER_SIZE].view(np.uint32)[:, 0]
-        mismatch = np.flatnonzero(headers != headers[0])
-        return int(mismatch[0]) if mismatch.size else count
