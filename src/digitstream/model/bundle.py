@@ -1,0 +1,366 @@
+"""Model bundles: a fitted pipeline saved with skops, and the card that says
+what it is.
+
+A bundle is a directory holding ``pipeline.skops`` and ``model.json``. The
+card (``model.json``) records the data set, held-out accuracy, classes, number
+of features, step names, library versions, search space, chosen parameters,
+training time, and the SHA-256 of ``pipeline.skops``, checked on every load.
+A single ``.skops`` file is accepted too; its card is then derived from the
+pipeline itself.
+
+Loading never unpickles. skops rebuilds only the types it trusts by default
+(scikit-learn estimators, NumPy and SciPy types and functions) plus those in
+``TRUSTED_TYPES``; any other type in the file is refused, by name, before
+anything is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from digitstream.errors import UserError
+from digitstream.model.runner import pipeline_steps
+
+PIPELINE_FILE = "pipeline.skops"
+CARD_FILE = "model.json"
+CARD_FORMAT = "digitstream-model-bundle/1"
+
+# Types skops does not trust by default that fitted classifiers hold. Tree
+# holds raw node indices scikit-learn follows without bounds checks, so every
+# Tree is checked node by node after loading and before any prediction
+# (_check_tree). KD and ball trees are left out on purpose for the same
+# reason: save k-NN models with algorithm="brute".
+TRUSTED_TYPES: tuple[str, ...] = (
+    "sklearn.tree._tree.Tree",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
+)
+
+
+class BundleError(UserError):
+    """A model bundle that cannot be served; the message says why, on one line."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    pipeline: object  # the fitted scikit-learn classifier (usually a Pipeline)
+    card: dict  # model.json, or a card derived from the pipeline
+    path: Path  # the bundle directory or the .skops file
+    n_features: int
+    classes: np.ndarray
+    step_names: list[str]
+    content_hash: str  # "sha256:<hex>" of the .skops file
+
+
+def content_hash(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("digitstream", "numpy", "scipy", "scikit-learn", "skops"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+def save_bundle(pipeline, directory, card: dict) -> Path:
+    """Write ``pipeline`` and its card into ``directory`` (created if needed).
+
+    The card is completed with what can be read off the pipeline (classes,
+    features, step names), the library versions and the content hash. Both
+    files are written under temporary names and renamed into place,
+    ``model.json`` last, so a reader never sees half a file and a bundle is
+    complete once its ``model.json`` is new. Returns the directory.
+    """
+    import skops.io as sio
+
+    _check_classifier(pipeline, "the pipeline to save")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = sio.dumps(pipeline)
+    refused = sorted(set(sio.get_untrusted_types(data=data)) - set(TRUSTED_TYPES))
+    if refused:
+        raise BundleError(f"refusing to save a pipeline that could not be loaded again: "
+                          f"untrusted type {', '.join(refused)}")
+    full_card = {"format": CARD_FORMAT, **card, **_facts(pipeline),
+                 "versions": library_versions(),
+                 "pipeline_file": PIPELINE_FILE, "content_hash": content_hash(data)}
+    _write_atomically(directory / PIPELINE_FILE, data)
+    _write_atomically(directory / CARD_FILE, (format_card(full_card) + "\n").encode())
+    return directory
+
+
+def load_bundle(path) -> Bundle:
+    """Load and check a bundle directory or a single ``.skops`` file.
+
+    Raises BundleError (one line) for a missing file, a hash that does not
+    match the card, an untrusted type, a malformed tree, or an object that is
+    not a fitted classifier.
+    """
+    path = Path(path)
+    if path.is_dir():
+        card = _read_card(path)
+        skops_path = path / PIPELINE_FILE
+    elif path.is_file() and path.suffix == ".skops":
+        card, skops_path = None, path
+    elif not path.exists():
+        raise BundleError(f"no model bundle at {path}: expected a directory holding "
+                          f"{CARD_FILE} and {PIPELINE_FILE}, or a .skops file "
+                          "(`digitstream train` writes one)")
+    else:
+        raise BundleError(f"{path} is neither a model bundle directory nor a .skops file")
+    try:
+        data = skops_path.read_bytes()
+    except FileNotFoundError:
+        raise BundleError(f"incomplete model bundle {path}: {PIPELINE_FILE} is missing") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {skops_path}: {exc.strerror}") from None
+    digest = content_hash(data)
+    if card is not None and card.get("content_hash") != digest:
+        raise BundleError(f"{skops_path} does not match {path / CARD_FILE}: content hash is "
+                          f"{digest}, the card says {card.get('content_hash')}; the file was "
+                          "changed after the bundle was written")
+    pipeline = _load_trusted(data, skops_path)
+    _check_classifier(pipeline, str(skops_path))
+    facts = _facts(pipeline)
+    if card is None:
+        card = {"format": CARD_FORMAT, "derived_from": str(skops_path), **facts,
+                "pipeline_file": skops_path.name, "content_hash": digest}
+    else:
+        _check_card_matches(card, facts, path)
+    return Bundle(pipeline=pipeline, card=card, path=path, n_features=facts["n_features"],
+                  classes=np.asarray(pipeline.classes_), step_names=facts["steps"],
+                  content_hash=digest)
+
+
+def inspect_main(path) -> int:
+    """`digitstream inspect PATH`: print the card, check the bundle; 0 if it
+    can be served, else 1 with a one-line reason."""
+    from rich.console import Console
+
+    from digitstream.model.runner import make_runner
+
+    out, err = Console(), Console(stderr=True)
+    try:
+        bundle = load_bundle(path)
+    except BundleError as exc:
+        card = _try_read_card(Path(path))
+        if card is not None:
+            out.print(format_card(card), markup=False, highlight=False, soft_wrap=True)
+        err.print(f"Error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 1
+    out.print(format_card(bundle.card), markup=False, highlight=False, soft_wrap=True)
+    runner = make_runner(bundle.pipeline)
+    probe = np.zeros((2, bundle.n_features))
+    runner.predict(probe, want_confidence=True)
+    served = ("fused into one affine map" if runner.compiled else "step by step")
+    out.print(f"OK: {bundle.path}: {bundle.content_hash} matches; every type trusted; "
+              f"a classifier of {bundle.n_features} features into {len(bundle.classes)} classes; "
+              f"stages {' -> '.join(bundle.step_names)}, served {served}",
+              markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
+def format_card(card: dict) -> str:
+    """The card as JSON, indented, with lists of plain values (classes, rows of
+    the confusion matrix) kept on one line."""
+    return _format_json(_jsonable(card), "")
+
+
+# ------------------------------------------------------------------ helpers
+def _format_json(value, indent: str) -> str:
+    inner = indent + "  "
+    one_line = json.dumps(value)
+    if len(one_line) <= 120 and not _holds_nested_container(value):
+        return one_line
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(key)}: {_format_json(item, inner)}"
+                 for key, item in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
+        items = [inner + _format_json(item, inner) for item in value]
+        return "[\n" + ",\n".join(items) + "\n" + indent + "]"
+    return one_line
+
+
+def _holds_nested_container(value) -> bool:
+    """Lists of plain values and dicts of plain values or such lists fit one line."""
+    if isinstance(value, dict):
+        return any(isinstance(item, dict) or (isinstance(item, list) and _holds_nested_container(item))
+                   for item in value.values())
+    if isinstance(value, list):
+        return any(isinstance(item, (dict, list)) for item in value)
+    return False
+
+
+def _facts(pipeline) -> dict:
+    return {
+        "classes": np.asarray(pipeline.classes_).tolist(),
+        "n_features": int(pipeline.n_features_in_),
+        "steps": [name for name, _ in pipeline_steps(pipeline)],
+        "estimators": [type(step).__module__ + "." + type(step).__qualname__
+                       for _, step in pipeline_steps(pipeline)],
+    }
+
+
+def _check_card_matches(card: dict, facts: dict, path: Path) -> None:
+    for key in ("n_features", "classes", "steps"):
+        if key in card and card[key] != facts[key]:
+            raise BundleError(f"{path / CARD_FILE} says {key} is {card[key]!r} but the pipeline "
+                              f"has {facts[key]!r}")
+
+
+def _read_card(directory: Path) -> dict:
+    card_path = directory / CARD_FILE
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"incomplete model bundle {directory}: {CARD_FILE} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BundleError(f"cannot read {card_path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(card, dict):
+        raise BundleError(f"{card_path} is not a model card (expected a JSON object)")
+    return card
+
+
+def _try_read_card(path: Path) -> dict | None:
+    try:
+        return _read_card(path) if path.is_dir() else None
+    except BundleError:
+        return None
+
+
+def _load_trusted(data: bytes, source: Path):
+    import skops.io as sio
+
+    try:
+        untrusted = sio.get_untrusted_types(data=data)
+    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a skops file"
+        raise BundleError(f"{source} is not a readable skops file: "
+                          f"{(str(exc) or type(exc).__name__).splitlines()[0]}") from None
+    refused = sorted(set(untrusted) - set(TRUSTED_TYPES))
+    if refused:
+        plural = "s" if len(refused) > 1 else ""
+        raise BundleError(f"{source} holds untrusted type{plural} {', '.join(refused)}; "
+                          "refusing to load it (only scikit-learn, NumPy and SciPy types "
+                          "known to be safe are loaded)")
+    try:
+        pipeline = sio.loads(data, trusted=list(TRUSTED_TYPES))
+    except Exception as exc:  # noqa: BLE001 - a malformed file can fail anywhere in skops
+        raise BundleError(f"cannot load {source}: "
+                          f"{(str(exc) or type(exc).__name__).splitlines()[0]}") from None
+    _check_trees(pipeline, source)
+    return pipeline
+
+
+def _check_classifier(obj, what: str) -> None:
+    name = type(obj).__name__
+    if not callable(getattr(obj, "predict", None)):
+        raise BundleError(f"{what} is not a classifier: a {name} has no predict method")
+    try:
+        classes = obj.classes_
+        n_features = obj.n_features_in_
+    except AttributeError:
+        raise BundleError(f"{what} is not a fitted classifier: its {name} has no classes_ "
+                          "or n_features_in_ (is it fitted, and does it end in a classifier?)"
+                          ) from None
+    if not isinstance(n_features, (int, np.integer)) or n_features < 1:
+        raise BundleError(f"{what}: n_features_in_ is {n_features!r}, expected a positive integer")
+    if np.ndim(classes) != 1 or len(classes) < 2:
+        raise BundleError(f"{what}: classes_ must list at least two classes")
+
+
+def _check_trees(root, source: Path) -> None:
+    from sklearn.tree import BaseDecisionTree
+    from sklearn.tree._tree import Tree
+
+    for owner, attribute, value in _walk(root):
+        if isinstance(value, Tree):
+            if not (isinstance(owner, BaseDecisionTree) and attribute == "tree_"):
+                raise BundleError(f"{source}: a decision tree structure outside a decision "
+                                  "tree estimator; refusing to load it")
+            problem = _check_tree(value, owner.n_features_in_)
+            if problem:
+                raise BundleError(f"{source}: malformed decision tree ({problem}); "
+                                  "refusing to load it")
+
+
+def _check_tree(tree, n_features: int) -> str | None:
+    """Why scikit-learn could not safely walk this tree, or None."""
+    count = tree.node_count
+    if not 0 < count <= tree.capacity:
+        return f"{count} nodes in storage for {tree.capacity}"
+    if tree.n_features != n_features:
+        return f"{tree.n_features} features in a model of {n_features}"
+    left, right, feature = tree.children_left, tree.children_right, tree.feature
+    node = np.arange(count)
+    leaf = (left == -1) & (right == -1)
+    # Children always come after their parent, so every walk ends at a leaf.
+    inner = ((left > node) & (left < count) & (right > node) & (right < count)
+             & (feature >= 0) & (feature < n_features))
+    bad = np.flatnonzero(~(leaf | inner))
+    if bad.size:
+        return f"node {int(bad[0])} points outside the tree"
+    return None
+
+
+def _walk(root):
+    """Yield (owner, attribute, value) for everything reachable from root."""
+    seen = set()
+    stack = [(None, None, root)]
+    while stack:
+        owner, attribute, value = stack.pop()
+        yield owner, attribute, value
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            stack.extend((value, key, item) for key, item in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((value, i, item) for i, item in enumerate(value))
+        elif isinstance(value, np.ndarray):
+            if value.dtype == object:
+                stack.extend((value, i, item) for i, item in enumerate(value.ravel()))
+        elif hasattr(value, "__dict__") and not isinstance(value, (type, types.ModuleType)):
+            stack.extend((value, key, item) for key, item in vars(value).items())
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _jsonable(value):
+    """Plain JSON types for cards: NumPy scalars and arrays, tuples become
+    numbers and lists; anything else becomes its repr."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)

@@ -1,0 +1,296 @@
+"""The model on the hot path: a fitted pipeline applied to whole batches.
+
+``make_runner(pipeline)`` returns a :class:`Runner` whose ``predict`` takes a
+batch ``X`` of shape (n_samples, n_features), float64, C-contiguous and already
+checked to be finite, and returns class indices (into ``runner.classes``), the
+winning class's probability if asked, and the wall time of every stage.
+
+Two ways to run a pipeline:
+
+* **Fused**, when every step is affine and the classifier is linear
+  (StandardScaler, PCA with or without whitening, then LogisticRegression,
+  LinearSVC, RidgeClassifier, SGDClassifier or Perceptron; or the classifier
+  alone): the steps compose into one map ``scores = X @ W + b`` and an argmax,
+  one matrix product per batch. The whole map is one stage, named after the
+  steps it replaces ("PCA + Logistic Regression").
+* **Step by step**, for anything else: each step's ``transform`` on the whole
+  batch, then the classifier's ``predict``; one stage per step.
+
+The fused labels equal ``pipeline.predict`` exactly. Rounding makes fused and
+step-by-step scores differ in their last bits, which can only change the
+answer where the top two scores are (nearly) tied, so the tie rule is: rows
+whose two highest fused scores lie within ``TIE_RTOL`` times the largest
+magnitude any term of a score can reach for this batch (for binary
+classifiers: whose score lies that close to 0) are recomputed with the real
+pipeline. Those rows then get exactly scikit-learn's answer, ties included:
+the first of equal maxima, and the negative class for a binary score of
+exactly 0. The margin is ~10^4 times the worst rounding error, and real
+images almost never fall inside it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import expit
+from sklearn.decomposition import PCA
+from sklearn.linear_model import (LogisticRegression, Perceptron, RidgeClassifier,
+                                  RidgeClassifierCV, SGDClassifier)
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
+
+TIE_RTOL = 1e-9
+
+# Exact types: a subclass may override transform or predict.
+_AFFINE_TRANSFORMERS = (StandardScaler, PCA)
+_LINEAR_CLASSIFIERS = (LogisticRegression, LinearSVC, RidgeClassifier, RidgeClassifierCV,
+                       SGDClassifier, Perceptron)
+
+perf_counter = time.perf_counter
+
+
+@dataclass
+class Prediction:
+    class_index: np.ndarray  # (n,) intp, index into runner.classes
+    confidence: np.ndarray | None  # (n,) float64, probability of the winning class
+    stage_seconds: list[tuple[str, float]]  # wall time of each stage on this batch, in order
+
+
+def pipeline_steps(estimator) -> list[tuple[str, object]]:
+    """The steps that run, as (name, estimator); a bare classifier is one step
+    named after its class. ``None`` and ``"passthrough"`` steps are skipped, as
+    the Pipeline skips them."""
+    if isinstance(estimator, Pipeline):
+        return [(name, step) for name, step in estimator.steps
+                if step is not None and not isinstance(step, str)]
+    return [(type(estimator).__name__, estimator)]
+
+
+class Runner:
+    """Applies a fitted classifier pipeline to batches; see the module doc."""
+
+    stage_names: list[str]
+    classes: np.ndarray
+    n_features: int
+    compiled: bool
+
+    def __init__(self, pipeline, stage_names: list[str], compiled: bool):
+        self.pipeline = pipeline
+        self.stage_names = stage_names
+        self.classes = np.asarray(pipeline.classes_)
+        self.n_features = int(pipeline.n_features_in_)
+        self.compiled = compiled
+        self._has_proba = hasattr(pipeline, "predict_proba")
+        self._classes_sorted = bool(np.all(self.classes[:-1] < self.classes[1:]))
+
+    def predict(self, X: np.ndarray, want_confidence: bool = False,
+                max_abs: float | None = None) -> Prediction:
+        """Classify the batch ``X`` (n, n_features) float64.
+
+        ``confidence`` is the probability the model gives the class it
+        predicts (``predict_proba``), or None if the model has no
+        probabilities or it was not asked for. ``max_abs`` is an optional
+        upper bound on ``abs(X)`` known to the caller (255 for bytes, say);
+        the fused path otherwise finds it with two passes over ``X``.
+        """
+        raise NotImplementedError
+
+    def _empty(self, want_confidence: bool) -> Prediction:
+        confidence = np.empty(0) if want_confidence and self._has_proba else None
+        return Prediction(np.empty(0, dtype=np.intp), confidence,
+                          [(name, 0.0) for name in self.stage_names])
+
+    def _index_of(self, labels: np.ndarray) -> np.ndarray:
+        if self._classes_sorted:
+            return np.searchsorted(self.classes, labels).astype(np.intp, copy=False)
+        position = {label: i for i, label in enumerate(self.classes.tolist())}
+        return np.fromiter((position[label] for label in labels.tolist()), np.intp, len(labels))
+
+    def _proba_of_winner(self, X: np.ndarray, index: np.ndarray) -> np.ndarray:
+        proba = self.pipeline.predict_proba(X)
+        return proba[np.arange(len(index)), index]
+
+    def __repr__(self) -> str:
+        kind = "fused" if self.compiled else "step by step"
+        return f"<Runner {kind}: {' -> '.join(self.stage_names)}>"
+
+
+class _StepwiseRunner(Runner):
+    def __init__(self, pipeline):
+        steps = pipeline_steps(pipeline)
+        super().__init__(pipeline, [name for name, _ in steps], compiled=False)
+        self._transformers = steps[:-1]
+        self._final_name, self._final = steps[-1]
+
+    def predict(self, X, want_confidence=False, max_abs=None):
+        if len(X) == 0:
+            return self._empty(want_confidence)
+        stage_seconds = []
+        Z = X
+        for name, step in self._transformers:
+            start = perf_counter()
+            Z = step.transform(Z)
+            stage_seconds.append((name, perf_counter() - start))
+        start = perf_counter()
+        index = self._index_of(self._final.predict(Z))
+        confidence = None
+        if want_confidence and self._has_proba:
+            proba = self._final.predict_proba(Z)
+            confidence = proba[np.arange(len(index)), index]
+        stage_seconds.append((self._final_name, perf_counter() - start))
+        return Prediction(index, confidence, stage_seconds)
+
+
+@dataclass
+class _Affine:
+    """``z -> z @ A + c``, with ``A_abs``/``c_abs`` bounding the magnitude of
+    every term the real step computes (for the rounding bound)."""
+
+    A: np.ndarray
+    c: np.ndarray
+    A_abs: np.ndarray
+    c_abs: np.ndarray
+
+    def then(self, other: _Affine) -> _Affine:
+        return _Affine(self.A @ other.A, self.c @ other.A + other.c,
+                       self.A_abs @ other.A_abs, self.c_abs @ other.A_abs + other.c_abs)
+
+
+def _affine_transformer(step) -> _Affine | None:
+    if type(step) is StandardScaler:
+        n = step.n_features_in_
+        mean = step.mean_ if step.with_mean and step.mean_ is not None else np.zeros(n)
+        scale = step.scale_ if step.scale_ is not None else np.ones(n)
+        inverse = 1.0 / np.asarray(scale, dtype=np.float64)
+        A = np.diag(inverse)
+        return _Affine(A, -mean * inverse, A, np.abs(mean) * inverse)
+    if type(step) is PCA:
+        A = np.asarray(step.components_, dtype=np.float64).T.copy()
+        mean = np.asarray(step.mean_, dtype=np.float64)
+        A_abs = np.abs(A)
+        c, c_abs = -(mean @ A), np.abs(mean) @ A_abs
+        if step.whiten:
+            # As PCA.transform: variances below machine epsilon are clipped.
+            scale = np.sqrt(np.asarray(step.explained_variance_, dtype=np.float64))
+            scale[scale < np.finfo(np.float64).eps] = np.finfo(np.float64).eps
+            A, A_abs, c, c_abs = A / scale, A_abs / scale, c / scale, c_abs / scale
+        return _Affine(A, c, A_abs, c_abs)
+    return None
+
+
+def _linear_classifier(step) -> _Affine | None:
+    if type(step) not in _LINEAR_CLASSIFIERS:
+        return None
+    coef = getattr(step, "coef_", None)
+    if not isinstance(coef, np.ndarray) or coef.ndim != 2:
+        return None  # sparsified coefficients, or not fitted
+    binarizer = getattr(step, "_label_binarizer", None)
+    if binarizer is not None and binarizer.y_type_.startswith("multilabel"):
+        return None
+    n_classes = len(step.classes_)
+    if coef.shape[0] != (1 if n_classes == 2 else n_classes):
+        return None
+    W = np.asarray(coef, dtype=np.float64).T.copy()
+    b = np.broadcast_to(np.asarray(step.intercept_, dtype=np.float64), (W.shape[1],)).copy()
+    return _Affine(W, b, np.abs(W), np.abs(b))
+
+
+def _closed_form_confidence(classifier) -> str | None:
+    """How probabilities follow from the scores, as ``predict_proba`` does it."""
+    if type(classifier) is LogisticRegression:
+        return "sigmoid" if len(classifier.classes_) == 2 else "softmax"
+    if type(classifier) is SGDClassifier and classifier.loss == "log_loss":
+        return "sigmoid" if len(classifier.classes_) == 2 else "one-vs-rest"
+    return None
+
+
+class _FusedRunner(Runner):
+    def __init__(self, pipeline, steps, affine: _Affine):
+        super().__init__(pipeline, [" + ".join(name for name, _ in steps)], compiled=True)
+        self._stage = self.stage_names[0]
+        self._probability = _closed_form_confidence(steps[-1][1])
+        self._binary = affine.A.shape[1] == 1
+        if self._binary:
+            self._w = np.ascontiguousarray(affine.A[:, 0])
+            self._b = float(affine.c[0])
+        else:
+            self._WT = np.ascontiguousarray(affine.A.T)  # (k, d): scores come out (k, n)
+            self._b = affine.c[:, None].copy()
+            # One product gives, per row, how many classes are near the top and
+            # (when that is one) which.
+            self._count_and_index = np.vstack([np.ones(len(affine.c)),
+                                               np.arange(len(affine.c), dtype=np.float64)])
+        # Every term of a score is at most max|x| * sum_i A_abs[i, j] + c_abs[j].
+        self._term_per_unit_x = float(affine.A_abs.sum(axis=0).max())
+        self._term_constant = float(affine.c_abs.max())
+
+    def tie_margin(self, X: np.ndarray, max_abs: float | None = None) -> float:
+        if max_abs is None:
+            max_abs = max(float(X.max()), -float(X.min()))
+        return TIE_RTOL * (max_abs * self._term_per_unit_x + self._term_constant)
+
+    def predict(self, X, want_confidence=False, max_abs=None):
+        if len(X) == 0:
+            return self._empty(want_confidence)
+        start = perf_counter()
+        margin = self.tie_margin(X, max_abs)
+        if self._binary:
+            scores = X @ self._w
+            scores += self._b
+            index = (scores > 0).astype(np.intp)
+            tied = np.flatnonzero(np.abs(scores) <= margin)
+        else:
+            scores = self._WT @ X.T
+            scores += self._b
+            top = scores.max(axis=0)
+            count, index_sum = self._count_and_index @ (scores >= top - margin)
+            index = index_sum.astype(np.intp)
+            tied = np.flatnonzero(count > 1)
+        if tied.size:
+            index[tied] = self._index_of(self.pipeline.predict(X[tied]))
+        confidence = None
+        if want_confidence:
+            confidence = self._confidence(X, scores, index, tied)
+        return Prediction(index, confidence, [(self._stage, perf_counter() - start)])
+
+    def _confidence(self, X, scores, index, tied) -> np.ndarray | None:
+        if self._probability == "sigmoid":
+            positive = expit(scores)
+            return np.where(index == 1, positive, 1 - positive)
+        if self._probability == "softmax":
+            top = scores.max(axis=0)
+            exp = np.exp(scores - top)
+            total = exp.sum(axis=0)
+            # exp of the winner is exactly 1 except where a tied row's winner
+            # is not the numerical top.
+            confidence = 1.0 / total
+            if tied.size:
+                confidence[tied] = exp[index[tied], tied] / total[tied]
+            return confidence
+        if self._probability == "one-vs-rest":
+            positive = expit(scores)
+            return positive[index, np.arange(len(index))] / positive.sum(axis=0)
+        if self._has_proba:
+            return self._proba_of_winner(X, index)
+        return None
+
+
+def make_runner(pipeline, compile: bool = True) -> Runner:
+    """A runner for a fitted classifier (a Pipeline or a bare estimator).
+
+    With ``compile`` (the default), an all-linear pipeline is fused into one
+    affine map; anything else, or ``compile=False``, runs step by step.
+    """
+    if compile:
+        steps = pipeline_steps(pipeline)
+        classifier = _linear_classifier(steps[-1][1])
+        transformers = [_affine_transformer(step) for _, step in steps[:-1]]
+        if classifier is not None and all(t is not None for t in transformers):
+            affine = classifier
+            for transformer in reversed(transformers):
+                affine = transformer.then(affine)
+            return _FusedRunner(pipeline, steps, affine)
+    return _StepwiseRunner(pipeline)
