@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from digitstream.addresses import Address
-from digitstream.wire.framing import HEADER_SIZE, Payloads, split_frames
+from digitstream.wire.framing import HEADER_SIZE, FrameTooLarge, Payloads, split_frames
 
 log = logging.getLogger("digitstream.sink")
 
@@ -131,7 +131,13 @@ class FrameSource(asyncio.BufferedProtocol):
     def _take(self) -> list[Payloads]:
         if self._end == self._start:
             return []
-        groups, pos = split_frames(self._view, self._start, self._end, self.max_frame)
+        try:
+            groups, pos = split_frames(self._view, self._start, self._end, self.max_frame)
+        except FrameTooLarge as exc:
+            if not exc.groups:
+                raise
+            # the frames before the bad header are answered first; the next take raises
+            groups, pos = exc.groups, exc.offset
         self._start = pos
         if self._size - self._end < self._low:
             # Move the incomplete tail to a fresh buffer; the old one lives on

@@ -21,12 +21,18 @@ DEFAULT_MAX_FRAME = 1 << 20
 
 
 class FrameTooLarge(ValueError):
-    """A length header above the allowed maximum: the stream cannot be trusted further."""
+    """A length header above the allowed maximum: the stream cannot be trusted further.
 
-    def __init__(self, length: int, limit: int):
+    ``groups`` are the complete payloads cut before the bad header, which is at
+    ``offset``: they are still owed their answers.
+    """
+
+    def __init__(self, length: int, limit: int, groups: list | None = None, offset: int = 0):
         super().__init__(f"frame length {length} exceeds the limit of {limit} bytes")
         self.length = length
         self.limit = limit
+        self.groups = groups or []
+        self.offset = offset
 
 
 @dataclass
@@ -120,7 +126,9 @@ def split_frames(buf, start: int, end: int, max_frame: int = DEFAULT_MAX_FRAME,
     while pos + HEADER_SIZE <= end:
         (length,) = unpack(view, pos)
         if length > max_frame:
-            raise FrameTooLarge(length, max_frame)
+            if singles:
+                groups.append(Payloads(items=singles))
+            raise FrameTooLarge(length, max_frame, groups, pos)
         stride = HEADER_SIZE + length
         if (pos + min_run * stride <= end
                 and view[pos + stride:pos + stride + HEADER_SIZE] == view[pos:pos + HEADER_SIZE]):
