@@ -1,0 +1,460 @@
+"""The Dask engine: batches are classified on the workers of a Dask cluster.
+
+::
+
+    run process                          scheduler                 each worker
+    TCP source -> Batch --task-------->  keeps the task  -------->  Flow.process
+    TCP sink  <- BatchResult <---------  result  <-----------------'  (model loaded once)
+
+The TCP source, the sink and the metrics stay in the ``run`` process; only the
+scheduler's port needs to be reachable from it.
+
+**The model.** The bundle's files travel once, inside a worker plugin
+(:class:`ModelPlugin`). The scheduler keeps the plugin and hands it to every
+worker, including workers that join later, so no worker needs a shared disk,
+only digitstream installed. A worker writes the files to its local directory
+and loads them with the same loader as ``run`` (skops, untrusted types
+refused, content hash checked): the model is never unpickled. It is loaded
+once per worker process and kept, keyed by its content hash.
+
+**A batch** is one task whose key is unique to (run, connection, first
+sequence number). Its payloads go as one array (or one bytes blob and a
+lengths array), never as a Python object per message. The task is a pure
+function of its arguments, which the scheduler holds until the result is
+taken: when a worker dies, the scheduler runs the task again elsewhere, and
+the application still receives exactly one result per batch. The
+application awaits results per connection in submission order, so the
+output keeps its order whichever worker finishes first.
+
+**Back-pressure.** :meth:`DaskEngine.submit` waits while ``in_flight x
+workers`` batches are out; the application's read loop waits on it, so the
+source stops reading when the cluster falls behind. The limit follows the
+workers as they join and leave; with no worker left it is zero: the batches
+already sent wait on the scheduler and reading stops until a worker joins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from digitstream.errors import UserError
+from digitstream.pipeline import Batch, BatchResult, Flow
+from digitstream.wire.framing import Payloads
+
+log = logging.getLogger("digitstream.engine.dask")
+
+#: how long ``run`` waits for a scheduler at start before giving up
+CONNECT_TIMEOUT = 5.0
+#: a task that raised is run again this many times before the batch is computed locally
+TASK_RETRIES = 2
+#: the watcher's fallback poll of the scheduler's workers; joins and losses arrive sooner as events
+WORKER_POLL = 2.0
+#: bundle files larger than this are not shipped (a bundle is a model and its card)
+MAX_BUNDLE_BYTES = 1 << 30
+
+try:
+    from distributed import WorkerPlugin
+except ImportError:  # pragma: no cover - the engine is unusable, start() says so
+    WorkerPlugin = object
+
+
+# ============================================================ on the worker
+@dataclass(frozen=True)
+class FlowSpec:
+    """What a worker needs to build the run's :class:`Flow` from a loaded model."""
+
+    content_hash: str
+    plugin_name: str
+    input_format: str
+    output_format: str
+    compile_model: bool
+
+
+class _WorkerState:
+    """Models and flows of this process, shared by the worker's threads."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.bundles: dict[str, object] = {}  # content hash -> loaded Bundle
+        self.users: Counter = Counter()  # content hash -> plugins (runs) using it
+        self.flows: dict[FlowSpec, Flow] = {}
+        self.loads: Counter = Counter()  # content hash -> times loaded from bytes
+
+
+_STATE = _WorkerState()
+
+
+def model_loads() -> dict[str, int]:
+    """How many times this process loaded each model (by content hash).
+
+    Run it on every worker with ``client.run(model_loads)``.
+    """
+    with _STATE.lock:
+        return dict(_STATE.loads)
+
+
+def worker_label(name, address: str) -> str:
+    """A worker's name in results and metrics: the name it was given, else its address."""
+    if isinstance(name, str) and name and name != address and not name.isdigit():
+        return name
+    return address
+
+
+class ModelPlugin(WorkerPlugin):
+    """Carries a model bundle's files to every worker and loads them there, once."""
+
+    def __init__(self, name: str, content_hash: str, files: dict[str, bytes], entry: str):
+        self.name = name
+        self.content_hash = content_hash
+        self.files = files  # file name -> bytes
+        self.entry = entry  # "" for a bundle directory, else the file to load
+
+    def setup(self, worker) -> None:
+        with _STATE.lock:
+            if self.content_hash not in _STATE.bundles:
+                _STATE.bundles[self.content_hash] = self._load(Path(worker.local_directory))
+                _STATE.loads[self.content_hash] += 1
+            _STATE.users[self.content_hash] += 1
+
+    def teardown(self, worker) -> None:
+        with _STATE.lock:
+            _STATE.users[self.content_hash] -= 1
+            if _STATE.users[self.content_hash] <= 0:
+                del _STATE.users[self.content_hash]
+                _STATE.bundles.pop(self.content_hash, None)
+                for spec in [s for s in _STATE.flows if s.content_hash == self.content_hash]:
+                    del _STATE.flows[spec]
+
+    def _load(self, local_directory: Path):
+        from digitstream.model.bundle import load_bundle
+
+        directory = local_directory / "digitstream-models" / _hex(self.content_hash)[:32]
+        directory.mkdir(parents=True, exist_ok=True)
+        for file_name, data in self.files.items():
+            target = directory / Path(file_name).name  # names only: nothing escapes the directory
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        bundle = load_bundle(str(directory / self.entry) if self.entry else str(directory))
+        if bundle.content_hash != self.content_hash:
+            raise ValueError(f"the model loaded on this worker has content hash "
+                             f"{bundle.content_hash}, the application's has {self.content_hash}")
+        log.info("model %s loaded on this worker", self.content_hash[:12])
+        return bundle
+
+
+def _worker_flow(spec: FlowSpec) -> Flow:
+    flow = _STATE.flows.get(spec)
+    if flow is not None:
+        return flow
+    from distributed import get_worker
+
+    from digitstream.model.runner import make_runner
+
+    worker = get_worker()
+    with _STATE.lock:
+        flow = _STATE.flows.get(spec)
+        if flow is None:
+            bundle = _STATE.bundles.get(spec.content_hash)
+            if bundle is None:
+                # the plugin's setup failed or has not run here: say so, the task is retried
+                raise RuntimeError(f"model {spec.content_hash[:12]} is not loaded on worker "
+                                   f"{worker.address} (see that worker's log)")
+            runner = make_runner(bundle.pipeline, compile=spec.compile_model)
+            flow = Flow(runner, spec.input_format, spec.output_format,
+                        worker=worker_label(worker.name, worker.address))
+            _STATE.flows[spec] = flow
+    return flow
+
+
+def classify(spec: FlowSpec, conn_id: int, first_seq: int, packed) -> BatchResult:
+    """The task: one batch through the run's flow on this worker."""
+    flow = _worker_flow(spec)
+    return flow.process(Batch(conn_id, first_seq, unpack(packed), 0))
+
+
+# ------------------------------------------------------- payloads on the wire
+def pack(payloads: Payloads):
+    """Payloads as few buffers: the ``(n, length)`` array, or ``(blob, lengths)``."""
+    if payloads.fixed is not None:
+        return np.ascontiguousarray(payloads.fixed)
+    items = payloads.items
+    lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+    return b"".join(items), lengths
+
+
+def unpack(packed) -> Payloads:
+    if isinstance(packed, np.ndarray):
+        return Payloads(fixed=packed)
+    blob, lengths = packed
+    ends = np.cumsum(lengths).tolist()
+    view = memoryview(blob)
+    starts = [0, *ends[:-1]]
+    return Payloads(items=[bytes(view[s:e]) for s, e in zip(starts, ends)])
+
+
+# ======================================================== in the run process
+class _Slots:
+    """A semaphore whose size follows the cluster: ``in_flight`` per worker."""
+
+    def __init__(self):
+        self.size = 0
+        self.used = 0
+        self._changed = asyncio.Event()
+
+    async def acquire(self) -> None:
+        while self.used >= self.size:
+            self._changed.clear()
+            await self._changed.wait()
+        self.used += 1
+
+    def release(self) -> None:
+        self.used -= 1
+        self._changed.set()
+
+    def resize(self, size: int) -> None:
+        self.size = size
+        self._changed.set()
+
+
+def _bundle_files(path: Path) -> tuple[dict[str, bytes], str]:
+    """The files to ship for a bundle at ``path`` and the one to load ("" for the directory)."""
+    if path.is_dir():
+        files = {p.name: p.read_bytes() for p in sorted(path.iterdir())
+                 if p.is_file() and not p.name.startswith(".")}
+        entry = ""
+    else:
+        files, entry = {path.name: path.read_bytes()}, path.name
+    size = sum(map(len, files.values()))
+    if size > MAX_BUNDLE_BYTES:
+        raise UserError(f"the model bundle at {path} is {size / 2**20:.0f} MiB: too big to "
+                        f"send to the Dask workers")
+    return files, entry
+
+
+def scheduler_address(text: str) -> str:
+    """``HOST:PORT`` or ``tcp://HOST:PORT`` as Dask's address (``tcp://`` by default)."""
+    return text if "://" in text else f"tcp://{text}"
+
+
+class DaskEngine:
+    """Runs the flow's batches on a Dask cluster; see the module docstring.
+
+    ``config`` is the application's :class:`~digitstream.app.AppConfig`:
+    ``scheduler`` (a running cluster) or ``workers`` (a local cluster of that
+    many worker processes), ``in_flight`` (batches per worker), the formats and
+    ``compile_model``. ``metrics``, if given, hears of workers joining and
+    leaving (``worker_event``).
+    """
+
+    name = "dask"
+
+    def __init__(self, flow: Flow, bundle, config, metrics=None):
+        self.flow = flow
+        self.bundle = bundle
+        self.config = config
+        self.metrics = metrics
+        self.in_flight = config.in_flight
+        self.client = None
+        self.cluster = None
+        self.workers: dict[str, str] = {}  # address -> label
+        self.local_fallbacks = 0
+        self._run_id = uuid.uuid4().hex[:12]
+        self._slots = _Slots()
+        self._held_messages = 0  # messages of the batches in flight
+        self._attempts = 0
+        self._watcher: asyncio.Task | None = None
+        self._refresh_lock = asyncio.Lock()
+        self._refreshes: set[asyncio.Task] = set()
+        self._subscribed = False
+        self._plugin_name = f"digitstream-model-{_hex(bundle.content_hash)[:12]}-{self._run_id}"
+        self._spec = FlowSpec(bundle.content_hash, self._plugin_name, config.input_format,
+                              config.output_format, config.compile_model)
+
+    @property
+    def capacity(self) -> int:
+        """Batches the cluster takes at once now: ``in_flight`` per worker."""
+        return self._slots.size
+
+    # ---------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        try:
+            from distributed import Client
+        except ImportError:
+            raise UserError("--engine dask needs Dask distributed: "
+                            "pip install 'digitstream[dask]'") from None
+        cfg = self.config
+        if not log.isEnabledFor(logging.DEBUG):
+            # Dask logs every connection, plugin and nanny at INFO: the application's own
+            # lines would drown (``run -v`` shows them)
+            logging.getLogger("distributed").setLevel(logging.WARNING)
+        if cfg.scheduler:
+            address = scheduler_address(cfg.scheduler)
+            try:
+                self.client = await asyncio.wait_for(
+                    Client(address, asynchronous=True, timeout=CONNECT_TIMEOUT,
+                           set_as_default=False),
+                    CONNECT_TIMEOUT + 5)
+            except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
+                raise UserError(f"cannot reach the Dask scheduler at {address} within "
+                                f"{CONNECT_TIMEOUT:.0f} s: {_reason(exc)}") from None
+            where = f"the Dask scheduler at {address}"
+        else:
+            from distributed import LocalCluster
+
+            n = cfg.workers or 1
+            self.cluster = await LocalCluster(host="127.0.0.1", n_workers=n, threads_per_worker=1,
+                                              processes=True, dashboard_address=None,
+                                              asynchronous=True)
+            self.client = await Client(self.cluster, asynchronous=True, set_as_default=False)
+            where = f"a local Dask cluster of {n} worker processes at {self.cluster.scheduler_address}"
+        try:
+            await self._register_model()
+        except BaseException:
+            await self.close()
+            raise
+        self.client.subscribe_topic("all", self._on_event)
+        self._subscribed = True
+        await self._refresh()
+        self._watcher = asyncio.create_task(self._watch())
+        log.info("engine: %s; %d workers, up to %d batches in flight per worker", where,
+                 len(self.workers), self.in_flight)
+        if not self.workers:
+            log.warning("no Dask worker yet: input waits until one joins")
+
+    async def _register_model(self) -> None:
+        files, entry = _bundle_files(Path(self.bundle.path))
+        plugin = ModelPlugin(self._plugin_name, self.bundle.content_hash, files, entry)
+        try:
+            await self.client.register_plugin(plugin, name=self._plugin_name)
+        except Exception as exc:
+            raise UserError(f"a Dask worker could not load the model: {_reason(exc)}") from None
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        if self.client is not None:
+            if self.client.status == "running":
+                if self._subscribed:
+                    # else the scheduler's farewell event finds this client's comm closed
+                    self.client.unsubscribe_topic("all")
+                if self.cluster is None:
+                    # a shared cluster: its workers drop the model unless another run uses it
+                    try:
+                        await asyncio.wait_for(
+                            self.client.unregister_worker_plugin(self._plugin_name), 5)
+                    except Exception as exc:  # the scheduler may be gone already
+                        log.debug("could not unregister the model plugin: %s", exc)
+            await self.client.close()
+            self.client = None
+        if self.cluster is not None:
+            await self.cluster.close()
+            self.cluster = None
+
+    # ------------------------------------------------------------ batches
+    async def submit(self, batch: Batch) -> "asyncio.Future[BatchResult]":
+        """Wait until the cluster can take ``batch``, send it; a future of its result."""
+        await self._slots.acquire()
+        task = asyncio.create_task(self._compute(batch))
+        return task
+
+    async def _compute(self, batch: Batch) -> BatchResult:
+        self._held_messages += len(batch)
+        try:
+            return await self._on_cluster(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # the cluster could not compute it (the task kept failing, or the scheduler
+            # went away): computed here rather than lost or left out of the output
+            self.local_fallbacks += 1
+            log.warning("batch of connection %d from message %d (%d messages) computed in "
+                        "this process: the cluster could not (%s)", batch.conn_id,
+                        batch.first_seq, len(batch), _reason(exc))
+            return self.flow.process(batch)
+        finally:
+            self._held_messages -= len(batch)
+            self._slots.release()
+
+    async def _on_cluster(self, batch: Batch) -> BatchResult:
+        self._attempts += 1
+        key = f"digitstream-{self._run_id}-{batch.conn_id}-{batch.first_seq}-{self._attempts}"
+        future = self.client.submit(classify, self._spec, batch.conn_id, batch.first_seq,
+                                    pack(batch.payloads), key=key, retries=TASK_RETRIES,
+                                    pure=False)
+        try:
+            return await future
+        finally:
+            future.release()
+
+    # ------------------------------------------------------------ workers
+    def _on_event(self, event) -> None:
+        # called in the client's message loop: anything slow goes to a task of its own
+        _, message = event
+        action = message.get("action") if isinstance(message, dict) else None
+        if action == "remove-worker":
+            ours = [k for k in message.get("processing-tasks", ()) if str(k).startswith(
+                f"digitstream-{self._run_id}-")]
+            if ours:
+                log.warning("worker %s lost with %d batches in progress: they are computed again "
+                            "on the other workers", self.workers.get(message.get("worker"),
+                                                                     message.get("worker")),
+                            len(ours))
+        if action in ("add-worker", "remove-worker"):
+            task = asyncio.create_task(self._refresh())
+            self._refreshes.add(task)
+            task.add_done_callback(self._refreshes.discard)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WORKER_POLL)
+            try:
+                await self._refresh()
+            except Exception as exc:  # the scheduler may be briefly unreachable
+                log.debug("could not ask the scheduler for its workers: %s", exc)
+
+    async def _refresh(self) -> None:
+        """Bring the worker list, the in-flight limit and the metrics up to date."""
+        async with self._refresh_lock:
+            info = await self.client.scheduler.identity(n_workers=-1)
+            now = {address: worker_label(w.get("name"), address)
+                   for address, w in info.get("workers", {}).items()}
+            old = self.workers
+            joined = [a for a in now if a not in old]
+            lost = [a for a in old if a not in now]
+            self.workers = now
+            self._slots.resize(self.in_flight * len(now))
+            metrics = self.metrics
+            for address in joined:
+                log.info("Dask worker joined: %s", now[address])
+                if metrics is not None:
+                    metrics.worker_event(now[address], "joined")
+            for address in lost:
+                log.warning("Dask worker lost: %s", old[address])
+                if metrics is not None:
+                    metrics.worker_event(old[address], "lost")
+            if old and not now:
+                log.error("all Dask workers are gone: %d batches (%d messages) wait on the "
+                          "scheduler; no input is read until a worker joins",
+                          self._slots.used, self._held_messages)
+            elif now and not old and self._slots.used:
+                log.info("a Dask worker joined: the %d waiting batches go on", self._slots.used)
+
+def _hex(content_hash: str) -> str:
+    return content_hash.rpartition(":")[2]
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,319 @@
+"""The Dask engine against a real cluster: a scheduler and workers started as
+processes of their own (``dask scheduler``, ``dask worker``), as separate
+machines would run them, all on 127.0.0.1.
+
+Every process a test starts is in a session of its own and is stopped, with
+its children, when the test ends, pass or fail.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from helpers import HOST, Collector, free_port, send_bytes, wait_for
+
+from digitstream.wire.framing import Payloads, frame_fixed, frame_many
+
+distributed = pytest.importorskip("distributed")
+
+from digitstream.engine import dask as dask_engine  # noqa: E402
+
+pytestmark = pytest.mark.timeout(90)
+
+#: one BLAS thread per worker, as the nanny would set it: two workers on two cores
+_ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+class Cluster:
+    """``dask scheduler`` and ``dask worker`` processes; workers without a nanny, so
+    that a killed worker stays dead."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.port = free_port()
+        self.address = f"tcp://{HOST}:{self.port}"
+        self.procs: list[subprocess.Popen] = []
+        self.workers: dict[str, subprocess.Popen] = {}
+        self._client = None
+        self.scheduler = self._spawn("scheduler", ["scheduler", "--host", HOST, "--port",
+                                                   str(self.port), "--no-dashboard"])
+        wait_for(self._listening, 30, interval=0.05, what="the Dask scheduler")
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.tmp_path / f"dask-{name}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **_ONE_THREAD})
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def _listening(self) -> bool:
+        if self.scheduler.poll() is not None:
+            raise AssertionError(f"the scheduler exited:\n{self.log('scheduler')}")
+        try:
+            socket.create_connection((HOST, self.port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def log(self, name: str) -> str:
+        return (self.tmp_path / f"dask-{name}.log").read_text(errors="replace")
+
+    def add_worker(self, name: str) -> None:
+        self.workers[name] = self._spawn(name, [
+            "worker", self.address, "--host", HOST, "--nthreads", "1", "--no-dashboard",
+            "--no-nanny", "--name", name, "--local-directory", str(self.tmp_path / name),
+            "--death-timeout", "60"])
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = distributed.Client(self.address, timeout=30, set_as_default=False)
+        return self._client
+
+    def wait_workers(self, names) -> None:
+        wanted = set(names)
+        wait_for(lambda: wanted <= {w["name"] for w in
+                                    self.client.scheduler_info(n_workers=-1)["workers"].values()},
+                 30, interval=0.1, what=f"Dask workers {sorted(wanted)}")
+
+    def address_of(self, name: str) -> str:
+        for address, info in self.client.scheduler_info(n_workers=-1)["workers"].items():
+            if info["name"] == name:
+                return address
+        raise KeyError(name)
+
+    def kill_worker(self, name: str) -> None:
+        os.killpg(self.workers[name].pid, signal.SIGKILL)
+        self.workers[name].wait(10)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close(timeout=5)
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def two_workers(cluster):
+    cluster.add_worker("w1")
+    cluster.add_worker("w2")
+    cluster.wait_workers(["w1", "w2"])
+    return cluster
+
+
+def _pickle_frames(X: np.ndarray) -> bytes:
+    """The seed's sender: one pickled float64 array per frame."""
+    return frame_many(pickle.dumps(x) for x in X.astype(np.float64))
+
+
+def _collect(start_app, payload: bytes, expected: int, *args: str) -> list[str]:
+    sink = Collector()
+    app = None
+    try:
+        app = start_app(sink.port, *args)
+        send_bytes(app.in_port, payload)
+        texts = sink.wait_count(expected, timeout=45)
+        time.sleep(0.3)
+        assert sink.count() == expected, "more results than inputs"
+        return texts
+    finally:
+        if app is not None:
+            app.stop()
+        sink.close()
+
+
+# ------------------------------------------------------------ real clusters
+def test_outputs_equal_the_local_engine_and_the_model_loads_once_per_worker(
+        two_workers, start_app, digits, expected_texts):
+    # the seed's pickled arrays, and between them frames of other lengths that are
+    # rejected in place: both payload layouts (one array, a list of bytes) travel
+    bad = [b"not a pickle", b"\x80\x04junk", b""]
+    payload = (_pickle_frames(digits.X[:900]) + frame_many(bad)
+               + _pickle_frames(digits.X[900:]))
+    expected = len(digits.X) + len(bad)
+
+    local = _collect(start_app, payload, expected, "--max-batch", "64")
+    sink = Collector()
+    try:
+        app = start_app(sink.port, "--engine", "dask", "--scheduler", two_workers.address,
+                        "--max-batch", "64")
+        for i in range(1, 4):  # more batches than workers x in-flight, over several connections
+            send_bytes(app.in_port, payload)
+            dask = sink.wait_count(i * expected, timeout=45)[-expected:]
+            assert dask == local
+        time.sleep(0.3)
+        assert sink.count() == 3 * expected
+        loads = two_workers.client.run(dask_engine.model_loads)
+        stats = app.stats()
+    finally:
+        sink.close()
+
+    assert local[:900] == expected_texts[:900] and local[903:] == expected_texts[900:]
+    assert all(t.startswith("error: ") for t in local[900:903])
+    # loaded once by each worker, though each classified many batches
+    assert sorted(loads) == sorted(two_workers.address_of(n) for n in ("w1", "w2"))
+    assert [list(v.values()) for v in loads.values()] == [[1], [1]]
+    busy = {w["name"]: w["messages"] for w in stats["workers"] if w["messages"]}
+    assert set(busy) == {"w1", "w2"}, busy
+    assert sum(busy.values()) == 3 * expected
+
+
+def test_worker_killed_mid_stream_loses_and_duplicates_nothing(two_workers, start_app, digits,
+                                                             expected_texts):
+    repeat = 112  # 112 x 1,797 = 201,264 messages
+    total = repeat * len(digits.X)
+    data = frame_fixed(np.tile(digits.X.astype(np.uint8), (repeat, 1)))
+    sink = Collector()
+    try:
+        app = start_app(sink.port, "--engine", "dask", "--scheduler", two_workers.address,
+                        "--input-format", "u8", "--max-batch", "1500")
+        sock = send_bytes(app.in_port, b"", close=False)
+        chunk = 68 * 1500
+
+        def send_paced():
+            for pos in range(0, len(data), chunk):
+                sock.sendall(data[pos:pos + chunk])
+                time.sleep(0.004)
+            sock.close()
+
+        sender = threading.Thread(target=send_paced, daemon=True)
+        sender.start()
+        prefix = "digitstream-"
+
+        def busy_worker():
+            if sink.count() < total // 5:
+                return None
+            for address, keys in two_workers.client.processing().items():
+                if any(str(k).startswith(prefix) for k in keys):
+                    return address
+            return None
+
+        victim = wait_for(busy_worker, 40, interval=0.002, what="a worker computing a batch")
+        name = next(n for n in ("w1", "w2") if two_workers.address_of(n) == victim)
+        two_workers.kill_worker(name)
+        killed_at = sink.count()
+        texts = sink.wait_count(total, timeout=50)
+        sender.join(10)
+        time.sleep(0.3)
+        assert sink.count() == total, "duplicate results"
+        assert killed_at < total, "the stream ended before the worker was killed"
+        assert texts == expected_texts * repeat
+        wait_for(lambda: "Dask worker lost: " + name in app.log(), 10, what="the loss logged")
+    finally:
+        sink.close()
+
+
+def test_all_workers_gone_input_waits_for_a_new_worker(cluster, start_app, digits,
+                                                      expected_texts):
+    cluster.add_worker("w1")
+    cluster.wait_workers(["w1"])
+    sink = Collector()
+    try:
+        app = start_app(sink.port, "--engine", "dask", "--scheduler", cluster.address,
+                        "--input-format", "u8")
+        wait_for(lambda: "Dask worker joined: w1" in app.log(), 10, what="w1 known to the app")
+        cluster.kill_worker("w1")
+        wait_for(lambda: "all Dask workers are gone" in app.log(), 15, what="the loss logged")
+        send_bytes(app.in_port, frame_fixed(digits.X.astype(np.uint8)))
+        time.sleep(1.0)
+        assert sink.count() == 0
+        cluster.add_worker("w2")
+        texts = sink.wait_count(len(digits.X), timeout=40)
+        assert texts == expected_texts
+        assert app.proc.poll() is None
+    finally:
+        sink.close()
+
+
+def test_local_cluster_of_two_workers(start_app, digits, expected_texts):
+    texts = _collect(start_app, frame_fixed(digits.X.astype(np.uint8)), len(digits.X),
+                     "--engine", "dask", "--workers", "2", "--input-format", "u8",
+                     "--max-batch", "100")
+    assert texts == expected_texts
+
+
+def test_scheduler_unreachable_is_a_one_line_error(model_dir, tmp_path):
+    port = free_port()  # nothing listens there
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "digitstream.cli", "run", "--model", str(model_dir),
+         "--in", f"{HOST}:{free_port()}", "--out", f"{HOST}:{free_port()}",
+         "--metrics", f"{HOST}:{free_port()}", "--engine", "dask",
+         "--scheduler", f"tcp://{HOST}:{port}"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert time.monotonic() - started < 30
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith(f"Error: cannot reach the Dask scheduler at tcp://{HOST}:{port}")
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- the parts
+def test_payloads_travel_as_buffers():
+    fixed = Payloads(fixed=np.arange(12, dtype=np.uint8).reshape(3, 4))
+    packed = dask_engine.pack(fixed)
+    assert isinstance(packed, np.ndarray)
+    assert np.array_equal(dask_engine.unpack(packed).fixed, fixed.fixed)
+
+    items = Payloads(items=[b"a", b"", b"bcd", b"\x00" * 5])
+    blob, lengths = dask_engine.pack(items)
+    assert blob == b"abcd" + b"\x00" * 5 and lengths.tolist() == [1, 0, 3, 5]
+    assert dask_engine.unpack((blob, lengths)).items == items.items
+
+
+def test_slots_follow_the_workers():
+    import asyncio
+
+    async def scenario():
+        slots = dask_engine._Slots()
+        slots.resize(2)
+        await slots.acquire()
+        await slots.acquire()
+        third = asyncio.ensure_future(slots.acquire())
+        await asyncio.sleep(0.01)
+        assert not third.done()
+        slots.resize(0)  # every worker gone: even a released slot is not reused
+        slots.release()
+        await asyncio.sleep(0.01)
+        assert not third.done()
+        slots.resize(4)  # a worker joined
+        await asyncio.wait_for(third, 1)
+        assert slots.used == 2
+
+    asyncio.run(scenario())
+
+
+def test_worker_labels():
+    assert dask_engine.worker_label("gpu-1", "tcp://10.0.0.5:4000") == "gpu-1"
+    assert dask_engine.worker_label(0, "tcp://10.0.0.5:4000") == "tcp://10.0.0.5:4000"
+    assert dask_engine.worker_label("tcp://10.0.0.5:4000", "tcp://10.0.0.5:4000") == \
+        "tcp://10.0.0.5:4000"
