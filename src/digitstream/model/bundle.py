@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from digitstream.errors import UserError
-from digitstream.model.runner import pipeline_steps
+from digitstream.model.runner import n_features_of, pipeline_steps
 
 PIPELINE_FILE = "pipeline.skops"
 CARD_FILE = "model.json"
@@ -209,7 +209,7 @@ def _holds_nested_container(value) -> bool:
 def _facts(pipeline) -> dict:
     return {
         "classes": np.asarray(pipeline.classes_).tolist(),
-        "n_features": int(pipeline.n_features_in_),
+        "n_features": n_features_of(pipeline),
         "steps": [name for name, _ in pipeline_steps(pipeline)],
         "estimators": [type(step).__module__ + "." + type(step).__qualname__
                        for _, step in pipeline_steps(pipeline)],
@@ -272,13 +272,13 @@ def _check_classifier(obj, what: str) -> None:
         raise BundleError(f"{what} is not a classifier: a {name} has no predict method")
     try:
         classes = obj.classes_
-        n_features = obj.n_features_in_
-    except AttributeError:
+        n_features = n_features_of(obj)
+    except (AttributeError, IndexError, TypeError, ValueError):
         raise BundleError(f"{what} is not a fitted classifier: its {name} has no classes_ "
                           "or n_features_in_ (is it fitted, and does it end in a classifier?)"
                           ) from None
-    if not isinstance(n_features, (int, np.integer)) or n_features < 1:
-        raise BundleError(f"{what}: n_features_in_ is {n_features!r}, expected a positive integer")
+    if n_features < 1:
+        raise BundleError(f"{what}: n_features_in_ is {n_features}, expected a positive integer")
     if np.ndim(classes) != 1 or len(classes) < 2:
         raise BundleError(f"{what}: classes_ must list at least two classes")
 

@@ -69,6 +69,15 @@ def pipeline_steps(estimator) -> list[tuple[str, object]]:
     return [(type(estimator).__name__, estimator)]
 
 
+def n_features_of(estimator) -> int:
+    """The number of input features; a Pipeline starting with "passthrough"
+    does not say, its first real step does. AttributeError if not fitted."""
+    try:
+        return int(estimator.n_features_in_)
+    except AttributeError:
+        return int(pipeline_steps(estimator)[0][1].n_features_in_)
+
+
 class Runner:
     """Applies a fitted classifier pipeline to batches; see the module doc."""
 
@@ -81,7 +90,7 @@ class Runner:
         self.pipeline = pipeline
         self.stage_names = stage_names
         self.classes = np.asarray(pipeline.classes_)
-        self.n_features = int(pipeline.n_features_in_)
+        self.n_features = n_features_of(pipeline)
         self.compiled = compiled
         self._has_proba = hasattr(pipeline, "predict_proba")
         self._classes_sorted = bool(np.all(self.classes[:-1] < self.classes[1:]))
@@ -199,11 +208,9 @@ def _linear_classifier(step) -> _Affine | None:
 
 
 def _closed_form_confidence(classifier) -> str | None:
-    """How probabilities follow from the scores, as ``predict_proba`` does it."""
+    """How LogisticRegression.predict_proba derives probabilities from scores."""
     if type(classifier) is LogisticRegression:
         return "sigmoid" if len(classifier.classes_) == 2 else "softmax"
-    if type(classifier) is SGDClassifier and classifier.loss == "log_loss":
-        return "sigmoid" if len(classifier.classes_) == 2 else "one-vs-rest"
     return None
 
 
@@ -270,9 +277,6 @@ class _FusedRunner(Runner):
             if tied.size:
                 confidence[tied] = exp[index[tied], tied] / total[tied]
             return confidence
-        if self._probability == "one-vs-rest":
-            positive = expit(scores)
-            return positive[index, np.arange(len(index))] / positive.sum(axis=0)
         if self._has_proba:
             return self._proba_of_winner(X, index)
         return None
