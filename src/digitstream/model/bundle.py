@@ -313,7 +313,7 @@ def _check_tree(tree, n_features: int) -> str | None:
              & (feature >= 0) & (feature < n_features))
     bad = np.flatnonzero(~(leaf | inner))
     if bad.size:
-        return f"node {int(bad[0])} points outside the tree"
+        return f"node {int(bad[0])} has a child or feature index out of bounds"
     return None
 
 
