@@ -82,7 +82,9 @@ def print_report(figures: dict, console: Console) -> None:
         table.add_row(row["name"], row["target"], text, _mark(row["met"]))
     console.print(table)
     if "dask" in figures:
-        console.print("dask engine:", figures["dask"])
+        from digitstream.bench.dask_bench import print_report as print_dask
+
+        print_dask(figures["dask"], console)
     for error in figures["errors"]:
         console.print(f"[red]error:[/red] {error}")
 
