@@ -113,8 +113,8 @@ def test_a_stop_signal_mid_stream_loses_nothing_received(sig, start_app, collect
     sender.start()
     wait_for(lambda: collector.count() >= 5 * len(digits.X), what="results to flow")
     app.signal(sig)
-    assert app.wait() == 0
     stop_sending.set()
+    assert app.wait() == 0
     sock.close()
     sender.join(TIMEOUT)
     match = re.search(r"stopped: (\d+) frames received, (\d+) answered", app.log())

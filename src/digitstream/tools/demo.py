@@ -42,6 +42,8 @@ def _port(preferred: int) -> int:
     """``preferred`` if nothing listens there, else any free port."""
     for port in (preferred, 0):
         with socket.socket() as s:
+            # as the servers will bind: a port left in TIME_WAIT by a previous run is usable
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((HOST, port))
             except OSError:
@@ -96,8 +98,7 @@ def main(model_path: str = "models", output: str = "digits.out", repeat: int = 1
     total = len(frames) * repeat
 
     console.rule("[bold]2. listener, application, sender")
-    listener = Listener(Address(HOST, ports["out"]), output, count=total, collect=True,
-                        record_times=True).start()
+    listener = Listener(Address(HOST, ports["out"]), output, collect=True, record_times=True).start()
     log_path = Path(output).with_suffix(".app.log")
     metrics_url = f"http://{HOST}:{ports['metrics']}/"
     cmd = [sys.executable, "-m", "digitstream.cli", "run", "--in", f"{HOST}:{ports['in']}",
@@ -114,7 +115,7 @@ def main(model_path: str = "models", output: str = "digits.out", repeat: int = 1
         stats = send_frames(Address(HOST, ports["in"]), split(frames, repeat=repeat),
                             progress=console.is_terminal, record_times=True)
         console.print(stats.summary(Address(HOST, ports["in"])))
-        if not listener.wait(timeout=120):
+        if not listener.wait(count=total, timeout=120):
             raise UserError(f"only {listener.frames} of {total} results arrived within 120 s")
         app_stats = _fetch_json(metrics_url + "api/stats")
         _summary(console, listener, stats, dataset.y, repeat, output, metrics_url, app_stats)
@@ -162,9 +163,9 @@ def _summary(console, listener, stats, labels, repeat, output, metrics_url, app_
     table.add_row("latency", f"p50 {latency['p50']:.2f} ms, p99 {latency['p99']:.2f} ms "
                              "(sender write to listener read)")
     model = app_stats.get("model") or {}
-    if model.get("held_out_accuracy") is not None:
+    if model.get("heldout_accuracy") is not None:
         table.add_row("model", f"{' -> '.join(model.get('steps', []))}, held-out accuracy "
-                               f"{model['held_out_accuracy']:.4f}")
+                               f"{model['heldout_accuracy']:.4f}")
     table.add_row("output", f"{output} (print it with: digitstream read {output})")
     table.add_row("metrics UI", metrics_url)
     console.print(table)
