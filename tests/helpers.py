@@ -218,3 +218,43 @@ def py2_pickle(row: np.ndarray, protocol: int) -> bytes:
             b"U\x01bq\x03\x87q\x04Rq\x05(K\x01K" + count + b"\x85q\x06cnumpy\ndtype\nq\x07U\x02f8q\x08"
             b"K\x00K\x01\x87q\tRq\n(K\x03U\x01<q\x0bNNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tq\x0cb"
             b"\x89T" + struct.pack("<I", len(data)) + data + b"q\rtq\x0eb.")
+
+
+def app_counts(stats: dict) -> dict:
+    """The counters of an ``/api/stats`` document that reliability tests compare before and after:
+    ``messages_in``, ``messages_out``, ``rejected`` (reason -> count), ``connections_open`` and
+    ``connection_errors`` (kind -> count)."""
+    messages = stats.get("messages")
+    connections = stats.get("connections")
+    return {
+        "messages_in": messages["in"] if isinstance(messages, dict) else stats["messages_in"],
+        "messages_out": messages["out"] if isinstance(messages, dict) else stats["messages_out"],
+        "rejected": dict(stats.get("rejected", {})),
+        "connections_open": (connections["open"] if isinstance(connections, dict)
+                             else stats["connections_open"]),
+        "connection_errors": dict(connections.get("errors", {})) if isinstance(connections, dict)
+        else dict(stats.get("connection_errors", {})),
+    }
+
+
+def memory_of(pid: int) -> tuple[int, int]:
+    """(current RSS, peak RSS since the process started) in bytes, from /proc."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def raise_open_files(at_least: int) -> int:
+    """Raise this process's soft limit on open files to ``at_least`` (within the hard limit);
+    processes started afterwards inherit it. Returns the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < at_least:
+        soft = at_least if hard == resource.RLIM_INFINITY else min(at_least, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
