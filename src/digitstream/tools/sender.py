@@ -262,6 +262,12 @@ def send_frames(addr: Address, plans: Sequence[Plan | Framed | bytes], rate: flo
         seconds = time.perf_counter() - start
     except KeyboardInterrupt:
         stop.set()
+        for sock in socks:
+            # wakes a thread blocked in a write to a receiver that stopped reading
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         raise
     finally:
         if bar is not None:
