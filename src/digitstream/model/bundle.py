@@ -163,9 +163,14 @@ def inspect_main(path) -> int:
         err.print(f"Error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 1
     out.print(format_card(bundle.card), markup=False, highlight=False, soft_wrap=True)
-    runner = make_runner(bundle.pipeline)
-    probe = np.zeros((2, bundle.n_features))
-    runner.predict(probe, want_confidence=True)
+    try:
+        runner = make_runner(bundle.pipeline)
+        runner.predict(np.zeros((2, bundle.n_features)), want_confidence=True)
+    except Exception as exc:  # noqa: BLE001 - whatever breaks, the bundle cannot be served
+        err.print(f"Error: {bundle.path}: the pipeline fails on a test batch: "
+                  f"{(str(exc) or type(exc).__name__).splitlines()[0]}",
+                  markup=False, highlight=False, soft_wrap=True)
+        return 1
     served = ("fused into one affine map" if runner.compiled else "step by step")
     out.print(f"OK: {bundle.path}: {bundle.content_hash} matches; every type trusted; "
               f"a classifier of {bundle.n_features} features into {len(bundle.classes)} classes; "

@@ -112,7 +112,7 @@ def _random_forest(seed: int) -> Pipeline:
 def _random_forest_grid(ctx: GridContext, quick: bool) -> ParamGrid:
     if quick:
         return {"Random Forest__n_estimators": [30], "Random Forest__max_features": ["sqrt"]}
-    return {"Random Forest__n_estimators": [100, 300],
+    return {"Random Forest__n_estimators": [100, 200],
             "Random Forest__max_features": ["sqrt", "log2"]}
 
 
