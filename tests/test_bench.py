@@ -166,7 +166,7 @@ def test_bench_quick_produces_every_figure(tmp_path):
     json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
     result = subprocess.run(
         [sys.executable, "-m", "digitstream.cli", "bench", "--quick", "--json", str(json_path),
-         "--plot", str(plot_path)], capture_output=True, text=True, timeout=240)
+         "--plot", str(plot_path)], capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads(json_path.read_text())
     assert figures["errors"] == []

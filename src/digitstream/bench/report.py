@@ -98,10 +98,11 @@ def print_soak(figures: dict, console: Console) -> None:
     for point in soak["timeline"]:
         table.add_row(f"{point['t']:.0f}", _num(point["msg_per_s"]), _num(point["rss_mb"], ",.1f"))
     console.print(table)
-    console.print(f"{soak['messages']:,} messages in {soak['seconds']:.1f} s: "
-                  f"{soak['msg_per_s']:,.0f} msg/s overall; RSS {soak['rss_first_mb']:.0f} MB "
-                  f"at the first sample, {soak['rss_last_mb']:.0f} MB at the last, "
-                  f"peak {soak['peak_rss_mb']:.0f} MB")
+    if soak["timeline"]:
+        console.print(f"{soak['messages']:,} messages in {soak['seconds']:.1f} s: "
+                      f"{soak['msg_per_s']:,.0f} msg/s overall; application RSS "
+                      f"{soak['rss_first_mb']:.0f} MB after the first chunk, "
+                      f"{soak['rss_last_mb']:.0f} MB after the last, peak {soak['peak_rss_mb']:.0f} MB")
     for error in figures["errors"]:
         console.print(f"[red]error:[/red] {error}")
 

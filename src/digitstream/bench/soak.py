@@ -21,19 +21,24 @@ CHUNK_SECONDS = 3.0
 RSS_SPACING = 2.0
 
 
+def _chunk_for(rate: float) -> int:
+    return int(min(50_000_000, max(100_000, rate * CHUNK_SECONDS)))
+
+
 def run_soak(session, minutes: float) -> dict:
     log = session.log
     figures = new_figures(Settings(runs=0, messages={}, warmup={}))
     figures["model"] = session.model_info
     key = SOAK_SYSTEM.key
     session.start([SOAK_SYSTEM])
+    sampler_start = session.sampler.now()
     soak = {"minutes": minutes, "system": key, "timeline": [], "messages": 0, "seconds": 0.0}
     figures["soak"] = soak
     try:
-        warm = session.throughput(key, 500_000)
-        chunk = int(min(20_000_000, max(100_000, warm["msg_per_s"] * CHUNK_SECONDS)))
-        log(f"soak: {minutes:g} min of u8 load in chunks of {chunk:,} messages")
+        chunk = _chunk_for(session.throughput(key, 500_000)["msg_per_s"])
+        log(f"soak: {minutes:g} min of u8 load in chunks of about {CHUNK_SECONDS:g} s")
         start = time.monotonic()
+        sampler_start = session.sampler.now()
         end = start + minutes * 60
         while time.monotonic() < end:
             run = session.throughput(key, chunk)
@@ -44,6 +49,7 @@ def run_soak(session, minutes: float) -> dict:
             soak["timeline"].append(point)
             soak["messages"] += run["messages"]
             log(f"soak {point['t']:7.1f} s  {run['msg_per_s']:>12,.0f} msg/s  RSS {rss:6.1f} MB")
+            chunk = _chunk_for(run["msg_per_s"])
         soak["seconds"] = time.monotonic() - start
     except BenchError as exc:
         figures["errors"].append(f"soak: {exc}")
@@ -51,14 +57,16 @@ def run_soak(session, minutes: float) -> dict:
     samples = session.sampler.series.get(key, [])
     kept, last = [], None
     for t, rss in samples:
-        if last is None or t - last >= RSS_SPACING:
+        t -= sampler_start
+        if t >= 0 and (last is None or t - last >= RSS_SPACING):
             kept.append([round(t, 2), rss / 2**20])
             last = t
     soak["rss_samples_mb"] = kept
     peak = session.peak_rss(key)
     soak["peak_rss_mb"] = peak / 2**20 if peak else None
-    soak["rss_first_mb"] = kept[0][1] if kept else None
-    soak["rss_last_mb"] = kept[-1][1] if kept else None
+    # under load, not the idle process before the first message
+    soak["rss_first_mb"] = soak["timeline"][0]["rss_mb"] if soak["timeline"] else None
+    soak["rss_last_mb"] = soak["timeline"][-1]["rss_mb"] if soak["timeline"] else None
     soak["msg_per_s"] = soak["messages"] / soak["seconds"] if soak["seconds"] else None
     session.stop(key)
     return figures

@@ -156,6 +156,10 @@ class MemorySampler:
         with self._lock:
             self._procs.pop(key, None)
 
+    def now(self) -> float:
+        """The clock of :attr:`series`: seconds since the sampler was made."""
+        return time.monotonic() - self._t0
+
     def peak(self, key: str) -> int | None:
         samples = self.series.get(key)
         return max(rss for _, rss in samples) if samples else None
@@ -163,7 +167,7 @@ class MemorySampler:
     def sample(self) -> None:
         with self._lock:
             procs = list(self._procs.items())
-        now = time.monotonic() - self._t0
+        now = self.now()
         for key, proc in procs:
             try:
                 rss = proc.memory_info().rss
