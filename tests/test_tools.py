@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -364,16 +363,13 @@ def test_send_to_listen_through_the_cli(processes, tmp_path, digits):
 
 
 # -------------------------------------------------------------------- reader
-def read_cli(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(cli("read", str(path)), capture_output=True, timeout=TIMEOUT)
-
-
-def test_read_prints_one_result_per_line(tmp_path):
+def test_read_prints_one_result_per_line(tmp_path, capsysbinary):
     path = tmp_path / "digits.out"
     path.write_bytes(frame_many(RESULTS[:5]))
-    done = read_cli(path)
-    assert done.returncode == 0 and done.stderr == b""
-    assert done.stdout.decode() == "[3]\n[1]\né\n\nerror: bad input \ufffd\n"
+    assert reader.main(str(path)) == 0
+    out, err = capsysbinary.readouterr()
+    assert err == b""
+    assert out.decode() == "[3]\n[1]\né\n\nerror: bad input \ufffd\n"
 
 
 def test_read_an_nc_style_file_of_many_pieces(tmp_path):
@@ -381,29 +377,31 @@ def test_read_an_nc_style_file_of_many_pieces(tmp_path):
     payloads = [b"[%d]" % (i % 10) for i in range(300_000)] + [b"error: x"] + [b"[1]"] * 5
     path = tmp_path / "digits.out"
     path.write_bytes(frame_many(payloads))
-    done = read_cli(path)
+    done = subprocess.run(cli("read", str(path)), capture_output=True, timeout=TIMEOUT)
     assert done.returncode == 0
     assert done.stdout == b"\n".join(payloads) + b"\n"
-    with open(path, "rb") as f:  # pieces that cut headers and payloads everywhere
+    small = tmp_path / "small.out"
+    small.write_bytes(frame_many(payloads[:1000] + payloads[-6:]))
+    with open(small, "rb") as f:  # pieces that cut headers and payloads everywhere
         lines = [p for group in reader.iter_results(f, chunk_size=5) for p in group.to_list()]
-    assert lines == payloads
+    assert lines == payloads[:1000] + payloads[-6:]
 
 
 @pytest.mark.parametrize("cut", [1, 3, 5])
-def test_read_a_truncated_file_prints_whole_frames_then_warns(tmp_path, cut):
+def test_read_a_truncated_file_prints_whole_frames_then_warns(tmp_path, capsysbinary, cut):
     path = tmp_path / "digits.out"
     path.write_bytes(frame_many([b"[1]", b"[2]"]) + frame(b"[3]")[:cut])
-    done = read_cli(path)
-    assert done.returncode == 1
-    assert done.stdout == b"[1]\n[2]\n"
-    [warning] = done.stderr.decode().splitlines()
+    assert reader.main(str(path)) == 1
+    out, err = capsysbinary.readouterr()
+    assert out == b"[1]\n[2]\n"
+    [warning] = err.decode().splitlines()
     assert warning.startswith("warning:") and "cut short" in warning
 
 
-def test_read_a_file_that_is_not_result_frames(tmp_path):
+def test_read_a_file_that_is_not_result_frames(tmp_path, capsysbinary):
     path = tmp_path / "notes.txt"
     path.write_bytes(frame_many([b"[1]"] * 3) + b"hello, this is text\n" * 10)
-    done = read_cli(path)
-    assert done.returncode == 1
-    assert done.stdout == b"[1]\n[1]\n[1]\n"
-    assert "not a file of result frames" in done.stderr.decode()
+    assert reader.main(str(path)) == 1
+    out, err = capsysbinary.readouterr()
+    assert out == b"[1]\n[1]\n[1]\n"
+    assert "not a file of result frames" in err.decode()
