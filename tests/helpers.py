@@ -258,3 +258,19 @@ def raise_open_files(at_least: int) -> int:
         soft = at_least if hard == resource.RLIM_INFINITY else min(at_least, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     return soft
+
+
+def reference_frames(stream: bytes, max_frame: int) -> tuple[list[bytes], bool]:
+    """What a correct receiver makes of ``stream``, one frame at a time: the complete frames
+    before the first header above ``max_frame`` (or before an incomplete frame at the end), and
+    whether such a header was reached."""
+    frames, pos = [], 0
+    while pos + HEADER_SIZE <= len(stream):
+        length = int.from_bytes(stream[pos:pos + HEADER_SIZE], "big")
+        if length > max_frame:
+            return frames, True
+        if pos + HEADER_SIZE + length > len(stream):
+            break
+        frames.append(stream[pos + HEADER_SIZE:pos + HEADER_SIZE + length])
+        pos += HEADER_SIZE + length
+    return frames, False

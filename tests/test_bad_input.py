@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pickle
+import resource
 import socket
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import pytest
 from digitstream.codecs.inputs import INPUT_FORMATS, encode_images, reason_kind
 from digitstream.wire.framing import HEADER, frame, frame_many
 from helpers import (HOST, TIMEOUT, AppProcess, Collector, app_counts, memory_of, raise_open_files,
-                     send_bytes, wait_for)
+                     reference_frames, send_bytes, wait_for)
 
 #: formats served by a running application in this module: ``auto`` (the seed's default,
 #: which takes pickle, npy and json), json (answered in JSON), u8 and f32. Every format's
@@ -62,21 +63,38 @@ class Served:
         return self.collector.wait_count(before + n)[before:]
 
 
+#: the json application starts under this soft limit on open files, lower than the
+#: 500 connections it must serve at once: it raises the limit itself
+LOW_OPEN_FILES = 256
+
+
+def _start_with_open_files_limit(limit: int, start):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(limit, soft), hard))
+    try:
+        return start()  # the child inherits the limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 @pytest.fixture(scope="module")
 def served(model_dir):
     """An application per input format (``auto`` is the seed's default), started together.
     The json one answers in JSON, so the ``error`` field is checked too."""
-    raise_open_files(2048)  # the 500-connection test; the applications inherit it
+    raise_open_files(2048)  # for the 500 client sockets of this process
     started: dict[str, Served] = {}
     try:
-        for fmt in SERVED:
+        for fmt in ("json", *(f for f in SERVED if f != "json")):
             collector = Collector()
             args = [] if fmt == "auto" else ["--input-format", fmt]
             if fmt == "json":
                 args += ["--output-format", "json"]
             if fmt == "u8":
                 args += ["--max-frame", str(SMALL_MAX_FRAME)]
-            started[fmt] = Served(fmt, AppProcess(model_dir, collector.port, *args), collector)
+            app = _start_with_open_files_limit(
+                LOW_OPEN_FILES if fmt == "json" else 1 << 30,
+                lambda: AppProcess(model_dir, collector.port, *args))
+            started[fmt] = Served(fmt, app, collector)
         for s in started.values():
             s.app.wait_ready(START_TIMEOUT)
         yield started
@@ -464,3 +482,141 @@ def test_a_connection_closing_mid_frame_loses_only_the_partial_frame(served, dig
         == before["connection_errors"].get("partial_frame", 0) + 1
     assert s.exchange([valid("f32", digits, 46)]) == [str(np.array([labels[46]]))]
     assert s.collector.count() == start + 6
+
+
+def test_slow_and_silent_connections_do_not_slow_the_others(served, digits, labels):
+    """A client that sends one byte a second, and twenty that connect and send nothing, while a
+    normal client's 1,797 images are classified: the normal client is answered in full while
+    the slow one is still on its first frame."""
+    s = served["u8"]
+    baseline = s.counts()["connections_open"]
+    silent = [socket.create_connection((HOST, s.app.in_port), timeout=TIMEOUT) for _ in range(20)]
+    slow = socket.create_connection((HOST, s.app.in_port), timeout=TIMEOUT)
+    slow_frame = frame(valid("u8", digits, 60))
+    dripped = [0]
+    stop = threading.Event()
+
+    def drip():  # one byte a second (the wait is the pace, not a synchronisation)
+        while dripped[0] < len(slow_frame) - 1 and not stop.wait(1.0):
+            slow.sendall(slow_frame[dripped[0]:dripped[0] + 1])
+            dripped[0] += 1
+
+    dripper = threading.Thread(target=drip)
+    dripper.start()
+    try:
+        wait_for(lambda: s.counts()["connections_open"] >= baseline + 21,
+                 what="the silent and slow clients to be connected")
+        start = s.collector.count()
+        t0 = time.monotonic()
+        send_bytes(s.app.in_port, frame_many(encode_images(digits.X, "u8")))
+        answers = s.new_results(start, len(digits.X))
+        elapsed = time.monotonic() - t0
+        assert answers == [str(np.array([label])) for label in labels]
+        assert dripped[0] < len(slow_frame) - 1, "the slow client finished first"
+        assert elapsed < 10, f"{elapsed:.1f} s for 1,797 images next to a slow client"
+    finally:
+        stop.set()
+        dripper.join(TIMEOUT)
+    slow.sendall(slow_frame[dripped[0]:])  # the slow client, too, is answered
+    assert s.new_results(start + len(digits.X), 1) == [str(np.array([labels[60]]))]
+    for sock in [slow, *silent]:
+        sock.close()
+    wait_for(lambda: s.counts()["connections_open"] == baseline, what="the connections to close")
+    print(f"\n1,797 images answered in {elapsed * 1000:.0f} ms beside 1 slow and 20 silent clients")
+
+
+def _open_files_limit(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(line for line in f if line.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+def test_500_connections_at_once_are_all_served(served, digits, labels):
+    """500 clients connect, all stay connected, each sends two images with ids; every answer
+    arrives, in order per connection. The application was started under a soft limit of 256
+    open files and raised it itself."""
+    s = served["json"]
+    n = 500
+    assert _open_files_limit(s.app.proc.pid) >= 2 * n
+    baseline = s.counts()["connections_open"]
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(socket.create_connection((HOST, s.app.in_port), timeout=TIMEOUT))
+        wait_for(lambda: s.counts()["connections_open"] >= baseline + n,
+                 what=f"{n} connections open at once")
+        start = s.collector.count()
+        for c, sock in enumerate(socks):
+            rows = [c % len(digits.X), (c + 1) % len(digits.X)]
+            sock.sendall(frame_many(encode_images(digits.X[rows], "json", ids=[f"{c}-0", f"{c}-1"])))
+        results = [json.loads(t) for t in s.new_results(start, 2 * n)]
+    finally:
+        for sock in socks:
+            sock.close()
+    position = {r["id"]: i for i, r in enumerate(results)}
+    assert len(position) == 2 * n
+    by_id = {r["id"]: r for r in results}
+    for c in range(n):
+        assert position[f"{c}-0"] < position[f"{c}-1"]
+        assert [by_id[f"{c}-{k}"]["seq"] for k in (0, 1)] == [0, 1]
+        assert by_id[f"{c}-0"]["label"] == labels[c % len(digits.X)]
+        assert by_id[f"{c}-1"]["label"] == labels[(c + 1) % len(digits.X)]
+    wait_for(lambda: s.counts()["connections_open"] == baseline, what="the connections to close")
+
+
+def _garbage(rng, fmt: str, digits, n: int) -> list[bytes]:
+    """Random payloads: random bytes of random lengths, and valid payloads with bytes changed."""
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            out.append(rng.bytes(int(rng.integers(0, 1500))))
+        else:
+            changed = bytearray(valid(fmt, digits, int(rng.integers(0, len(digits.X)))))
+            for at in rng.integers(0, len(changed), size=int(rng.integers(1, 6))):
+                changed[at] = int(rng.integers(0, 256))
+            out.append(bytes(changed))
+    return out
+
+
+@pytest.mark.parametrize("fmt", SERVED)
+def test_after_random_garbage_valid_frames_are_answered(fmt, served, digits, labels):
+    """Four clients each send 250 random payloads, then valid images; one more sends unframed
+    random bytes. Every frame is answered once, the valid ones correctly, and the application
+    serves a new client afterwards."""
+    s = served[fmt]
+    rng = np.random.default_rng(list(SERVED).index(fmt))
+    before = s.counts()
+    start = s.collector.count()
+    sent = 0
+    for c in range(4):
+        payloads = _garbage(rng, fmt, digits, 250) + [valid(fmt, digits, i) for i in range(c, c + 5)]
+        answers = s.exchange(payloads)
+        sent += len(payloads)
+        assert len(answers) == len(payloads)
+        if s.json_output:
+            assert [json.loads(a).get("label") for a in answers[-5:]] == list(labels[c:c + 5])
+        else:
+            assert answers[-5:] == [str(np.array([label])) for label in labels[c:c + 5]]
+    # unframed random bytes after some random frames: the reference receiver says how many
+    # frames they hold before a header above the limit or an incomplete frame ends them
+    max_frame = SMALL_MAX_FRAME if fmt == "u8" else 1 << 20
+    raw = frame_many(_garbage(rng, fmt, digits, 20)) + rng.bytes(3000)
+    frames, _ = reference_frames(raw, max_frame)
+    count = s.collector.count()
+    sock = socket.create_connection((HOST, s.app.in_port), timeout=TIMEOUT)
+    sock.sendall(raw)
+    sock.shutdown(socket.SHUT_WR)
+    assert _recv_until_closed(sock)
+    sock.close()
+    assert len(s.collector.wait_count(count + len(frames))) == count + len(frames)
+    sent += len(frames)
+    answers = s.exchange([valid(fmt, digits, 9)])
+    sent += 1
+    if s.json_output:
+        assert json.loads(answers[0])["label"] == labels[9]
+    else:
+        assert answers == [str(np.array([labels[9]]))]
+    after = s.counts()
+    assert after["messages_in"] - before["messages_in"] == sent
+    assert after["messages_out"] - before["messages_out"] == sent
+    assert s.collector.count() - start == sent

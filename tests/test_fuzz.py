@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from digitstream.codecs.inputs import INPUT_FORMATS, Decoder, encode_images, reason_kind
 from digitstream.wire.framing import FrameSplitter, FrameTooLarge, Payloads
+from helpers import reference_frames
 
 N_FEATURES = 64
 #: at least 10,000 (issue 5); FUZZ_EXAMPLES=... runs more, or fewer while iterating
@@ -199,20 +200,6 @@ def test_random_bytes_every_decoder(payloads):
         check_batch(decoder, payloads)
 
 
-def _reference(stream: bytes, max_frame: int) -> tuple[list[bytes], bool]:
-    """The frames a correct splitter gives, and whether a header above ``max_frame`` is reached."""
-    frames, pos = [], 0
-    while pos + 4 <= len(stream):
-        length = int.from_bytes(stream[pos:pos + 4], "big")
-        if length > max_frame:
-            return frames, True
-        if pos + 4 + length > len(stream):
-            break
-        frames.append(stream[pos + 4:pos + 4 + length])
-        pos += 4 + length
-    return frames, False
-
-
 def _stream(kind: int, blob: bytes, tape_bytes: bytes) -> tuple[bytes, list[int]]:
     """Random bytes, or frames of random payloads (some alike, in a run), then random bytes;
     and where the reads are cut."""
@@ -254,7 +241,7 @@ def test_random_bytes_framing(stream_and_cuts, max_frame):
             frames.extend(p for g in exc.groups for p in g.to_list())
             break
         start = cut
-    expected, too_large = _reference(stream, max_frame)
+    expected, too_large = reference_frames(stream, max_frame)
     assert frames == expected
     assert (raised is not None) == too_large
     if raised is None:

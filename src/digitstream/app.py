@@ -323,5 +323,20 @@ async def _main(config: AppConfig) -> int:
 
 def run_app(config: AppConfig) -> int:
     """Run until SIGINT or SIGTERM; the exit status."""
+    _raise_open_files_limit()
     return asyncio.run(_main(config))
+
+
+def _raise_open_files_limit() -> None:
+    # Every input connection is a file descriptor; the soft limit many shells set (1024,
+    # even 256) would stop accepting long before the hard limit does.
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ImportError, ValueError, OSError) as exc:
+        log.debug("open files limit left as it is: %s", exc)
 
