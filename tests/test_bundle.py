@@ -171,7 +171,8 @@ def test_kd_trees_are_not_trusted(tmp_path):
 
 def test_forests_and_networks_load(tmp_path):
     for name, model in [("forest", RandomForestClassifier(n_estimators=5, random_state=0)),
-                        ("mlp", MLPClassifier(hidden_layer_sizes=(16,), max_iter=20, random_state=0))]:
+                        ("mlp", MLPClassifier(hidden_layer_sizes=(16,), max_iter=20,
+                                              random_state=0))]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # a few epochs are enough here
             model.fit(X, Y)
@@ -232,7 +233,8 @@ def test_what_is_not_a_fitted_classifier_is_refused(tmp_path):
     sio.dump(PCA(10).fit(X), tmp_path / "pca.skops")
     with pytest.raises(BundleError, match="not a classifier: a PCA has no predict"):
         load_bundle(tmp_path / "pca.skops")
-    sio.dump(Pipeline([("PCA", PCA(10)), ("LR", LogisticRegression())]), tmp_path / "unfitted.skops")
+    unfitted = Pipeline([("PCA", PCA(10)), ("LR", LogisticRegression())])
+    sio.dump(unfitted, tmp_path / "unfitted.skops")
     with pytest.raises(BundleError, match="not a fitted classifier"):
         load_bundle(tmp_path / "unfitted.skops")
 

@@ -40,8 +40,9 @@ def _fit(pipeline, y=Y_DIGITS):
 
 
 LINEAR = {
-    "pca-logistic": lambda: Pipeline([("PCA", PCA(40, random_state=0)),
-                                      ("Logistic Regression", LogisticRegression(C=0.1, max_iter=3000))]),
+    "pca-logistic": lambda: Pipeline([
+        ("PCA", PCA(40, random_state=0)),
+        ("Logistic Regression", LogisticRegression(C=0.1, max_iter=3000))]),
     "scaler-pca-whiten-logistic": lambda: Pipeline([
         ("Scaler", StandardScaler()), ("PCA", PCA(30, whiten=True, random_state=0)),
         ("Logistic Regression", LogisticRegression(max_iter=3000))]),
@@ -53,7 +54,8 @@ LINEAR = {
                                           ("SGD", SGDClassifier(random_state=0))]),
     "scaler-sgd-log": lambda: Pipeline([("Scaler", StandardScaler(with_std=False)),
                                         ("SGD", SGDClassifier(loss="log_loss", random_state=0))]),
-    "passthrough-ridge": lambda: Pipeline([("Nothing", "passthrough"), ("Ridge", RidgeClassifier())]),
+    "passthrough-ridge": lambda: Pipeline([("Nothing", "passthrough"),
+                                           ("Ridge", RidgeClassifier())]),
 }
 
 
@@ -74,6 +76,13 @@ def _labels(runner: Runner, X, **kwargs) -> np.ndarray:
     return runner.classes[runner.predict(X, **kwargs).class_index]
 
 
+def _assert_confidence(prediction: Prediction, proba: np.ndarray) -> None:
+    """Confidence is predict_proba's probability of the predicted class, to 1e-9."""
+    rows = np.arange(len(prediction.class_index))
+    np.testing.assert_allclose(prediction.confidence, proba[rows, prediction.class_index],
+                               rtol=0, atol=1e-9)
+
+
 def test_linear_pipelines_are_fused_and_equal_predict(linear_pipeline):
     runner = make_runner(linear_pipeline)
     assert runner.compiled
@@ -88,9 +97,7 @@ def test_binary_logistic_regression_is_fused_and_equal_predict(binary_pipeline):
     for X in (X_DIGITS, X_RANDOM):
         np.testing.assert_array_equal(_labels(runner, X), binary_pipeline.predict(X))
         prediction = runner.predict(X, want_confidence=True)
-        proba = binary_pipeline.predict_proba(X)
-        np.testing.assert_allclose(prediction.confidence,
-                                   proba[np.arange(len(X)), prediction.class_index], rtol=0, atol=1e-9)
+        _assert_confidence(prediction, binary_pipeline.predict_proba(X))
 
 
 def test_a_caller_known_bound_gives_the_same_answer(linear_pipeline):
@@ -119,9 +126,7 @@ def test_confidence_is_the_probability_of_the_predicted_class(name):
     runner = make_runner(pipeline)
     for X in (X_DIGITS, X_RANDOM[:20_000]):
         prediction = runner.predict(X, want_confidence=True)
-        proba = pipeline.predict_proba(X)
-        np.testing.assert_allclose(prediction.confidence,
-                                   proba[np.arange(len(X)), prediction.class_index], rtol=0, atol=1e-9)
+        _assert_confidence(prediction, pipeline.predict_proba(X))
         assert prediction.confidence.dtype == np.float64
 
 
@@ -147,19 +152,18 @@ def test_non_linear_pipelines_run_step_by_step_and_equal_predict(pipeline):
         assert prediction.class_index.dtype == np.intp
         assert len(prediction.stage_seconds) == len(runner.stage_names)
         if hasattr(pipeline, "predict_proba"):
-            proba = pipeline.predict_proba(X)
-            np.testing.assert_allclose(prediction.confidence,
-                                       proba[np.arange(len(X)), prediction.class_index])
+            _assert_confidence(prediction, pipeline.predict_proba(X))
         else:
             assert prediction.confidence is None
 
 
 def test_string_labels_are_indices_into_classes():
-    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    names = np.array("zero one two three four five six seven eight nine".split())
     for pipeline in (LINEAR["pca-logistic"](), KNeighborsClassifier(algorithm="brute")):
         pipeline = _fit(pipeline, y=names[Y_DIGITS])
         runner = make_runner(pipeline)
-        np.testing.assert_array_equal(_labels(runner, X_DIGITS[:300]), pipeline.predict(X_DIGITS[:300]))
+        X = X_DIGITS[:300]
+        np.testing.assert_array_equal(_labels(runner, X), pipeline.predict(X))
 
 
 def test_an_empty_batch_gives_empty_results():
@@ -190,9 +194,7 @@ def test_exactly_tied_classes_go_to_the_first_as_in_scikit_learn():
     assert runner.compiled
     prediction = runner.predict(X, want_confidence=True)
     np.testing.assert_array_equal(runner.classes[prediction.class_index], expected)
-    proba = pipeline.predict_proba(X)
-    np.testing.assert_allclose(prediction.confidence, proba[np.arange(len(X)), prediction.class_index],
-                               rtol=0, atol=1e-9)
+    _assert_confidence(prediction, pipeline.predict_proba(X))
 
 
 def test_a_binary_score_of_exactly_zero_is_the_negative_class_even_where_fusing_rounds_it():

@@ -204,7 +204,8 @@ def _format_json(value, indent: str) -> str:
 def _holds_nested_container(value) -> bool:
     """Lists of plain values and dicts of plain values or such lists fit one line."""
     if isinstance(value, dict):
-        return any(isinstance(item, dict) or (isinstance(item, list) and _holds_nested_container(item))
+        return any(isinstance(item, dict)
+                   or (isinstance(item, list) and _holds_nested_container(item))
                    for item in value.values())
     if isinstance(value, list):
         return any(isinstance(item, (dict, list)) for item in value)

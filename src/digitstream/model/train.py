@@ -117,10 +117,12 @@ def main(dataset: str = "digits", model_name: str = "pca-logistic", output: str 
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
                                TextColumn, TimeElapsedColumn)
+    from rich.text import Text
 
     from digitstream.model.bundle import load_bundle, save_bundle
 
-    out = Console(highlight=False, soft_wrap=True)
+    # No markup: paths and labels are printed as they are.
+    out = Console(highlight=False, soft_wrap=True, markup=False)
     recipe = get_recipe(model_name)
     if jobs == 0 or jobs < -1:
         raise UserError(f"--jobs must be a positive number of processes or -1 (all cores), "
@@ -148,7 +150,7 @@ def main(dataset: str = "digits", model_name: str = "pca-logistic", output: str 
     else:
         out.print(f"One candidate, nothing to search: {chosen}")
     correct = int(np.sum(result.y_pred == result.split.y_test))
-    out.print(f"[bold]Held-out accuracy: {result.accuracy:.4f}[/bold] "
+    out.print(Text(f"Held-out accuracy: {result.accuracy:.4f}", style="bold"),
               f"({correct} of {len(result.split.y_test)} held-out images)")
     if len(result.pipeline.classes_) <= 20:
         out.print(_confusion_table(result.pipeline.classes_, result.confusion))
@@ -227,14 +229,15 @@ def _fit_and_score(template, params: dict, X: np.ndarray, y: np.ndarray, fold, c
 
 def _confusion_table(classes, confusion: np.ndarray):
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="Confusion matrix on the held-out part (rows: true, columns: predicted)",
                   title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("")
     for label in classes:
-        table.add_column(str(label), justify="right")
+        table.add_column(Text(str(label)), justify="right")
     for i, (label, row) in enumerate(zip(classes, confusion)):
-        cells = [f"[bold]{n}[/bold]" if i == j else (str(n) if n else "[dim]·[/dim]")
-                 for j, n in enumerate(row)]
-        table.add_row(str(label), *cells)
+        cells = [Text(str(n), style="bold" if i == j else "") if n or i == j
+                 else Text("·", style="dim") for j, n in enumerate(row)]
+        table.add_row(Text(str(label)), *cells)
     return table

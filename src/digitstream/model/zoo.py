@@ -122,7 +122,8 @@ def _mlp(seed: int) -> Pipeline:
     # of ~250 on digits, at the same held-out accuracy.
     return Pipeline([
         ("Standard Scaler", StandardScaler()),
-        ("Neural Network", MLPClassifier(learning_rate_init=0.01, max_iter=1000, random_state=seed)),
+        ("Neural Network", MLPClassifier(learning_rate_init=0.01, max_iter=1000,
+                                         random_state=seed)),
     ])
 
 
