@@ -163,11 +163,18 @@ class StreamCollector:
             info = InfoMetricFamily("digitstream_model", "The model being served.")
             info.add_metric([], _card_labels(self.card))
             yield info
-            accuracy = self.card.get("held_out_accuracy")
-            if isinstance(accuracy, (int, float)):
+            accuracy = _held_out_accuracy(self.card)
+            if accuracy is not None:
                 yield GaugeMetricFamily("digitstream_model_held_out_accuracy",
                                         "The model's accuracy on data held out from training.",
                                         value=accuracy)
+
+
+def _held_out_accuracy(card: dict) -> float | None:
+    for key in ("heldout_accuracy", "held_out_accuracy"):
+        if isinstance(card.get(key), (int, float)):
+            return card[key]
+    return None
 
 
 def _stage_order(stage_names: list[str], stage: str) -> int:
@@ -184,9 +191,10 @@ def _card_labels(card: dict) -> dict[str, str]:
             labels[key] = str(value)
         elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
             labels[key] = ",".join(map(str, value))
-        elif isinstance(value, dict) and all(isinstance(v, (str, int, float)) for v in value.values()):
+        elif isinstance(value, dict):
             for k, v in value.items():
-                labels[f"{key}_{k}"] = str(v)
+                if isinstance(v, (str, int, float, bool)):
+                    labels[f"{key}_{k}"] = str(v)
     return {_label_name(k): v for k, v in labels.items() if len(v) <= 200}
 
 

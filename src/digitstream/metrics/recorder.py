@@ -17,6 +17,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections import Counter, deque
+from itertools import accumulate
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,34 +79,44 @@ class Histogram:
 
     def quantile(self, q: float) -> float | None:
         """The ``q`` quantile in seconds, interpolated on the log scale within its bucket."""
+        return self.quantiles((q,))[0]
+
+    def quantiles(self, qs) -> list[float | None]:
+        """:meth:`quantile` for each of ``qs``, with one pass over the buckets."""
         if self.count == 0:
-            return None
-        rank = q * self.count
-        seen = 0
-        for index, c in enumerate(self.counts):
-            if c and seen + c >= rank:
-                break
-            seen += c
-        if index >= len(LATENCY_EDGES):
-            return max(self.max, LATENCY_EDGES[-1])
-        upper = LATENCY_EDGES[index]
-        lower = LATENCY_EDGES[index - 1] if index else upper / _BUCKET_RATIO
-        fraction = min(max((rank - seen) / c, 0.0), 1.0) if c else 1.0
-        value = lower * (upper / lower) ** fraction
-        # an interpolated value past the largest one seen would be invented
-        return min(value, self.max) if self.max else value
+            return [None] * len(qs)
+        cumulative = list(accumulate(self.counts))
+        out = []
+        for q in qs:
+            rank = q * self.count
+            index = min(bisect_left(cumulative, rank), len(cumulative) - 1)
+            if index >= len(LATENCY_EDGES):
+                out.append(max(self.max, LATENCY_EDGES[-1]))
+                continue
+            in_bucket = self.counts[index]
+            below = cumulative[index] - in_bucket
+            upper = LATENCY_EDGES[index]
+            lower = LATENCY_EDGES[index - 1] if index else upper / _BUCKET_RATIO
+            fraction = min(max((rank - below) / in_bucket, 0.0), 1.0) if in_bucket else 1.0
+            value = lower * (upper / lower) ** fraction
+            # an interpolated value past the largest one seen would be invented
+            out.append(min(value, self.max) if self.max else value)
+        return out
 
     def summary(self) -> dict:
         """``count``, ``mean``, ``max`` and the :data:`QUANTILES`, in seconds (None when empty)."""
         out = {"count": self.count,
                "mean": self.sum / self.count if self.count else None,
                "max": self.max if self.count else None}
-        for name, q in QUANTILES:
-            out[name] = self.quantile(q)
+        out.update(zip((name for name, _ in QUANTILES), self.quantiles([q for _, q in QUANTILES])))
         return out
 
 
 _BUCKET_RATIO = 10.0 ** (1 / BUCKETS_PER_DECADE)
+
+
+def _round_time(seconds: float | None) -> float | None:
+    return None if seconds is None else float(f"{seconds:.4g}")
 
 
 class WorkerStats:
@@ -340,17 +351,18 @@ class Metrics:
         elapsed = now - last[0]
         if elapsed <= 0:
             return None
-        window = totals[6].minus(last[6])
+        p50, p99 = totals[6].minus(last[6]).quantiles((0.5, 0.99))
+        # rounded once here, as every poll of /api/stats sends the whole history
         sample = Sample(
-            t=now,
-            messages_in=(totals[1] - last[1]) / elapsed,
-            messages_out=(totals[2] - last[2]) / elapsed,
-            bytes_in=(totals[3] - last[3]) / elapsed,
-            bytes_out=(totals[4] - last[4]) / elapsed,
-            rejected=(totals[5] - last[5]) / elapsed,
-            latency_p50=window.quantile(0.5),
-            latency_p99=window.quantile(0.99),
-            workers={name: (count - last[7].get(name, 0)) / elapsed
+            t=round(now, 3),
+            messages_in=round((totals[1] - last[1]) / elapsed, 1),
+            messages_out=round((totals[2] - last[2]) / elapsed, 1),
+            bytes_in=round((totals[3] - last[3]) / elapsed),
+            bytes_out=round((totals[4] - last[4]) / elapsed),
+            rejected=round((totals[5] - last[5]) / elapsed, 1),
+            latency_p50=_round_time(p50),
+            latency_p99=_round_time(p99),
+            workers={name: round((count - last[7].get(name, 0)) / elapsed, 1)
                      for name, count in totals[7].items()},
         )
         with self._lock:

@@ -4,7 +4,8 @@
 ``/``              the live dashboard (``static/``: no CDN, works offline)
 ``/metrics``       Prometheus text format (:mod:`digitstream.metrics.prometheus`)
 ``/api/stats``     JSON (:func:`digitstream.metrics.stats.stats_document`);
-                   ``?window=N`` keeps the last N seconds of history
+                   ``?window=N``: only the last N seconds of history;
+                   ``?since=T``: only the history after Unix time T
 ``/healthz``       200 while the process serves HTTP
 ``/readyz``        200 once the model is loaded and the source listens;
                    503 before that and while stopping
@@ -147,10 +148,13 @@ class MetricsServer:
 
     async def _stats(self, request):
         try:
-            window = int(request.query.get("window", "600"))
+            window = int(request.query["window"]) if "window" in request.query else None
+            since = float(request.query["since"]) if "since" in request.query else None
         except ValueError:
-            raise web.HTTPBadRequest(text="window must be a whole number of seconds\n") from None
-        document = stats_document(self.metrics.snapshot(), self._info(), window=max(window, 0))
+            raise web.HTTPBadRequest(
+                text="window must be a whole number of seconds, since a Unix time\n") from None
+        document = stats_document(self.metrics.snapshot(), self._info(),
+                                  window=None if window is None else max(window, 0), since=since)
         return web.Response(text=json.dumps(document, separators=(",", ":")),
                             content_type="application/json",
                             headers={"Cache-Control": "no-store"})

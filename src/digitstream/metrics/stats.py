@@ -8,7 +8,8 @@ import math
 from digitstream.metrics.recorder import BATCH_SIZE_EDGES, Snapshot
 
 
-def stats_document(snapshot: Snapshot, info: dict, window: int | None = None) -> dict:
+def stats_document(snapshot: Snapshot, info: dict, window: int | None = None,
+                   since: float | None = None) -> dict:
     """The ``/api/stats`` document. Times are in seconds, rates per second.
 
     Top-level fields:
@@ -40,15 +41,21 @@ def stats_document(snapshot: Snapshot, info: dict, window: int | None = None) ->
       ``confusion``: ``{"labels": [...], "matrix": [[...]]}``, rows true, columns predicted.
     - ``model``: the model card of the bundle (data set, held-out accuracy, step names,
       library versions, ...), as in its ``model.json``.
-    - ``history``: per-second samples, oldest first, at most ``window`` (default 600):
+    - ``history``: per-second samples, oldest first: the last ``window`` (default all 600),
+      or only those after ``since`` (a ``t`` from an earlier answer) when given:
       ``interval_s``, and lists ``t``, ``in_per_s``, ``out_per_s``, ``bytes_in_per_s``,
       ``rejected_per_s``, ``latency_p50``, ``latency_p99`` (end to end, that second),
       ``workers`` (name -> list of out_per_s).
     """
     s = snapshot
-    history = s.history[-window:] if window else s.history
-    if window == 0:
-        history = []
+    history = s.history
+    if since is not None:
+        start = len(history)
+        while start and history[start - 1].t > since:
+            start -= 1
+        history = history[start:]
+    if window is not None:
+        history = history[-window:] if window else []
     last = s.history[-1] if s.history else None
     minute = s.history[-60:]
     stages = s.stages()
@@ -115,14 +122,14 @@ def stats_document(snapshot: Snapshot, info: dict, window: int | None = None) ->
         "model": _jsonable(info.get("model") or {}),
         "history": {
             "interval_s": 1,
-            "t": [round(x.t, 3) for x in history],
-            "in_per_s": [round(x.messages_in, 1) for x in history],
-            "out_per_s": [round(x.messages_out, 1) for x in history],
-            "bytes_in_per_s": [round(x.bytes_in) for x in history],
-            "rejected_per_s": [round(x.rejected, 1) for x in history],
-            "latency_p50": [_round_time(x.latency_p50) for x in history],
-            "latency_p99": [_round_time(x.latency_p99) for x in history],
-            "workers": {name: [round(x.workers.get(name, 0.0), 1) for x in history]
+            "t": [x.t for x in history],
+            "in_per_s": [x.messages_in for x in history],
+            "out_per_s": [x.messages_out for x in history],
+            "bytes_in_per_s": [x.bytes_in for x in history],
+            "rejected_per_s": [x.rejected for x in history],
+            "latency_p50": [x.latency_p50 for x in history],
+            "latency_p99": [x.latency_p99 for x in history],
+            "workers": {name: [x.workers.get(name, 0.0) for x in history]
                         for name in _worker_names(history)},
         },
     }
@@ -136,14 +143,9 @@ def _ordered(stage_names: list[str], present) -> list[str]:
 def _worker_names(history) -> list[str]:
     names: dict[str, None] = {}
     for sample in history:
-        names.update(dict.fromkeys(sample.workers))
+        if sample.workers.keys() - names.keys():
+            names.update(dict.fromkeys(sample.workers))
     return list(names)
-
-
-def _round_time(seconds: float | None) -> float | None:
-    if seconds is None:
-        return None
-    return float(f"{seconds:.4g}")
 
 
 def _jsonable(value):

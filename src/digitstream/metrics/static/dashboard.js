@@ -14,6 +14,9 @@ function fmtRate(x) {
   if (x >= 1e3) return (x / 1e3).toFixed(1) + "k";
   return x.toFixed(x > 0 && x < 10 ? 1 : 0);
 }
+function fmtShort(n) {
+  return n >= 1000 ? fmtRate(n) : String(Math.round(n));
+}
 function fmtCount(n) {
   if (n == null) return "–";
   return Number(n).toLocaleString("en-US");
@@ -70,7 +73,8 @@ function makeChart(id, series, yOpts) {
     height: box.clientHeight - 30,
     cursor: { drag: { x: false, y: false } },
     legend: { live: true },
-    scales: { x: { time: true }, y: yOpts.scale },
+    // at least a minute wide, so a young stream grows from the right instead of filling the chart
+    scales: { x: { time: true, range: (u, min, max) => [Math.min(min, max - 60), max] }, y: yOpts.scale },
     axes: [
       { ...AXIS },
       { ...AXIS, size: 64, values: (u, vals) => vals.map(yOpts.format) },
@@ -81,6 +85,13 @@ function makeChart(id, series, yOpts) {
   const chart = new uPlot(opts, [[], ...series.map(() => [])], box);
   new ResizeObserver(() => chart.setSize({ width: box.clientWidth, height: box.clientHeight - 30 })).observe(box);
   return chart;
+}
+
+function setData(chart, data) {
+  chart.setData(data);
+  // away from the cursor the legend shows the latest second rather than dashes
+  const last = data[0].length - 1;
+  if (last >= 0 && chart.cursor.idx == null) chart.setLegend({ idx: last });
 }
 
 function drawCharts(h) {
@@ -96,10 +107,10 @@ function drawCharts(h) {
       { label: "p99", stroke: "#ffb35a" },
     ], { scale: { distr: 3 }, format: fmtDur });
   }
-  charts.throughput.setData([h.t, h.out_per_s, h.in_per_s, h.rejected_per_s]);
+  setData(charts.throughput, [h.t, h.out_per_s, h.in_per_s, h.rejected_per_s]);
   // a log scale has no room for zero: a second with no messages is a gap
   const positive = (xs) => xs.map((x) => (x > 0 ? x : null));
-  charts.latency.setData([h.t, positive(h.latency_p50), positive(h.latency_p99)]);
+  setData(charts.latency, [h.t, positive(h.latency_p50), positive(h.latency_p99)]);
 }
 
 // ------------------------------------------------------------ sections
@@ -205,7 +216,7 @@ function drawWorkers(s) {
 function drawBars(id, labels, counts, alt) {
   const max = Math.max(1, ...counts);
   $(id).replaceChildren(...counts.map((c, i) => el("div", { class: "bar", title: `${labels[i]}: ${fmtCount(c)}` },
-    el("div", { class: "count" }, c ? fmtRate(c) : ""),
+    el("div", { class: "count" }, c ? fmtShort(c) : ""),
     el("div", { class: "fill" + (alt ? " alt" : ""), style: { height: (100 * c / max).toFixed(1) + "%" } }),
     el("div", { class: "label" }, labels[i]))));
 }
@@ -247,18 +258,43 @@ function drawConfusion(s) {
     const alpha = c ? 0.15 + 0.85 * Math.sqrt(c / max) : 0;
     const color = i === j ? `rgba(71,201,126,${alpha})` : `rgba(255,107,107,${alpha})`;
     return el("td", { class: i === j ? "diag" : "", title: `true ${labels[i]}, predicted ${labels[j]}: ${c}`,
-      style: { background: color } }, c ? fmtRate(c) : "");
+      style: { background: color } }, c ? fmtShort(c) : "");
   })));
   box.replaceChildren(el("table", { class: "matrix" }, head, ...rows));
 }
 
-const CARD_ORDER = ["dataset", "model", "held_out_accuracy", "steps", "n_features", "classes", "versions", "library_versions"];
+// The card is the bundle's model.json: show what a person checks before trusting
+// a model, in that order; lists of lists (the held-out confusion matrix, the
+// search) stay in the file.
+const CARD_FIELDS = [
+  ["model", "model"], ["description", "about"], ["dataset", "data set"],
+  ["heldout_accuracy", "held-out accuracy"], ["held_out_accuracy", "held-out accuracy"],
+  ["split", "held out"], ["steps", "steps"], ["estimators", "estimators"], ["n_features", "features"],
+  ["classes", "classes"], ["versions", "versions"], ["trained_at", "trained"],
+  ["content_hash", "content hash"],
+];
+const CARD_SKIP = new Set(["format", "pipeline_file", "confusion_matrix", "search"]);
 
 function cardValue(key, v) {
   if (v == null) return "–";
   if (/accuracy/.test(key) && typeof v === "number") return fmtPercent(v, 2);
-  if (Array.isArray(v)) return v.map((x) => (typeof x === "object" ? JSON.stringify(x) : String(x))).join(key === "steps" ? " → " : ", ");
-  if (typeof v === "object") return Object.entries(v).map(([k, x]) => `${k} ${typeof x === "object" ? JSON.stringify(x) : x}`).join(" · ");
+  if (key === "split" && typeof v === "object" && v.n_held_out != null) {
+    return `${fmtCount(v.n_held_out)} of ${fmtCount(v.n_held_out + (v.n_train || 0))} images` +
+      (v.stratified ? ", stratified" : "");
+  }
+  if (key === "dataset" && typeof v === "object" && v.spec != null) {
+    return [v.spec, v.n_samples != null ? fmtCount(v.n_samples) + " images" : null,
+      v.n_features != null ? v.n_features + " features" : null].filter(Boolean).join(" · ");
+  }
+  if (key === "content_hash" && typeof v === "string") return v.length > 23 ? v.slice(0, 23) + "…" : v;
+  if (Array.isArray(v)) {
+    if (v.some((x) => typeof x === "object" && x !== null)) return null;
+    return v.map(String).join(key === "steps" ? " → " : ", ");
+  }
+  if (typeof v === "object") {
+    const parts = Object.entries(v).filter(([, x]) => typeof x !== "object").map(([k, x]) => `${k} ${x}`);
+    return parts.length ? parts.join(" · ") : null;
+  }
   return String(v);
 }
 
@@ -267,24 +303,54 @@ function drawModelCard(s) {
   const key = JSON.stringify(s.model);
   if (box.dataset.key === key) return;
   box.dataset.key = key;
-  const entries = Object.entries(s.model);
-  entries.sort(([a], [b]) => {
-    const ia = CARD_ORDER.indexOf(a), ib = CARD_ORDER.indexOf(b);
-    return (ia < 0 ? 99 : ia) - (ib < 0 ? 99 : ib);
-  });
+  const card = s.model || {};
+  const known = new Set(CARD_FIELDS.map(([k]) => k));
+  const fields = CARD_FIELDS.filter(([k]) => k in card);
+  for (const k of Object.keys(card)) {
+    if (!known.has(k) && !CARD_SKIP.has(k)) fields.push([k, k.replace(/_/g, " ")]);
+  }
   const items = [];
-  for (const [k, v] of entries) items.push(el("dt", {}, k.replace(/_/g, " ")), el("dd", {}, cardValue(k, v)));
-  items.push(el("dt", {}, "pipeline"), el("dd", {}, s.pipeline.join(" → ")));
+  for (const [k, label] of fields) {
+    const text = cardValue(k, card[k]);
+    if (text != null) items.push(el("dt", {}, label), el("dd", {}, text));
+  }
+  items.push(el("dt", {}, "served as"), el("dd", {}, s.pipeline.join(" → ")));
   items.push(el("dt", {}, "digitstream"), el("dd", {}, s.version || "–"));
   box.replaceChildren(...items);
 }
 
 // ------------------------------------------------------------ the loop
-function draw(s) {
+const HISTORY_POINTS = 600;
+const COLUMNS = ["t", "in_per_s", "out_per_s", "bytes_in_per_s", "rejected_per_s", "latency_p50", "latency_p99"];
+let history = null;
+let startedAt = null;
+
+// After the first answer only the new seconds are asked for (?since=), so a poll
+// costs the application little however long the history is.
+function mergeHistory(fresh) {
+  const old = history, n = old.t.length, m = fresh.t.length;
+  const merged = { workers: {} };
+  for (const c of COLUMNS) merged[c] = old[c].concat(fresh[c]).slice(-HISTORY_POINTS);
+  for (const name of new Set([...Object.keys(old.workers), ...Object.keys(fresh.workers)])) {
+    const before = old.workers[name] || new Array(n).fill(0);
+    const after = fresh.workers[name] || new Array(m).fill(0);
+    merged.workers[name] = before.concat(after).slice(-HISTORY_POINTS);
+  }
+  return merged;
+}
+
+function statsUrl() {
+  if (history && history.t.length) return "/api/stats?since=" + history.t[history.t.length - 1];
+  return "/api/stats";
+}
+
+function draw(s, incremental) {
+  history = incremental && history && s.started_at === startedAt ? mergeHistory(s.history) : s.history;
+  startedAt = s.started_at;
   drawHeader(s);
   drawPipeline(s);
   drawTiles(s);
-  drawCharts(s.history);
+  drawCharts(history);
   drawLatencyTable(s);
   drawWorkers(s);
   drawDistributions(s);
@@ -295,9 +361,10 @@ function draw(s) {
 
 async function poll() {
   try {
-    const response = await fetch("/api/stats?window=600", { cache: "no-store" });
+    const url = statsUrl();
+    const response = await fetch(url, { cache: "no-store" });
     if (!response.ok) throw new Error("HTTP " + response.status);
-    draw(await response.json());
+    draw(await response.json(), url.includes("since="));
   } catch (err) {
     const pill = $("status");
     pill.className = "pill down";
