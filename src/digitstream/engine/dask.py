@@ -74,7 +74,6 @@ class FlowSpec:
     """What a worker needs to build the run's :class:`Flow` from a loaded model."""
 
     content_hash: str
-    plugin_name: str
     input_format: str
     output_format: str
     compile_model: bool
@@ -268,7 +267,8 @@ class DaskEngine:
         self.client = None
         self.cluster = None
         self.workers: dict[str, str] = {}  # address -> label
-        self.local_fallbacks = 0
+        self.local_fallbacks = 0  # batches the cluster could not compute, computed here
+        self._quiet_until = 0.0
         self._run_id = uuid.uuid4().hex[:12]
         self._slots = _Slots()
         self._held_messages = 0  # messages of the batches in flight
@@ -277,9 +277,12 @@ class DaskEngine:
         self._refresh_lock = asyncio.Lock()
         self._refreshes: set[asyncio.Task] = set()
         self._subscribed = False
+        self._waiters: set[asyncio.Future] = set()  # awaits of results from the cluster
+        self._scheduler_lost = False
+        self.address = ""  # the scheduler's
         self._plugin_name = f"digitstream-model-{_hex(bundle.content_hash)[:12]}-{self._run_id}"
-        self._spec = FlowSpec(bundle.content_hash, self._plugin_name, config.input_format,
-                              config.output_format, config.compile_model)
+        self._spec = FlowSpec(bundle.content_hash, config.input_format, config.output_format,
+                              config.compile_model)
 
     @property
     def capacity(self) -> int:
@@ -308,16 +311,21 @@ class DaskEngine:
             except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
                 raise UserError(f"cannot reach the Dask scheduler at {address} within "
                                 f"{CONNECT_TIMEOUT:.0f} s: {_reason(exc)}") from None
+            self.address = address
             where = f"the Dask scheduler at {address}"
         else:
             from distributed import LocalCluster
 
             n = cfg.workers or 1
-            self.cluster = await LocalCluster(host="127.0.0.1", n_workers=n, threads_per_worker=1,
-                                              processes=True, dashboard_address=None,
-                                              asynchronous=True)
+            # no dashboard; the scheduler's small HTTP server (health, metrics) on any free
+            # loopback port rather than on 8787, which another cluster may hold
+            self.cluster = await LocalCluster(
+                host="127.0.0.1", n_workers=n, threads_per_worker=1, processes=True,
+                dashboard_address=None, asynchronous=True,
+                scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
             self.client = await Client(self.cluster, asynchronous=True, set_as_default=False)
-            where = f"a local Dask cluster of {n} worker processes at {self.cluster.scheduler_address}"
+            self.address = self.cluster.scheduler_address
+            where = f"a local Dask cluster of {n} worker processes at {self.address}"
         try:
             await self._register_model()
         except BaseException:
@@ -356,6 +364,10 @@ class DaskEngine:
                             self.client.unregister_worker_plugin(self._plugin_name), 5)
                     except Exception as exc:  # the scheduler may be gone already
                         log.debug("could not unregister the model plugin: %s", exc)
+            if self._scheduler_lost:
+                # its reconnection attempts, cut short here, would log tracebacks about
+                # what the error above already said
+                logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
             await self.client.close()
             self.client = None
         if self.cluster is not None:
@@ -372,16 +384,16 @@ class DaskEngine:
     async def _compute(self, batch: Batch) -> BatchResult:
         self._held_messages += len(batch)
         try:
+            if self._scheduler_lost:
+                self.local_fallbacks += 1
+                return self.flow.process(batch)
             return await self._on_cluster(batch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             # the cluster could not compute it (the task kept failing, or the scheduler
             # went away): computed here rather than lost or left out of the output
-            self.local_fallbacks += 1
-            log.warning("batch of connection %d from message %d (%d messages) computed in "
-                        "this process: the cluster could not (%s)", batch.conn_id,
-                        batch.first_seq, len(batch), _reason(exc))
+            self._fell_back(batch, exc)
             return self.flow.process(batch)
         finally:
             self._held_messages -= len(batch)
@@ -393,10 +405,28 @@ class DaskEngine:
         future = self.client.submit(classify, self._spec, batch.conn_id, batch.first_seq,
                                     pack(batch.payloads), key=key, retries=TASK_RETRIES,
                                     pure=False)
+        # awaited through a task of our own, which the watcher cancels if the scheduler is
+        # lost: a Dask future caught in a gather at that moment may never resolve
+        waiter = asyncio.ensure_future(future.result())
+        self._waiters.add(waiter)
         try:
-            return await future
+            return await waiter
+        except asyncio.CancelledError:
+            if self._scheduler_lost and waiter.cancelled():
+                raise SchedulerLost(self.address) from None
+            raise
         finally:
+            self._waiters.discard(waiter)
             future.release()
+
+    def _fell_back(self, batch: Batch, exc: Exception) -> None:
+        self.local_fallbacks += 1
+        now = time.monotonic()
+        if now >= self._quiet_until:  # one line every few seconds, not one per batch
+            self._quiet_until = now + 5.0
+            log.warning("%d batches so far computed in this process because the cluster could "
+                        "not; the latest (connection %d, from message %d): %s",
+                        self.local_fallbacks, batch.conn_id, batch.first_seq, _reason(exc))
 
     # ------------------------------------------------------------ workers
     def _on_event(self, event) -> None:
@@ -417,12 +447,28 @@ class DaskEngine:
             task.add_done_callback(self._refreshes.discard)
 
     async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(WORKER_POLL)
-            try:
-                await self._refresh()
-            except Exception as exc:  # the scheduler may be briefly unreachable
-                log.debug("could not ask the scheduler for its workers: %s", exc)
+        next_refresh = time.monotonic() + WORKER_POLL
+        while not self._scheduler_lost:
+            await asyncio.sleep(0.2)
+            if self.client.status != "running":
+                self._lose_scheduler()
+            elif time.monotonic() >= next_refresh:
+                next_refresh = time.monotonic() + WORKER_POLL
+                try:
+                    await self._refresh()
+                except Exception as exc:  # the scheduler may be briefly unreachable
+                    log.debug("could not ask the scheduler for its workers: %s", exc)
+
+    def _lose_scheduler(self) -> None:
+        """The client lost the scheduler: every batch out, and every later one, is
+        computed in this process (the scheduler forgot the tasks; a new one would not
+        know the model)."""
+        self._scheduler_lost = True
+        log.error("lost the Dask scheduler at %s: the %d batches in flight and all that "
+                  "follow are computed in this process", self.address, self._slots.used)
+        self._slots.resize(max(self._slots.size, self.in_flight))
+        for waiter in list(self._waiters):
+            waiter.cancel()
 
     async def _refresh(self) -> None:
         """Bring the worker list, the in-flight limit and the metrics up to date."""
@@ -450,6 +496,11 @@ class DaskEngine:
                           self._slots.used, self._held_messages)
             elif now and not old and self._slots.used:
                 log.info("a Dask worker joined: the %d waiting batches go on", self._slots.used)
+
+class SchedulerLost(ConnectionError):
+    def __init__(self, address: str):
+        super().__init__(f"lost the Dask scheduler at {address}")
+
 
 def _hex(content_hash: str) -> str:
     return content_hash.rpartition(":")[2]
