@@ -139,6 +139,9 @@ def run(in_addr, out_addr, metrics_addr, no_metrics, model_path, input_format, o
 
     if engine == "local" and (workers or scheduler):
         raise click.UsageError("--workers and --scheduler need --engine dask")
+    if workers and scheduler:
+        raise click.UsageError("--workers starts a local cluster, --scheduler uses a running "
+                               "one: give one of them")
     config = AppConfig(
         in_addr=in_addr, out_addr=out_addr,
         metrics_addr=None if no_metrics else metrics_addr,

@@ -325,7 +325,7 @@ class DaskEngine:
                 scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
             self.client = await Client(self.cluster, asynchronous=True, set_as_default=False)
             self.address = self.cluster.scheduler_address
-            where = f"a local Dask cluster of {n} worker processes at {self.address}"
+            where = f"a local Dask cluster at {self.address}"
         try:
             await self._register_model()
         except BaseException:
@@ -335,7 +335,7 @@ class DaskEngine:
         self._subscribed = True
         await self._refresh()
         self._watcher = asyncio.create_task(self._watch())
-        log.info("engine: %s; %d workers, up to %d batches in flight per worker", where,
+        log.info("engine: %s; %d worker(s), up to %d batches in flight per worker", where,
                  len(self.workers), self.in_flight)
         if not self.workers:
             log.warning("no Dask worker yet: input waits until one joins")
