@@ -1,0 +1,278 @@
+"""``digitstream bench --engine dask``: the Dask engine beside the local one.
+
+Two questions, on this machine over loopback, with the benchmark's sender and
+listener (:class:`~digitstream.bench.runner.Session`); each application runs
+``--engine dask --workers N``, a local cluster of N worker processes:
+
+1. **Does the work spread?** A compute-heavy model (scaler, then an RBF
+   SVC: some hundred times the seed's model's cost per image) through one and
+   through two workers. Target: two workers >= 1.6 x one. Batches are capped
+   (``--max-batch``) so that a run has enough of them to share.
+2. **What does Dask cost?** The seed's linear model through the local engine
+   and through Dask: throughput side by side, and the latency a batch's round
+   trip through the scheduler and a worker adds (paced runs, Dask's median
+   latency minus the local engine's: every message waits for one round trip).
+
+Systems of one question are started together and measured in turns, as the
+main suite does, so that a slow spell of the shared machine spreads over all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from digitstream.bench.measure import rate_summary, ratio
+from digitstream.bench.systems import BenchError, System, start_all
+
+#: two workers / one worker, compute-heavy model
+SPEEDUP_TARGET = 1.6
+#: batch cap with the heavy model: ~0.1 s of one core per batch, many batches per run
+HEAVY_MAX_BATCH = 1000
+#: the latency runs are paced at this rate (messages/s), for this long (s)
+LATENCY_RATE = 20_000
+LATENCY_SECONDS = {True: 2.0, False: 6.0}
+#: messages per throughput run: heavy model, linear model (quick, full)
+MESSAGES = {"heavy": {True: 20_000, False: 60_000}, "linear": {True: 500_000, False: 3_000_000}}
+
+
+def _dask(workers: int, *more: str) -> tuple[str, ...]:
+    return ("--engine", "dask", "--workers", str(workers), *more)
+
+
+HEAVY = [
+    System("heavy_local", "local engine", "digitstream", "u8",
+           args=("--max-batch", str(HEAVY_MAX_BATCH))),
+    System("heavy_dask_1", "dask, 1 worker", "digitstream", "u8",
+           args=_dask(1, "--max-batch", str(HEAVY_MAX_BATCH))),
+    System("heavy_dask_2", "dask, 2 workers", "digitstream", "u8",
+           args=_dask(2, "--max-batch", str(HEAVY_MAX_BATCH))),
+]
+LINEAR = [
+    System("linear_local", "local engine", "digitstream", "u8"),
+    System("linear_dask_1", "dask, 1 worker", "digitstream", "u8", args=_dask(1)),
+    System("linear_dask_2", "dask, 2 workers", "digitstream", "u8", args=_dask(2)),
+]
+
+
+def heavy_model(directory: Path) -> dict:
+    """Fit the compute-heavy model on the digits set and save it as a bundle."""
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    from digitstream.datasets import load_dataset
+    from digitstream.model.bundle import save_bundle
+
+    data = load_dataset("digits")
+    pipeline = Pipeline([("Scaler", StandardScaler()),
+                         ("RBF SVM", SVC(kernel="rbf", C=10, gamma="scale"))])
+    pipeline.fit(data.X, data.y)
+    accuracy = float(np.mean(pipeline.predict(data.X) == data.y))
+    save_bundle(pipeline, directory, {"dataset": "digits", "model": "scaler-rbf-svc",
+                                      "training_accuracy": accuracy})
+    return {"steps": [name for name, _ in pipeline.steps],
+            "support_vectors": int(pipeline[-1].support_vectors_.shape[0])}
+
+
+def run(session, settings, console=None) -> dict:
+    """Measure both questions; the figures (and a table printed on ``console``)."""
+    import os
+
+    quick = settings.quick
+    figures: dict = {"speedup_target": SPEEDUP_TARGET, "errors": [], "cores": os.cpu_count()}
+    load_before = os.getloadavg()[0]
+    heavy_dir = session.directory / "model-heavy"
+    session.log("dask: fitting the compute-heavy model (scaler, RBF SVC)")
+    figures["heavy_model"] = heavy_model(heavy_dir)
+
+    heavy = _measure(session, HEAVY, heavy_dir, MESSAGES["heavy"][quick], settings.runs,
+                     figures["errors"])
+    figures["heavy"] = heavy
+    figures["speedup_2_vs_1"] = ratio(heavy.get("heavy_dask_2", {}).get("median"),
+                                      heavy.get("heavy_dask_1", {}).get("median"))
+
+    linear = _measure(session, LINEAR, session.model_dir, MESSAGES["linear"][quick],
+                      settings.runs, figures["errors"],
+                      latency=("linear_local", "linear_dask_2"), latency_seconds=LATENCY_SECONDS[quick])
+    figures["linear"] = linear
+    figures["dask_2_vs_local"] = ratio(linear.get("linear_dask_2", {}).get("median"),
+                                       linear.get("linear_local", {}).get("median"))
+    local_p50 = linear.get("linear_local", {}).get("latency", {}).get("p50")
+    dask_p50 = linear.get("linear_dask_2", {}).get("latency", {}).get("p50")
+    figures["round_trip_ms"] = (dask_p50 - local_p50) if None not in (local_p50, dask_p50) else None
+    session.log("dask: round trip of one batch, in this process (one local worker)")
+    try:
+        figures["round_trip"] = round_trip(session.model_dir, quick)
+    except Exception as exc:  # a figure missing, not the whole benchmark
+        figures["errors"].append(f"round trip probe: {type(exc).__name__}: {exc}")
+    figures["load_average"] = [load_before, os.getloadavg()[0]]
+    figures["met"] = (None if figures["speedup_2_vs_1"] is None
+                      else figures["speedup_2_vs_1"] >= SPEEDUP_TARGET)
+    if console is not None:
+        print_report(figures, console)
+    return figures
+
+
+def _measure(session, systems: list[System], model_dir: Path, messages: int, runs: int,
+             errors: list[str], latency=(), latency_seconds: float = 2.0) -> dict:
+    log = session.log
+    log(f"dask: starting {', '.join(s.key for s in systems)}")
+    try:
+        started = start_all(systems, session.listen_addr, model_dir, session.directory)
+    except BenchError as exc:
+        errors.append(str(exc))
+        return {}
+    for key, proc in started.items():
+        session.running[key] = proc
+        session.sampler.watch(key, proc.pid)
+    live = list(systems)
+    out = {s.key: {"label": s.label, "args": " ".join(s.args), "messages_per_run": messages,
+                   "runs": []} for s in systems}
+
+    def attempt(system: System, what: str, measure):
+        try:
+            return measure()
+        except BenchError as exc:
+            errors.append(f"{system.key}, {what}: {exc}")
+            log(f"[red]{system.key}: {what} failed[/red]")
+            session.stop(system.key)
+            live.remove(system)
+            return None
+
+    try:
+        for system in list(live):
+            attempt(system, "warm-up", lambda: session.throughput(system.key, max(1000, messages // 10)))
+        for round_no in range(1, runs + 1):
+            for system in list(live):
+                result = attempt(system, f"run {round_no}",
+                                 lambda: session.throughput(system.key, messages))
+                if result is not None:
+                    out[system.key]["runs"].append(result)
+                    log(f"dask: run {round_no}/{runs}  {system.key:16s} "
+                        f"{result['msg_per_s']:>12,.0f} msg/s")
+        for key in latency:
+            system = next((s for s in live if s.key == key), None)
+            if system is not None:
+                result = attempt(system, "latency",
+                                 lambda: session.latency(key, LATENCY_RATE, latency_seconds))
+                if result is not None:
+                    result.pop("cdf", None)
+                    out[key]["latency"] = result
+                    log(f"dask: latency at {LATENCY_RATE:,} msg/s  {key:16s} "
+                        f"p50 {result['p50']:.2f} ms  p99 {result['p99']:.2f} ms")
+    finally:
+        for system in systems:
+            session.stop(system.key)
+    for fig in out.values():
+        fig.update(rate_summary([r["msg_per_s"] for r in fig["runs"]]))
+    return out
+
+
+def round_trip(model_dir: Path, quick: bool, batch_size: int = 1000) -> dict:
+    """What the cluster adds to one batch, measured on the engine itself.
+
+    One worker (a local cluster), the linear model, one batch at a time so
+    nothing queues: the median time from ``submit`` to the result, beside the
+    median time the same batch takes in this process; then as many one-message
+    batches as the cluster takes in a few seconds, ``in_flight`` at a time:
+    the most batches per second the engine can turn over.
+    """
+    import asyncio
+    import statistics
+    import time
+
+    from digitstream.app import AppConfig
+    from digitstream.datasets import load_dataset
+    from digitstream.engine.dask import DaskEngine
+    from digitstream.model.bundle import load_bundle
+    from digitstream.model.runner import make_runner
+    from digitstream.pipeline import Batch, Flow
+    from digitstream.wire.framing import Payloads
+
+    config = AppConfig(model_path=str(model_dir), input_format="u8", engine="dask", workers=1)
+    bundle = load_bundle(model_dir)
+    flow = Flow(make_runner(bundle.pipeline), "u8", "text", worker="bench")
+    X = load_dataset("digits").X.astype(np.uint8)
+    rows = np.resize(X, (batch_size, X.shape[1]))
+    samples = 30 if quick else 100
+    seconds = 2.0 if quick else 5.0
+
+    async def measure() -> dict:
+        engine = DaskEngine(flow, bundle, config)
+        await engine.start()
+        try:
+            batch = Batch(1, 0, Payloads(fixed=rows), 0)
+            local, remote = [], []
+            for i in range(samples + 3):
+                t0 = time.perf_counter()
+                flow.process(batch)
+                t1 = time.perf_counter()
+                await (await engine.submit(Batch(1, i * batch_size, batch.payloads, 0)))
+                t2 = time.perf_counter()
+                if i >= 3:  # the first batches warm up connections and caches
+                    local.append(t1 - t0)
+                    remote.append(t2 - t1)
+            one = Payloads(fixed=rows[:1])
+            pending: list = []
+            done = 0
+            started = time.perf_counter()
+            seq = 10_000_000
+            while time.perf_counter() - started < seconds:
+                pending.append(await engine.submit(Batch(2, seq, one, 0)))
+                seq += 1
+                if len(pending) >= engine.capacity:
+                    await pending.pop(0)
+                    done += 1
+            for future in pending:
+                await future
+                done += 1
+            elapsed = time.perf_counter() - started
+        finally:
+            await engine.close()
+        local_ms = statistics.median(local) * 1e3
+        remote_ms = statistics.median(remote) * 1e3
+        return {"batch_size": batch_size, "batches": samples, "local_ms": local_ms,
+                "dask_ms": remote_ms, "overhead_ms": remote_ms - local_ms,
+                "batches_per_s": done / elapsed, "in_flight": config.in_flight}
+
+    return asyncio.run(measure())
+
+
+def print_report(figures: dict, console) -> None:
+    from rich.table import Table
+
+    def num(value, fmt=",.0f"):
+        return "—" if value is None else format(value, fmt)
+
+    heavy_steps = " -> ".join(figures.get("heavy_model", {}).get("steps", []))
+    for part, title in (("heavy", f"compute-heavy model ({heavy_steps})"),
+                        ("linear", "the seed's linear model")):
+        table = Table(title=f"Dask engine, {title}: msg/s, u8, median of runs")
+        for name in ("system", "median msg/s", "min – max", "p50 ms", "p99 ms", "run options"):
+            table.add_column(name, justify="right" if "ms" in name else "left")
+        for fig in figures.get(part, {}).values():
+            lat = fig.get("latency", {})
+            table.add_row(fig["label"], num(fig["median"]), f"{num(fig['min'])} – {num(fig['max'])}",
+                          num(lat.get("p50"), ".2f"), num(lat.get("p99"), ".2f"), fig["args"])
+        console.print(table)
+    mark = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "n/a"}[figures.get("met")]
+    console.print(f"compute-heavy model, 2 workers / 1 worker: "
+                  f"{num(figures.get('speedup_2_vs_1'), '.2f')} (target >= {SPEEDUP_TARGET}) {mark}")
+    console.print(f"linear model, Dask with 2 workers / local engine: "
+                  f"{num(figures.get('dask_2_vs_local'), '.2f')}; added median latency at "
+                  f"{LATENCY_RATE:,} msg/s: {num(figures.get('round_trip_ms'), '.1f')} ms")
+    probe = figures.get("round_trip")
+    if probe:
+        console.print(f"one batch of {probe['batch_size']:,} messages, nothing queued: "
+                      f"{probe['dask_ms']:.1f} ms through Dask, {probe['local_ms']:.1f} ms in "
+                      f"process: [bold]{probe['overhead_ms']:.1f} ms overhead per batch[/bold]; "
+                      f"at most {probe['batches_per_s']:,.0f} batches/s with "
+                      f"{probe['in_flight']} in flight on one worker")
+    load = figures.get("load_average")
+    if load:
+        console.print(f"load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
+                      f"on {figures.get('cores')} cores: other work on the machine shows here")
+    for error in figures.get("errors", []):
+        console.print(f"[red]dask error:[/red] {error}")
