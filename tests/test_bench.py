@@ -183,7 +183,8 @@ def test_bench_quick_produces_every_figure(tmp_path):
         assert lat["messages"] > 0
         assert 0 < lat["p50"] <= lat["p99"] <= lat["p99_9"] <= lat["max"]
         assert lat["cdf"]
-    assert all(value > 0 for value in figures["ratios"].values()), figures["ratios"]
+    for ratios in (figures["ratios"], figures["ratios_paired"]):
+        assert ratios and all(value > 0 for value in ratios.values()), ratios
     assert figures["memory"]["peak_rss_mb"] > 0 and figures["memory"]["samples_mb"]
     assert all(row["measured"] is not None for row in figures["targets"])
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

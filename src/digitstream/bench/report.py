@@ -54,16 +54,18 @@ def print_report(figures: dict, console: Console) -> None:
                       *(_num(fig[k], ".3f") for k in ("p50", "p90", "p99", "p99_9", "max")))
     console.print(table)
 
-    table = Table(title="Ratios (medians of this run)")
+    table = Table(title="Ratios, this run")
     table.add_column("ratio")
-    table.add_column("value", justify="right")
+    table.add_column("of medians", justify="right")
+    table.add_column("paired (median over rounds)", justify="right")
     names = {"u8_vs_baseline": "digitstream u8 / seed design",
              "pickle_vs_baseline": "digitstream pickle / seed design (same input)",
              "u8_vs_relay": "digitstream u8 / relay u8 (the ceiling)",
              "pickle_vs_relay": "digitstream pickle / relay pickle",
              "metrics_on_vs_off": "digitstream u8, metrics on / off"}
+    paired = figures.get("ratios_paired", {})
     for key, value in figures["ratios"].items():
-        table.add_row(names.get(key, key), _num(value, ",.2f" if value and value < 10 else ",.0f"))
+        table.add_row(names.get(key, key), _ratio(value), _ratio(paired.get(key)))
     console.print(table)
 
     table = Table(title="Targets")
@@ -195,6 +197,10 @@ def _plot_soak(plt, figures: dict):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _ratio(value: float | None) -> str:
+    return _num(value, ",.2f" if value is not None and value < 10 else ",.0f")
 
 
 def _short(value: float) -> str:

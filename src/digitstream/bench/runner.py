@@ -20,6 +20,7 @@ import datetime as dt
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -367,6 +368,7 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
     for system in systems:
         session.stop(system.key)
     figures["ratios"] = compute_ratios(figures)
+    figures["ratios_paired"] = compute_paired_ratios(figures)
     figures["targets"] = evaluate_targets(figures)
     return figures
 
@@ -382,7 +384,8 @@ def new_figures(settings: Settings) -> dict:
                      "latency_seconds": settings.latency_seconds},
         "machine": machine_info(),
         "versions": versions(),
-        "throughput": {}, "latency": {}, "memory": {}, "ratios": {}, "targets": [],
+        "throughput": {}, "latency": {}, "memory": {}, "ratios": {}, "ratios_paired": {},
+        "targets": [],
         "errors": [],
     }
 
@@ -397,15 +400,32 @@ def _median(figures: dict, key: str) -> float | None:
     return figures["throughput"].get(key, {}).get("median")
 
 
+#: ratio name -> (numerator system, denominator system)
+RATIOS = {
+    "u8_vs_baseline": ("digitstream_u8", "baseline"),
+    "pickle_vs_baseline": ("digitstream_pickle", "baseline"),
+    "u8_vs_relay": ("digitstream_u8", "relay_u8"),
+    "pickle_vs_relay": ("digitstream_pickle", "relay_pickle"),
+    "metrics_on_vs_off": ("digitstream_u8", "digitstream_u8_no_metrics"),
+}
+
+
 def compute_ratios(figures: dict) -> dict:
-    m = lambda key: _median(figures, key)  # noqa: E731
-    return {
-        "u8_vs_baseline": ratio(m("digitstream_u8"), m("baseline")),
-        "pickle_vs_baseline": ratio(m("digitstream_pickle"), m("baseline")),
-        "u8_vs_relay": ratio(m("digitstream_u8"), m("relay_u8")),
-        "pickle_vs_relay": ratio(m("digitstream_pickle"), m("relay_pickle")),
-        "metrics_on_vs_off": ratio(m("digitstream_u8"), m("digitstream_u8_no_metrics")),
-    }
+    """Each ratio of medians."""
+    return {name: ratio(_median(figures, a), _median(figures, b)) for name, (a, b) in RATIOS.items()}
+
+
+def compute_paired_ratios(figures: dict) -> dict:
+    """Each ratio taken within every round (runs measured minutes apart at most), then
+    the median over rounds: steadier than the ratio of medians when the machine's
+    load drifts during the benchmark."""
+    out = {}
+    for name, (a, b) in RATIOS.items():
+        runs_a = figures["throughput"].get(a, {}).get("runs", [])
+        runs_b = figures["throughput"].get(b, {}).get("runs", [])
+        pairs = [x["msg_per_s"] / y["msg_per_s"] for x, y in zip(runs_a, runs_b)]
+        out[name] = float(statistics.median(pairs)) if pairs and len(runs_a) == len(runs_b) else None
+    return out
 
 
 def evaluate_targets(figures: dict) -> list[dict]:
@@ -494,7 +514,7 @@ def main(quick: bool = False, json_path: str | None = None, plot_path: str | Non
 
     # tables wider than a pipe's default 80 columns stay readable in a log file
     console = Console(width=None if sys.stdout.isatty() else 120)
-    progress = Console(stderr=True, highlight=False)
+    progress = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
     started = time.monotonic()
 
     def log(text: str) -> None:
