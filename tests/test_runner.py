@@ -145,7 +145,7 @@ def test_non_linear_pipelines_run_step_by_step_and_equal_predict(pipeline):
     pipeline = _fit(pipeline)
     runner = make_runner(pipeline)
     assert not runner.compiled
-    X_some_random = X_RANDOM[:10_000]
+    X_some_random = X_RANDOM[:5_000]
     for X in (X_DIGITS, X_some_random):
         prediction = runner.predict(X, want_confidence=True)
         np.testing.assert_array_equal(runner.classes[prediction.class_index], pipeline.predict(X))
