@@ -501,7 +501,25 @@ def versions() -> dict:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = None
+    out["digitstream_source"] = _source_revision()
     return out
+
+
+def _source_revision() -> str | None:
+    """The git commit of the source tree digitstream runs from, "+changes" if it differs."""
+    import digitstream
+
+    where = Path(digitstream.__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True,
+                                text=True, timeout=5)
+        if commit.returncode != 0:
+            return None
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."],
+                                 cwd=where, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return commit.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
 
 
 # ---------------------------------------------------------------------- main
