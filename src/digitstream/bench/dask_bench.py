@@ -9,9 +9,11 @@ listener (:class:`~digitstream.bench.runner.Session`); each application runs
    through two workers. Target: two workers >= 1.6 x one. Batches are capped
    (``--max-batch``) so that a run has enough of them to share.
 2. **What does Dask cost?** The seed's linear model through the local engine
-   and through Dask: throughput side by side, and the latency a batch's round
-   trip through the scheduler and a worker adds (paced runs, Dask's median
-   latency minus the local engine's: every message waits for one round trip).
+   and through Dask: throughput side by side; latency at a paced rate, where
+   Dask's median minus the local engine's is what the round trips and the
+   batches queued behind them add (hence also a run with ``--in-flight 1``);
+   and, measured on the engine in this process, the overhead of one batch's
+   round trip with nothing queued.
 
 Systems of one question are started together and measured in turns, as the
 main suite does, so that a slow spell of the shared machine spreads over all.
@@ -53,6 +55,8 @@ LINEAR = [
     System("linear_local", "local engine", "digitstream", "u8"),
     System("linear_dask_1", "dask, 1 worker", "digitstream", "u8", args=_dask(1)),
     System("linear_dask_2", "dask, 2 workers", "digitstream", "u8", args=_dask(2)),
+    System("linear_dask_2_if1", "dask, 2 workers, 1 in flight", "digitstream", "u8",
+           args=_dask(2, "--in-flight", "1")),
 ]
 
 
@@ -95,7 +99,8 @@ def run(session, settings, console=None) -> dict:
 
     linear = _measure(session, LINEAR, session.model_dir, MESSAGES["linear"][quick],
                       settings.runs, figures["errors"],
-                      latency=("linear_local", "linear_dask_2"), latency_seconds=LATENCY_SECONDS[quick])
+                      latency=("linear_local", "linear_dask_2", "linear_dask_2_if1"),
+                      latency_seconds=LATENCY_SECONDS[quick])
     figures["linear"] = linear
     figures["dask_2_vs_local"] = ratio(linear.get("linear_dask_2", {}).get("median"),
                                        linear.get("linear_local", {}).get("median"))

@@ -148,7 +148,7 @@ class ModelPlugin(WorkerPlugin):
         if bundle.content_hash != self.content_hash:
             raise ValueError(f"the model loaded on this worker has content hash "
                              f"{bundle.content_hash}, the application's has {self.content_hash}")
-        log.info("model %s loaded on this worker", self.content_hash[:12])
+        log.info("model %s loaded on this worker", _hex(self.content_hash)[:12])
         return bundle
 
 
@@ -167,7 +167,7 @@ def _worker_flow(spec: FlowSpec) -> Flow:
             bundle = _STATE.bundles.get(spec.content_hash)
             if bundle is None:
                 # the plugin's setup failed or has not run here: say so, the task is retried
-                raise RuntimeError(f"model {spec.content_hash[:12]} is not loaded on worker "
+                raise RuntimeError(f"model {_hex(spec.content_hash)[:12]} is not loaded on worker "
                                    f"{worker.address} (see that worker's log)")
             runner = make_runner(bundle.pipeline, compile=spec.compile_model)
             flow = Flow(runner, spec.input_format, spec.output_format,
