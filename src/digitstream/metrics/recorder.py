@@ -236,7 +236,8 @@ class Metrics:
         self.connections_open = 0
         self.connections_total = 0
         self.connection_errors: Counter = Counter()
-        self.class_counts = np.zeros(len(self.classes), dtype=np.int64)
+        self._class_counts = np.zeros(len(self.classes), dtype=np.int64)
+        self._pending_class_counts: list[np.ndarray] = []
         self.labelled = 0
         self.correct = 0
         self.confusion: Counter = Counter()
@@ -304,8 +305,8 @@ class Metrics:
             self.batches += 1
             if result.rejected:
                 self.rejected.update(result.rejected)
-            if len(result.class_counts) == len(self.class_counts):
-                self.class_counts += result.class_counts
+            # summed when read: a NumPy add per batch costs more than the rest of this call
+            self._pending_class_counts.append(result.class_counts)
             if result.labelled:
                 self.labelled += result.labelled
                 self.correct += result.correct
@@ -335,6 +336,20 @@ class Metrics:
         return worker
 
     # ------------------------------------------------------------ for readers
+    @property
+    def class_counts(self) -> np.ndarray:
+        """Predictions per class so far (rejected inputs excluded)."""
+        with self._lock:
+            return self._fold_class_counts().copy()
+
+    def _fold_class_counts(self) -> np.ndarray:
+        pending, self._pending_class_counts = self._pending_class_counts, []
+        width = len(self._class_counts)
+        pending = [counts for counts in pending if len(counts) == width]
+        if pending:
+            self._class_counts += np.sum(pending, axis=0, dtype=np.int64)
+        return self._class_counts
+
     def sample(self) -> Sample | None:
         """Close one interval of the throughput history; call it about once a second."""
         now = self._clock()
@@ -342,6 +357,7 @@ class Metrics:
             latency = Histogram()
             for w in self._workers.values():
                 latency.add(w.latency)
+            self._fold_class_counts()  # keeps the pending list to a second's batches
             totals = (now, self.messages_in, self.messages_out, self.bytes_in, self.bytes_out,
                       sum(self.rejected.values()), latency,
                       {name: w.messages for name, w in self._workers.items()})
@@ -379,7 +395,7 @@ class Metrics:
                 rejected=dict(self.rejected), connections_open=self.connections_open,
                 connections_total=self.connections_total,
                 connection_errors=dict(self.connection_errors),
-                class_counts=[int(c) for c in self.class_counts],
+                class_counts=self._fold_class_counts().tolist(),
                 labelled=self.labelled, correct=self.correct, confusion=dict(self.confusion),
                 workers=[w.copy() for w in self._workers.values()],
                 worker_events=list(self._events),
