@@ -20,6 +20,7 @@ import datetime as dt
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -538,22 +539,19 @@ def main(quick: bool = False, json_path: str | None = None, plot_path: str | Non
     def log(text: str) -> None:
         progress.print(f"[dim]{time.monotonic() - started:6.1f}s[/dim] {text}")
 
-    if soak_minutes is not None:
-        from digitstream.bench.soak import run_soak
-
-        with Session(log) as session:
-            figures = run_soak(session, soak_minutes)
+    # a stop by SIGTERM must still stop the systems under test: they are not
+    # children that die with this process
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        figures = _measure(quick, engine, soak_minutes, runs, log)
+    except KeyboardInterrupt:
+        progress.print("bench: interrupted; every process it started is stopped")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if "soak" in figures:
         report.print_soak(figures, console)
     else:
-        settings = Settings.quick_run() if quick else Settings.full()
-        if runs is not None:
-            settings = replace(settings, runs=runs)
-        with Session(log) as session:
-            figures = run_suite(settings, session)
-            if engine == "dask":
-                from digitstream.bench.dask_bench import run as run_dask
-
-                figures["dask"] = run_dask(session, settings)
         report.print_report(figures, console)
     figures["duration_s"] = round(time.monotonic() - started, 1)
     if json_path:
@@ -563,3 +561,25 @@ def main(quick: bool = False, json_path: str | None = None, plot_path: str | Non
         report.write_plot(figures, plot_path)
         log(f"chart written to {plot_path}")
     return 1 if figures["errors"] or figures.get("dask", {}).get("errors") else 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _measure(quick: bool, engine: str, soak_minutes: float | None, runs: int | None, log) -> dict:
+    if soak_minutes is not None:
+        from digitstream.bench.soak import run_soak
+
+        with Session(log) as session:
+            return run_soak(session, soak_minutes)
+    settings = Settings.quick_run() if quick else Settings.full()
+    if runs is not None:
+        settings = replace(settings, runs=runs)
+    with Session(log) as session:
+        figures = run_suite(settings, session)
+        if engine == "dask":
+            from digitstream.bench.dask_bench import run as run_dask
+
+            figures["dask"] = run_dask(session, settings)
+    return figures
