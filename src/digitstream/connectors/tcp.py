@@ -271,14 +271,20 @@ class TcpSink:
         queue = self._queue
         while True:
             if not queue:
-                if writer.transport.get_write_buffer_size() == 0:
+                unsent = writer.transport.get_write_buffer_size()
+                if unsent == 0:
                     self._idle.set()
                 self._has_data.clear()
                 waiter = asyncio.ensure_future(self._has_data.wait())
-                done, _ = await asyncio.wait({waiter, watch}, return_when=asyncio.FIRST_COMPLETED)
+                # drain() returns below asyncio's low-water mark, not at empty, and nothing
+                # signals empty: while bytes remain, look again shortly, or flush() never ends
+                done, _ = await asyncio.wait({waiter, watch}, timeout=0.01 if unsent else None,
+                                             return_when=asyncio.FIRST_COMPLETED)
                 if watch in done:
                     waiter.cancel()
                     raise ConnectionResetError("the listener closed the connection")
+                if not done:
+                    waiter.cancel()
                 continue
             if watch.done():
                 raise ConnectionResetError("the listener closed the connection")
