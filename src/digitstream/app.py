@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from digitstream.addresses import Address, is_loopback
+from digitstream.codecs.inputs import smallest_payload
 from digitstream.connectors.tcp import FrameSource, TcpSink
 from digitstream.errors import UserError
 from digitstream.pipeline import Batch, Flow
@@ -91,6 +92,11 @@ class Application:
         cfg = self.config
         self.bundle = load_bundle(cfg.model_path)
         runner = make_runner(self.bundle.pipeline, compile=cfg.compile_model)
+        smallest = smallest_payload(cfg.input_format, runner.n_features)
+        if smallest > cfg.max_frame:
+            raise UserError(f"the model takes {runner.n_features} features: one image is at least "
+                            f"{smallest} bytes in the {cfg.input_format} input format, more than "
+                            f"--max-frame {cfg.max_frame}")
         self.flow = Flow(runner, cfg.input_format, cfg.output_format, worker=cfg.name)
         log.info("model %s: %s, %d features, classes %s%s", cfg.model_path,
                  " -> ".join(runner.stage_names), runner.n_features,

@@ -34,6 +34,10 @@ RAW_DTYPES = {"u8": np.dtype("u1"), "f32": np.dtype("<f4"), "f64": np.dtype("<f8
 NPY_MAGIC = b"\x93NUMPY"
 
 
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "true or false",
+               type(None): "null", int: "a number", float: "a number"}
+
+
 class RejectedInput(ValueError):
     """One payload that cannot be classified; the message is the reason sent back."""
 
@@ -212,9 +216,14 @@ class Decoder:
         if not isinstance(obj, dict) or "pixels" not in obj:
             raise RejectedInput('bad json: expected an object with "pixels"')
         pixels = obj["pixels"]
-        if not isinstance(pixels, list) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in pixels):
-            raise RejectedInput('bad json: "pixels" must be a flat list of numbers')
+        # type(), not isinstance(): true and false are ints to Python, not numbers to JSON
+        if not isinstance(pixels, list) or not set(map(type, pixels)) <= {int, float}:
+            if isinstance(pixels, list):
+                at = next(i for i, v in enumerate(pixels) if type(v) not in (int, float))
+                came = f"{_JSON_TYPES.get(type(pixels[at]), 'a value')} at index {at}"
+            else:
+                came = _JSON_TYPES.get(type(pixels), "a value")
+            raise RejectedInput(f'bad json: "pixels" must be a flat list of numbers, got {came}')
         if out.labels is not None:
             out.labels[index] = obj.get("label")
             out.ids[index] = obj.get("id")
@@ -294,3 +303,21 @@ def reason_kind(reason: str) -> str:
         if reason.startswith(prefix):
             return kind
     return "other"
+
+
+def smallest_payload(fmt: str, n_features: int) -> int:
+    """The fewest bytes one image of ``n_features`` values can take in ``fmt`` (one byte a
+    value where the format allows it): a model whose images cannot fit ``--max-frame`` in
+    the input format could never be sent one."""
+    if fmt == "auto":
+        return min(smallest_payload(f, n_features) for f in ("pickle", "npy", "json"))
+    if fmt in RAW_DTYPES:
+        return n_features * RAW_DTYPES[fmt].itemsize
+    if fmt == "json":
+        return len('{"pixels":[]}') + 2 * n_features - 1
+    zeros = np.zeros(n_features, dtype="u1")
+    if fmt == "pickle":
+        return len(pickle.dumps(zeros, protocol=pickle.HIGHEST_PROTOCOL))
+    buffer = io.BytesIO()
+    np.save(buffer, zeros)
+    return len(buffer.getvalue())

@@ -1,0 +1,183 @@
+"""Load (issue 5): eight senders at once, in mixed formats, every output present, each
+connection's order kept, nothing twice, memory bounded.
+
+Three applications run side by side (``--input-format u8``, ``f32`` and ``auto``, the
+last fed pickle, npy and json), each writing JSON results to its own ``digitstream
+listen`` process. Eight clients connect and send together. Each client sends only images
+of two classes of its own (within its application), in a pseudo-random pattern of the
+two, so a result's label says which client it answers, its ``seq`` says where in that
+client's stream it belongs, and the label at each ``seq`` must follow the client's
+pattern: a result missing, doubled, or out of place shows.
+
+The issue asks for 500,000 messages per sender. The default suite sends
+``DIGITSTREAM_LOAD_MESSAGES`` (default 50,000) per sender to stay within its time budget;
+``DIGITSTREAM_LOAD_MESSAGES=500000 pytest tests/test_load.py`` runs the full size
+(RELIABILITY.md has its figures).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from digitstream.codecs.inputs import encode_images
+from digitstream.wire.framing import frame_many
+from helpers import HOST, TIMEOUT, AppProcess, app_counts, free_port, memory_of, wait_for
+
+MESSAGES = int(os.environ.get("DIGITSTREAM_LOAD_MESSAGES", 50_000))
+START_TIMEOUT = 180
+#: (application, input format of the client, the client's two classes)
+CLIENTS = [
+    ("u8", "u8", (0, 1)), ("u8", "u8", (2, 3)),
+    ("f32", "f32", (4, 5)), ("f32", "f32", (6, 7)),
+    ("auto", "pickle", (0, 1)), ("auto", "pickle", (2, 3)),
+    ("auto", "npy", (4, 5)), ("auto", "json", (6, 7)),
+]
+PATTERN = 360  # images in one client's cycle
+
+
+def _listener(port: int, output: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "digitstream.cli", "-q", "listen",
+                             f"{HOST}:{port}", "-o", str(output)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _accepting(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=TIMEOUT * 2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=TIMEOUT)
+    return proc.returncode
+
+
+def _cycle(digits, seed_pipeline, classes, rng) -> tuple[np.ndarray, np.ndarray]:
+    """PATTERN confidently classified images of the two classes in a random order, and their
+    labels."""
+    proba = seed_pipeline.predict_proba(digits.X)
+    label = seed_pipeline.classes_[proba.argmax(axis=1)]
+    pools = [np.flatnonzero((label == c) & (proba.max(axis=1) > 0.99)) for c in classes]
+    which = rng.integers(0, 2, size=PATTERN)
+    rows = np.array([rng.choice(pools[w]) for w in which])
+    return digits.X[rows], np.asarray(classes)[which]
+
+
+def test_eight_senders_at_once_in_mixed_formats(model_dir, digits, seed_pipeline, tmp_path):
+    rng = np.random.default_rng(8)
+    apps: dict[str, AppProcess] = {}
+    listeners: dict[str, subprocess.Popen] = {}
+    files = {name: tmp_path / f"{name}.out" for name in ("u8", "f32", "auto")}
+    peaks = {name: 0 for name in files}
+    stop_sampling = threading.Event()
+    try:
+        for name in files:
+            port = free_port()
+            listeners[name] = _listener(port, files[name])
+            args = ["--output-format", "json"] + ([] if name == "auto" else ["--input-format", name])
+            wait_for(lambda: _accepting(port), timeout=START_TIMEOUT, what=f"listener {name}")
+            apps[name] = AppProcess(model_dir, port, *args)
+        for app in apps.values():
+            app.wait_ready(START_TIMEOUT)
+        idle = {name: memory_of(app.proc.pid)[0] for name, app in apps.items()}
+
+        cycles, expected = [], []
+        for _, fmt, classes in CLIENTS:
+            images, labels = _cycle(digits, seed_pipeline, classes, rng)
+            cycles.append(frame_many(encode_images(images, fmt)))
+            expected.append(labels)
+        repeats, rest = divmod(MESSAGES, PATTERN)
+
+        def tail_of(cycle: bytes, n: int) -> bytes:
+            pos = 0
+            for _ in range(n):
+                pos += 4 + int.from_bytes(cycle[pos:pos + 4], "big")
+            return cycle[:pos]
+
+        start = threading.Barrier(len(CLIENTS))
+        errors: list[BaseException] = []
+
+        def send(app: AppProcess, cycle: bytes):
+            try:
+                sock = socket.create_connection((HOST, app.in_port), timeout=TIMEOUT * 4)
+                start.wait(TIMEOUT)
+                for _ in range(repeats):
+                    sock.sendall(cycle)
+                sock.sendall(tail_of(cycle, rest))
+                sock.close()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        def sample():
+            while not stop_sampling.wait(0.1):
+                for name, app in apps.items():
+                    try:
+                        peaks[name] = max(peaks[name], memory_of(app.proc.pid)[0])
+                    except (OSError, KeyError):  # it has exited
+                        pass
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        t0 = time.monotonic()
+        senders = [threading.Thread(target=send, args=(apps[app_name], cycle))
+                   for (app_name, _, _), cycle in zip(CLIENTS, cycles)]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(TIMEOUT * 10)
+        assert not errors, errors
+        assert not any(t.is_alive() for t in senders)
+        per_app = {name: MESSAGES * sum(1 for a, _, _ in CLIENTS if a == name) for name in apps}
+        for name, app in apps.items():
+            wait_for(lambda: app_counts(app.stats())["messages_out"] == per_app[name],
+                     timeout=TIMEOUT * 4, interval=0.1, what=f"every message of {name} answered")
+        elapsed = time.monotonic() - t0
+        peaks_hwm = {name: memory_of(app.proc.pid)[1] for name, app in apps.items()}
+        for app in apps.values():
+            app.signal(signal.SIGTERM)  # flush to the listener and exit
+        for app in apps.values():
+            assert app.wait(TIMEOUT * 2) == 0
+    finally:
+        stop_sampling.set()
+        for app in apps.values():
+            app.stop()
+        for proc in listeners.values():
+            _stop(proc)
+    pattern = re.compile(rb'"seq":(\d+),"label":(\d+)')
+    for name in files:
+        data = files[name].read_bytes()
+        found = np.array(pattern.findall(data), dtype=np.int64).reshape(-1, 2)
+        assert len(found) == per_app[name], (name, len(found))
+        for (app_name, fmt, classes), labels in zip(CLIENTS, expected):
+            if app_name != name:
+                continue
+            mine = found[np.isin(found[:, 1], classes)]
+            assert np.array_equal(mine[:, 0], np.arange(MESSAGES)), f"{fmt} {classes}: order"
+            want = np.resize(labels, MESSAGES)
+            assert np.array_equal(mine[:, 1], want), f"{fmt} {classes}: labels out of place"
+    total = MESSAGES * len(CLIENTS)
+    for name in apps:
+        assert peaks[name] - idle[name] < 1 << 30, (name, idle[name], peaks[name])
+    print(f"\n{len(CLIENTS)} senders x {MESSAGES:,} = {total:,} messages in {elapsed:.1f} s "
+          f"({total / elapsed:,.0f}/s); every result present once, in order; RSS idle -> peak "
+          + ", ".join(f"{n} {idle[n] / 2**20:.0f} -> {max(peaks[n], peaks_hwm[n]) / 2**20:.0f} MiB"
+                      for n in apps))
