@@ -80,7 +80,7 @@ def test_dashboard_shows_the_live_stream(start_app, collector, digits):
                 page.wait_for_function(
                     "() => document.getElementById('latency-table').textContent.includes('Logistic Regression')",
                     timeout=5_000)
-                time.sleep(2.5)  # a few more points on the charts for the screenshot
+                time.sleep(1.5)  # a few more points on the charts for the screenshot
                 page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
                 throughput = page.inner_text("#throughput-now")

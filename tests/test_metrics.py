@@ -13,6 +13,8 @@ import re
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from types import SimpleNamespace
 
@@ -21,14 +23,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from digitstream.addresses import Address
-from digitstream.app import AppConfig
+from digitstream.app import AppConfig, Application
 from digitstream.metrics.prometheus import make_registry, render
 from digitstream.metrics.recorder import LATENCY_EDGES, Histogram, Metrics
 from digitstream.metrics.server import STATIC_DIR, MetricsServer
 from digitstream.metrics.stats import stats_document
 from digitstream.pipeline import BatchResult
 
-from helpers import HOST, free_port, http_get, send_bytes, wait_for
+from helpers import HOST, http_get, send_bytes, wait_for
 
 STAGES = ["decode", "PCA", "Logistic Regression", "encode"]
 
@@ -214,8 +216,6 @@ def serve(metrics: Metrics, scenario):
 
 
 def request(url: str, method: str) -> int:
-    import urllib.request
-
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method=method, data=b"x"),
                                     timeout=5) as response:
@@ -385,8 +385,6 @@ def test_health_and_readiness_through_start_up_and_shutdown(start_app, collector
 
 
 def test_metrics_ui_off_loopback_warns_and_no_metrics_records_nothing(model_dir, collector, caplog):
-    from digitstream.app import Application
-
     async def start_and_stop(metrics_addr):
         app = Application(AppConfig(in_addr=Address(HOST, 0), out_addr=Address(HOST, collector.port),
                                     metrics_addr=metrics_addr, model_path=str(model_dir)))

@@ -31,6 +31,9 @@ name                                        type       labels
 ==========================================  =========  ======================================
 
 plus ``process_*`` and ``python_*`` from ``prometheus_client``'s own collectors.
+``worker`` is who computed a batch: the application's ``--name`` with the local
+engine, a Dask worker's name with ``--engine dask``; ``stage="source"`` is
+counted under the application's name, as the source is in its process.
 Latency is from a frame being complete at the source to its result written to
 the sink; a stage's latency is the time its batch spent in that stage. Stages
 do not add up to end to end (queueing is in end to end only), so do not sum
