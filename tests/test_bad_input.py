@@ -153,6 +153,7 @@ BAD = {
         (npy_bytes(np.array([None] * 64), allow_pickle=True), "npy dtype object", "npy"),
         (npy_bytes(np.array(["ab"] * 64)), "npy dtype <U2", "npy"),
         (npy_bytes(np.zeros(64, dtype=complex)), "complex128", "npy"),
+        (npy_bytes(np.asfortranarray(np.ones((8, 8)))), "fortran-ordered", "npy"),
     ],
     "u8": [
         (bytes(63), "expected 64 bytes (64 u8 values), got 63", "size"),

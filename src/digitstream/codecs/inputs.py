@@ -291,6 +291,7 @@ _REASON_KINDS = (
     ("npy", "npy"),
     ("not an npy", "npy"),
     ("bad npy", "npy"),
+    ("fortran-ordered npy", "npy"),
     ("image holds NaN", "non_finite"),
     ("expected numbers", "dtype"),
     ("expected", "size"),
