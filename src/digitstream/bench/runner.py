@@ -79,7 +79,7 @@ class Settings:
 
     @classmethod
     def full(cls) -> "Settings":
-        messages = {"digitstream_u8": 20_000_000, "digitstream_u8_no_metrics": 10_000_000,
+        messages = {"digitstream_u8": 20_000_000, "digitstream_u8_no_metrics": 20_000_000,
                     "digitstream_pickle": 5_000_000, "digitstream_f32": 5_000_000,
                     "baseline": 20_000, "relay_u8": 10_000_000, "relay_pickle": 5_000_000}
         return cls(runs=5, messages=messages, warmup=_warmups(messages), latency_seconds=10.0)
