@@ -30,13 +30,15 @@ from digitstream.bench.systems import BenchError, System, start_all
 
 #: two workers / one worker, compute-heavy model
 SPEEDUP_TARGET = 1.6
+#: at least this many throughput runs per system with the heavy model
+HEAVY_MIN_RUNS = 5
 #: batch cap with the heavy model: ~0.1 s of one core per batch, many batches per run
 HEAVY_MAX_BATCH = 1000
 #: the latency runs are paced at this rate (messages/s), for this long (s)
 LATENCY_RATE = 20_000
 LATENCY_SECONDS = {True: 2.0, False: 6.0}
 #: messages per throughput run: heavy model, linear model (quick, full)
-MESSAGES = {"heavy": {True: 20_000, False: 60_000}, "linear": {True: 500_000, False: 3_000_000}}
+MESSAGES = {"heavy": {True: 40_000, False: 120_000}, "linear": {True: 500_000, False: 3_000_000}}
 
 
 def _dask(workers: int, *more: str) -> tuple[str, ...]:
@@ -91,11 +93,14 @@ def run(session, settings, console=None) -> dict:
     session.log("dask: fitting the compute-heavy model (scaler, RBF SVC)")
     figures["heavy_model"] = heavy_model(heavy_dir)
 
-    heavy = _measure(session, HEAVY, heavy_dir, MESSAGES["heavy"][quick], settings.runs,
-                     figures["errors"])
+    # runs of the heavy model are short: a few more of them steady the median
+    heavy = _measure(session, HEAVY, heavy_dir, MESSAGES["heavy"][quick],
+                     max(settings.runs, HEAVY_MIN_RUNS), figures["errors"])
     figures["heavy"] = heavy
-    figures["speedup_2_vs_1"] = ratio(heavy.get("heavy_dask_2", {}).get("median"),
-                                      heavy.get("heavy_dask_1", {}).get("median"))
+    one, two = heavy.get("heavy_dask_1", {}), heavy.get("heavy_dask_2", {})
+    figures["speedup_2_vs_1"] = ratio(two.get("median"), one.get("median"))
+    # the best runs are those other work on the machine disturbed least
+    figures["speedup_best_2_vs_1"] = ratio(two.get("max"), one.get("max"))
 
     linear = _measure(session, LINEAR, session.model_dir, MESSAGES["linear"][quick],
                       settings.runs, figures["errors"],
@@ -264,7 +269,8 @@ def print_report(figures: dict, console) -> None:
         console.print(table)
     mark = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "n/a"}[figures.get("met")]
     console.print(f"compute-heavy model, 2 workers / 1 worker: "
-                  f"{num(figures.get('speedup_2_vs_1'), '.2f')} (target >= {SPEEDUP_TARGET}) {mark}")
+                  f"{num(figures.get('speedup_2_vs_1'), '.2f')} (target >= {SPEEDUP_TARGET}) {mark}; "
+                  f"best run / best run: {num(figures.get('speedup_best_2_vs_1'), '.2f')}")
     console.print(f"linear model, Dask with 2 workers / local engine: "
                   f"{num(figures.get('dask_2_vs_local'), '.2f')}; added median latency at "
                   f"{LATENCY_RATE:,} msg/s: {num(figures.get('round_trip_ms'), '.1f')} ms")
