@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from helpers import HOST, Collector, free_port, wait_for
+from helpers import HOST, free_port, wait_for
 from digitstream.wire.framing import frame, frame_many
 
 

@@ -183,7 +183,7 @@ class Session:
         self.sampler.start()
 
     def start(self, systems: list[System]) -> None:
-        """Start systems (all at once) and warm nothing up yet."""
+        """Start systems, all at once, and wait until each one listens."""
         started = start_all(systems, self.listen_addr, self.model_dir, self.directory)
         for key, proc in started.items():
             self.running[key] = proc

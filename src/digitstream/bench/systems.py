@@ -181,7 +181,8 @@ class MemorySampler:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._thread.join(5)
 
 
 def start_all(systems: list[System], out_addr: Address, model_dir: str | Path, log_dir: Path,
