@@ -134,6 +134,26 @@ def test_relay_holds_back_a_partial_frame_until_it_is_whole():
     sink.close()
 
 
+def test_a_system_whose_port_was_taken_is_started_again_elsewhere(tmp_path, monkeypatch):
+    from digitstream.addresses import Address
+    from digitstream.bench import systems
+
+    taken = socket.create_server((HOST, 0))
+    out = socket.create_server((HOST, 0))
+    choices = iter([taken.getsockname()[1]])
+    real_free_port = systems.free_port
+    monkeypatch.setattr(systems, "free_port", lambda: next(choices, None) or real_free_port())
+    relay = systems.System("relay_u8", "relay u8", "relay", "u8")
+    started = systems.start_all([relay], Address(HOST, out.getsockname()[1]), tmp_path, tmp_path)
+    try:
+        assert started["relay_u8"].alive()
+        assert started["relay_u8"].in_addr.port != taken.getsockname()[1]
+    finally:
+        started["relay_u8"].stop()
+        taken.close()
+        out.close()
+
+
 # ------------------------------------------------------------------- figures
 def test_latency_is_matched_per_message():
     from digitstream.bench.measure import as_timeline, latencies_ns, latency_summary

@@ -89,16 +89,25 @@ class Running:
         return BenchError(f"{self.system.label}: {what}{status}; log {self.log_path}:\n{self.log_tail()}")
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        """Wait until the input port accepts connections (the model is loaded by then)."""
+        """Wait until this process listens on its input port (the model is loaded by then).
+
+        The socket is looked up among the process's own: a test connection could
+        be answered by another process that holds the port, while this one failed
+        to bind it.
+        """
+        import psutil
+
+        process = psutil.Process(self.pid)
         deadline = time.monotonic() + timeout
         while True:
             if not self.alive():
                 raise self.failure("did not start")
             try:
-                with socket.create_connection((self.in_addr.host, self.in_addr.port), timeout=1):
+                if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.in_addr.port
+                       for c in process.net_connections("tcp")):
                     return
-            except OSError:
-                pass
+            except psutil.NoSuchProcess:
+                continue
             if time.monotonic() > deadline:
                 raise self.failure(f"not listening after {timeout:.0f} s")
             time.sleep(0.05)
@@ -193,8 +202,16 @@ def start_all(systems: list[System], out_addr: Address, model_dir: str | Path, l
     try:
         for system in systems:
             running[system.key] = Running(system, out_addr, model_dir, log_dir)
-        for proc in running.values():
-            proc.wait_ready(timeout)
+        for key, proc in list(running.items()):
+            try:
+                proc.wait_ready(timeout)
+            except BenchError:
+                if proc.alive():
+                    raise
+                # most often a port another process took between our choosing and binding it
+                proc.stop()
+                running[key] = Running(proc.system, out_addr, model_dir, log_dir)
+                running[key].wait_ready(timeout)
     except BaseException:
         for proc in running.values():
             proc.stop()
