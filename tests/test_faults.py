@@ -7,7 +7,6 @@ application received is lost or duplicated.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import shutil
 import signal

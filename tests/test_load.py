@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from digitstream.codecs.inputs import encode_images
 from digitstream.wire.framing import frame_many
@@ -88,6 +87,7 @@ def test_eight_senders_at_once_in_mixed_formats(model_dir, digits, seed_pipeline
     files = {name: tmp_path / f"{name}.out" for name in ("u8", "f32", "auto")}
     peaks = {name: 0 for name in files}
     stop_sampling = threading.Event()
+    sampler = None
     try:
         for name in files:
             port = free_port()
@@ -117,12 +117,11 @@ def test_eight_senders_at_once_in_mixed_formats(model_dir, digits, seed_pipeline
 
         def send(app: AppProcess, cycle: bytes):
             try:
-                sock = socket.create_connection((HOST, app.in_port), timeout=TIMEOUT * 4)
-                start.wait(TIMEOUT)
-                for _ in range(repeats):
-                    sock.sendall(cycle)
-                sock.sendall(tail_of(cycle, rest))
-                sock.close()
+                with socket.create_connection((HOST, app.in_port), timeout=TIMEOUT * 4) as sock:
+                    start.wait(TIMEOUT)
+                    for _ in range(repeats):
+                        sock.sendall(cycle)
+                    sock.sendall(tail_of(cycle, rest))
             except BaseException as exc:  # reported below
                 errors.append(exc)
 
@@ -157,6 +156,8 @@ def test_eight_senders_at_once_in_mixed_formats(model_dir, digits, seed_pipeline
             assert app.wait(TIMEOUT * 2) == 0
     finally:
         stop_sampling.set()
+        if sampler is not None:
+            sampler.join(TIMEOUT)
         for app in apps.values():
             app.stop()
         for proc in listeners.values():
