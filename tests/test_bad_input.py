@@ -1,7 +1,7 @@
 """Bad input end to end (issue 5): what is sent, what comes back, and that the
 application keeps serving with nothing lost.
 
-One application per input format runs for the whole module, each with its own
+Four applications run for the whole module (see ``SERVED``), each with its own
 listener; every test sends on fresh connections and compares the listener's
 new frames and the application's counters (``/api/stats``) before and after.
 A valid image follows every bad one, so each test also shows that the
