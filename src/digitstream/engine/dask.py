@@ -15,7 +15,11 @@ worker, including workers that join later, so no worker needs a shared disk,
 only digitstream installed. A worker writes the files to its local directory
 and loads them with the same loader as ``run`` (skops, untrusted types
 refused, content hash checked): the model is never unpickled. It is loaded
-once per worker process and kept, keyed by its content hash.
+once per worker process and kept, keyed by its content hash. A model swapped
+in while running (:meth:`DaskEngine.set_flow`) travels the same way, in a
+plugin of its own; each batch names the hash of the model serving when it was
+submitted, and the old model's plugin is dropped once its last batch is
+answered.
 
 **A batch** is one task whose key is unique to (run, connection, first
 sequence number). Its payloads go as one array (or one bytes blob and a
@@ -117,6 +121,7 @@ class ModelPlugin(WorkerPlugin):
         self.content_hash = content_hash
         self.files = files  # file name -> bytes
         self.entry = entry  # "" for a bundle directory, else the file to load
+        self.loaded = False
 
     def setup(self, worker) -> None:
         with _STATE.lock:
@@ -124,8 +129,13 @@ class ModelPlugin(WorkerPlugin):
                 _STATE.bundles[self.content_hash] = self._load(Path(worker.local_directory))
                 _STATE.loads[self.content_hash] += 1
             _STATE.users[self.content_hash] += 1
+            self.loaded = True
 
     def teardown(self, worker) -> None:
+        # Dask tears down a plugin whose setup failed too: that one holds no model, and
+        # must not release one that another plugin (a model swapped back in) holds
+        if not self.loaded:
+            return
         with _STATE.lock:
             _STATE.users[self.content_hash] -= 1
             if _STATE.users[self.content_hash] <= 0:
@@ -281,6 +291,11 @@ class DaskEngine:
         self._scheduler_lost = False
         self.address = ""  # the scheduler's
         self._plugin_name = f"digitstream-model-{_hex(bundle.content_hash)[:12]}-{self._run_id}"
+        self._plugins = [self._plugin_name]  # registered by this run: the model's, and retiring ones
+        self._swaps = 0
+        self._by_spec: Counter = Counter()  # FlowSpec -> batches submitted and not yet answered
+        self._drained: dict[FlowSpec, list[asyncio.Future]] = {}
+        self._retiring: set[asyncio.Task] = set()
         self._spec = FlowSpec(bundle.content_hash, config.input_format, config.output_format,
                               config.compile_model)
 
@@ -352,6 +367,8 @@ class DaskEngine:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+        for task in list(self._retiring):
+            task.cancel()
         if self.client is not None:
             if self.client.status == "running":
                 if self._subscribed:
@@ -359,11 +376,8 @@ class DaskEngine:
                     self.client.unsubscribe_topic("all")
                 if self.cluster is None:
                     # a shared cluster: its workers drop the model unless another run uses it
-                    try:
-                        await asyncio.wait_for(
-                            self.client.unregister_worker_plugin(self._plugin_name), 5)
-                    except Exception as exc:  # the scheduler may be gone already
-                        log.debug("could not unregister the model plugin: %s", exc)
+                    for name in list(self._plugins):
+                        await self._unregister(name)
             if self._scheduler_lost:
                 # its reconnection attempts, cut short here, would log tracebacks about
                 # what the error above already said
@@ -377,32 +391,40 @@ class DaskEngine:
     # ------------------------------------------------------------ batches
     async def submit(self, batch: Batch) -> "asyncio.Future[BatchResult]":
         """Wait until the cluster can take ``batch``, send it; a future of its result."""
-        await self._slots.acquire()
-        task = asyncio.create_task(self._compute(batch))
+        # the model is the one serving when the batch comes, however long it waits for a slot
+        spec, flow = self._spec, self.flow
+        self._by_spec[spec] += 1
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            self._spec_done(spec)
+            raise
+        task = asyncio.create_task(self._compute(batch, spec, flow))
         return task
 
-    async def _compute(self, batch: Batch) -> BatchResult:
+    async def _compute(self, batch: Batch, spec: FlowSpec, flow: Flow) -> BatchResult:
         self._held_messages += len(batch)
         try:
             if self._scheduler_lost:
                 self.local_fallbacks += 1
-                return self.flow.process(batch)
-            return await self._on_cluster(batch)
+                return flow.process(batch)
+            return await self._on_cluster(batch, spec)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             # the cluster could not compute it (the task kept failing, or the scheduler
             # went away): computed here rather than lost or left out of the output
             self._fell_back(batch, exc)
-            return self.flow.process(batch)
+            return flow.process(batch)
         finally:
             self._held_messages -= len(batch)
             self._slots.release()
+            self._spec_done(spec)
 
-    async def _on_cluster(self, batch: Batch) -> BatchResult:
+    async def _on_cluster(self, batch: Batch, spec: FlowSpec) -> BatchResult:
         self._attempts += 1
         key = f"digitstream-{self._run_id}-{batch.conn_id}-{batch.first_seq}-{self._attempts}"
-        future = self.client.submit(classify, self._spec, batch.conn_id, batch.first_seq,
+        future = self.client.submit(classify, spec, batch.conn_id, batch.first_seq,
                                     pack(batch.payloads), key=key, retries=TASK_RETRIES,
                                     pure=False)
         # awaited through a task of our own, which the watcher cancels if the scheduler is
@@ -427,6 +449,67 @@ class DaskEngine:
             log.warning("%d batches so far computed in this process because the cluster could "
                         "not; the latest (connection %d, from message %d): %s",
                         self.local_fallbacks, batch.conn_id, batch.first_seq, _reason(exc))
+
+    # ------------------------------------------------------------- models
+    async def set_flow(self, flow: Flow, bundle) -> None:
+        """Serve ``bundle`` from the next batch on (``flow`` for batches computed here).
+
+        Its files go to every worker first, in a plugin of their own, as the first
+        model's did at start, and are loaded there (workers that join later get
+        them from the scheduler). If a worker cannot load them: BundleError, and
+        the model serving stays. Then the switch, with nothing awaited after it:
+        a batch submitted before this returns uses the old model, one submitted
+        after, the new. The old model stays on the workers until its last batch
+        is answered.
+        """
+        from digitstream.model.bundle import BundleError
+
+        name = None
+        if not self._scheduler_lost:
+            self._swaps += 1
+            name = (f"digitstream-model-{_hex(bundle.content_hash)[:12]}-{self._run_id}-"
+                    f"{self._swaps}")
+            files, entry = await asyncio.to_thread(_bundle_files, Path(bundle.path))
+            self._plugins.append(name)
+            try:
+                await self.client.register_plugin(
+                    ModelPlugin(name, bundle.content_hash, files, entry), name=name)
+            except Exception as exc:
+                await self._unregister(name)
+                raise BundleError(f"a Dask worker could not load it: {_reason(exc)}") from None
+        old_spec, old_plugin = self._spec, self._plugin_name
+        self.flow, self.bundle = flow, bundle
+        self._spec = FlowSpec(bundle.content_hash, old_spec.input_format, old_spec.output_format,
+                              old_spec.compile_model)
+        if name is not None:
+            self._plugin_name = name
+            task = asyncio.create_task(self._retire(old_plugin, old_spec))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, plugin_name: str, spec: FlowSpec) -> None:
+        """Drop a swapped-out model's plugin once no batch submitted for it is left."""
+        if self._by_spec[spec]:
+            drained = asyncio.get_running_loop().create_future()
+            self._drained.setdefault(spec, []).append(drained)
+            await drained
+        await self._unregister(plugin_name)
+
+    def _spec_done(self, spec: FlowSpec) -> None:
+        self._by_spec[spec] -= 1
+        if self._by_spec[spec] <= 0:
+            del self._by_spec[spec]
+            for drained in self._drained.pop(spec, ()):
+                if not drained.done():
+                    drained.set_result(None)
+
+    async def _unregister(self, name: str) -> None:
+        try:
+            await asyncio.wait_for(self.client.unregister_worker_plugin(name), 5)
+        except Exception as exc:  # the scheduler may be gone already
+            log.debug("could not unregister the model plugin %s: %s", name, exc)
+        if name in self._plugins:
+            self._plugins.remove(name)
 
     # ------------------------------------------------------------ workers
     def _on_event(self, event) -> None:

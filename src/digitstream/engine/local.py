@@ -27,6 +27,14 @@ class LocalEngine:
     async def close(self) -> None:
         pass
 
+    async def set_flow(self, flow: Flow, bundle) -> None:
+        """Classify every batch submitted from now on with ``flow`` (which serves ``bundle``).
+
+        The switch happens when this returns, with nothing awaited before it: a
+        batch is submitted either before it, to the old flow, or after it.
+        """
+        self.flow = flow
+
     async def submit(self, batch: Batch) -> "asyncio.Future[BatchResult]":
         """Classify ``batch`` now; the returned future is already done.
 
