@@ -228,7 +228,7 @@ def request(url: str, method: str) -> int:
 STATS_FIELDS = {"name", "version", "status", "ready", "now", "started_at", "uptime_seconds",
                 "engine", "input_format", "output_format", "addresses", "pipeline", "messages",
                 "bytes", "throughput", "latency", "batches", "rejected", "connections", "workers",
-                "worker_events", "classes", "accuracy", "model", "history"}
+                "worker_events", "classes", "accuracy", "model", "model_swaps", "history"}
 
 
 def test_stats_fields_are_the_documented_ones():

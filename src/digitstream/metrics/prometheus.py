@@ -28,6 +28,7 @@ name                                        type       labels
 ``digitstream_start_time_seconds``          gauge
 ``digitstream_model_info``                  info       data set, model, steps, versions
 ``digitstream_model_held_out_accuracy``     gauge
+``digitstream_model_swaps_total``           counter    (models swapped in while running)
 ==========================================  =========  ======================================
 
 plus ``process_*`` and ``python_*`` from ``prometheus_client``'s own collectors.
@@ -80,9 +81,10 @@ def _batch_buckets(counts: list[int]) -> list[tuple[str, int]]:
 
 
 class StreamCollector:
-    """Collects the application's measurements: ``metrics`` and, if given, its model card."""
+    """Collects the application's measurements: ``metrics`` and, if given, its model card
+    (a dict, or a function returning the card of the model serving now)."""
 
-    def __init__(self, metrics: Metrics, card: dict | None = None):
+    def __init__(self, metrics: Metrics, card=None):
         self.metrics = metrics
         self.card = card or {}
 
@@ -162,11 +164,14 @@ class StreamCollector:
         yield GaugeMetricFamily("digitstream_start_time_seconds",
                                 "When the application started, in seconds since the epoch.",
                                 value=s.started_at)
-        if self.card:
+        yield CounterMetricFamily("digitstream_model_swaps", "Models swapped in while running.",
+                                  value=s.model_swaps_total)
+        card = self.card() if callable(self.card) else self.card
+        if card:
             info = InfoMetricFamily("digitstream_model", "The model being served.")
-            info.add_metric([], _card_labels(self.card))
+            info.add_metric([], _card_labels(card))
             yield info
-            accuracy = _held_out_accuracy(self.card)
+            accuracy = _held_out_accuracy(card)
             if accuracy is not None:
                 yield GaugeMetricFamily("digitstream_model_held_out_accuracy",
                                         "The model's accuracy on data held out from training.",
@@ -206,7 +211,7 @@ def _label_name(key: str) -> str:
     return name if name and not name[0].isdigit() else f"_{name}"
 
 
-def make_registry(metrics: Metrics, card: dict | None = None) -> CollectorRegistry:
+def make_registry(metrics: Metrics, card=None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StreamCollector(metrics, card))
     ProcessCollector(registry=registry)

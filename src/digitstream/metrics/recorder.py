@@ -188,6 +188,8 @@ class Snapshot:
     workers: list[WorkerStats]
     worker_events: list[dict]
     history: list[Sample] = field(default_factory=list)
+    model_swaps: list[dict] = field(default_factory=list)
+    model_swaps_total: int = 0
 
     def latency(self) -> Histogram:
         """End-to-end latency of all workers together."""
@@ -243,6 +245,8 @@ class Metrics:
         self.confusion: Counter = Counter()
         self._workers: dict[str, WorkerStats] = {}
         self._events: deque = deque(maxlen=100)
+        self._swaps: deque = deque(maxlen=100)
+        self._swaps_total = 0
         self._history: deque[Sample] = deque(maxlen=HISTORY_SECONDS)
         self._last_sample: tuple | None = None
 
@@ -329,6 +333,15 @@ class Metrics:
                 worker.state, worker.lost_at = event, self._clock()
                 self._events.append({"time": worker.lost_at, "worker": name, "event": event})
 
+    def model_swapped(self, when: float, old_hash: str, new_hash: str, at: dict[int, int],
+                      stage_names) -> None:
+        """A new model serves from ``at`` (connection id -> first sequence number it answers)."""
+        with self._lock:
+            self.stage_names = list(stage_names)
+            self._swaps_total += 1
+            self._swaps.append({"time": when, "old_hash": old_hash, "new_hash": new_hash,
+                                "at": {str(conn): seq for conn, seq in at.items()}})
+
     def _join(self, name: str) -> WorkerStats:
         now = self._clock()
         worker = self._workers[name] = WorkerStats(name, now)
@@ -400,5 +413,6 @@ class Metrics:
                 workers=[w.copy() for w in self._workers.values()],
                 worker_events=list(self._events),
                 history=list(self._history) if history else [],
+                model_swaps=list(self._swaps), model_swaps_total=self._swaps_total,
             )
 

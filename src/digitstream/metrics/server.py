@@ -78,7 +78,7 @@ class MetricsServer:
         return self.app.metrics
 
     async def start(self) -> None:
-        self._registry = prometheus.make_registry(self.metrics, self._card())
+        self._registry = prometheus.make_registry(self.metrics, self._card)  # follows a swap
         web_app = web.Application(middlewares=[_read_only])
         router = web_app.router
         router.add_get("/", self._index)

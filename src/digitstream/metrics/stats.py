@@ -40,7 +40,10 @@ def stats_document(snapshot: Snapshot, info: dict, window: int | None = None,
     - ``accuracy``: ``labelled``, ``correct``, ``accuracy`` (null until a label arrives),
       ``confusion``: ``{"labels": [...], "matrix": [[...]]}``, rows true, columns predicted.
     - ``model``: the model card of the bundle (data set, held-out accuracy, step names,
-      library versions, ...), as in its ``model.json``.
+      library versions, ...), as in its ``model.json``; after a swap, the new model's.
+    - ``model_swaps``: the last 100 models swapped in while running, oldest first:
+      ``{time, old_hash, new_hash, at}``, ``at`` mapping each open connection's id to the
+      sequence number of its first message answered by the new model.
     - ``history``: per-second samples, oldest first: the last ``window`` (default all 600),
       or only those after ``since`` (a ``t`` from an earlier answer) when given:
       ``interval_s``, and lists ``t``, ``in_per_s``, ``out_per_s``, ``bytes_in_per_s``,
@@ -120,6 +123,7 @@ def stats_document(snapshot: Snapshot, info: dict, window: int | None = None,
                      "accuracy": s.correct / s.labelled if s.labelled else None,
                      "confusion": {"labels": labels, "matrix": matrix}},
         "model": _jsonable(info.get("model") or {}),
+        "model_swaps": s.model_swaps,
         "history": {
             "interval_s": 1,
             "t": [x.t for x in history],
