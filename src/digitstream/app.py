@@ -46,6 +46,8 @@ class AppConfig:
     max_frame: int = 1 << 20
     compile_model: bool = True
     in_flight: int = 4
+    #: how often the --model path is checked for a new bundle, in seconds (0: only on SIGHUP)
+    model_poll: float = 0.5
     #: on a stop signal, keep reading a connection until it is quiet this long ...
     drain_quiet: float = 0.2
     #: ... but no longer than this
@@ -56,13 +58,14 @@ class AppConfig:
 
 
 class _Connection:
-    __slots__ = ("id", "source", "frames", "handler")
+    __slots__ = ("id", "source", "frames", "handler", "next_seq")
 
     def __init__(self, conn_id: int, source: FrameSource):
         self.id = conn_id
         self.source = source
         self.frames = 0
         self.handler: asyncio.Task | None = None
+        self.next_seq = 0  # the first sequence number of the next batch submitted
 
 
 class Application:
@@ -83,24 +86,32 @@ class Application:
         self._stop = asyncio.Event()
         self._stopping = False
         self.ready = asyncio.Event()
+        self.watcher = None  # swaps in a new model bundle written to the --model path
 
     # ------------------------------------------------------------ start-up
     def load(self) -> None:
         from digitstream.model.bundle import load_bundle
-        from digitstream.model.runner import make_runner
 
         cfg = self.config
         self.bundle = load_bundle(cfg.model_path)
-        runner = make_runner(self.bundle.pipeline, compile=cfg.compile_model)
+        self.flow = self.build_flow(self.bundle)
+        runner = self.flow.runner
         smallest = smallest_payload(cfg.input_format, runner.n_features)
         if smallest > cfg.max_frame:
             raise UserError(f"the model takes {runner.n_features} features: one image is at least "
                             f"{smallest} bytes in the {cfg.input_format} input format, more than "
                             f"--max-frame {cfg.max_frame}")
-        self.flow = Flow(runner, cfg.input_format, cfg.output_format, worker=cfg.name)
         log.info("model %s: %s, %d features, classes %s%s", cfg.model_path,
                  " -> ".join(runner.stage_names), runner.n_features,
                  " ".join(str(c) for c in runner.classes), " (fused)" if runner.compiled else "")
+
+    def build_flow(self, bundle) -> Flow:
+        """The flow that serves ``bundle`` with this run's formats, at start and at a swap."""
+        from digitstream.model.runner import make_runner
+
+        cfg = self.config
+        runner = make_runner(bundle.pipeline, compile=cfg.compile_model)
+        return Flow(runner, cfg.input_format, cfg.output_format, worker=cfg.name)
 
     def _make_engine(self):
         cfg = self.config
@@ -141,6 +152,10 @@ class Application:
             raise UserError(f"cannot listen on {cfg.in_addr}: {exc.strerror or exc}") from None
         port = self.server.sockets[0].getsockname()[1]
         self.bound_in = Address(cfg.in_addr.host, port)
+        from digitstream.model.swap import ModelWatcher
+
+        self.watcher = ModelWatcher(self, poll=cfg.model_poll)
+        self.watcher.start()
         if self.metrics is not None:
             self.metrics.ready = True
         self.ready.set()
@@ -212,6 +227,7 @@ class Application:
                     part = _slice(group, start, start + cfg.max_batch)
                     batch = Batch(conn.id, seq, part, received)
                     seq += len(part)
+                    conn.next_seq = seq
                     # submit waits while the engine is full: reading stops there
                     await results.put((batch, await engine.submit(batch)))
 
@@ -255,6 +271,8 @@ class Application:
     async def shutdown(self) -> int:
         cfg = self.config
         self._stopping = True
+        if self.watcher is not None:
+            await self.watcher.close()
         if self.metrics is not None:
             self.metrics.ready = False
         if self.server is not None:
@@ -324,6 +342,7 @@ async def _main(config: AppConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, app.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, app.watcher.request_reload)
     return await app.serve_until_stopped()
 
 

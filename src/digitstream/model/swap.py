@@ -1,0 +1,202 @@
+"""Swap without stopping: a new bundle written to ``run``'s ``--model`` path
+replaces the model serving, between two batches.
+
+**Noticing it.** Every ``poll`` seconds (0.5 by default) the watcher looks at
+the size, modification time and inode of ``model.json`` and
+``pipeline.skops`` (or of the single ``.skops`` file); SIGHUP makes it load
+the path at once. A bundle directory is taken as soon as its card names the
+content hash of its pipeline file, which :func:`~digitstream.model.bundle.save_bundle`
+(and any writer that renames ``model.json`` into place last) makes true only
+once both files are whole. A directory whose card and pipeline disagree, or a
+single ``.skops`` file, which has no card to vouch for it, is taken once its
+files have been left alone for ``settle`` seconds: before that a writer may be
+between its renames, or half way through a copy.
+
+**Checking it.** The bundle is loaded off the event loop with the same
+loader as at start (content hash, trusted types only, fitted classifier),
+must take the same number of features and predict the same classes as the
+model serving, and must classify a test batch. Anything else leaves the old
+model serving, with one WARNING line naming the reason; the same files are
+not tried again until they change (or SIGHUP asks).
+
+**Switching.** The new flow goes to the engine (:meth:`set_flow`; the Dask
+engine first ships the bundle to every worker). The engine switches with
+nothing awaited after it, on the event loop that submits batches, so each
+batch, and every message in it, is answered by exactly one model: a batch
+submitted before the switch by the old one, every batch after by the new.
+The switch point is, per open connection, the sequence number of its next
+batch; it goes in one INFO line and in the metrics (``model_swaps`` in
+``/api/stats``, ``digitstream_model_swaps_total``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from digitstream.errors import UserError
+from digitstream.model.bundle import (CARD_FILE, PIPELINE_FILE, BundleError, content_hash,
+                                      load_bundle)
+
+log = logging.getLogger("digitstream.swap")
+
+POLL_SECONDS = 0.5
+SETTLE_SECONDS = 2.0
+
+
+class ModelWatcher:
+    """Watches ``app.config.model_path`` and swaps a new bundle found there into ``app``.
+
+    ``app`` is the running :class:`~digitstream.app.Application`: the watcher
+    reads and replaces its ``bundle`` and ``flow``, hands the new flow to its
+    ``engine``, reads its ``connections`` and records the swap in its
+    ``metrics``. ``poll`` is in seconds (0: only on :meth:`request_reload`);
+    ``clock`` is monotonic seconds.
+    """
+
+    def __init__(self, app, poll: float = POLL_SECONDS, settle: float = SETTLE_SECONDS,
+                 clock=time.monotonic):
+        self.app = app
+        self.path = Path(app.config.model_path)
+        self.poll = poll
+        self.settle = settle
+        self._clock = clock
+        # None at first: the files may have changed between the app's load and now
+        self._acted_on = None  # the files' signature last loaded (or found unchanged)
+        self._seen = None  # the files' signature at the last look ...
+        self._seen_since = 0.0  # ... and since when they have looked like that
+        self._reload = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def request_reload(self) -> None:
+        """Load the model path now, even if its files look unchanged (SIGHUP)."""
+        self._reload.set()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._reload.wait(), self.poll or None)
+            forced = self._reload.is_set()
+            self._reload.clear()
+            try:
+                await self.check(forced)
+            except Exception:  # a bug here must not stop the stream, nor later swaps
+                log.exception("looking for a new model at %s failed; the model serving stays",
+                              self.path)
+
+    async def check(self, forced: bool = False) -> None:
+        """Look at the model path once; swap in a new bundle if one is there and complete.
+
+        ``forced`` (SIGHUP): load it whatever its files look like.
+        """
+        signature = self._signature()
+        now = self._clock()
+        if not forced:
+            if signature == self._acted_on:
+                return
+            if signature != self._seen:
+                self._seen, self._seen_since = signature, now
+            digest, vouched = await asyncio.to_thread(self._peek)
+            if not vouched and now - self._seen_since < self.settle:
+                return
+            if digest == self.app.bundle.content_hash and (vouched or not self.path.is_dir()):
+                self._acted_on = signature  # touched, or the same model written again
+                return
+        self._acted_on = self._seen = signature
+        await self._swap("SIGHUP" if forced else f"new files at {self.path}")
+
+    def _signature(self) -> tuple:
+        files = ([self.path / CARD_FILE, self.path / PIPELINE_FILE] if self.path.is_dir()
+                 else [self.path])
+        signature = []
+        for file in files:
+            try:
+                stat = file.stat()
+            except OSError:
+                signature.append(None)
+            else:
+                signature.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        return tuple(signature)
+
+    def _peek(self) -> tuple[str | None, bool]:
+        """The content hash of the pipeline file (None if unreadable), and whether a
+        card names that hash (a bundle directory whose writer has finished)."""
+        is_dir = self.path.is_dir()
+        pipeline = self.path / PIPELINE_FILE if is_dir else self.path
+        try:
+            digest = content_hash(pipeline.read_bytes())
+        except OSError:
+            return None, False
+        if not is_dir:
+            return digest, False
+        try:
+            card = json.loads((self.path / CARD_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return digest, False
+        return digest, isinstance(card, dict) and card.get("content_hash") == digest
+
+    async def _swap(self, trigger: str) -> None:
+        app = self.app
+        old = app.bundle
+        try:
+            bundle = await asyncio.to_thread(load_bundle, self.path)
+            if bundle.content_hash == old.content_hash:
+                log.log(logging.INFO if trigger == "SIGHUP" else logging.DEBUG,
+                        "%s: the model at %s is the one serving (%s); nothing to swap",
+                        trigger, self.path, old.content_hash)
+                return
+            flow = await asyncio.to_thread(self._prepare, bundle, old)
+            await app.engine.set_flow(flow, bundle)
+        except (UserError, OSError) as exc:
+            reason = str(exc) if isinstance(exc, UserError) else f"cannot read it: {exc}"
+            log.warning("model at %s not swapped in: %s; still serving %s", self.path, reason,
+                        old.content_hash)
+            return
+        # Nothing was awaited since the engine switched: no batch was submitted in
+        # between, so each connection's next sequence number is the switch point.
+        at = {conn.id: conn.next_seq for conn in app.connections.values()}
+        when = time.time()
+        app.bundle, app.flow = bundle, flow
+        if app.metrics is not None:
+            app.metrics.model_swapped(when, old.content_hash, bundle.content_hash, at,
+                                      flow.stage_names)
+        points = ", ".join(f"conn {conn} -> {seq}" for conn, seq in sorted(at.items()))
+        log.info("model swapped at %s (%s): %s -> %s; the new model answers from message: %s",
+                 datetime.fromtimestamp(when).astimezone().isoformat(timespec="milliseconds"),
+                 trigger, old.content_hash, bundle.content_hash,
+                 points or "no connection open")
+
+    def _prepare(self, bundle, old):
+        """The flow that serves ``bundle`` in place of ``old``; BundleError if it cannot."""
+        if bundle.n_features != old.n_features:
+            raise BundleError(f"it takes {bundle.n_features} features, the model serving "
+                              f"takes {old.n_features}")
+        new_classes = [str(c) for c in bundle.classes]
+        old_classes = [str(c) for c in old.classes]
+        if new_classes != old_classes:
+            raise BundleError(f"it predicts classes {' '.join(new_classes)}, the model serving "
+                              f"{' '.join(old_classes)} (restart run to change the classes)")
+        try:
+            flow = self.app.build_flow(bundle)
+            flow.runner.predict(np.zeros((2, bundle.n_features)), want_confidence=True)
+        except Exception as exc:  # noqa: BLE001 - whatever breaks, it cannot serve
+            raise BundleError(f"the pipeline fails on a test batch: "
+                              f"{(str(exc) or type(exc).__name__).splitlines()[0]}") from None
+        return flow
