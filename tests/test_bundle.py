@@ -239,6 +239,14 @@ def test_what_is_not_a_fitted_classifier_is_refused(tmp_path):
         load_bundle(tmp_path / "unfitted.skops")
 
 
+def test_a_card_without_a_hash_is_refused(bundle_dir):
+    card = json.loads((bundle_dir / CARD_FILE).read_text())
+    del card["content_hash"]
+    (bundle_dir / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="records no content_hash"):
+        load_bundle(bundle_dir)
+
+
 def test_a_card_that_contradicts_its_pipeline_is_refused(bundle_dir):
     card = json.loads((bundle_dir / CARD_FILE).read_text())
     card["n_features"] = 784

@@ -129,9 +129,13 @@ def load_bundle(path) -> Bundle:
     except OSError as exc:
         raise BundleError(f"cannot read {skops_path}: {exc.strerror}") from None
     digest = content_hash(data)
-    if card is not None and card.get("content_hash") != digest:
+    if card is not None and "content_hash" not in card:
+        raise BundleError(f"{path / CARD_FILE} records no content_hash, so {PIPELINE_FILE} "
+                          "cannot be checked; write bundles with `digitstream train` or "
+                          "save_bundle, or serve the .skops file alone")
+    if card is not None and card["content_hash"] != digest:
         raise BundleError(f"{skops_path} does not match {path / CARD_FILE}: content hash is "
-                          f"{digest}, the card says {card.get('content_hash')}; the file was "
+                          f"{digest}, the card says {card['content_hash']}; the file was "
                           "changed after the bundle was written")
     pipeline = _load_trusted(data, skops_path)
     _check_classifier(pipeline, str(skops_path))
@@ -172,7 +176,9 @@ def inspect_main(path) -> int:
                   markup=False, highlight=False, soft_wrap=True)
         return 1
     served = ("fused into one affine map" if runner.compiled else "step by step")
-    out.print(f"OK: {bundle.path}: {bundle.content_hash} matches; every type trusted; "
+    checked = ("card derived from the file" if "derived_from" in bundle.card
+               else "content hash matches the card")
+    out.print(f"OK: {bundle.path}: {bundle.content_hash}, {checked}; every type trusted; "
               f"a classifier of {bundle.n_features} features into {len(bundle.classes)} classes; "
               f"stages {' -> '.join(bundle.step_names)}, served {served}",
               markup=False, highlight=False, soft_wrap=True)
