@@ -9,10 +9,8 @@ pseudo-random pattern of the two, so a result's label says which client it answe
 the labels of one client's results, in the order they arrive, must be exactly the
 client's pattern: a result missing, doubled, or out of place shows.
 
-The issue asks for 500,000 messages per sender. The default suite sends
-``DIGITSTREAM_LOAD_MESSAGES`` (default 50,000) per sender to stay within its time budget;
-``DIGITSTREAM_LOAD_MESSAGES=500000 pytest tests/test_load.py`` runs the full size
-(RELIABILITY.md has its figures).
+Each sender sends 500,000 messages, as the issue asks (about 30 s here, most of it the
+json client); ``DIGITSTREAM_LOAD_MESSAGES=50000`` runs a tenth of it while iterating.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from digitstream.codecs.inputs import encode_images
 from digitstream.wire.framing import frame_many
 from helpers import HOST, TIMEOUT, AppProcess, app_counts, free_port, memory_of, wait_for
 
-MESSAGES = int(os.environ.get("DIGITSTREAM_LOAD_MESSAGES", 50_000))
+MESSAGES = int(os.environ.get("DIGITSTREAM_LOAD_MESSAGES", 500_000))
 START_TIMEOUT = 180
 #: (application, input format of the client, the client's two classes)
 CLIENTS = [
