@@ -1,0 +1,352 @@
+"""Swap without stopping: a new bundle written to ``run``'s ``--model`` directory
+replaces the model between two batches, and a bad one is refused.
+
+The new model is the seed's made to answer (digit + 1) % 10, so each answer
+says which model gave it. Bundles are written as a user should:
+into a staging directory, then renamed into place, ``model.json`` last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import re
+import shutil
+import signal
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import skops.io as sio
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.naive_bayes import GaussianNB
+from sklearn.pipeline import Pipeline
+
+from helpers import HOST, Collector, http_get, send_bytes, wait_for
+
+from digitstream.addresses import Address
+from digitstream.app import AppConfig, Application
+from digitstream.engine.local import LocalEngine
+from digitstream.metrics.recorder import Metrics
+from digitstream.model.bundle import (CARD_FILE, PIPELINE_FILE, content_hash, format_card,
+                                      save_bundle)
+from digitstream.model.swap import ModelWatcher
+from digitstream.pipeline import Batch
+from digitstream.tools.sender import Framed, send_frames
+from digitstream.wire.framing import Payloads, frame_fixed
+
+pytestmark = pytest.mark.timeout(120)
+
+SWAP_LINE = re.compile(r"model swapped at \S+ \((.*?)\): (\S+) -> (\S+); "
+                       r"the new model answers from message: (.*)$", re.M)
+
+
+@pytest.fixture(scope="module")
+def shifted_pipeline(seed_pipeline):
+    """The seed's model answering (digit + 1) % 10: what training it on labels shifted by
+    one would give, without the wait. Class j scores what class j - 1 scored."""
+    pipeline = copy.deepcopy(seed_pipeline)
+    classifier = pipeline[-1]
+    classifier.coef_ = np.roll(classifier.coef_, 1, axis=0)
+    classifier.intercept_ = np.roll(classifier.intercept_, 1)
+    return pipeline
+
+
+@pytest.fixture
+def bundle_dir(tmp_path, model_dir):
+    """A copy of the seed's bundle to swap models into (the session's own stays as it is)."""
+    return shutil.copytree(model_dir, tmp_path / "model")
+
+
+def put_in_place(staging, directory) -> None:
+    """Rename a bundle's files into ``directory``, the pipeline first and the card last."""
+    for name in (PIPELINE_FILE, CARD_FILE):
+        os.replace(staging / name, directory / name)
+
+
+def write_bundle(pipeline, directory, staging) -> str:
+    save_bundle(pipeline, staging, {"dataset": "digits", "model": "test"})
+    digest = json.loads((staging / CARD_FILE).read_text())["content_hash"]
+    put_in_place(staging, directory)
+    return digest
+
+
+def labels_of(texts: list[str]) -> np.ndarray:
+    return np.array([int(t[1:-1]) for t in texts])
+
+
+def u8_frames(X) -> bytes:
+    return frame_fixed(np.asarray(X).astype(np.uint8))
+
+
+class Doubler(TransformerMixin, BaseEstimator):
+    """A user's own transformer: a type no bundle may bring in."""
+
+    def fit(self, X, y=None):
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def transform(self, X):
+        return 2 * X
+
+
+# ------------------------------------------------------------ under load
+def test_swap_under_load_every_message_answered_by_one_model(
+        start_app, collector, bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline):
+    n, rate = 200_000, 25_000
+    index = np.arange(n) % len(digits.X)
+    old = seed_pipeline.predict(digits.X)[index]
+    new = shifted_pipeline.predict(digits.X)[index]
+    assert np.all(old != new)  # each answer tells which model gave it
+    old_hash = json.loads((bundle_dir / CARD_FILE).read_text())["content_hash"]
+
+    app = start_app(collector.port, "--input-format", "u8", model=bundle_dir)
+    framed = Framed.from_bytes(u8_frames(digits.X[index]))
+    failures = []
+
+    def send():
+        try:
+            send_frames(Address(HOST, app.in_port), [framed], rate=rate)
+        except Exception as exc:  # noqa: BLE001 - reported by the test thread
+            failures.append(exc)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        collector.wait_count(n // 4, timeout=60)
+        new_hash = write_bundle(shifted_pipeline, bundle_dir, tmp_path / "staging")
+        swaps = wait_for(lambda: app.stats()["model_swaps"], timeout=30, interval=0.05,
+                         what="the swap in /api/stats")
+        assert sender.is_alive(), "the swap came after the last message was sent"
+        texts = collector.wait_count(n, timeout=60)
+    finally:
+        sender.join(timeout=60)
+    assert not failures, failures
+    stats = app.stats()
+    _, prometheus = http_get(app.metrics_url + "/metrics")
+    log = app.log()
+    app.stop()  # flushes: a result beyond n would be here now
+    assert collector.count() == n
+
+    # one switch point k: the old model's answers before it, the new one's from it on
+    results = labels_of(texts)
+    assert len(swaps) == 1
+    swap = swaps[0]
+    assert (swap["old_hash"], swap["new_hash"]) == (old_hash, new_hash)
+    (k,) = swap["at"].values()
+    assert n // 4 <= k < n
+    assert np.array_equal(results[:k], old[:k])
+    assert np.array_equal(results[k:], new[k:])
+
+    line = SWAP_LINE.search(log)
+    assert line and line.group(2, 3) == (old_hash, new_hash)
+    assert line.group(4) == f"conn {next(iter(swap['at']))} -> {k}"
+    assert stats["model"]["content_hash"] == new_hash
+    assert stats["model_swaps"] == swaps
+    assert b"digitstream_model_swaps_total 1.0" in prometheus
+    assert "WARNING" not in log
+
+
+# -------------------------------------------------------------- refused
+def test_bad_bundles_are_refused_once_and_the_old_model_keeps_serving(
+        start_app, collector, bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline):
+    app = start_app(collector.port, "--input-format", "u8", model=bundle_dir)
+    old_hash = json.loads((bundle_dir / CARD_FILE).read_text())["content_hash"]
+    expected = list(seed_pipeline.predict(digits.X))
+    served = 0
+
+    def refused(reason: str, count: int = 1) -> None:
+        wait_for(lambda: app.log().count(reason) >= count, timeout=30, interval=0.05,
+                 what=f"a warning saying {reason!r}")
+
+    def check_old_model_serves() -> None:
+        nonlocal served
+        send_bytes(app.in_port, u8_frames(digits.X))
+        served += len(digits.X)
+        assert list(labels_of(collector.wait_count(served)[-len(digits.X):])) == expected
+
+    # a pipeline file changed after its card was written
+    staging = tmp_path / "tampered"
+    save_bundle(shifted_pipeline, staging, {})
+    data = bytearray((staging / PIPELINE_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (staging / PIPELINE_FILE).write_bytes(bytes(data))
+    put_in_place(staging, bundle_dir)
+    refused("does not match")
+    check_old_model_serves()
+
+    # a type no one vouched for, in a bundle whose card names its hash
+    staging = tmp_path / "untrusted"
+    staging.mkdir()
+    pipeline = Pipeline([("Double", Doubler().fit(digits.X)), *seed_pipeline.steps])
+    data = sio.dumps(pipeline)
+    card = json.loads((bundle_dir / CARD_FILE).read_text())
+    (staging / PIPELINE_FILE).write_bytes(data)
+    (staging / CARD_FILE).write_text(format_card({**card, "content_hash": content_hash(data)}))
+    put_in_place(staging, bundle_dir)
+    refused("Doubler")
+    check_old_model_serves()
+
+    # a sound bundle of a model that takes other images
+    narrow = Pipeline([("Naive Bayes", GaussianNB())])
+    write_bundle(narrow.fit(digits.X[:, :32], digits.y), bundle_dir, tmp_path / "narrow")
+    refused("it takes 32 features, the model serving takes 64")
+    check_old_model_serves()
+
+    log = app.log()
+    warnings = [line for line in log.splitlines() if "WARNING" in line]
+    assert len(warnings) == 3, warnings  # each bundle once, though polled many times since
+    assert all("not swapped in" in w and "still serving" in w for w in warnings)
+    assert "untrusted type" in warnings[1]
+
+    # SIGHUP loads the path again, even files already refused
+    app.signal(signal.SIGHUP)
+    refused("it takes 32 features", count=2)
+    check_old_model_serves()
+    stats = app.stats()
+    assert stats["model_swaps"] == []
+    assert stats["model"]["content_hash"] == old_hash
+    assert app.proc.poll() is None
+
+
+def test_sighup_with_the_same_bundle_swaps_nothing(start_app, collector, bundle_dir):
+    app = start_app(collector.port, model=bundle_dir)
+    app.signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP: the model at" in app.log(), timeout=30, interval=0.05,
+             what="the SIGHUP reload in the log")
+    assert "is the one serving" in app.log()
+    assert app.stats()["model_swaps"] == []
+
+
+# ------------------------------------------------ the watcher, in process
+def _served_by(app, X) -> list[str]:
+    async def classify():
+        future = await app.engine.submit(Batch(1, 0, Payloads(fixed=X.astype(np.uint8)), 0))
+        return (await future).output
+
+    output = asyncio.run(classify())
+    texts, pos = [], 0
+    while pos < len(output):
+        size = int.from_bytes(output[pos:pos + 4], "big")
+        texts.append(output[pos + 4:pos + 4 + size].decode())
+        pos += 4 + size
+    return texts
+
+
+def test_a_bundle_half_written_waits_and_sighup_alone_swaps(
+        bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline):
+    app = Application(AppConfig(model_path=str(bundle_dir), input_format="u8", metrics_addr=None))
+    app.load()
+    app.engine = LocalEngine(app.flow)
+    app.metrics = Metrics("app", app.flow.stage_names, app.flow.runner.classes)
+    app.connections = {3: SimpleNamespace(id=3, next_seq=1234)}
+    old_hash = app.bundle.content_hash
+    now = [100.0]
+    watcher = ModelWatcher(app, poll=0, settle=2.0, clock=lambda: now[0])
+
+    # the new pipeline file is in place, its card not yet: a writer between two renames
+    staging = tmp_path / "staging"
+    save_bundle(shifted_pipeline, staging, {})
+    os.replace(staging / PIPELINE_FILE, bundle_dir / PIPELINE_FILE)
+    asyncio.run(watcher.check())
+    now[0] += 1.0
+    asyncio.run(watcher.check())
+    assert app.bundle.content_hash == old_hash
+    os.replace(staging / CARD_FILE, bundle_dir / CARD_FILE)
+    asyncio.run(watcher.check())
+    new_hash = app.bundle.content_hash
+    assert new_hash != old_hash
+    assert _served_by(app, digits.X[:50]) == [f"[{y}]" for y in shifted_pipeline.predict(
+        digits.X[:50])]
+    (swap,) = app.metrics.snapshot().model_swaps
+    assert swap["at"] == {"3": 1234} and swap["old_hash"] == old_hash
+
+    # with polling off, only a reload request (SIGHUP) swaps
+    back_hash = write_bundle(seed_pipeline, bundle_dir, tmp_path / "back")
+
+    async def reload_on_request():
+        watcher.start()
+        try:
+            await asyncio.sleep(0)
+            assert app.bundle.content_hash == new_hash
+            watcher.request_reload()
+            deadline = asyncio.get_running_loop().time() + 30
+            while app.bundle.content_hash == new_hash:
+                assert asyncio.get_running_loop().time() < deadline, "no swap on request"
+                await asyncio.sleep(0.01)
+        finally:
+            await watcher.close()
+
+    asyncio.run(reload_on_request())
+    assert app.bundle.content_hash == back_hash
+    assert _served_by(app, digits.X[:50]) == [f"[{y}]" for y in seed_pipeline.predict(
+        digits.X[:50])]
+    assert app.metrics.snapshot().model_swaps_total == 2
+
+
+def test_a_single_skops_file_is_watched_and_taken_once_left_alone(
+        tmp_path, digits, seed_pipeline, shifted_pipeline):
+    path = tmp_path / "model.skops"
+    sio.dump(seed_pipeline, path)
+    app = Application(AppConfig(model_path=str(path), input_format="u8", metrics_addr=None))
+    app.load()
+    app.engine = LocalEngine(app.flow)
+    old_hash = app.bundle.content_hash
+    now = [0.0]
+    watcher = ModelWatcher(app, poll=0, settle=2.0, clock=lambda: now[0])
+    asyncio.run(watcher.check())  # unchanged: nothing to do
+
+    temporary = tmp_path / ".model.skops.tmp"
+    sio.dump(shifted_pipeline, temporary)
+    os.replace(temporary, path)
+    asyncio.run(watcher.check())
+    assert app.bundle.content_hash == old_hash  # no card vouches for it: it may be half written
+    now[0] += 2.5
+    asyncio.run(watcher.check())
+    assert _served_by(app, digits.X[:50]) == [f"[{y}]" for y in shifted_pipeline.predict(
+        digits.X[:50])]
+
+
+# ------------------------------------------------------------------ Dask
+def test_swap_on_a_dask_cluster_ships_the_new_model_to_the_workers(
+        start_app, bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline):
+    pytest.importorskip("distributed")
+    n = 30_000
+    index = np.arange(n) % len(digits.X)
+    old = seed_pipeline.predict(digits.X)[index]
+    new = shifted_pipeline.predict(digits.X)[index]
+    sink = Collector()
+    try:
+        app = start_app(sink.port, "--input-format", "u8", "--engine", "dask", "--workers", "1",
+                        model=bundle_dir, ready=False)
+        app.wait_ready(timeout=90)
+        framed = Framed.from_bytes(u8_frames(digits.X[index]))
+        sender = threading.Thread(
+            target=send_frames, args=(Address(HOST, app.in_port), [framed]),
+            kwargs={"rate": 6_000}, daemon=True)
+        sender.start()
+        sink.wait_count(n // 5, timeout=60)
+        new_hash = write_bundle(shifted_pipeline, bundle_dir, tmp_path / "staging")
+        (swap,) = wait_for(lambda: app.stats()["model_swaps"], timeout=30, interval=0.05,
+                           what="the swap in /api/stats")
+        texts = sink.wait_count(n, timeout=60)
+        sender.join(timeout=30)
+        stats = app.stats()
+        log = app.log()
+        app.stop()
+        assert sink.count() == n
+    finally:
+        sink.close()
+
+    assert swap["new_hash"] == new_hash
+    (k,) = swap["at"].values()
+    assert n // 5 <= k < n
+    results = labels_of(texts)
+    assert np.array_equal(results[:k], old[:k]) and np.array_equal(results[k:], new[k:])
+    # every batch went to the worker: none was computed in the run process instead
+    busy = [w["name"] for w in stats["workers"] if w["messages"]]
+    assert busy and "worker-1" not in busy, busy
+    assert "computed in this process" not in log
