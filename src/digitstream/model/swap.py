@@ -120,7 +120,7 @@ class ModelWatcher:
                 self._acted_on = signature  # touched, or the same model written again
                 return
         self._acted_on = self._seen = signature
-        await self._swap("SIGHUP" if forced else f"new files at {self.path}")
+        await self._swap("SIGHUP" if forced else "new files")
 
     def _signature(self) -> tuple:
         files = ([self.path / CARD_FILE, self.path / PIPELINE_FILE] if self.path.is_dir()
@@ -166,8 +166,8 @@ class ModelWatcher:
             await app.engine.set_flow(flow, bundle)
         except (UserError, OSError) as exc:
             reason = str(exc) if isinstance(exc, UserError) else f"cannot read it: {exc}"
-            log.warning("model at %s not swapped in: %s; still serving %s", self.path, reason,
-                        old.content_hash)
+            log.warning("model at %s not swapped in (%s): %s; still serving %s", self.path,
+                        trigger, reason, old.content_hash)
             return
         # Nothing was awaited since the engine switched: no batch was submitted in
         # between, so each connection's next sequence number is the switch point.
