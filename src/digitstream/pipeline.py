@@ -70,7 +70,8 @@ class Flow:
         t0 = clock()
         decoded = self.decoder.decode(batch.payloads)
         t1 = clock()
-        prediction = self.runner.predict(decoded.X, want_confidence=self.encoder.wants_confidence)
+        prediction = self.runner.predict(decoded.X, want_confidence=self.encoder.wants_confidence,
+                                         max_abs=self.decoder.max_abs)
         t2 = clock()
         errors = decoded.errors
         output = self.encoder.encode(batch.first_seq, prediction.class_index, prediction.confidence,

@@ -105,6 +105,8 @@ class Decoder:
             raise ValueError(f"unknown input format {fmt!r}")
         self.fmt = fmt
         self.n_features = n_features
+        #: a bound on abs(pixel) every decoded image keeps, when the format implies one
+        self.max_abs = 255.0 if fmt == "u8" else None
         self._templates = PickleTemplates(n_features) if fmt in ("pickle", "auto") else None
         # The longest honest pickle of an image: protocol 0 escapes a byte in up to 6 and a
         # value takes up to 16 bytes. Anything longer is refused before the unpickler runs,
