@@ -38,7 +38,7 @@ HEAVY_MAX_BATCH = 1000
 LATENCY_RATE = 20_000
 LATENCY_SECONDS = {True: 2.0, False: 6.0}
 #: messages per throughput run: heavy model, linear model (quick, full)
-MESSAGES = {"heavy": {True: 40_000, False: 120_000}, "linear": {True: 500_000, False: 3_000_000}}
+MESSAGES = {"heavy": {True: 60_000, False: 200_000}, "linear": {True: 500_000, False: 3_000_000}}
 
 
 def _dask(workers: int, *more: str) -> tuple[str, ...]:
