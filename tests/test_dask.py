@@ -293,6 +293,39 @@ def test_local_cluster_of_two_workers(start_app, digits, expected_texts):
     assert texts == expected_texts
 
 
+def test_ctrl_c_answers_everything_received_then_stops_the_local_cluster(model_dir, digits,
+                                                                        expected_texts):
+    # Ctrl-C in a terminal signals the whole process group: run and its workers
+    sink = Collector()
+    in_port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "digitstream.cli", "run", "--model", str(model_dir),
+         "--in", f"{HOST}:{in_port}", "--out", sink.addr, "--no-metrics",
+         "--input-format", "u8", "--engine", "dask", "--workers", "2", "--max-batch", "200"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for(lambda: _accepts(in_port, proc), 60, interval=0.1, what="run to listen")
+        send_bytes(in_port, frame_fixed(digits.X.astype(np.uint8)))
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert sink.wait_count(len(digits.X), timeout=10) == expected_texts
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        sink.close()
+
+
+def _accepts(port: int, proc: subprocess.Popen) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"run exited with {proc.returncode}: {proc.stderr.read().decode()}")
+    try:
+        socket.create_connection((HOST, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
 def test_scheduler_unreachable_is_a_one_line_error(model_dir, tmp_path):
     port = free_port()  # nothing listens there
     started = time.monotonic()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -196,6 +197,15 @@ def _worker_flow(spec: FlowSpec) -> Flow:
     return flow
 
 
+def dask_setup(worker) -> None:
+    """Preload of the local cluster's worker processes (``--workers``): ignore SIGINT.
+
+    Ctrl-C in a terminal reaches the whole process group, these workers too;
+    ``run`` then answers what it received, which needs them, and stops them itself.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def classify(spec: FlowSpec, conn_id: int, first_seq: int, packed) -> BatchResult:
     """The task: one batch through the run's flow on this worker."""
     flow = _worker_flow(spec)
@@ -348,7 +358,7 @@ class DaskEngine:
             # loopback port rather than on 8787, which another cluster may hold
             self.cluster = await LocalCluster(
                 host="127.0.0.1", n_workers=n, threads_per_worker=1, processes=True,
-                dashboard_address=None, asynchronous=True,
+                dashboard_address=None, asynchronous=True, preload=[__name__],
                 scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
             self.client = await Client(self.cluster, asynchronous=True, set_as_default=False)
             self.address = self.cluster.scheduler_address
