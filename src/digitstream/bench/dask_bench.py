@@ -109,7 +109,7 @@ def run(session, settings, console=None) -> dict:
                                        linear.get("linear_local", {}).get("median"))
     local_p50 = linear.get("linear_local", {}).get("latency", {}).get("p50")
     dask_p50 = linear.get("linear_dask_2", {}).get("latency", {}).get("p50")
-    figures["round_trip_ms"] = (dask_p50 - local_p50) if None not in (local_p50, dask_p50) else None
+    figures["added_p50_ms"] = (dask_p50 - local_p50) if None not in (local_p50, dask_p50) else None
     session.log("dask: round trip of one batch, in this process (one local worker)")
     try:
         figures["round_trip"] = round_trip(session.model_dir, quick)
@@ -270,7 +270,7 @@ def print_report(figures: dict, console) -> None:
                   f"{num(figures.get('speedup_2_vs_1'), '.2f')} (target >= {SPEEDUP_TARGET}) {mark}")
     console.print(f"linear model, Dask with 2 workers / local engine: "
                   f"{num(figures.get('dask_2_vs_local'), '.2f')}; added median latency at "
-                  f"{LATENCY_RATE:,} msg/s: {num(figures.get('round_trip_ms'), '.1f')} ms")
+                  f"{LATENCY_RATE:,} msg/s: {num(figures.get('added_p50_ms'), '.1f')} ms")
     probe = figures.get("round_trip")
     if probe:
         console.print(f"one batch of {probe['batch_size']:,} messages, nothing queued: "
