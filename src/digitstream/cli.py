@@ -113,7 +113,7 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
 @click.option("--workers", default=None, type=click.IntRange(1, 256),
               help="With --engine dask and no --scheduler: start a local cluster of N workers.")
 @click.option("--scheduler", default=None, help="With --engine dask: address of a running scheduler, "
-                                                "e.g. tcp://10.0.0.5:8786.")
+                                                "e.g. tcp://sched-host:8786.")
 @click.option("--name", default="worker-1", show_default=True, help="Name of this application "
                                                                     "process in metrics and logs.")
 @click.option("--max-batch", default=4096, show_default=True, type=click.IntRange(1, 1 << 22),
