@@ -140,14 +140,7 @@ def _measure(session, systems: list[System], model_dir: Path, messages: int, run
                    "runs": []} for s in systems}
 
     def attempt(system: System, what: str, measure):
-        try:
-            return measure()
-        except BenchError as exc:
-            errors.append(f"{system.key}, {what}: {exc}")
-            log(f"[red]{system.key}: {what} failed[/red]")
-            session.stop(system.key)
-            live.remove(system)
-            return None
+        return session.attempt(system, what, measure, live, errors)
 
     try:
         for system in list(live):

@@ -189,6 +189,18 @@ class Session:
             self.running[key] = proc
             self.sampler.watch(key, proc.pid)
 
+    def attempt(self, system: System, what: str, measure, live: list, errors: list):
+        """``measure()``; if it fails, the failure is recorded in ``errors``, the
+        system stopped and dropped from ``live``, and None returned."""
+        try:
+            return measure()
+        except BenchError as exc:
+            errors.append(f"{system.label}, {what}: {exc}")
+            self.log(f"[red]{system.label}: {what} failed[/red]")
+            self.stop(system.key)
+            live.remove(system)
+            return None
+
     def stop(self, key: str) -> None:
         proc = self.running.pop(key, None)
         if proc is not None:
@@ -310,14 +322,7 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
     live = list(systems)
 
     def attempt(system: System, what: str, measure):
-        try:
-            return measure()
-        except BenchError as exc:
-            errors.append(f"{system.label}, {what}: {exc}")
-            log(f"[red]{system.label}: {what} failed[/red]")
-            session.stop(system.key)
-            live.remove(system)
-            return None
+        return session.attempt(system, what, measure, live, errors)
 
     for system in list(live):
         attempt(system, "warm-up",
