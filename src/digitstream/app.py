@@ -15,7 +15,7 @@ import itertools
 import logging
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,18 +54,17 @@ class AppConfig:
     drain_grace: float = 5.0
     #: how long to wait for the listener to take the last results on a stop signal
     flush_timeout: float = 30.0
-    extra: dict = field(default_factory=dict)
 
 
 class _Connection:
-    __slots__ = ("id", "source", "frames", "handler", "next_seq")
+    __slots__ = ("id", "source", "handler", "next_seq")
 
     def __init__(self, conn_id: int, source: FrameSource):
         self.id = conn_id
         self.source = source
-        self.frames = 0
         self.handler: asyncio.Task | None = None
-        self.next_seq = 0  # the first sequence number of the next batch submitted
+        #: the first sequence number of the next batch, so also the frames received so far
+        self.next_seq = 0
 
 
 class Application:
@@ -202,14 +201,13 @@ class Application:
             self.connections.pop(conn.id, None)
             if metrics:
                 metrics.connection_closed()
-            log.debug("connection %d from %s done: %d frames", conn.id, source.peer, conn.frames)
+            log.debug("connection %d from %s done: %d frames", conn.id, source.peer, conn.next_seq)
 
     async def _read_loop(self, conn: _Connection, results: asyncio.Queue) -> None:
         cfg = self.config
         source = conn.source
         engine = self.engine
         metrics = self.metrics
-        seq = 0
         while True:
             groups = await source.read_groups()
             if groups is None:
@@ -219,15 +217,13 @@ class Application:
             received = time.perf_counter_ns()
             for group in _merge(groups):
                 n = len(group)
-                conn.frames += n
                 self.frames_in += n
                 if metrics:
                     metrics.frames_received(n, group.nbytes)
                 for start in range(0, n, cfg.max_batch):
                     part = _slice(group, start, start + cfg.max_batch)
-                    batch = Batch(conn.id, seq, part, received)
-                    seq += len(part)
-                    conn.next_seq = seq
+                    batch = Batch(conn.id, conn.next_seq, part, received)
+                    conn.next_seq += len(part)
                     # submit waits while the engine is full: reading stops there
                     await results.put((batch, await engine.submit(batch)))
 

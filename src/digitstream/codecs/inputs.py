@@ -119,7 +119,7 @@ class Decoder:
             whole = self._decode_whole(payloads.fixed)
             if whole is not None:
                 out = Decoded(whole)
-                if whole.dtype.kind == "f" and self.fmt not in ("u8",):
+                if self.fmt != "u8":  # bytes are always finite
                     self._reject_non_finite(whole, out.errors)
                 return out
         X = np.zeros((n, self.n_features), dtype=np.float64)

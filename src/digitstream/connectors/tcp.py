@@ -35,7 +35,8 @@ from digitstream.wire.framing import HEADER_SIZE, FrameTooLarge, Payloads, split
 
 log = logging.getLogger("digitstream.sink")
 
-READ_SIZE = 1 << 20
+#: queued results are joined into writes of about this size: fewer system calls
+WRITE_CHUNK = 1 << 20
 #: input buffer per connection; a larger --max-frame makes it larger
 SOURCE_BUFFER = 4 << 20
 
@@ -187,16 +188,10 @@ class TcpSink:
         self._has_space.set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._connected = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self.bytes_written = 0
         self.connects = 0
         self.closed = False
-
-    @property
-    def connected(self) -> bool:
-        return self._connected.is_set()
 
     @property
     def queued_bytes(self) -> int:
@@ -204,9 +199,6 @@ class TcpSink:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="sink")
-
-    async def wait_connected(self) -> None:
-        await self._connected.wait()
 
     async def write(self, data: bytes) -> None:
         if not data:
@@ -261,7 +253,6 @@ class TcpSink:
             log.info("connected to the listener at %s%s", self.addr,
                      "" if self.connects == 1 else f" (reconnection {self.connects - 1})")
             self._writer = writer
-            self._connected.set()
             watch = asyncio.create_task(self._watch_peer(reader))
             try:
                 await self._pump(writer, watch)
@@ -269,7 +260,6 @@ class TcpSink:
                 log.warning("listener at %s went away (%s); %d result bytes queued, reconnecting",
                             self.addr, exc, self._queued)
             finally:
-                self._connected.clear()
                 self._writer = None
                 watch.cancel()
                 writer.close()
@@ -295,12 +285,11 @@ class TcpSink:
                 continue
             if watch.done():
                 raise ConnectionResetError("the listener closed the connection")
-            # Several small results are joined into one write: fewer system calls.
             chunk = queue.popleft()
-            if queue and len(chunk) < READ_SIZE:
+            if queue and len(chunk) < WRITE_CHUNK:
                 parts = [chunk]
                 size = len(chunk)
-                while queue and size < READ_SIZE:
+                while queue and size < WRITE_CHUNK:
                     part = queue.popleft()
                     parts.append(part)
                     size += len(part)
@@ -310,7 +299,6 @@ class TcpSink:
                 raise ConnectionResetError("the connection to the listener is closed")
             writer.write(chunk)
             self._queued -= len(chunk)
-            self.bytes_written += len(chunk)
             if self._queued < self.high_water:
                 self._has_space.set()
             await writer.drain()
