@@ -234,3 +234,56 @@ def test_the_tie_margin_is_far_above_rounding_and_far_below_real_margins():
     gaps = scores[:, -1] - scores[:, -2]
     assert 1e-12 < margin < 1e-3 * np.min(gaps)
     assert TIE_RTOL == 1e-9
+
+
+# ------------------------------------------------------------------ float32 batches
+# Bytes and float32 pixels arrive as float32 and are scored in single precision
+# first; the answer must still be the pipeline's on the same values in float64.
+X_RANDOM_BYTES = np.random.default_rng(11).integers(0, 256, size=(100_000, 64)).astype(np.float32)
+
+
+def test_float32_batches_give_the_float64_answer(linear_pipeline):
+    runner = make_runner(linear_pipeline)
+    assert runner._single is not None
+    for X in (X_DIGITS.astype(np.float32), X_RANDOM_BYTES, X_RANDOM.astype(np.float32)):
+        prediction = runner.predict(X, max_abs=255.0)
+        assert prediction.confidence is None
+        np.testing.assert_array_equal(runner.classes[prediction.class_index],
+                                      linear_pipeline.predict(X.astype(np.float64)))
+
+
+def test_float32_batches_with_confidence_are_scored_in_float64():
+    pipeline = _fit(LINEAR["pca-logistic"]())
+    runner = make_runner(pipeline)
+    X = X_DIGITS.astype(np.float32)
+    prediction = runner.predict(X, want_confidence=True)
+    assert prediction.confidence.dtype == np.float64
+    _assert_confidence(prediction, pipeline.predict_proba(X.astype(np.float64)))
+
+
+def test_a_near_tie_float32_cannot_resolve_is_settled_in_float64():
+    pipeline = _fit(LINEAR["pca-logistic"]())
+    classifier = pipeline[-1]
+    # Class 5 is class 3 moved up by far less than a float32 rounding but far more
+    # than a float64 one: float64 says 5 wherever either wins, float32 cannot tell.
+    classifier.coef_[5] = classifier.coef_[3]
+    classifier.intercept_[5] = classifier.intercept_[3] + 1e-9
+    X = X_DIGITS[(Y_DIGITS == 3) | (Y_DIGITS == 5)]
+    expected = pipeline.predict(X)
+    assert np.sum(expected == 5) > 150 and not np.any(expected == 3)
+    runner = make_runner(pipeline)
+    single = runner._single[0] @ X.astype(np.float32).T + runner._single[1]
+    assert np.any(single[3] >= single[5])  # float32 alone would get some of them wrong
+    np.testing.assert_array_equal(_labels(runner, X.astype(np.float32)), expected)
+
+
+def test_the_float32_margin_covers_its_rounding():
+    runner = make_runner(_fit(LINEAR["pca-logistic"]()))
+    # 8 (d + 3) float32 roundings of the largest term, plus the float64 margin.
+    assert runner.single_rtol == pytest.approx(8 * 67 * 2.0 ** -24 + TIE_RTOL)
+    X = X_RANDOM_BYTES[:20_000]
+    WT, b, _ = runner._single
+    error = np.abs((WT @ X.T + b).astype(np.float64) - (runner._double[0] @ X.T.astype(np.float64)
+                                                         + runner._double[1]))
+    bound = 255.0 * runner._term_per_unit_x + runner._term_constant
+    assert error.max() < runner.single_rtol * bound / 8

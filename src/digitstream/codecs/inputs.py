@@ -46,7 +46,8 @@ class RejectedInput(ValueError):
 class Decoded:
     """A batch of images decoded from payloads.
 
-    ``X`` has shape (n, n_features), float64, C-contiguous; the rows named in
+    ``X`` has shape (n, n_features), C-contiguous, float64 (float32 for a
+    batch of ``u8`` or ``f32`` payloads all of the right size); the rows named in
     ``errors`` (index -> reason) are zeros. ``labels`` and ``ids`` hold what
     JSON payloads carried (None where absent), or are None for other formats.
     """
@@ -149,7 +150,9 @@ class Decoder:
                 return None
             if dtype.itemsize > 1:
                 rows = np.ascontiguousarray(rows).view(dtype)
-            return rows.astype(np.float64)
+            # Bytes and float32 values are exact in float32, which the model scores
+            # at twice the speed of float64; f64 pixels stay as they are.
+            return rows.astype(np.float64 if dtype.itemsize == 8 else np.float32)
         if self._templates is not None and length in self._templates.lengths:
             return self._templates.match_all(rows)
         return None
