@@ -202,15 +202,21 @@ class Session:
             return None
 
     def stop(self, key: str) -> None:
-        proc = self.running.pop(key, None)
-        if proc is not None:
+        self.stop_all([key])
+
+    def stop_all(self, keys: list[str]) -> None:
+        """Stop these systems; they are all signalled first, so their shutdowns overlap."""
+        procs = [self.running.pop(key) for key in keys if key in self.running]
+        if procs:
             self.sampler.sample()
-            self.sampler.unwatch(key)
+        for proc in procs:
+            self.sampler.unwatch(proc.system.key)
+            proc.terminate()
+        for proc in procs:
             proc.stop()
 
     def close(self) -> None:
-        for key in list(self.running):
-            self.stop(key)
+        self.stop_all(list(self.running))
         self.sampler.stop()
         for worker in (self.sender, self.listener):
             if worker is not None:
@@ -371,8 +377,8 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
         "peak_rss_mb": figures["throughput"].get(MEMORY_SYSTEM, {}).get("peak_rss_mb"),
         "samples_mb": [[round(t, 2), rss / 2**20] for t, rss in memory_samples],
     }
-    for system in systems:
-        session.stop(system.key)
+    session.stop_all([system.key for system in systems])
+    log(f"stopped the {len(systems)} systems under test")
     figures["ratios"] = compute_ratios(figures)
     figures["ratios_paired"] = compute_paired_ratios(figures)
     figures["targets"] = evaluate_targets(figures)

@@ -123,9 +123,14 @@ class Running:
             pass
         return None
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def terminate(self) -> None:
+        """Ask the process to stop (SIGTERM) without waiting; :meth:`stop` waits."""
         if self.alive():
             self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.alive():
+            self.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
