@@ -41,7 +41,7 @@ class AppConfig:
     workers: int | None = None
     scheduler: str | None = None
     name: str = "worker-1"
-    max_batch: int = 4096  # a float64 batch of 4096 images of 64 pixels fits in L2 cache
+    max_batch: int = 8192  # measured best for 64-pixel images: smaller adds per-batch overhead, larger leaves the cache
     max_delay: float = 0.0  # seconds
     max_frame: int = 1 << 20
     compile_model: bool = True

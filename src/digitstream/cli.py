@@ -116,7 +116,7 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
                                                 "e.g. tcp://sched-host:8786.")
 @click.option("--name", default="worker-1", show_default=True, help="Name of this application "
                                                                     "process in metrics and logs.")
-@click.option("--max-batch", default=4096, show_default=True, type=click.IntRange(1, 1 << 22),
+@click.option("--max-batch", default=8192, show_default=True, type=click.IntRange(1, 1 << 22),
               help="Most messages classified in one batch.")
 @click.option("--max-delay-ms", default=0.0, show_default=True, type=click.FloatRange(0, 10_000),
               help="Wait up to this long for a batch to fill (0: never wait).")
