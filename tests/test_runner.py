@@ -252,6 +252,14 @@ def test_float32_batches_give_the_float64_answer(linear_pipeline):
                                       linear_pipeline.predict(X.astype(np.float64)))
 
 
+def test_binary_float32_batches_give_the_float64_answer(binary_pipeline):
+    runner = make_runner(binary_pipeline)
+    assert runner._binary and runner._single is not None
+    for X in (X_DIGITS.astype(np.float32), X_RANDOM_BYTES):
+        np.testing.assert_array_equal(_labels(runner, X, max_abs=255.0),
+                                      binary_pipeline.predict(X.astype(np.float64)))
+
+
 def test_float32_batches_with_confidence_are_scored_in_float64():
     pipeline = _fit(LINEAR["pca-logistic"]())
     runner = make_runner(pipeline)
