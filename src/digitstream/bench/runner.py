@@ -325,6 +325,7 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
     errors = figures["errors"]
     log(f"starting {len(systems)} systems under test")
     session.start(systems)
+    log(f"all {len(systems)} listening; warming up")
     live = list(systems)
 
     def attempt(system: System, what: str, measure):
