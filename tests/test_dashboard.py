@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -109,3 +114,96 @@ def test_dashboard_shows_the_live_stream(start_app, collector, digits):
     assert not outside, f"the page fetched from elsewhere: {outside}"
     assert not problems, problems
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+def test_dashboard_shows_model_swaps_and_marks_them_on_the_chart(
+        start_app, collector, digits, model_dir, seed_pipeline, tmp_path):
+    from playwright.sync_api import sync_playwright
+    from sklearn.naive_bayes import GaussianNB
+    from sklearn.pipeline import Pipeline
+
+    from digitstream.model.bundle import CARD_FILE, PIPELINE_FILE, save_bundle
+    from digitstream.tools.sender import build_frames
+
+    def put_in_place(pipeline, card: dict, staging: Path) -> str:
+        """Write a bundle into staging, then rename its files into the served directory,
+        the card last; its content hash."""
+        save_bundle(pipeline, staging, card)
+        for name in (PIPELINE_FILE, CARD_FILE):
+            os.replace(staging / name, bundle / name)
+        return json.loads((bundle / CARD_FILE).read_text())["content_hash"]
+
+    bundle = shutil.copytree(model_dir, tmp_path / "model")
+    old_hash = json.loads((bundle / CARD_FILE).read_text())["content_hash"]
+    # the seed's model answering (digit + 1) % 10: same features and classes, another hash
+    shifted = copy.deepcopy(seed_pipeline)
+    shifted[-1].coef_ = np.roll(shifted[-1].coef_, 1, axis=0)
+    shifted[-1].intercept_ = np.roll(shifted[-1].intercept_, 1)
+
+    app = start_app(collector.port, "--input-format", "u8", model=bundle)
+    sender = PacedSender(app.in_port, build_frames(digits, "u8"), per_second=5000)
+    sender.start()
+    ARTIFACTS.mkdir(exist_ok=True)
+    problems: list[str] = []
+    text = "(id) => document.getElementById(id).textContent"
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1440, "height": 1000})
+                page.on("pageerror", lambda e: problems.append(str(e)))
+                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+                page.goto(app.metrics_url + "/")
+
+                page.wait_for_function(
+                    "() => document.getElementById('model-now').textContent === 'pca-logistic'",
+                    timeout=15_000)
+                before = {name: page.evaluate(text, name) for name in
+                          ("model-hash", "model-swaps", "model-refused", "model-last-swap")}
+                marks_before = page.get_attribute("#chart-throughput", "data-swap-marks")
+
+                # refused: a model that takes other images
+                narrow = Pipeline([("Naive Bayes", GaussianNB())]).fit(digits.X[:, :32], digits.y)
+                put_in_place(narrow, {"model": "narrow"}, tmp_path / "narrow")
+                page.wait_for_function(
+                    "() => document.getElementById('model-refused').textContent === '1'",
+                    timeout=30_000)
+                refused_event = page.inner_text("#model-events")
+                still = page.inner_text("#model-now")
+
+                # taken
+                new_hash = put_in_place(shifted, {"dataset": "digits", "model": "shifted"},
+                                        tmp_path / "shifted")
+                page.wait_for_function(
+                    "() => document.getElementById('model-swaps').textContent === '1'",
+                    timeout=30_000)
+                page.wait_for_function(
+                    "() => document.getElementById('model-now').textContent === 'shifted'",
+                    timeout=5_000)
+                # the marker shows once the chart has a second past the swap
+                page.wait_for_function(
+                    "() => document.getElementById('chart-throughput').dataset.swapMarks === '1'",
+                    timeout=10_000)
+                page.screenshot(path=str(ARTIFACTS / "dashboard-swap.png"), full_page=True)
+                after = {name: page.evaluate(text, name) for name in
+                         ("model-hash", "model-swaps", "model-refused", "model-last-swap")}
+                events = page.inner_text("#model-events")
+                model_card = page.inner_text("#model-card")
+            finally:
+                browser.close()
+    finally:
+        sender.stop()
+
+    assert sender.error is None, sender.error
+    assert before == {"model-hash": old_hash[:len("sha256:") + 12], "model-swaps": "0",
+                      "model-refused": "0", "model-last-swap": "no swap yet"}
+    assert marks_before in (None, "0")
+    assert still == "pca-logistic"
+    assert "refused: it takes 32 features, the model serving takes 64" in refused_event
+    assert after["model-hash"] == new_hash[:len("sha256:") + 12]
+    assert (after["model-swaps"], after["model-refused"]) == ("1", "1")
+    assert re.fullmatch(r"last swap \S.*", after["model-last-swap"]), after["model-last-swap"]
+    assert f"swapped in {new_hash[:19]} (was {old_hash[:19]})" in events
+    assert "refused" in events
+    assert "shifted" in model_card
+    assert not problems, problems

@@ -195,6 +195,27 @@ def test_prometheus_text_has_consistent_counters_and_histograms():
     assert samples(parsed["digitstream_model_info"])[0].labels["steps"] == "PCA,Logistic Regression"
 
 
+def test_swaps_and_refused_swaps_are_counted_in_stats_and_prometheus():
+    m = Metrics("app", STAGES, range(10))
+    doc = stats_document(m.snapshot(), {})
+    assert (doc["model_swaps_total"], doc["model_swaps_refused"]) == (0, 0)
+    assert doc["last_swap_refused"] is None
+
+    m.model_swap_refused(1000.0, "it takes 32 features, the model serving takes 64")
+    m.model_swapped(1001.0, "sha256:aa", "sha256:bb", {1: 42}, STAGES)
+    m.model_swap_refused(1002.5, "untrusted type x.Doubler")
+    doc = stats_document(m.snapshot(), {})
+    assert doc["model_swaps_total"] == 1 and len(doc["model_swaps"]) == 1
+    assert doc["model_swaps_refused"] == 2
+    assert doc["last_swap_refused"] == {"time": 1002.5, "reason": "untrusted type x.Doubler"}
+    json.dumps(doc, allow_nan=False)
+
+    parsed = families(render(make_registry(m)).decode())
+    assert samples(parsed["digitstream_model_swaps"], "digitstream_model_swaps_total")[0].value == 1
+    assert samples(parsed["digitstream_model_swaps_refused"],
+                   "digitstream_model_swaps_refused_total")[0].value == 2
+
+
 # ------------------------------------------------------- the server in-process
 def fake_app(metrics: Metrics):
     return SimpleNamespace(
@@ -228,7 +249,8 @@ def request(url: str, method: str) -> int:
 STATS_FIELDS = {"name", "version", "status", "ready", "now", "started_at", "uptime_seconds",
                 "engine", "input_format", "output_format", "addresses", "pipeline", "messages",
                 "bytes", "throughput", "latency", "batches", "rejected", "connections", "workers",
-                "worker_events", "classes", "accuracy", "model", "model_swaps", "history"}
+                "worker_events", "classes", "accuracy", "model", "model_swaps", "model_swaps_total",
+                "model_swaps_refused", "last_swap_refused", "history"}
 
 
 def test_stats_fields_are_the_documented_ones():

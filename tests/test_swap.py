@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -205,10 +206,71 @@ def test_bad_bundles_are_refused_once_and_the_old_model_keeps_serving(
     app.signal(signal.SIGHUP)
     refused("it takes 32 features", count=2)
     check_old_model_serves()
-    stats = app.stats()
-    assert stats["model_swaps"] == []
+    stats = wait_for(lambda: (lambda st: st if st["model_swaps_refused"] >= 4 else None)(
+        app.stats()), timeout=10, interval=0.05, what="4 refusals in /api/stats")
+    assert stats["model_swaps_refused"] == 4  # one per bundle and one for SIGHUP, not per poll
+    assert "it takes 32 features" in stats["last_swap_refused"]["reason"]
+    assert stats["model_swaps"] == [] and stats["model_swaps_total"] == 0
     assert stats["model"]["content_hash"] == old_hash
+    _, prometheus = http_get(app.metrics_url + "/metrics")
+    assert b"digitstream_model_swaps_refused_total 4.0" in prometheus
+    assert b"digitstream_model_swaps_total 0.0" in prometheus
     assert app.proc.poll() is None
+
+
+def test_a_refused_swap_under_load_is_counted_and_loses_nothing(
+        start_app, collector, bundle_dir, tmp_path, digits, seed_pipeline):
+    n, rate = 100_000, 20_000
+    index = np.arange(n) % len(digits.X)
+    old = seed_pipeline.predict(digits.X)[index]
+    old_hash = json.loads((bundle_dir / CARD_FILE).read_text())["content_hash"]
+    app = start_app(collector.port, "--input-format", "u8", model=bundle_dir)
+    before = app.stats()
+    assert (before["model_swaps_refused"], before["last_swap_refused"]) == (0, None)
+    _, prometheus = http_get(app.metrics_url + "/metrics")
+    assert b"digitstream_model_swaps_refused_total 0.0" in prometheus
+
+    framed = Framed.from_bytes(u8_frames(digits.X[index]))
+    failures = []
+
+    def send():
+        try:
+            send_frames(Address(HOST, app.in_port), [framed], rate=rate)
+        except Exception as exc:  # noqa: BLE001 - reported by the test thread
+            failures.append(exc)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        collector.wait_count(n // 4, timeout=60)
+        # a sound bundle, its card vouching for it, of a model that takes other images
+        narrow = Pipeline([("Naive Bayes", GaussianNB())]).fit(digits.X[:, :32], digits.y)
+        written = time.time()
+        write_bundle(narrow, bundle_dir, tmp_path / "narrow")
+        stats = wait_for(lambda: (lambda st: st if st["model_swaps_refused"] else None)(
+            app.stats()), timeout=30, interval=0.05, what="the refusal in /api/stats")
+        sent_when_refused = collector.count()
+        texts = collector.wait_count(n, timeout=60)
+    finally:
+        sender.join(timeout=60)
+    assert not failures, failures
+    assert sent_when_refused < n, "the refusal came after the stream: nothing was tested"
+    after = wait_for(lambda: (lambda st: st if st["messages"]["out"] >= n else None)(
+        app.stats()), timeout=10, interval=0.05, what="every result in /api/stats")
+    _, prometheus = http_get(app.metrics_url + "/metrics")
+    app.stop()  # flushes: a result beyond n would be here now
+
+    assert collector.count() == n
+    assert np.array_equal(labels_of(texts), old)  # every message, by the old model
+    refusal = stats["last_swap_refused"]
+    assert refusal["reason"] == "it takes 32 features, the model serving takes 64"
+    assert written - 1 <= refusal["time"] <= time.time()
+    assert after["model_swaps_refused"] == 1 and after["last_swap_refused"] == refusal
+    assert after["model_swaps"] == [] and after["model_swaps_total"] == 0
+    assert after["model"]["content_hash"] == old_hash
+    assert after["messages"]["out"] == n and after["messages"]["rejected"] == 0
+    assert b"digitstream_model_swaps_refused_total 1.0" in prometheus
+    assert b"digitstream_model_swaps_total 0.0" in prometheus
 
 
 def test_sighup_with_the_same_bundle_swaps_nothing(start_app, collector, bundle_dir):
@@ -295,17 +357,23 @@ def test_a_tampered_bundle_is_refused_once_left_alone_and_not_tried_again(
     (staging / PIPELINE_FILE).write_bytes(bytes(data))
     put_in_place(staging, bundle_dir)
 
+    app.metrics = Metrics("app", app.flow.stage_names, app.flow.runner.classes)
+
     caplog.set_level("WARNING", logger="digitstream.swap")
     for t in (0.0, 1.0, 1.9):  # a writer may still be about to put the right card in place
         now[0] = t
         asyncio.run(watcher.check())
     assert caplog.records == []
+    assert app.metrics.snapshot().model_swaps_refused == 0
     for t in (2.0, 2.5, 10.0, 60.0):
         now[0] = t
         asyncio.run(watcher.check())
     (record,) = caplog.records
     assert "does not match" in record.getMessage() and "\n" not in record.getMessage()
     assert app.bundle.content_hash == old_hash
+    snapshot = app.metrics.snapshot()
+    assert snapshot.model_swaps_refused == 1 and snapshot.model_swaps_total == 0
+    assert snapshot.last_swap_refused["reason"] in record.getMessage()
 
 
 def test_a_single_skops_file_is_watched_and_taken_once_left_alone(

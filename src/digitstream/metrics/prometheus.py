@@ -29,6 +29,7 @@ name                                        type       labels
 ``digitstream_model_info``                  info       data set, model, steps, versions
 ``digitstream_model_held_out_accuracy``     gauge
 ``digitstream_model_swaps_total``           counter    (models swapped in while running)
+``digitstream_model_swaps_refused_total``   counter    (bundles refused: the old model serves on)
 ==========================================  =========  ======================================
 
 plus ``process_*`` and ``python_*`` from ``prometheus_client``'s own collectors.
@@ -166,6 +167,9 @@ class StreamCollector:
                                 value=s.started_at)
         yield CounterMetricFamily("digitstream_model_swaps", "Models swapped in while running.",
                                   value=s.model_swaps_total)
+        yield CounterMetricFamily("digitstream_model_swaps_refused",
+                                  "Bundles not swapped in (they failed to load or check).",
+                                  value=s.model_swaps_refused)
         card = self.card() if callable(self.card) else self.card
         if card:
             info = InfoMetricFamily("digitstream_model", "The model being served.")

@@ -190,6 +190,8 @@ class Snapshot:
     history: list[Sample] = field(default_factory=list)
     model_swaps: list[dict] = field(default_factory=list)
     model_swaps_total: int = 0
+    model_swaps_refused: int = 0
+    last_swap_refused: dict | None = None
 
     def latency(self) -> Histogram:
         """End-to-end latency of all workers together."""
@@ -247,6 +249,8 @@ class Metrics:
         self._events: deque = deque(maxlen=100)
         self._swaps: deque = deque(maxlen=100)
         self._swaps_total = 0
+        self._refused_total = 0
+        self._last_refused: dict | None = None
         self._history: deque[Sample] = deque(maxlen=HISTORY_SECONDS)
         self._last_sample: tuple | None = None
 
@@ -342,6 +346,12 @@ class Metrics:
             self._swaps.append({"time": when, "old_hash": old_hash, "new_hash": new_hash,
                                 "at": {str(conn): seq for conn, seq in at.items()}})
 
+    def model_swap_refused(self, when: float, reason: str) -> None:
+        """A bundle found at the model path was not swapped in; the old model serves on."""
+        with self._lock:
+            self._refused_total += 1
+            self._last_refused = {"time": when, "reason": reason}
+
     def _join(self, name: str) -> WorkerStats:
         now = self._clock()
         worker = self._workers[name] = WorkerStats(name, now)
@@ -414,5 +424,7 @@ class Metrics:
                 worker_events=list(self._events),
                 history=list(self._history) if history else [],
                 model_swaps=list(self._swaps), model_swaps_total=self._swaps_total,
+                model_swaps_refused=self._refused_total,
+                last_swap_refused=dict(self._last_refused) if self._last_refused else None,
             )
 

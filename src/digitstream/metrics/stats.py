@@ -44,6 +44,11 @@ def stats_document(snapshot: Snapshot, info: dict, window: int | None = None,
     - ``model_swaps``: the last 100 models swapped in while running, oldest first:
       ``{time, old_hash, new_hash, at}``, ``at`` mapping each open connection's id to the
       sequence number of its first message answered by the new model.
+    - ``model_swaps_total``: how many models were swapped in while running (all of them,
+      where ``model_swaps`` keeps the last 100).
+    - ``model_swaps_refused``: how many bundles were refused; ``last_swap_refused``: the last
+      refusal, ``{time, reason}`` (``reason`` as in the WARNING line), null until one. A
+      refused bundle failed to load or check, and the old model served on.
     - ``history``: per-second samples, oldest first: the last ``window`` (default all 600),
       or only those after ``since`` (a ``t`` from an earlier answer) when given:
       ``interval_s``, and lists ``t``, ``in_per_s``, ``out_per_s``, ``bytes_in_per_s``,
@@ -124,6 +129,9 @@ def stats_document(snapshot: Snapshot, info: dict, window: int | None = None,
                      "confusion": {"labels": labels, "matrix": matrix}},
         "model": _jsonable(info.get("model") or {}),
         "model_swaps": s.model_swaps,
+        "model_swaps_total": s.model_swaps_total,
+        "model_swaps_refused": s.model_swaps_refused,
+        "last_swap_refused": s.last_swap_refused,
         "history": {
             "interval_s": 1,
             "t": [x.t for x in history],

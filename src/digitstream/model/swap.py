@@ -16,8 +16,10 @@ between its renames, or half way through a copy.
 loader as at start (content hash, trusted types only, fitted classifier),
 must take the same number of features and predict the same classes as the
 model serving, and must classify a test batch. Anything else leaves the old
-model serving, with one WARNING line naming the reason; the same files are
-not tried again until they change (or SIGHUP asks).
+model serving, with one WARNING line naming the reason, counted in the
+metrics (``model_swaps_refused`` and ``last_swap_refused`` in ``/api/stats``,
+``digitstream_model_swaps_refused_total``); the same files are not tried again
+until they change (or SIGHUP asks).
 
 **Switching.** The new flow goes to the engine (:meth:`set_flow`; the Dask
 engine first ships the bundle to every worker). The engine switches with
@@ -168,6 +170,8 @@ class ModelWatcher:
             reason = str(exc) if isinstance(exc, UserError) else f"cannot read it: {exc}"
             log.warning("model at %s not swapped in (%s): %s; still serving %s", self.path,
                         trigger, reason, old.content_hash)
+            if app.metrics is not None:
+                app.metrics.model_swap_refused(time.time(), reason)
             return
         # Nothing was awaited since the engine switched: no batch was submitted in
         # between, so each connection's next sequence number is the switch point.

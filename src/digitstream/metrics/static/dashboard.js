@@ -66,9 +66,10 @@ function setText(id, text) {
 const AXIS = { stroke: "#8a94a6", grid: { stroke: "#232936", width: 1 }, ticks: { stroke: "#232936", width: 1 } };
 const charts = {};
 
-function makeChart(id, series, yOpts) {
+function makeChart(id, series, yOpts, plugins) {
   const box = $(id);
   const opts = {
+    plugins: plugins || [],
     width: box.clientWidth,
     height: box.clientHeight - 30,
     cursor: { drag: { x: false, y: false } },
@@ -87,6 +88,41 @@ function makeChart(id, series, yOpts) {
   return chart;
 }
 
+// Model swaps as dashed vertical lines on a chart: `times()` gives their Unix times.
+// The chart's box records how many it drew (data-swap-marks), for tests and tools.
+function swapMarks(times) {
+  return {
+    hooks: {
+      draw: [(u) => {
+        const [min, max] = [u.scales.x.min, u.scales.x.max];
+        const shown = times().filter((t) => min != null && t >= min && t <= max);
+        const { ctx, bbox } = u;
+        const color = getComputedStyle(document.documentElement).getPropertyValue("--swap").trim() || "#c792ea";
+        ctx.save();
+        ctx.strokeStyle = color;
+        ctx.fillStyle = color;
+        ctx.lineWidth = 2 * devicePixelRatio;
+        ctx.setLineDash([5 * devicePixelRatio, 4 * devicePixelRatio]);
+        ctx.font = `${11 * devicePixelRatio}px sans-serif`;
+        ctx.textBaseline = "top";
+        for (const t of shown) {
+          const x = Math.round(u.valToPos(t, "x", true));
+          ctx.beginPath();
+          ctx.moveTo(x, bbox.top);
+          ctx.lineTo(x, bbox.top + bbox.height);
+          ctx.stroke();
+          // the label on the line's left near the right edge, where the newest swap is
+          const right = x > bbox.left + bbox.width - 40 * devicePixelRatio;
+          ctx.textAlign = right ? "right" : "left";
+          ctx.fillText(right ? "swap " : " swap", x, bbox.top + 2 * devicePixelRatio);
+        }
+        ctx.restore();
+        u.root.parentElement.dataset.swapMarks = String(shown.length);
+      }],
+    },
+  };
+}
+
 function setData(chart, data) {
   chart.setData(data);
   // away from the cursor the legend shows the latest second rather than dashes
@@ -101,7 +137,8 @@ function drawCharts(h) {
       { label: "out", stroke: "#5ab0ff", fill: "rgba(90,176,255,0.12)" },
       { label: "in", stroke: "#ffb35a", dash: [4, 4] },
       { label: "rejected", stroke: "#ff6b6b" },
-    ], { scale: { range: (u, min, max) => [0, Math.max(10, max * 1.1)] }, format: fmtRate });
+    ], { scale: { range: (u, min, max) => [0, Math.max(10, max * 1.1)] }, format: fmtRate },
+    [swapMarks(() => swapTimes)]);
     charts.latency = makeChart("chart-latency", [
       { label: "p50", stroke: "#47c97e" },
       { label: "p99", stroke: "#ffb35a" },
@@ -179,6 +216,39 @@ function drawTiles(s) {
   const a = s.accuracy;
   setText("accuracy", a.accuracy == null ? "–" : fmtPercent(a.accuracy, 2));
   setText("accuracy-sub", a.labelled ? `${fmtCount(a.correct)} of ${fmtCount(a.labelled)} labelled` : "no labelled inputs yet");
+}
+
+function shortHash(h) {
+  if (typeof h !== "string") return "–";
+  const colon = h.indexOf(":");
+  return colon >= 0 ? h.slice(0, colon + 13) : h.slice(0, 12);
+}
+
+function modelName(card) {
+  if (typeof card.model === "string" && card.model) return card.model;
+  if (Array.isArray(card.steps) && card.steps.length) return card.steps.join(" → ");
+  return "–";
+}
+
+function fmtTime(t) {
+  return new Date(t * 1000).toLocaleTimeString();
+}
+
+// What serves now, and the swaps: the tile at the top and the list under the model card.
+function drawSwaps(s) {
+  const card = s.model || {}, swaps = s.model_swaps || [], refused = s.last_swap_refused;
+  const total = s.model_swaps_total != null ? s.model_swaps_total : swaps.length;
+  setText("model-now", modelName(card));
+  $("model-now").title = card.content_hash || "";
+  setText("model-hash", shortHash(card.content_hash));
+  setText("model-swaps", fmtCount(total));
+  setText("model-refused", fmtCount(s.model_swaps_refused || 0));
+  const last = swaps[swaps.length - 1];
+  setText("model-last-swap", last ? "last swap " + fmtTime(last.time) : "no swap yet");
+  const events = swaps.slice(-5).map((sw) => [sw.time, "", `${fmtTime(sw.time)} swapped in ${shortHash(sw.new_hash)} (was ${shortHash(sw.old_hash)})`]);
+  if (refused) events.push([refused.time, "refused", `${fmtTime(refused.time)} refused: ${refused.reason}`]);
+  events.sort((a, b) => b[0] - a[0]);
+  $("model-events").replaceChildren(...events.map(([, cls, text]) => el("li", cls ? { class: cls } : {}, text)));
 }
 
 function latencyRow(name, st, share, cls) {
@@ -324,6 +394,7 @@ const HISTORY_POINTS = 600;
 const COLUMNS = ["t", "in_per_s", "out_per_s", "bytes_in_per_s", "rejected_per_s", "latency_p50", "latency_p99"];
 let history = null;
 let startedAt = null;
+let swapTimes = [];  // Unix times of the model swaps, marked on the throughput chart
 
 // After the first answer only the new seconds are asked for (?since=), so a poll
 // costs the application little however long the history is.
@@ -347,9 +418,11 @@ function statsUrl() {
 function draw(s, incremental) {
   history = incremental && history && s.started_at === startedAt ? mergeHistory(s.history) : s.history;
   startedAt = s.started_at;
+  swapTimes = (s.model_swaps || []).map((sw) => sw.time);
   drawHeader(s);
   drawPipeline(s);
   drawTiles(s);
+  drawSwaps(s);
   drawCharts(history);
   drawLatencyTable(s);
   drawWorkers(s);
