@@ -8,6 +8,8 @@ its children, when the test ends, pass or fail.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import pickle
 import signal
@@ -45,9 +47,22 @@ class Cluster:
         self.procs: list[subprocess.Popen] = []
         self.workers: dict[str, subprocess.Popen] = {}
         self._client = None
-        self.scheduler = self._spawn("scheduler", ["scheduler", "--host", HOST, "--port",
-                                                   str(self.port), "--no-dashboard"])
+        self.scheduler_name = "scheduler"
+        self.start_scheduler()
+
+    def start_scheduler(self, name: str = "scheduler") -> None:
+        """A scheduler on this cluster's port (again, after :meth:`kill_scheduler`)."""
+        self.scheduler_name = name
+        self.scheduler = self._spawn(name, ["scheduler", "--host", HOST, "--port",
+                                            str(self.port), "--no-dashboard"])
         wait_for(self._listening, 30, interval=0.05, what="the Dask scheduler")
+
+    def kill_scheduler(self) -> None:
+        if self._client is not None:  # it would reconnect to the next scheduler by itself
+            self._client.close(timeout=5)
+            self._client = None
+        os.killpg(self.scheduler.pid, signal.SIGKILL)
+        self.scheduler.wait(10)
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.tmp_path / f"dask-{name}.log", "wb")
@@ -60,7 +75,7 @@ class Cluster:
 
     def _listening(self) -> bool:
         if self.scheduler.poll() is not None:
-            raise AssertionError(f"the scheduler exited:\n{self.log('scheduler')}")
+            raise AssertionError(f"the scheduler exited:\n{self.log(self.scheduler_name)}")
         try:
             socket.create_connection((HOST, self.port), timeout=0.5).close()
             return True
@@ -259,9 +274,153 @@ def test_scheduler_lost_mid_stream_the_rest_is_answered_here(cluster, start_app,
         time.sleep(0.3)
         assert sink.count() == total
         assert texts == expected_texts * repeat
-        assert "lost the Dask scheduler" in app.log()
+        assert f"Dask scheduler at {cluster.address} lost, classifying in-process" in app.log()
     finally:
         sink.close()
+
+
+def test_scheduler_back_on_its_address_takes_the_batches_again(cluster, start_app, digits,
+                                                               expected_texts):
+    # the scheduler and its worker die mid-stream; a new scheduler on the same port, and
+    # a worker, come back while the stream goes on
+    cluster.add_worker("w1")
+    cluster.wait_workers(["w1"])
+    rows = digits.X.astype(np.uint8)
+    n = len(rows)
+    chunk = 250
+    sink = Collector()
+    stop = threading.Event()
+    sender = None
+    try:
+        app = start_app(sink.port, "--engine", "dask", "--scheduler", cluster.address,
+                        "--input-format", "u8", "--output-format", "json",
+                        "--max-batch", str(chunk), "--name", "runner")
+        sock = send_bytes(app.in_port, b"", close=False)
+        sent = 0
+
+        def stream():
+            nonlocal sent
+            while not stop.is_set():
+                sock.sendall(frame_fixed(rows[np.arange(sent, sent + chunk) % n]))
+                sent += chunk
+                time.sleep(0.01)
+            sock.close()
+
+        sender = threading.Thread(target=stream, daemon=True)
+        sender.start()
+
+        def messages_by(name: str) -> int:
+            return sum(w["messages"] for w in app.stats()["workers"] if w["name"] == name)
+
+        wait_for(lambda: messages_by("w1") >= 5 * chunk, 30, interval=0.05,
+                 what="batches classified by w1")
+        assert app.stats()["cluster"]["connected"] is True
+        cluster.kill_scheduler()
+        cluster.kill_worker("w1")
+        wait_for(lambda: app.stats()["cluster"]["connected"] is False, 15, interval=0.05,
+                 what="the scheduler's loss seen by the application")
+        lost_at = sink.count()
+        wait_for(lambda: sink.count() >= lost_at + 20 * chunk, 30, interval=0.05,
+                 what="results classified in-process")
+        cluster.start_scheduler("scheduler-2")
+        wait_for(lambda: "a Dask scheduler is back at" in app.log(), 30, interval=0.05,
+                 what="the new scheduler found, without workers")
+        back_at = sink.count()
+        wait_for(lambda: sink.count() >= back_at + 10 * chunk, 30, interval=0.05,
+                 what="more results classified in-process")
+        assert app.stats()["cluster"]["connected"] is False
+        cluster.add_worker("w2")
+        wait_for(lambda: messages_by("w2") >= 5 * chunk, 40, interval=0.05,
+                 what="batches classified by w2, on the new scheduler")
+        stop.set()
+        sender.join(10)
+        assert not sender.is_alive()
+        total = sent
+        frames = sink.wait_count(total, timeout=40)
+        time.sleep(0.3)
+        assert sink.count() == total, "more results than inputs"
+        results = [json.loads(f) for f in frames]
+        stats = app.stats()
+        log_text = app.log()
+    finally:
+        stop.set()
+        if sender is not None:
+            sender.join(10)
+        sink.close()
+
+    # one result per input, in input order, across both transitions
+    assert [r["seq"] for r in results] == list(range(total))
+    labels = [int(t.strip("[]")) for t in expected_texts]
+    assert [r["label"] for r in results] == [labels[i % n] for i in range(total)]
+    by_worker = {w["name"]: w["messages"] for w in stats["workers"]}
+    assert by_worker["w1"] > 0 and by_worker["runner"] > 0 and by_worker["w2"] > 0, by_worker
+    assert sum(by_worker.values()) == total
+    assert stats["cluster"] == {"scheduler": cluster.address, "local_cluster": False,
+                                "connected": True, "workers": 1, "reconnects": 1,
+                                "in_process_batches": stats["cluster"]["in_process_batches"]}
+    assert stats["cluster"]["in_process_batches"] > 0
+    # each transition logged once
+    assert log_text.count(f"Dask scheduler at {cluster.address} lost, classifying "
+                          f"in-process") == 1, log_text
+    assert log_text.count(f"Dask scheduler back at {cluster.address}, 1 worker(s)") == 1, log_text
+    assert "Traceback" not in log_text
+
+
+def _engine(**config):
+    """A DaskEngine as ``run`` makes it, without starting it."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(**{"scheduler": None, "workers": None, "in_flight": 4,
+                             "input_format": "u8", "output_format": "text",
+                             "compile_model": True, **config})
+    return dask_engine.DaskEngine(flow=None, bundle=SimpleNamespace(content_hash="sha256:ab12"),
+                                  config=cfg)
+
+
+class _LostClient:
+    status = "connecting"
+
+    def __init__(self):
+        self.closed = False
+
+    async def _close(self, fast=False):
+        self.closed = True
+
+
+def test_local_cluster_lost_is_not_tried_again():
+    # --workers: the scheduler ran in run's process; the engine does not restart it
+    async def main():
+        engine = _engine(workers=2)
+        engine.cluster, engine.client = object(), _LostClient()
+        engine.workers = {"tcp://127.0.0.1:1": "w1"}
+        engine._lose_scheduler(engine.client)
+        engine._lose_scheduler(engine.client)  # seen twice, lost once
+        return engine, engine._reconnector, engine.state(), engine._losses
+
+    engine, reconnector, state, losses = asyncio.run(main())
+    assert reconnector is None and losses == 1
+    assert state == {"scheduler": "", "local_cluster": True, "connected": False, "workers": 0,
+                     "reconnects": 0, "in_process_batches": 0}
+    assert engine.capacity == 4  # batches go on, in-process
+
+
+def test_scheduler_lost_is_tried_again_in_the_background_until_closed():
+    async def main():
+        port = free_port()  # nobody listens there
+        engine = _engine(scheduler=f"{HOST}:{port}")
+        engine.address = f"tcp://{HOST}:{port}"
+        lost = engine.client = _LostClient()
+        engine._lose_scheduler(lost)
+        reconnector = engine._reconnector
+        await asyncio.sleep(1.0)  # tries at 0.5 s, then at 1.5 s
+        running = not reconnector.done()
+        await asyncio.wait_for(engine.close(), 5)
+        return lost, reconnector, running, engine
+
+    lost, reconnector, running, engine = asyncio.run(main())
+    assert running and reconnector.cancelled()
+    assert lost.closed and engine.client is None and engine._reconnector is None
+    assert engine.state()["connected"] is False
 
 
 def test_all_workers_gone_input_waits_for_a_new_worker(cluster, start_app, digits,

@@ -250,7 +250,7 @@ STATS_FIELDS = {"name", "version", "status", "ready", "now", "started_at", "upti
                 "engine", "input_format", "output_format", "addresses", "pipeline", "messages",
                 "bytes", "throughput", "latency", "batches", "rejected", "connections", "workers",
                 "worker_events", "classes", "accuracy", "model", "model_swaps", "model_swaps_total",
-                "model_swaps_refused", "last_swap_refused", "history"}
+                "model_swaps_refused", "last_swap_refused", "history", "cluster"}
 
 
 def test_stats_fields_are_the_documented_ones():

@@ -35,6 +35,18 @@ workers`` batches are out; the application's read loop waits on it, so the
 source stops reading when the cluster falls behind. The limit follows the
 workers as they join and leave; with no worker left it is zero: the batches
 already sent wait on the scheduler and reading stops until a worker joins.
+
+**The scheduler lost.** The scheduler forgets the tasks it held, and the
+client's futures with them: every batch out, and every later one, is computed
+in this process, so no message is lost, and none is answered twice (a batch's
+result is taken from exactly one place). Meanwhile a background task tries
+the same address again, waiting 0.5 s, then twice as long each time, up to
+10 s; an attempt is a TCP connect first, so a scheduler still down costs
+nothing. Once a scheduler answers there and has a worker, the model plugin is
+registered on it again (a new scheduler knows no plugin) and the batches
+submitted from then on go to the cluster. A local cluster (``--workers``) is
+not restarted: it ran in this process, so losing it means something broke
+here; the batches stay in this process.
 """
 
 from __future__ import annotations
@@ -64,6 +76,10 @@ CONNECT_TIMEOUT = 5.0
 TASK_RETRIES = 2
 #: the watcher's fallback poll of the scheduler's workers; joins and losses arrive sooner as events
 WORKER_POLL = 2.0
+#: after the scheduler is lost: the first wait before trying it again, doubled after each try
+RECONNECT_FIRST = 0.5
+#: ... up to this
+RECONNECT_MAX = 10.0
 #: bundle files larger than this are not shipped (a bundle is a model and its card)
 MAX_BUNDLE_BYTES = 1 << 30
 #: Dask settings of the local cluster (``--workers``). Its dashboard-side sampling (a
@@ -309,8 +325,13 @@ class DaskEngine:
         self._subscribed = False
         self._waiters: set[asyncio.Future] = set()  # awaits of results from the cluster
         self._scheduler_lost = False
+        self._losses = 0  # scheduler connections lost so far
+        self.reconnects = 0  # ... and made again
+        self._reconnector: asyncio.Task | None = None
+        self._dropping: set[asyncio.Task] = set()  # clients of lost schedulers, closing
         self.address = ""  # the scheduler's
         self._plugin_name = f"digitstream-model-{_hex(bundle.content_hash)[:12]}-{self._run_id}"
+        self._plugin_hash = bundle.content_hash  # the model of the plugin named above
         self._plugins = [self._plugin_name]  # registered by this run: the model's, and retiring ones
         self._swaps = 0
         self._by_spec: Counter = Counter()  # FlowSpec -> batches submitted and not yet answered
@@ -324,6 +345,17 @@ class DaskEngine:
         """Batches the cluster takes at once now: ``in_flight`` per worker."""
         return self._slots.size
 
+    def state(self) -> dict:
+        """Where batches go now, for ``/api/stats`` (``cluster``)."""
+        return {
+            "scheduler": self.address,
+            "local_cluster": self.cluster is not None,
+            "connected": not self._scheduler_lost,
+            "workers": len(self.workers),
+            "reconnects": self.reconnects,
+            "in_process_batches": self.local_fallbacks,
+        }
+
     # ---------------------------------------------------------- lifecycle
     async def start(self) -> None:
         try:
@@ -336,6 +368,7 @@ class DaskEngine:
             # Dask logs every connection, plugin and nanny at INFO: the application's own
             # lines would drown (``run -v`` shows them)
             logging.getLogger("distributed").setLevel(logging.WARNING)
+        _quiet_abandoned_clients()
         if cfg.scheduler:
             address = scheduler_address(cfg.scheduler)
             try:
@@ -371,7 +404,7 @@ class DaskEngine:
         self.client.subscribe_topic("all", self._on_event)
         self._subscribed = True
         await self._refresh()
-        self._watcher = asyncio.create_task(self._watch())
+        self._watcher = asyncio.create_task(self._watch(self.client))
         log.info("engine: %s; %d worker(s), up to %d batches in flight per worker", where,
                  len(self.workers), self.in_flight)
         if not self.workers:
@@ -389,6 +422,13 @@ class DaskEngine:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+        if self._reconnector is not None:
+            self._reconnector.cancel()
+            try:
+                await self._reconnector
+            except BaseException:  # cancelled, as asked
+                pass
+            self._reconnector = None
         for task in list(self._retiring):
             task.cancel()
         if self.client is not None:
@@ -406,6 +446,8 @@ class DaskEngine:
                 logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
             await self.client.close()
             self.client = None
+        if self._dropping:
+            await asyncio.wait(list(self._dropping))
         if self.cluster is not None:
             await self.cluster.close()
             self.cluster = None
@@ -433,6 +475,10 @@ class DaskEngine:
             return await self._on_cluster(batch, spec)
         except asyncio.CancelledError:
             raise
+        except SchedulerLost:
+            # the loss is logged once, for all its batches
+            self.local_fallbacks += 1
+            return flow.process(batch)
         except Exception as exc:
             # the cluster could not compute it (the task kept failing, or the scheduler
             # went away): computed here rather than lost or left out of the output
@@ -444,11 +490,11 @@ class DaskEngine:
             self._spec_done(spec)
 
     async def _on_cluster(self, batch: Batch, spec: FlowSpec) -> BatchResult:
+        client, losses = self.client, self._losses
         self._attempts += 1
         key = f"digitstream-{self._run_id}-{batch.conn_id}-{batch.first_seq}-{self._attempts}"
-        future = self.client.submit(classify, spec, batch.conn_id, batch.first_seq,
-                                    pack(batch.payloads), key=key, retries=TASK_RETRIES,
-                                    pure=False)
+        future = client.submit(classify, spec, batch.conn_id, batch.first_seq,
+                               pack(batch.payloads), key=key, retries=TASK_RETRIES, pure=False)
         # awaited through a task of our own, which the watcher cancels if the scheduler is
         # lost: a Dask future caught in a gather at that moment may never resolve
         waiter = asyncio.ensure_future(future.result())
@@ -456,7 +502,21 @@ class DaskEngine:
         try:
             return await waiter
         except asyncio.CancelledError:
-            if self._scheduler_lost and waiter.cancelled():
+            if self._losses != losses and waiter.cancelled():
+                raise SchedulerLost(self.address) from None
+            raise
+        except Exception as exc:
+            if isinstance(exc, OSError):
+                # a connection to the scheduler broke: the client may be about to say it
+                # lost the scheduler
+                deadline = time.monotonic() + 1.0
+                while (client.status == "running" and self._losses == losses
+                       and time.monotonic() < deadline):
+                    await asyncio.sleep(0.05)
+            if client.status != "running" or self._losses != losses:
+                # the client cancels its futures as it loses the scheduler: that loss,
+                # seen here before the watcher sees it
+                self._lose_scheduler(client)
                 raise SchedulerLost(self.address) from None
             raise
         finally:
@@ -482,32 +542,43 @@ class DaskEngine:
         the model serving stays. Then the switch, with nothing awaited after it:
         a batch submitted before this returns uses the old model, one submitted
         after, the new. The old model stays on the workers until its last batch
-        is answered.
+        is answered. With the scheduler lost, the switch is all: the model goes to
+        the cluster when it is back.
         """
         from digitstream.model.bundle import BundleError
 
         name = None
-        if not self._scheduler_lost:
-            self._swaps += 1
-            name = (f"digitstream-model-{_hex(bundle.content_hash)[:12]}-{self._run_id}-"
-                    f"{self._swaps}")
+        while not self._scheduler_lost:
+            client = self.client
+            name = self._new_plugin_name(bundle)
             files, entry = await asyncio.to_thread(_bundle_files, Path(bundle.path))
             self._plugins.append(name)
             try:
-                await self.client.register_plugin(
+                await client.register_plugin(
                     ModelPlugin(name, bundle.content_hash, files, entry), name=name)
             except Exception as exc:
-                await self._unregister(name)
-                raise BundleError(f"a Dask worker could not load it: {_reason(exc)}") from None
+                if client is self.client and not self._scheduler_lost:
+                    await self._unregister(name)
+                    raise BundleError(f"a Dask worker could not load it: {_reason(exc)}") from None
+            if client is self.client and not self._scheduler_lost:
+                break
+            # that scheduler was lost meanwhile: the one there is now, if any, gets it
+            if name in self._plugins:
+                self._plugins.remove(name)
+            name = None
         old_spec, old_plugin = self._spec, self._plugin_name
         self.flow, self.bundle = flow, bundle
         self._spec = FlowSpec(bundle.content_hash, old_spec.input_format, old_spec.output_format,
                               old_spec.compile_model)
         if name is not None:
-            self._plugin_name = name
+            self._plugin_name, self._plugin_hash = name, bundle.content_hash
             task = asyncio.create_task(self._retire(old_plugin, old_spec))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
+
+    def _new_plugin_name(self, bundle) -> str:
+        self._swaps += 1
+        return f"digitstream-model-{_hex(bundle.content_hash)[:12]}-{self._run_id}-{self._swaps}"
 
     async def _retire(self, plugin_name: str, spec: FlowSpec) -> None:
         """Drop a swapped-out model's plugin once no batch submitted for it is left."""
@@ -525,9 +596,12 @@ class DaskEngine:
                 if not drained.done():
                     drained.set_result(None)
 
-    async def _unregister(self, name: str) -> None:
+    async def _unregister(self, name: str, client=None) -> None:
+        client = client or self.client
         try:
-            await asyncio.wait_for(self.client.unregister_worker_plugin(name), 5)
+            if client is None:
+                raise SchedulerLost(self.address)
+            await asyncio.wait_for(client.unregister_worker_plugin(name), 5)
         except Exception as exc:  # the scheduler may be gone already
             log.debug("could not unregister the model plugin %s: %s", name, exc)
         if name in self._plugins:
@@ -551,12 +625,12 @@ class DaskEngine:
             self._refreshes.add(task)
             task.add_done_callback(self._refreshes.discard)
 
-    async def _watch(self) -> None:
+    async def _watch(self, client) -> None:
         next_refresh = time.monotonic() + WORKER_POLL
-        while not self._scheduler_lost:
+        while client is self.client and not self._scheduler_lost:
             await asyncio.sleep(0.2)
-            if self.client.status != "running":
-                self._lose_scheduler()
+            if client.status != "running":
+                self._lose_scheduler(client)
             elif time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + WORKER_POLL
                 try:
@@ -564,27 +638,160 @@ class DaskEngine:
                 except Exception as exc:  # the scheduler may be briefly unreachable
                     log.debug("could not ask the scheduler for its workers: %s", exc)
 
-    def _lose_scheduler(self) -> None:
-        """The client lost the scheduler: every batch out, and every later one, is
-        computed in this process (the scheduler forgot the tasks; a new one would not
-        know the model)."""
+    def _lose_scheduler(self, client) -> None:
+        """``client`` lost the scheduler: every batch out, and every later one until
+        it is back, is computed in this process (the scheduler forgot the tasks)."""
+        if client is not self.client or self._scheduler_lost:
+            return  # seen already
         self._scheduler_lost = True
-        log.error("lost the Dask scheduler at %s: the %d batches in flight and all that "
-                  "follow are computed in this process", self.address, self._slots.used)
+        self._losses += 1
+        local = self.cluster is not None
+        log.error("Dask scheduler at %s lost, classifying in-process: the %d batches in flight "
+                  "and all that follow%s", self.address, self._slots.used,
+                  " (the local cluster is not restarted)" if local else
+                  ", until it is back (trying it again in the background)")
         self._slots.resize(max(self._slots.size, self.in_flight))
         for waiter in list(self._waiters):
             waiter.cancel()
+        # out of reach now, whatever became of them
+        gone, self.workers = self.workers, {}
+        if self.metrics is not None:
+            for label in gone.values():
+                self.metrics.worker_event(label, "lost")
+        if local:
+            return
+        # its own reconnection would find a scheduler without the model: a new client will
+        self._subscribed = False
+        self._drop(self.client)
+        self.client = None
+        self._reconnector = asyncio.create_task(self._reconnect())
+
+    def _drop(self, client) -> None:
+        """Close ``client`` in the background.
+
+        At once, as Dask's own blocking ``close`` does (``fast``): the plain one lets
+        the client's own reconnection go on for seconds, and it may meet the next
+        scheduler at this address, with whatever it held back to send.
+        """
+        async def close():
+            fast_close = getattr(client, "_close", None)
+            try:
+                await asyncio.wait_for(fast_close(fast=True) if fast_close else client.close(),
+                                       CONNECT_TIMEOUT)
+            except Exception as exc:
+                log.debug("closing the client of a lost scheduler: %s", _reason(exc))
+
+        task = asyncio.create_task(close())
+        self._dropping.add(task)
+        task.add_done_callback(self._dropping.discard)
+
+    async def _reconnect(self) -> None:
+        """Try the scheduler's address until a scheduler with a worker answers, then
+        send it the model and send it the batches again."""
+        from distributed import Client
+
+        delay = RECONNECT_FIRST
+        client = None
+        told_no_worker = told_no_model = False
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                if client is not None and client.status != "running":
+                    self._drop(client)
+                    client = None
+                if client is None:
+                    if not await _accepts(self.address):
+                        continue
+                    client = Client(self.address, asynchronous=True, timeout=CONNECT_TIMEOUT,
+                                    set_as_default=False)
+                    try:
+                        await asyncio.wait_for(client, CONNECT_TIMEOUT + 5)
+                    except Exception as exc:
+                        log.debug("the Dask scheduler at %s: %s", self.address, _reason(exc))
+                        self._drop(client)
+                        client = None
+                        continue
+                    delay = RECONNECT_FIRST
+                try:
+                    info = await asyncio.wait_for(client.scheduler.identity(n_workers=-1),
+                                                  CONNECT_TIMEOUT)
+                except Exception as exc:
+                    log.debug("the Dask scheduler at %s: %s", self.address, _reason(exc))
+                    continue
+                if not info.get("workers"):
+                    if not told_no_worker:
+                        told_no_worker = True
+                        log.info("a Dask scheduler is back at %s without workers: classifying "
+                                 "in-process until one joins", self.address)
+                    delay = min(delay, WORKER_POLL)
+                    continue
+                try:
+                    await self._send_model(client)
+                except Exception as exc:
+                    if client.status != "running":
+                        log.debug("the Dask scheduler at %s: %s", self.address, _reason(exc))
+                    elif not told_no_model:
+                        told_no_model = True
+                        log.error("the Dask workers at %s could not load the model: %s; "
+                                  "classifying in-process, trying again", self.address,
+                                  _reason(exc))
+                    continue
+                await self._resume(client, len(info["workers"]))
+                client = None
+                return
+        finally:
+            if client is not None and client is not self.client:
+                self._drop(client)
+
+    async def _send_model(self, client) -> None:
+        """Register the model serving now on ``client``'s scheduler: its workers load it."""
+        while True:
+            bundle = self.bundle
+            name = (self._plugin_name if bundle.content_hash == self._plugin_hash
+                    else self._new_plugin_name(bundle))
+            files, entry = await asyncio.to_thread(_bundle_files, Path(bundle.path))
+            await client.register_plugin(ModelPlugin(name, bundle.content_hash, files, entry),
+                                         name=name)
+            if bundle is self.bundle:
+                # what the lost scheduler held is gone with it
+                self._plugin_name, self._plugin_hash, self._plugins = (
+                    name, bundle.content_hash, [name])
+                return
+            # swapped meanwhile: the model serving now goes instead
+            await self._unregister(name, client)
+
+    async def _resume(self, client, n_workers: int) -> None:
+        """From the next batch on, batches go to ``client``'s scheduler."""
+        self.client = client
+        self._scheduler_lost = False
+        self.reconnects += 1
+        client.subscribe_topic("all", self._on_event)
+        self._subscribed = True
+        self._watcher = asyncio.create_task(self._watch(client))
+        try:
+            await self._refresh()
+        except Exception as exc:  # the watcher tries again
+            log.debug("could not ask the scheduler for its workers: %s", exc)
+        log.warning("Dask scheduler back at %s, %d worker(s): new batches go to the cluster",
+                    self.address, len(self.workers) or n_workers)
 
     async def _refresh(self) -> None:
         """Bring the worker list, the in-flight limit and the metrics up to date."""
         async with self._refresh_lock:
-            info = await self.client.scheduler.identity(n_workers=-1)
+            client = self.client
+            if client is None or self._scheduler_lost:
+                return
+            info = await client.scheduler.identity(n_workers=-1)
+            if client is not self.client or self._scheduler_lost:
+                return  # an answer from a scheduler lost meanwhile
             now = {address: worker_label(w.get("name"), address)
                    for address, w in info.get("workers", {}).items()}
             old = self.workers
             joined = [a for a in now if a not in old]
             lost = [a for a in old if a not in now]
             self.workers = now
+            waiting = self._slots.size == 0 and self._slots.used
             self._slots.resize(self.in_flight * len(now))
             metrics = self.metrics
             for address in joined:
@@ -599,8 +806,51 @@ class DaskEngine:
                 log.error("all Dask workers are gone: %d batches (%d messages) wait on the "
                           "scheduler; no input is read until a worker joins",
                           self._slots.used, self._held_messages)
-            elif now and not old and self._slots.used:
+            elif now and waiting:
                 log.info("a Dask worker joined: the %d waiting batches go on", self._slots.used)
+
+
+async def _accepts(address: str) -> bool:
+    """Whether a TCP connect to ``address`` succeeds (other schemes: assumed so)."""
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import parse_host_port
+
+    scheme, location = parse_address(address)
+    if scheme != "tcp":
+        return True
+    host, port = parse_host_port(location)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+    return True
+
+
+class _AbandonedClientFilter(logging.Filter):
+    """Drops what Dask logs as errors when this engine closes the client of a lost
+    scheduler on purpose (it reconnects with a client of its own): that client's
+    own reconnection, cut short or given up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, asyncio.CancelledError):
+            return False
+        return not str(record.msg).startswith("Failed to reconnect to scheduler")
+
+
+_ABANDONED_FILTER = _AbandonedClientFilter()
+
+
+def _quiet_abandoned_clients() -> None:
+    logger = logging.getLogger("distributed.client")
+    if _ABANDONED_FILTER not in logger.filters:
+        logger.addFilter(_ABANDONED_FILTER)
+
 
 class SchedulerLost(ConnectionError):
     def __init__(self, address: str):

@@ -54,6 +54,12 @@ async def _read_only(request: web.Request, handler):
     return response
 
 
+def _engine_state(engine) -> dict | None:
+    """What an engine that computes elsewhere says of its cluster (``cluster`` in /api/stats)."""
+    state = getattr(engine, "state", None)
+    return state() if callable(state) else None
+
+
 class MetricsServer:
     """Serves ``app.metrics`` (a :class:`~digitstream.metrics.recorder.Metrics`) on ``addr``.
 
@@ -131,6 +137,7 @@ class MetricsServer:
         return {
             "version": digitstream.__version__,
             "engine": cfg.engine,
+            "cluster": _engine_state(getattr(app, "engine", None)),
             "input_format": cfg.input_format,
             "output_format": cfg.output_format,
             "addresses": {"in": str(app.bound_in or cfg.in_addr), "out": str(cfg.out_addr),

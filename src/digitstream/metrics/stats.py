@@ -18,6 +18,8 @@ def stats_document(snapshot: Snapshot, info: dict, window: int | None = None,
     - ``status``: ``"starting"``, ``"ready"`` or ``"stopping"``; ``ready``: bool (as ``/readyz``).
     - ``now``, ``started_at``: Unix times; ``uptime_seconds``.
     - ``engine``, ``input_format``, ``output_format``, ``addresses`` (``in``, ``out``, ``metrics``).
+    - ``cluster``: with ``--engine dask``, where batches go now: ``{scheduler, local_cluster,
+      connected, workers, reconnects, in_process_batches}`` (null with ``--engine local``).
     - ``pipeline``: stage names in order, e.g. ``["decode", "PCA", "Logistic Regression", "encode"]``.
     - ``messages``: ``in`` (frames received), ``out`` (results written), ``in_flight``
       (``in - out``), ``rejected`` (inputs answered with an error; counted in ``out``).
@@ -87,6 +89,7 @@ def stats_document(snapshot: Snapshot, info: dict, window: int | None = None,
         "started_at": s.started_at,
         "uptime_seconds": s.taken_at - s.started_at,
         "engine": info.get("engine"),
+        "cluster": info.get("cluster"),
         "input_format": info.get("input_format"),
         "output_format": info.get("output_format"),
         "addresses": info.get("addresses", {}),
