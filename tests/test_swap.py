@@ -376,6 +376,54 @@ def test_a_tampered_bundle_is_refused_once_left_alone_and_not_tried_again(
     assert snapshot.last_swap_refused["reason"] in record.getMessage()
 
 
+class _EngineThatFailsOnce(LocalEngine):
+    """A local engine whose first switch fails as an engine fault would (say, a
+    cluster lost while the bundle is shipped): not a refusal of the bundle."""
+
+    failed = False
+
+    async def set_flow(self, flow, bundle=None):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("workers went away while the bundle was shipped\nsecond line")
+        return await super().set_flow(flow, bundle)
+
+
+def test_an_unexpected_error_in_a_swap_is_counted_and_the_old_model_serves_on(
+        bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline, caplog):
+    app = Application(AppConfig(model_path=str(bundle_dir), input_format="u8", metrics_addr=None))
+    app.load()
+    app.engine = _EngineThatFailsOnce(app.flow)
+    app.metrics = Metrics("app", app.flow.stage_names, app.flow.runner.classes)
+    app.connections = {}
+    old_hash = app.bundle.content_hash
+    watcher = ModelWatcher(app, poll=0, settle=2.0)
+    new_hash = write_bundle(shifted_pipeline, bundle_dir, tmp_path / "new")
+
+    caplog.set_level("WARNING", logger="digitstream.swap")
+    asyncio.run(watcher.check())
+    (record,) = caplog.records
+    assert record.levelname == "ERROR" and record.exc_info is not None
+    assert "unexpected RuntimeError: workers went away" in record.getMessage()
+    assert app.bundle.content_hash == old_hash
+    assert _served_by(app, digits.X[:50]) == [f"[{y}]" for y in seed_pipeline.predict(
+        digits.X[:50])]
+    snapshot = app.metrics.snapshot()
+    assert snapshot.model_swaps_refused == 1 and snapshot.model_swaps_total == 0
+    assert snapshot.last_swap_refused["reason"] == (
+        "unexpected RuntimeError: workers went away while the bundle was shipped")
+
+    # the same files are not tried again by polling; SIGHUP tries them, and now they swap
+    asyncio.run(watcher.check())
+    assert app.bundle.content_hash == old_hash and len(caplog.records) == 1
+    asyncio.run(watcher.check(forced=True))
+    assert app.bundle.content_hash == new_hash
+    assert _served_by(app, digits.X[:50]) == [f"[{y}]" for y in shifted_pipeline.predict(
+        digits.X[:50])]
+    snapshot = app.metrics.snapshot()
+    assert snapshot.model_swaps_total == 1 and snapshot.model_swaps_refused == 1
+
+
 def test_a_single_skops_file_is_watched_and_taken_once_left_alone(
         tmp_path, digits, seed_pipeline, shifted_pipeline):
     path = tmp_path / "model.skops"

@@ -16,7 +16,8 @@ between its renames, or half way through a copy.
 loader as at start (content hash, trusted types only, fitted classifier),
 must take the same number of features and predict the same classes as the
 model serving, and must classify a test batch. Anything else leaves the old
-model serving, with one WARNING line naming the reason, counted in the
+model serving, with one WARNING line naming the reason (an unexpected
+error: an ERROR line with its traceback), counted in the
 metrics (``model_swaps_refused`` and ``last_swap_refused`` in ``/api/stats``,
 ``digitstream_model_swaps_refused_total``); the same files are not tried again
 until they change (or SIGHUP asks).
@@ -170,6 +171,14 @@ class ModelWatcher:
             reason = str(exc) if isinstance(exc, UserError) else f"cannot read it: {exc}"
             log.warning("model at %s not swapped in (%s): %s; still serving %s", self.path,
                         trigger, reason, old.content_hash)
+            if app.metrics is not None:
+                app.metrics.model_swap_refused(time.time(), reason)
+            return
+        except Exception as exc:  # noqa: BLE001 - a fault of ours or of the engine
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            reason = f"unexpected {type(exc).__name__}" + (f": {first_line}" if first_line else "")
+            log.exception("model at %s not swapped in (%s): %s; still serving %s", self.path,
+                          trigger, reason, old.content_hash)
             if app.metrics is not None:
                 app.metrics.model_swap_refused(time.time(), reason)
             return
