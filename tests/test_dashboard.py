@@ -169,6 +169,11 @@ def test_dashboard_shows_model_swaps_and_marks_them_on_the_chart(
                     "() => document.getElementById('model-refused').textContent === '1'",
                     timeout=30_000)
                 refused_event = page.inner_text("#model-events")
+                # the refusal is marked on the throughput chart once it has a second past it
+                page.wait_for_function(
+                    "() => document.getElementById('chart-throughput').dataset.refusedMarks === '1'",
+                    timeout=10_000)
+                marks_refused = page.get_attribute("#chart-throughput", "data-swap-marks")
                 still = page.inner_text("#model-now")
 
                 # taken
@@ -198,6 +203,7 @@ def test_dashboard_shows_model_swaps_and_marks_them_on_the_chart(
     assert before == {"model-hash": old_hash[:len("sha256:") + 12], "model-swaps": "0",
                       "model-refused": "0", "model-last-swap": "no swap yet"}
     assert marks_before in (None, "0")
+    assert marks_refused == "0"  # a refused bundle is not drawn as a swap
     assert still == "pca-logistic"
     assert "refused: it takes 32 features, the model serving takes 64" in refused_event
     assert after["model-hash"] == new_hash[:len("sha256:") + 12]

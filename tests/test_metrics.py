@@ -199,7 +199,7 @@ def test_swaps_and_refused_swaps_are_counted_in_stats_and_prometheus():
     m = Metrics("app", STAGES, range(10))
     doc = stats_document(m.snapshot(), {})
     assert (doc["model_swaps_total"], doc["model_swaps_refused"]) == (0, 0)
-    assert doc["last_swap_refused"] is None
+    assert doc["last_swap_refused"] is None and doc["swap_refusals"] == []
 
     m.model_swap_refused(1000.0, "it takes 32 features, the model serving takes 64")
     m.model_swapped(1001.0, "sha256:aa", "sha256:bb", {1: 42}, STAGES)
@@ -208,12 +208,22 @@ def test_swaps_and_refused_swaps_are_counted_in_stats_and_prometheus():
     assert doc["model_swaps_total"] == 1 and len(doc["model_swaps"]) == 1
     assert doc["model_swaps_refused"] == 2
     assert doc["last_swap_refused"] == {"time": 1002.5, "reason": "untrusted type x.Doubler"}
+    assert doc["swap_refusals"] == [
+        {"time": 1000.0, "reason": "it takes 32 features, the model serving takes 64"},
+        {"time": 1002.5, "reason": "untrusted type x.Doubler"}]
+    for i in range(150):  # the list keeps the last 100, the count all of them
+        m.model_swap_refused(2000.0 + i, f"refusal {i}")
+    doc = stats_document(m.snapshot(), {})
+    assert doc["model_swaps_refused"] == 152 and len(doc["swap_refusals"]) == 100
+    assert doc["swap_refusals"][0]["reason"] == "refusal 50"
+    assert doc["last_swap_refused"] == doc["swap_refusals"][-1] == {"time": 2149.0,
+                                                                    "reason": "refusal 149"}
     json.dumps(doc, allow_nan=False)
 
     parsed = families(render(make_registry(m)).decode())
     assert samples(parsed["digitstream_model_swaps"], "digitstream_model_swaps_total")[0].value == 1
     assert samples(parsed["digitstream_model_swaps_refused"],
-                   "digitstream_model_swaps_refused_total")[0].value == 2
+                   "digitstream_model_swaps_refused_total")[0].value == 152
 
 
 # ------------------------------------------------------- the server in-process
@@ -250,7 +260,8 @@ STATS_FIELDS = {"name", "version", "status", "ready", "now", "started_at", "upti
                 "engine", "input_format", "output_format", "addresses", "pipeline", "messages",
                 "bytes", "throughput", "latency", "batches", "rejected", "connections", "workers",
                 "worker_events", "classes", "accuracy", "model", "model_swaps", "model_swaps_total",
-                "model_swaps_refused", "last_swap_refused", "history", "cluster"}
+                "model_swaps_refused", "last_swap_refused", "swap_refusals", "history",
+                "cluster"}
 
 
 def test_stats_fields_are_the_documented_ones():

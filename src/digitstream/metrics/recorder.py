@@ -192,6 +192,7 @@ class Snapshot:
     model_swaps_total: int = 0
     model_swaps_refused: int = 0
     last_swap_refused: dict | None = None
+    swap_refusals: list[dict] = field(default_factory=list)
 
     def latency(self) -> Histogram:
         """End-to-end latency of all workers together."""
@@ -250,7 +251,7 @@ class Metrics:
         self._swaps: deque = deque(maxlen=100)
         self._swaps_total = 0
         self._refused_total = 0
-        self._last_refused: dict | None = None
+        self._refusals: deque = deque(maxlen=100)
         self._history: deque[Sample] = deque(maxlen=HISTORY_SECONDS)
         self._last_sample: tuple | None = None
 
@@ -350,7 +351,7 @@ class Metrics:
         """A bundle found at the model path was not swapped in; the old model serves on."""
         with self._lock:
             self._refused_total += 1
-            self._last_refused = {"time": when, "reason": reason}
+            self._refusals.append({"time": when, "reason": reason})
 
     def _join(self, name: str) -> WorkerStats:
         now = self._clock()
@@ -425,6 +426,7 @@ class Metrics:
                 history=list(self._history) if history else [],
                 model_swaps=list(self._swaps), model_swaps_total=self._swaps_total,
                 model_swaps_refused=self._refused_total,
-                last_swap_refused=dict(self._last_refused) if self._last_refused else None,
+                last_swap_refused=dict(self._refusals[-1]) if self._refusals else None,
+                swap_refusals=[dict(r) for r in self._refusals],
             )
 

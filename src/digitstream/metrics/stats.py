@@ -51,6 +51,7 @@ def stats_document(snapshot: Snapshot, info: dict, window: int | None = None,
     - ``model_swaps_refused``: how many bundles were refused; ``last_swap_refused``: the last
       refusal, ``{time, reason}`` (``reason`` as in the WARNING line), null until one. A
       refused bundle failed to load or check, and the old model served on.
+    - ``swap_refusals``: the last 100 refusals, oldest first, each ``{time, reason}``.
     - ``history``: per-second samples, oldest first: the last ``window`` (default all 600),
       or only those after ``since`` (a ``t`` from an earlier answer) when given:
       ``interval_s``, and lists ``t``, ``in_per_s``, ``out_per_s``, ``bytes_in_per_s``,
@@ -135,6 +136,7 @@ def stats_document(snapshot: Snapshot, info: dict, window: int | None = None,
         "model_swaps_total": s.model_swaps_total,
         "model_swaps_refused": s.model_swaps_refused,
         "last_swap_refused": s.last_swap_refused,
+        "swap_refusals": s.swap_refusals,
         "history": {
             "interval_s": 1,
             "t": [x.t for x in history],

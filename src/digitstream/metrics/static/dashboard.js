@@ -88,36 +88,48 @@ function makeChart(id, series, yOpts, plugins) {
   return chart;
 }
 
-// Model swaps as dashed vertical lines on a chart: `times()` gives their Unix times.
-// The chart's box records how many it drew (data-swap-marks), for tests and tools.
-function swapMarks(times) {
+// Model swaps (dashed) and refused bundles (dotted) as vertical lines on a chart:
+// `marks()` gives {swap: [...], refused: [...]}, Unix times. The chart's box records
+// how many of each it drew (data-swap-marks, data-refused-marks), for tests and tools.
+const MARK_STYLES = {
+  swap: { color: "--swap", fallback: "#c792ea", dash: [5, 4], label: "swap" },
+  refused: { color: "--bad", fallback: "#ff6b6b", dash: [2, 3], label: "refused" },
+};
+
+function swapMarks(marks) {
   return {
     hooks: {
       draw: [(u) => {
         const [min, max] = [u.scales.x.min, u.scales.x.max];
-        const shown = times().filter((t) => min != null && t >= min && t <= max);
         const { ctx, bbox } = u;
-        const color = getComputedStyle(document.documentElement).getPropertyValue("--swap").trim() || "#c792ea";
+        const dpr = devicePixelRatio;
+        const all = marks();
         ctx.save();
-        ctx.strokeStyle = color;
-        ctx.fillStyle = color;
-        ctx.lineWidth = 2 * devicePixelRatio;
-        ctx.setLineDash([5 * devicePixelRatio, 4 * devicePixelRatio]);
-        ctx.font = `${11 * devicePixelRatio}px sans-serif`;
+        ctx.lineWidth = 2 * dpr;
+        ctx.font = `${11 * dpr}px sans-serif`;
         ctx.textBaseline = "top";
-        for (const t of shown) {
-          const x = Math.round(u.valToPos(t, "x", true));
-          ctx.beginPath();
-          ctx.moveTo(x, bbox.top);
-          ctx.lineTo(x, bbox.top + bbox.height);
-          ctx.stroke();
-          // the label on the line's left near the right edge, where the newest swap is
-          const right = x > bbox.left + bbox.width - 40 * devicePixelRatio;
-          ctx.textAlign = right ? "right" : "left";
-          ctx.fillText(right ? "swap " : " swap", x, bbox.top + 2 * devicePixelRatio);
+        for (const [kind, style] of Object.entries(MARK_STYLES)) {
+          const shown = (all[kind] || []).filter((t) => min != null && t >= min && t <= max);
+          const color = getComputedStyle(document.documentElement).getPropertyValue(style.color).trim() || style.fallback;
+          ctx.strokeStyle = color;
+          ctx.fillStyle = color;
+          ctx.setLineDash(style.dash.map((d) => d * dpr));
+          // refusals labelled lower down, so a swap and a refusal close together stay readable
+          const labelY = bbox.top + (kind === "swap" ? 2 : 16) * dpr;
+          for (const t of shown) {
+            const x = Math.round(u.valToPos(t, "x", true));
+            ctx.beginPath();
+            ctx.moveTo(x, bbox.top);
+            ctx.lineTo(x, bbox.top + bbox.height);
+            ctx.stroke();
+            // the label on the line's left near the right edge, where the newest mark is
+            const right = x > bbox.left + bbox.width - 60 * dpr;
+            ctx.textAlign = right ? "right" : "left";
+            ctx.fillText(right ? style.label + " " : " " + style.label, x, labelY);
+          }
+          u.root.parentElement.dataset[kind + "Marks"] = String(shown.length);
         }
         ctx.restore();
-        u.root.parentElement.dataset.swapMarks = String(shown.length);
       }],
     },
   };
@@ -138,7 +150,7 @@ function drawCharts(h) {
       { label: "in", stroke: "#ffb35a", dash: [4, 4] },
       { label: "rejected", stroke: "#ff6b6b" },
     ], { scale: { range: (u, min, max) => [0, Math.max(10, max * 1.1)] }, format: fmtRate },
-    [swapMarks(() => swapTimes)]);
+    [swapMarks(() => markTimes)]);
     charts.latency = makeChart("chart-latency", [
       { label: "p50", stroke: "#47c97e" },
       { label: "p99", stroke: "#ffb35a" },
@@ -246,9 +258,10 @@ function drawSwaps(s) {
   const last = swaps[swaps.length - 1];
   setText("model-last-swap", last ? "last swap " + fmtTime(last.time) : "no swap yet");
   const events = swaps.slice(-5).map((sw) => [sw.time, "", `${fmtTime(sw.time)} swapped in ${shortHash(sw.new_hash)} (was ${shortHash(sw.old_hash)})`]);
-  if (refused) events.push([refused.time, "refused", `${fmtTime(refused.time)} refused: ${refused.reason}`]);
+  const refusals = s.swap_refusals || (refused ? [refused] : []);
+  for (const r of refusals.slice(-5)) events.push([r.time, "refused", `${fmtTime(r.time)} refused: ${r.reason}`]);
   events.sort((a, b) => b[0] - a[0]);
-  $("model-events").replaceChildren(...events.map(([, cls, text]) => el("li", cls ? { class: cls } : {}, text)));
+  $("model-events").replaceChildren(...events.slice(0, 6).map(([, cls, text]) => el("li", cls ? { class: cls } : {}, text)));
 }
 
 function latencyRow(name, st, share, cls) {
@@ -394,7 +407,7 @@ const HISTORY_POINTS = 600;
 const COLUMNS = ["t", "in_per_s", "out_per_s", "bytes_in_per_s", "rejected_per_s", "latency_p50", "latency_p99"];
 let history = null;
 let startedAt = null;
-let swapTimes = [];  // Unix times of the model swaps, marked on the throughput chart
+let markTimes = {};  // Unix times of model swaps and refused bundles, marked on the throughput chart
 
 // After the first answer only the new seconds are asked for (?since=), so a poll
 // costs the application little however long the history is.
@@ -418,7 +431,10 @@ function statsUrl() {
 function draw(s, incremental) {
   history = incremental && history && s.started_at === startedAt ? mergeHistory(s.history) : s.history;
   startedAt = s.started_at;
-  swapTimes = (s.model_swaps || []).map((sw) => sw.time);
+  markTimes = {
+    swap: (s.model_swaps || []).map((sw) => sw.time),
+    refused: (s.swap_refusals || []).map((r) => r.time),
+  };
   drawHeader(s);
   drawPipeline(s);
   drawTiles(s);
