@@ -411,8 +411,7 @@ class DaskEngine:
             log.warning("no Dask worker yet: input waits until one joins")
 
     async def _register_model(self) -> None:
-        files, entry = _bundle_files(Path(self.bundle.path))
-        plugin = ModelPlugin(self._plugin_name, self.bundle.content_hash, files, entry)
+        plugin = await _model_plugin(self._plugin_name, self.bundle)
         try:
             await self.client.register_plugin(plugin, name=self._plugin_name)
         except Exception as exc:
@@ -551,11 +550,10 @@ class DaskEngine:
         while not self._scheduler_lost:
             client = self.client
             name = self._new_plugin_name(bundle)
-            files, entry = await asyncio.to_thread(_bundle_files, Path(bundle.path))
+            plugin = await _model_plugin(name, bundle)
             self._plugins.append(name)
             try:
-                await client.register_plugin(
-                    ModelPlugin(name, bundle.content_hash, files, entry), name=name)
+                await client.register_plugin(plugin, name=name)
             except Exception as exc:
                 if client is self.client and not self._scheduler_lost:
                     await self._unregister(name)
@@ -750,9 +748,7 @@ class DaskEngine:
             bundle = self.bundle
             name = (self._plugin_name if bundle.content_hash == self._plugin_hash
                     else self._new_plugin_name(bundle))
-            files, entry = await asyncio.to_thread(_bundle_files, Path(bundle.path))
-            await client.register_plugin(ModelPlugin(name, bundle.content_hash, files, entry),
-                                         name=name)
+            await client.register_plugin(await _model_plugin(name, bundle), name=name)
             if bundle is self.bundle:
                 # what the lost scheduler held is gone with it
                 self._plugin_name, self._plugin_hash, self._plugins = (
@@ -808,6 +804,13 @@ class DaskEngine:
                           self._slots.used, self._held_messages)
             elif now and waiting:
                 log.info("a Dask worker joined: the %d waiting batches go on", self._slots.used)
+
+
+async def _model_plugin(name: str, bundle) -> ModelPlugin:
+    """The worker plugin ``name`` that loads ``bundle`` on every worker (its files read
+    off the event loop); UserError if the bundle is too big to send."""
+    files, entry = await asyncio.to_thread(_bundle_files, Path(bundle.path))
+    return ModelPlugin(name, bundle.content_hash, files, entry)
 
 
 async def _accepts(address: str) -> bool:

@@ -191,8 +191,12 @@ class Snapshot:
     model_swaps: list[dict] = field(default_factory=list)
     model_swaps_total: int = 0
     model_swaps_refused: int = 0
-    last_swap_refused: dict | None = None
     swap_refusals: list[dict] = field(default_factory=list)
+
+    @property
+    def last_swap_refused(self) -> dict | None:
+        """The last refusal, ``{time, reason}``; None until one."""
+        return self.swap_refusals[-1] if self.swap_refusals else None
 
     def latency(self) -> Histogram:
         """End-to-end latency of all workers together."""
@@ -426,7 +430,6 @@ class Metrics:
                 history=list(self._history) if history else [],
                 model_swaps=list(self._swaps), model_swaps_total=self._swaps_total,
                 model_swaps_refused=self._refused_total,
-                last_swap_refused=dict(self._refusals[-1]) if self._refusals else None,
                 swap_refusals=[dict(r) for r in self._refusals],
             )
 

@@ -169,18 +169,12 @@ class ModelWatcher:
             await app.engine.set_flow(flow, bundle)
         except (UserError, OSError) as exc:
             reason = str(exc) if isinstance(exc, UserError) else f"cannot read it: {exc}"
-            log.warning("model at %s not swapped in (%s): %s; still serving %s", self.path,
-                        trigger, reason, old.content_hash)
-            if app.metrics is not None:
-                app.metrics.model_swap_refused(time.time(), reason)
+            self._refused(trigger, reason)
             return
         except Exception as exc:  # noqa: BLE001 - a fault of ours or of the engine
             first_line = str(exc).splitlines()[0] if str(exc) else ""
             reason = f"unexpected {type(exc).__name__}" + (f": {first_line}" if first_line else "")
-            log.exception("model at %s not swapped in (%s): %s; still serving %s", self.path,
-                          trigger, reason, old.content_hash)
-            if app.metrics is not None:
-                app.metrics.model_swap_refused(time.time(), reason)
+            self._refused(trigger, reason, unexpected=True)
             return
         # Nothing was awaited since the engine switched: no batch was submitted in
         # between, so each connection's next sequence number is the switch point.
@@ -195,6 +189,15 @@ class ModelWatcher:
                  datetime.fromtimestamp(when).astimezone().isoformat(timespec="milliseconds"),
                  trigger, old.content_hash, bundle.content_hash,
                  points or "no connection open")
+
+    def _refused(self, trigger: str, reason: str, unexpected: bool = False) -> None:
+        """The bundle at the model path was not swapped in: one log line (an ERROR with
+        the traceback if ``unexpected``, else a WARNING) and the metrics' count."""
+        log.log(logging.ERROR if unexpected else logging.WARNING,
+                "model at %s not swapped in (%s): %s; still serving %s", self.path, trigger,
+                reason, self.app.bundle.content_hash, exc_info=unexpected)
+        if self.app.metrics is not None:
+            self.app.metrics.model_swap_refused(time.time(), reason)
 
     def _prepare(self, bundle, old):
         """The flow that serves ``bundle`` in place of ``old``; BundleError if it cannot."""

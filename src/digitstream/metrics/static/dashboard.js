@@ -248,7 +248,7 @@ function fmtTime(t) {
 
 // What serves now, and the swaps: the tile at the top and the list under the model card.
 function drawSwaps(s) {
-  const card = s.model || {}, swaps = s.model_swaps || [], refused = s.last_swap_refused;
+  const card = s.model || {}, swaps = s.model_swaps || [], refusals = s.swap_refusals || [];
   const total = s.model_swaps_total != null ? s.model_swaps_total : swaps.length;
   setText("model-now", modelName(card));
   $("model-now").title = card.content_hash || "";
@@ -258,7 +258,6 @@ function drawSwaps(s) {
   const last = swaps[swaps.length - 1];
   setText("model-last-swap", last ? "last swap " + fmtTime(last.time) : "no swap yet");
   const events = swaps.slice(-5).map((sw) => [sw.time, "", `${fmtTime(sw.time)} swapped in ${shortHash(sw.new_hash)} (was ${shortHash(sw.old_hash)})`]);
-  const refusals = s.swap_refusals || (refused ? [refused] : []);
   for (const r of refusals.slice(-5)) events.push([r.time, "refused", `${fmtTime(r.time)} refused: ${r.reason}`]);
   events.sort((a, b) => b[0] - a[0]);
   $("model-events").replaceChildren(...events.slice(0, 6).map(([, cls, text]) => el("li", cls ? { class: cls } : {}, text)));
