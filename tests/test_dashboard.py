@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -55,9 +56,29 @@ class PacedSender(threading.Thread):
         self.sock.close()
 
 
-def test_dashboard_shows_the_live_stream(start_app, collector, digits):
+@contextlib.contextmanager
+def dashboard_page(url: str, problems: list[str], outside: list[str] | None = None):
+    """The dashboard at ``url`` open in headless Chromium. Page errors and console
+    errors go to ``problems``; with ``outside``, the URL of every request not to
+    ``url``."""
     from playwright.sync_api import sync_playwright
 
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            if outside is not None:
+                page.on("request", lambda r: None if r.url.startswith(url)
+                        else outside.append(r.url))
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.goto(url + "/")
+            yield page
+        finally:
+            browser.close()
+
+
+def test_dashboard_shows_the_live_stream(start_app, collector, digits):
     from digitstream.tools.sender import build_frames
 
     app = start_app(collector.port, "--input-format", "json")
@@ -68,36 +89,25 @@ def test_dashboard_shows_the_live_stream(start_app, collector, digits):
     outside: list[str] = []
     problems: list[str] = []
     try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1440, "height": 1000})
-                page.on("request", lambda r: None if r.url.startswith(app.metrics_url)
-                        else outside.append(r.url))
-                page.on("pageerror", lambda e: problems.append(str(e)))
-                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-                page.goto(app.metrics_url + "/")
+        with dashboard_page(app.metrics_url, problems, outside) as page:
+            # the throughput tile shows the last whole second, so allow a few
+            page.wait_for_function(
+                "() => parseFloat(document.getElementById('throughput-now').textContent) > 0",
+                timeout=15_000)
+            page.wait_for_function(
+                "() => document.getElementById('latency-table').textContent.includes('Logistic Regression')",
+                timeout=5_000)
+            time.sleep(1.5)  # a few more points on the charts for the screenshot
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
-                # the throughput tile shows the last whole second, so allow a few
-                page.wait_for_function(
-                    "() => parseFloat(document.getElementById('throughput-now').textContent) > 0",
-                    timeout=15_000)
-                page.wait_for_function(
-                    "() => document.getElementById('latency-table').textContent.includes('Logistic Regression')",
-                    timeout=5_000)
-                time.sleep(1.5)  # a few more points on the charts for the screenshot
-                page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
-
-                throughput = page.inner_text("#throughput-now")
-                stage_table = page.inner_text("#latency-table")
-                pipeline = page.inner_text("#pipeline")
-                p99 = page.inner_text("#latency-p99")
-                accuracy = page.inner_text("#accuracy")
-                status = page.inner_text("#status")
-                model_card = page.inner_text("#model-card")
-                chart_canvases = page.locator("#chart-throughput canvas, #chart-latency canvas").count()
-            finally:
-                browser.close()
+            throughput = page.inner_text("#throughput-now")
+            stage_table = page.inner_text("#latency-table")
+            pipeline = page.inner_text("#pipeline")
+            p99 = page.inner_text("#latency-p99")
+            accuracy = page.inner_text("#accuracy")
+            status = page.inner_text("#status")
+            model_card = page.inner_text("#model-card")
+            chart_canvases = page.locator("#chart-throughput canvas, #chart-latency canvas").count()
     finally:
         sender.stop()
 
@@ -118,7 +128,6 @@ def test_dashboard_shows_the_live_stream(start_app, collector, digits):
 
 def test_dashboard_shows_model_swaps_and_marks_them_on_the_chart(
         start_app, collector, digits, model_dir, seed_pipeline, tmp_path):
-    from playwright.sync_api import sync_playwright
     from sklearn.naive_bayes import GaussianNB
     from sklearn.pipeline import Pipeline
 
@@ -147,55 +156,46 @@ def test_dashboard_shows_model_swaps_and_marks_them_on_the_chart(
     problems: list[str] = []
     text = "(id) => document.getElementById(id).textContent"
     try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1440, "height": 1000})
-                page.on("pageerror", lambda e: problems.append(str(e)))
-                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-                page.goto(app.metrics_url + "/")
+        with dashboard_page(app.metrics_url, problems) as page:
+            page.wait_for_function(
+                "() => document.getElementById('model-now').textContent === 'pca-logistic'",
+                timeout=15_000)
+            before = {name: page.evaluate(text, name) for name in
+                      ("model-hash", "model-swaps", "model-refused", "model-last-swap")}
+            marks_before = page.get_attribute("#chart-throughput", "data-swap-marks")
 
-                page.wait_for_function(
-                    "() => document.getElementById('model-now').textContent === 'pca-logistic'",
-                    timeout=15_000)
-                before = {name: page.evaluate(text, name) for name in
-                          ("model-hash", "model-swaps", "model-refused", "model-last-swap")}
-                marks_before = page.get_attribute("#chart-throughput", "data-swap-marks")
+            # refused: a model that takes other images
+            narrow = Pipeline([("Naive Bayes", GaussianNB())]).fit(digits.X[:, :32], digits.y)
+            put_in_place(narrow, {"model": "narrow"}, tmp_path / "narrow")
+            page.wait_for_function(
+                "() => document.getElementById('model-refused').textContent === '1'",
+                timeout=30_000)
+            refused_event = page.inner_text("#model-events")
+            # the refusal is marked on the throughput chart once it has a second past it
+            page.wait_for_function(
+                "() => document.getElementById('chart-throughput').dataset.refusedMarks === '1'",
+                timeout=10_000)
+            marks_refused = page.get_attribute("#chart-throughput", "data-swap-marks")
+            still = page.inner_text("#model-now")
 
-                # refused: a model that takes other images
-                narrow = Pipeline([("Naive Bayes", GaussianNB())]).fit(digits.X[:, :32], digits.y)
-                put_in_place(narrow, {"model": "narrow"}, tmp_path / "narrow")
-                page.wait_for_function(
-                    "() => document.getElementById('model-refused').textContent === '1'",
-                    timeout=30_000)
-                refused_event = page.inner_text("#model-events")
-                # the refusal is marked on the throughput chart once it has a second past it
-                page.wait_for_function(
-                    "() => document.getElementById('chart-throughput').dataset.refusedMarks === '1'",
-                    timeout=10_000)
-                marks_refused = page.get_attribute("#chart-throughput", "data-swap-marks")
-                still = page.inner_text("#model-now")
-
-                # taken
-                new_hash = put_in_place(shifted, {"dataset": "digits", "model": "shifted"},
-                                        tmp_path / "shifted")
-                page.wait_for_function(
-                    "() => document.getElementById('model-swaps').textContent === '1'",
-                    timeout=30_000)
-                page.wait_for_function(
-                    "() => document.getElementById('model-now').textContent === 'shifted'",
-                    timeout=5_000)
-                # the marker shows once the chart has a second past the swap
-                page.wait_for_function(
-                    "() => document.getElementById('chart-throughput').dataset.swapMarks === '1'",
-                    timeout=10_000)
-                page.screenshot(path=str(ARTIFACTS / "dashboard-swap.png"), full_page=True)
-                after = {name: page.evaluate(text, name) for name in
-                         ("model-hash", "model-swaps", "model-refused", "model-last-swap")}
-                events = page.inner_text("#model-events")
-                model_card = page.inner_text("#model-card")
-            finally:
-                browser.close()
+            # taken
+            new_hash = put_in_place(shifted, {"dataset": "digits", "model": "shifted"},
+                                    tmp_path / "shifted")
+            page.wait_for_function(
+                "() => document.getElementById('model-swaps').textContent === '1'",
+                timeout=30_000)
+            page.wait_for_function(
+                "() => document.getElementById('model-now').textContent === 'shifted'",
+                timeout=5_000)
+            # the marker shows once the chart has a second past the swap
+            page.wait_for_function(
+                "() => document.getElementById('chart-throughput').dataset.swapMarks === '1'",
+                timeout=10_000)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-swap.png"), full_page=True)
+            after = {name: page.evaluate(text, name) for name in
+                     ("model-hash", "model-swaps", "model-refused", "model-last-swap")}
+            events = page.inner_text("#model-events")
+            model_card = page.inner_text("#model-card")
     finally:
         sender.stop()
 

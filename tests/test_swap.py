@@ -9,6 +9,7 @@ into a staging directory, then renamed into place, ``model.json`` last.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import os
@@ -95,17 +96,11 @@ class Doubler(TransformerMixin, BaseEstimator):
 
 
 # ------------------------------------------------------------ under load
-def test_swap_under_load_every_message_answered_by_one_model(
-        start_app, collector, bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline):
-    n, rate = 200_000, 25_000
-    index = np.arange(n) % len(digits.X)
-    old = seed_pipeline.predict(digits.X)[index]
-    new = shifted_pipeline.predict(digits.X)[index]
-    assert np.all(old != new)  # each answer tells which model gave it
-    old_hash = json.loads((bundle_dir / CARD_FILE).read_text())["content_hash"]
-
-    app = start_app(collector.port, "--input-format", "u8", model=bundle_dir)
-    framed = Framed.from_bytes(u8_frames(digits.X[index]))
+@contextlib.contextmanager
+def sending(app, frames: bytes, rate: int):
+    """Sends ``frames`` to ``app`` at ``rate`` messages/s from a thread while the block
+    runs; on leaving, waits for the sender, and fails the test if sending failed."""
+    framed = Framed.from_bytes(frames)
     failures = []
 
     def send():
@@ -117,14 +112,28 @@ def test_swap_under_load_every_message_answered_by_one_model(
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
     try:
+        yield
+    finally:
+        sender.join(timeout=60)
+    assert not failures, failures
+
+
+def test_swap_under_load_every_message_answered_by_one_model(
+        start_app, collector, bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline):
+    n, rate = 200_000, 25_000
+    index = np.arange(n) % len(digits.X)
+    old = seed_pipeline.predict(digits.X)[index]
+    new = shifted_pipeline.predict(digits.X)[index]
+    assert np.all(old != new)  # each answer tells which model gave it
+    old_hash = json.loads((bundle_dir / CARD_FILE).read_text())["content_hash"]
+
+    app = start_app(collector.port, "--input-format", "u8", model=bundle_dir)
+    with sending(app, u8_frames(digits.X[index]), rate):
         collector.wait_count(n // 4, timeout=60)
         new_hash = write_bundle(shifted_pipeline, bundle_dir, tmp_path / "staging")
         swaps = wait_for(lambda: app.stats()["model_swaps"], timeout=30, interval=0.05,
                          what="the swap in /api/stats")
         texts = collector.wait_count(n, timeout=60)
-    finally:
-        sender.join(timeout=60)
-    assert not failures, failures
     stats = app.stats()
     _, prometheus = http_get(app.metrics_url + "/metrics")
     log = app.log()
@@ -230,18 +239,7 @@ def test_a_refused_swap_under_load_is_counted_and_loses_nothing(
     _, prometheus = http_get(app.metrics_url + "/metrics")
     assert b"digitstream_model_swaps_refused_total 0.0" in prometheus
 
-    framed = Framed.from_bytes(u8_frames(digits.X[index]))
-    failures = []
-
-    def send():
-        try:
-            send_frames(Address(HOST, app.in_port), [framed], rate=rate)
-        except Exception as exc:  # noqa: BLE001 - reported by the test thread
-            failures.append(exc)
-
-    sender = threading.Thread(target=send, daemon=True)
-    sender.start()
-    try:
+    with sending(app, u8_frames(digits.X[index]), rate):
         collector.wait_count(n // 4, timeout=60)
         # a sound bundle, its card vouching for it, of a model that takes other images
         narrow = Pipeline([("Naive Bayes", GaussianNB())]).fit(digits.X[:, :32], digits.y)
@@ -251,9 +249,6 @@ def test_a_refused_swap_under_load_is_counted_and_loses_nothing(
             app.stats()), timeout=30, interval=0.05, what="the refusal in /api/stats")
         sent_when_refused = collector.count()
         texts = collector.wait_count(n, timeout=60)
-    finally:
-        sender.join(timeout=60)
-    assert not failures, failures
     assert sent_when_refused < n, "the refusal came after the stream: nothing was tested"
     after = wait_for(lambda: (lambda st: st if st["messages"]["out"] >= n else None)(
         app.stats()), timeout=10, interval=0.05, what="every result in /api/stats")
