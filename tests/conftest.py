@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import AppProcess, Collector
+from helpers import AppProcess, Collector, HeldPort
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +50,14 @@ def collector():
     c = Collector()
     yield c
     c.close()
+
+
+@pytest.fixture
+def held_port():
+    """A port nothing listens on, held for the test (see :class:`helpers.HeldPort`)."""
+    held = HeldPort()
+    yield held
+    held.close()
 
 
 @pytest.fixture

@@ -12,23 +12,28 @@ import asyncio
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from helpers import HOST, Collector, free_port, send_bytes, wait_for
-
+from digitstream.engine.base import EngineOptions
+from digitstream.pipeline import FlowOptions
 from digitstream.wire.framing import Payloads, frame_fixed, frame_many
+from helpers import HOST, Collector, HeldPort, app_counts, send_bytes, wait_for
 
 distributed = pytest.importorskip("distributed")
 
 from digitstream.engine import dask as dask_engine  # noqa: E402
+from digitstream.engine.dask import scheduler as dask_scheduler  # noqa: E402
+from digitstream.engine.dask.slots import _Slots  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -42,8 +47,8 @@ class Cluster:
 
     def __init__(self, tmp_path):
         self.tmp_path = tmp_path
-        self.port = free_port()
-        self.address = f"tcp://{HOST}:{self.port}"
+        self.port = 0  # the kernel's choice, the first time a scheduler starts
+        self.address = ""
         self.procs: list[subprocess.Popen] = []
         self.workers: dict[str, subprocess.Popen] = {}
         self._client = None
@@ -51,11 +56,25 @@ class Cluster:
         self.start_scheduler()
 
     def start_scheduler(self, name: str = "scheduler") -> None:
-        """A scheduler on this cluster's port (again, after :meth:`kill_scheduler`)."""
+        """A scheduler on a port the kernel picks, or on this cluster's port again after
+        :meth:`kill_scheduler`."""
         self.scheduler_name = name
+        scheduler_file = self.tmp_path / f"dask-{name}.json"
         self.scheduler = self._spawn(name, ["scheduler", "--host", HOST, "--port",
-                                            str(self.port), "--no-dashboard"])
+                                            str(self.port), "--no-dashboard",
+                                            "--scheduler-file", str(scheduler_file)])
+        self.address = wait_for(lambda: self._bound_address(scheduler_file), 30, interval=0.05,
+                                what="the Dask scheduler's address")
+        self.port = int(self.address.rpartition(":")[2])
         wait_for(self._listening, 30, interval=0.05, what="the Dask scheduler")
+
+    def _bound_address(self, scheduler_file) -> str | None:
+        """The address the scheduler bound, from the file it writes once listening."""
+        self._check_scheduler()
+        try:
+            return json.loads(scheduler_file.read_text())["address"]
+        except (OSError, ValueError, KeyError):  # not written yet, or half written
+            return None
 
     def kill_scheduler(self) -> None:
         if self._client is not None:  # it would reconnect to the next scheduler by itself
@@ -65,17 +84,19 @@ class Cluster:
         self.scheduler.wait(10)
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.tmp_path / f"dask-{name}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **_ONE_THREAD})
-        log.close()
+        with open(self.tmp_path / f"dask-{name}.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, **_ONE_THREAD})
         self.procs.append(proc)
         return proc
 
-    def _listening(self) -> bool:
+    def _check_scheduler(self) -> None:
         if self.scheduler.poll() is not None:
             raise AssertionError(f"the scheduler exited:\n{self.log(self.scheduler_name)}")
+
+    def _listening(self) -> bool:
+        self._check_scheduler()
         try:
             socket.create_connection((HOST, self.port), timeout=0.5).close()
             return True
@@ -149,6 +170,24 @@ def _pickle_frames(X: np.ndarray) -> bytes:
     return frame_many(pickle.dumps(x) for x in X.astype(np.float64))
 
 
+def _stop_and_drain(app, sink: Collector) -> None:
+    """Stop ``app`` and wait until ``sink`` has read everything it was sent: ``app``'s
+    results connection closes as it exits, so a result sent twice has arrived by then."""
+    app.stop()
+    wait_for(lambda: sink._conn is None, 15, interval=0.02,
+             what="the application's results connection to close")
+
+
+def _stats_after(app, messages: int) -> dict:
+    """``app``'s stats once its workers are credited with ``messages`` results (the
+    metrics count a batch just after handing its results to the sink)."""
+    def settled():
+        stats = app.stats()
+        return stats if sum(w["messages"] for w in stats["workers"]) >= messages else None
+
+    return wait_for(settled, 10, interval=0.05, what=f"{messages} results in the metrics")
+
+
 def _collect(start_app, payload: bytes, expected: int, *args: str) -> list[str]:
     sink = Collector()
     app = None
@@ -156,7 +195,7 @@ def _collect(start_app, payload: bytes, expected: int, *args: str) -> list[str]:
         app = start_app(sink.port, *args)
         send_bytes(app.in_port, payload)
         texts = sink.wait_count(expected, timeout=45)
-        time.sleep(0.3)
+        _stop_and_drain(app, sink)
         assert sink.count() == expected, "more results than inputs"
         return texts
     finally:
@@ -184,10 +223,10 @@ def test_outputs_equal_the_local_engine_and_the_model_loads_once_per_worker(
             send_bytes(app.in_port, payload)
             dask = sink.wait_count(i * expected, timeout=45)[-expected:]
             assert dask == local
-        time.sleep(0.3)
-        assert sink.count() == 2 * expected
         loads = two_workers.client.run(dask_engine.model_loads)
-        stats = app.stats()
+        stats = _stats_after(app, 2 * expected)
+        _stop_and_drain(app, sink)
+        assert sink.count() == 2 * expected
     finally:
         sink.close()
 
@@ -237,11 +276,11 @@ def test_worker_killed_mid_stream_loses_and_duplicates_nothing(two_workers, star
         killed_at = sink.count()
         texts = sink.wait_count(total, timeout=50)
         sender.join(10)
-        time.sleep(0.3)
+        wait_for(lambda: "Dask worker lost: " + name in app.log(), 10, what="the loss logged")
+        _stop_and_drain(app, sink)
         assert sink.count() == total, "duplicate results"
         assert killed_at < total, "the stream ended before the worker was killed"
         assert texts == expected_texts * repeat
-        wait_for(lambda: "Dask worker lost: " + name in app.log(), 10, what="the loss logged")
     finally:
         sink.close()
 
@@ -271,10 +310,11 @@ def test_scheduler_lost_mid_stream_the_rest_is_answered_here(cluster, start_app,
         os.killpg(cluster.scheduler.pid, signal.SIGKILL)
         texts = sink.wait_count(total, timeout=40)
         sender.join(10)
-        time.sleep(0.3)
+        lost = f"Dask scheduler at {cluster.address} lost, classifying in-process"
+        wait_for(lambda: lost in app.log(), 10, what="the loss logged")
+        _stop_and_drain(app, sink)
         assert sink.count() == total
         assert texts == expected_texts * repeat
-        assert f"Dask scheduler at {cluster.address} lost, classifying in-process" in app.log()
     finally:
         sink.close()
 
@@ -337,11 +377,11 @@ def test_scheduler_back_on_its_address_takes_the_batches_again(cluster, start_ap
         assert not sender.is_alive()
         total = sent
         frames = sink.wait_count(total, timeout=40)
-        time.sleep(0.3)
+        stats = _stats_after(app, total)
+        log_text = app.log()
+        _stop_and_drain(app, sink)
         assert sink.count() == total, "more results than inputs"
         results = [json.loads(f) for f in frames]
-        stats = app.stats()
-        log_text = app.log()
     finally:
         stop.set()
         if sender is not None:
@@ -366,15 +406,20 @@ def test_scheduler_back_on_its_address_takes_the_batches_again(cluster, start_ap
     assert "Traceback" not in log_text
 
 
-def _engine(**config):
+def _engine(**options):
     """A DaskEngine as ``run`` makes it, without starting it."""
-    from types import SimpleNamespace
-
-    cfg = SimpleNamespace(**{"scheduler": None, "workers": None, "in_flight": 4,
-                             "input_format": "u8", "output_format": "text",
-                             "compile_model": True, **config})
+    flow = FlowOptions(input_format="u8", output_format="text", compile_model=True)
     return dask_engine.DaskEngine(flow=None, bundle=SimpleNamespace(content_hash="sha256:ab12"),
-                                  config=cfg)
+                                  options=EngineOptions(flow=flow, **options))
+
+
+async def _until(condition, timeout: float, what: str) -> None:
+    """``wait_for`` inside an event loop: poll ``condition()`` without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 class _LostClient:
@@ -391,11 +436,13 @@ def test_local_cluster_lost_is_not_tried_again():
     # --workers: the scheduler ran in run's process; the engine does not restart it
     async def main():
         engine = _engine(workers=2)
-        engine.cluster, engine.client = object(), _LostClient()
-        engine.workers = {"tcp://127.0.0.1:1": "w1"}
-        engine._lose_scheduler(engine.client)
-        engine._lose_scheduler(engine.client)  # seen twice, lost once
-        return engine, engine._reconnector, engine.state(), engine._losses
+        link, lost = engine.link, _LostClient()
+        engine.cluster = object()
+        link.connected(lost, "", local=True)
+        link.workers = {"tcp://127.0.0.1:1": "w1"}
+        link.lose(lost)
+        link.lose(lost)  # seen twice, lost once
+        return engine, link._reconnector, engine.state(), link.losses
 
     engine, reconnector, state, losses = asyncio.run(main())
     assert reconnector is None and losses == 1
@@ -404,22 +451,33 @@ def test_local_cluster_lost_is_not_tried_again():
     assert engine.capacity == 4  # batches go on, in-process
 
 
-def test_scheduler_lost_is_tried_again_in_the_background_until_closed():
+def test_scheduler_lost_is_tried_again_in_the_background_until_closed(monkeypatch):
+    tries: list[float] = []
+    accepts = dask_scheduler._accepts
+
+    async def counted(address: str) -> bool:
+        tries.append(time.monotonic())
+        return await accepts(address)
+
+    monkeypatch.setattr(dask_scheduler, "_accepts", counted)
+
     async def main():
-        port = free_port()  # nobody listens there
-        engine = _engine(scheduler=f"{HOST}:{port}")
-        engine.address = f"tcp://{HOST}:{port}"
-        lost = engine.client = _LostClient()
-        engine._lose_scheduler(lost)
-        reconnector = engine._reconnector
-        await asyncio.sleep(1.0)  # tries at 0.5 s, then at 1.5 s
-        running = not reconnector.done()
-        await asyncio.wait_for(engine.close(), 5)
+        with HeldPort() as nobody:  # every connect there is refused
+            address = f"tcp://{HOST}:{nobody.port}"
+            engine = _engine(scheduler=address)
+            lost = _LostClient()
+            engine.link.connected(lost, address, local=False)
+            engine.link.lose(lost)
+            reconnector = engine.link._reconnector
+            await _until(lambda: len(tries) >= 2, 10, "two tries of the address")  # 0.5 s, 1.5 s
+            running = not reconnector.done()
+            await asyncio.wait_for(engine.close(), 5)
         return lost, reconnector, running, engine
 
     lost, reconnector, running, engine = asyncio.run(main())
     assert running and reconnector.cancelled()
-    assert lost.closed and engine.client is None and engine._reconnector is None
+    assert tries[1] - tries[0] >= 0.9  # the wait doubled after the first try
+    assert lost.closed and engine.client is None and engine.link._reconnector is None
     assert engine.state()["connected"] is False
 
 
@@ -435,7 +493,10 @@ def test_all_workers_gone_input_waits_for_a_new_worker(cluster, start_app, digit
         cluster.kill_worker("w1")
         wait_for(lambda: "all Dask workers are gone" in app.log(), 15, what="the loss logged")
         send_bytes(app.in_port, frame_fixed(digits.X.astype(np.uint8)))
-        time.sleep(1.0)
+        # read, and waiting for a slot that no worker gives
+        wait_for(lambda: app_counts(app.stats())["messages_in"] > 0, 15, interval=0.05,
+                 what="the input read")
+        assert app_counts(app.stats())["messages_out"] == 0
         assert sink.count() == 0
         cluster.add_worker("w2")
         texts = sink.wait_count(len(digits.X), timeout=40)
@@ -452,18 +513,60 @@ def test_local_cluster_of_two_workers(start_app, digits, expected_texts):
     assert texts == expected_texts
 
 
+def test_the_engine_on_a_local_cluster_answers_as_the_flow_does(model_dir, digits):
+    # the engine alone, as the application drives it: streams named by number and by
+    # text, both payload layouts, more batches than it takes at once
+    from digitstream.model.bundle import load_bundle
+    from digitstream.pipeline import Batch, Flow
+
+    bundle = load_bundle(model_dir)
+    options = FlowOptions(input_format="u8", worker="here")
+    flow = Flow.build(bundle.pipeline, options)
+    rows = digits.X.astype(np.uint8)
+    batches = [Batch(stream, first, Payloads(fixed=rows[first:first + 150]))
+               for first in range(0, 600, 150) for stream in (1, "camera-2")]
+    batches.append(Batch(3, 0, Payloads(items=[rows[0].tobytes(), b"short", rows[1].tobytes()])))
+
+    async def main():
+        engine = dask_engine.DaskEngine(flow, bundle,
+                                        EngineOptions(flow=options, workers=1, in_flight=2))
+        await engine.start()
+        try:
+            started = engine.state(), engine.capacity
+            futures = [await engine.submit(batch) for batch in batches]
+            return started, [await future for future in futures], engine.state()
+        finally:
+            await engine.close()
+
+    (state, capacity), results, after = asyncio.run(main())
+    assert state["local_cluster"] and state["connected"] and state["workers"] == 1
+    assert state["scheduler"].startswith("tcp://127.0.0.1:")
+    assert capacity == 2
+    for batch, result in zip(batches, results):
+        local = flow.process(batch)
+        assert (result.stream, result.first_seq, result.count) == (batch.stream,
+                                                                  batch.first_seq, len(batch))
+        assert result.output == local.output
+        assert result.worker.startswith("tcp://127.0.0.1:")  # the worker's, not this process's
+    assert results[-1].rejected and not results[0].rejected
+    assert after["in_process_batches"] == 0
+
+
 def test_ctrl_c_answers_everything_received_then_stops_the_local_cluster(model_dir, digits,
-                                                                        expected_texts):
+                                                                        expected_texts,
+                                                                        tmp_path):
     # Ctrl-C in a terminal signals the whole process group: run and its workers
     sink = Collector()
-    in_port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "digitstream.cli", "run", "--model", str(model_dir),
-         "--in", f"{HOST}:{in_port}", "--out", sink.addr, "--no-metrics",
-         "--input-format", "u8", "--engine", "dask", "--workers", "2", "--max-batch", "200"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    log_path = tmp_path / "run.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "digitstream.cli", "run", "--model", str(model_dir),
+             "--in", f"{HOST}:0", "--out", sink.addr, "--no-metrics", "--input-format", "u8",
+             "--engine", "dask", "--workers", "2", "--max-batch", "200"],
+            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
-        wait_for(lambda: _accepts(in_port, proc), 60, interval=0.1, what="run to listen")
+        in_port = wait_for(lambda: _listening_port(log_path, proc), 60, interval=0.1,
+                           what="run to listen")
         send_bytes(in_port, frame_fixed(digits.X.astype(np.uint8)))
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(60) == 0
@@ -475,25 +578,29 @@ def test_ctrl_c_answers_everything_received_then_stops_the_local_cluster(model_d
         sink.close()
 
 
-def _accepts(port: int, proc: subprocess.Popen) -> bool:
+def _listening_port(log_path, proc: subprocess.Popen) -> int | None:
+    """The input port ``run`` bound (it was given port 0), once it says it listens."""
+    text = log_path.read_text(errors="replace")
     if proc.poll() is not None:
-        raise AssertionError(f"run exited with {proc.returncode}: {proc.stderr.read().decode()}")
-    try:
-        socket.create_connection((HOST, port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
+        raise AssertionError(f"run exited with {proc.returncode}: {text}")
+    found = re.search(rf"listening on (?:tcp://)?{re.escape(HOST)}:(\d+)", text)
+    return int(found.group(1)) if found else None
 
 
 def test_scheduler_unreachable_is_a_one_line_error(model_dir, tmp_path):
-    port = free_port()  # nothing listens there
-    started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "digitstream.cli", "run", "--model", str(model_dir),
-         "--in", f"{HOST}:{free_port()}", "--out", f"{HOST}:{free_port()}",
-         "--metrics", f"{HOST}:{free_port()}", "--engine", "dask",
-         "--scheduler", f"tcp://{HOST}:{port}"],
-        capture_output=True, text=True, timeout=60)
+    sink = Collector()
+    nobody = HeldPort()  # every connect there is refused
+    try:
+        port = nobody.port
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "digitstream.cli", "run", "--model", str(model_dir),
+             "--in", f"{HOST}:0", "--out", sink.addr, "--metrics", f"{HOST}:0",
+             "--engine", "dask", "--scheduler", f"tcp://{HOST}:{port}"],
+            capture_output=True, text=True, timeout=60)
+    finally:
+        nobody.close()
+        sink.close()
     assert proc.returncode != 0
     assert time.monotonic() - started < 30
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
@@ -516,10 +623,8 @@ def test_payloads_travel_as_buffers():
 
 
 def test_slots_follow_the_workers():
-    import asyncio
-
     async def scenario():
-        slots = dask_engine._Slots()
+        slots = _Slots()
         slots.resize(2)
         await slots.acquire()
         await slots.acquire()

@@ -19,7 +19,7 @@ import pytest
 
 from digitstream.codecs.inputs import INPUT_FORMATS, encode_images
 from digitstream.wire.framing import frame, frame_many
-from helpers import HOST, TIMEOUT, free_port, py2_pickle, send_bytes, wait_for
+from helpers import HOST, TIMEOUT, py2_pickle, send_bytes, wait_for
 
 
 def seed_sender(port: int, images: np.ndarray) -> None:
@@ -126,14 +126,13 @@ def test_a_stop_signal_mid_stream_loses_nothing_received(sig, start_app, collect
     assert received <= sent[0]
 
 
-def test_run_waits_for_the_listener(start_app, digits, expected_texts):
+def test_run_waits_for_the_listener(start_app, held_port, digits, expected_texts):
     from helpers import Collector
 
-    port = free_port()
-    app = start_app(port, "--input-format", "f64")
+    app = start_app(held_port.port, "--input-format", "f64")
     send_bytes(app.in_port, frame_many(encode_images(digits.X[:50], "f64")))
     wait_for(lambda: "waiting for the listener" in app.log(), what="the waiting log line")
-    late = Collector(port)
+    late = Collector(held_port.port)
     try:
         assert late.wait_count(50) == expected_texts[:50]
     finally:
@@ -142,7 +141,7 @@ def test_run_waits_for_the_listener(start_app, digits, expected_texts):
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "digitstream.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
 
 
 def test_run_without_a_model_says_why(tmp_path):

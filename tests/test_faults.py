@@ -22,8 +22,17 @@ import pytest
 
 from digitstream.codecs.inputs import encode_images
 from digitstream.wire.framing import FrameSplitter, frame_many
-from helpers import (HOST, TIMEOUT, Collector, app_counts, free_port, memory_of, reference_frames,
-                     send_bytes, wait_for)
+from helpers import (
+    HOST,
+    TIMEOUT,
+    Collector,
+    ListenProcess,
+    app_counts,
+    memory_of,
+    reference_frames,
+    send_bytes,
+    wait_for,
+)
 
 #: start-up on a loaded machine can take many times its usual second or two
 START_TIMEOUT = 180
@@ -38,40 +47,13 @@ def log_has(app, text: str) -> bool:
     return text in app.log()
 
 
-def start_listener(port: int, output: Path) -> subprocess.Popen:
-    """``digitstream listen`` as its own process, storing whole result frames in ``output``."""
-    return subprocess.Popen([sys.executable, "-m", "digitstream.cli", "-q", "listen",
-                             f"{HOST}:{port}", "-o", str(output)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def stop_process(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=TIMEOUT)
-    if proc.stderr is not None:
-        proc.stderr.close()
-
-
-def accepting(port: int) -> bool:
-    try:
-        socket.create_connection((HOST, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 # ---------------------------------------------------------------- the listener
-def test_listener_missing_at_start_then_gone_then_back(start_app, digits, labels):
+def test_listener_missing_at_start_then_gone_then_back(start_app, held_port, digits, labels):
     """``run`` starts with no listener: it logs that it waits, keeps what it receives, and
     delivers it when the listener appears. The listener then goes away and comes back on
     the same port: ``run`` reconnects and delivers what came in between. Every result
     exactly once, in order."""
-    port = free_port()
+    port = held_port.port
     app = start_app(port, "--input-format", "json", "--output-format", "json", ready=False)
     app.wait_ready(START_TIMEOUT)
     first_ids = [f"a-{i}" for i in range(300)]
@@ -85,9 +67,10 @@ def test_listener_missing_at_start_then_gone_then_back(start_app, digits, labels
         assert [r["label"] for r in results] == labels[:300].tolist()
     finally:
         first.close()  # the listener goes away
-    wait_for(lambda: log_has(app, "went away"), what="the application to notice")
     second_ids = [f"b-{i}" for i in range(300)]
     send_bytes(app.in_port, frame_many(encode_images(digits.X[300:600], "json", ids=second_ids)))
+    # a listener that closed is found out at the next write: its kernel resets the connection
+    wait_for(lambda: log_has(app, "went away"), what="the application to notice")
     wait_for(lambda: app_counts(app.stats())["messages_out"] == 600, what="600 messages answered")
     second = Collector(port)
     try:
@@ -101,15 +84,17 @@ def test_listener_missing_at_start_then_gone_then_back(start_app, digits, labels
         second.close()
 
 
-def _wait_for_bytes(path: Path, n: int, proc: subprocess.Popen) -> None:
+def _wait_for_bytes(listener: ListenProcess, n: int) -> None:
+    path = listener.output
+
     def grown():
-        assert proc.poll() is None, proc.stderr.read().decode()
+        assert listener.alive(), listener.log()
         return path.exists() and path.stat().st_size >= n
     wait_for(grown, what=f"{n} bytes in {path.name}")
 
 
-def test_a_listener_that_crashes_loses_at_most_what_the_buffers_held(start_app, digits, labels,
-                                                                     tmp_path):
+def test_a_listener_that_crashes_loses_at_most_what_the_buffers_held(start_app, held_port, digits,
+                                                                     labels, tmp_path):
     """The listener is killed (SIGKILL) while results stream to it, and a new one starts on
     the same port. The results the first one stored are a prefix of the stream, the second
     one's a suffix: no result twice, order kept. What is lost between them is what had left
@@ -117,10 +102,10 @@ def test_a_listener_that_crashes_loses_at_most_what_the_buffers_held(start_app, 
     in the application (up to 1 MiB, plus the chunk being written), the two kernels' socket
     buffers, and the listener's own read buffer (1 MiB). The test checks the loss against
     that bound."""
-    port = free_port()
+    # held, so that the second listener can come back on the first one's port
+    port = held_port.port
     first_file, second_file = tmp_path / "first.out", tmp_path / "second.out"
-    first = start_listener(port, first_file)
-    wait_for(lambda: accepting(port), timeout=START_TIMEOUT, what="the first listener")
+    first = ListenProcess(first_file, port, timeout=START_TIMEOUT)
     app = start_app(port, "--input-format", "u8", ready=False)
     app.wait_ready(START_TIMEOUT)
     chunk = frame_many(encode_images(digits.X, "u8")) * 8
@@ -138,12 +123,11 @@ def test_a_listener_that_crashes_loses_at_most_what_the_buffers_held(start_app, 
     sender.start()
     second = None
     try:
-        _wait_for_bytes(first_file, 7 * 200_000, first)
+        _wait_for_bytes(first, 7 * 200_000)
         first.kill()
-        first.wait(timeout=TIMEOUT)
         wait_for(lambda: log_has(app, "went away"), what="the application to notice")
-        second = start_listener(port, second_file)
-        _wait_for_bytes(second_file, 7 * 200_000, second)
+        second = ListenProcess(second_file, port, timeout=START_TIMEOUT)
+        _wait_for_bytes(second, 7 * 200_000)
         stop.set()
         sender.join(TIMEOUT * 2)
         assert not sender.is_alive()
@@ -156,9 +140,9 @@ def test_a_listener_that_crashes_loses_at_most_what_the_buffers_held(start_app, 
         stop.set()
         sender.join(TIMEOUT)
         sock.close()
-        first.stderr.close()
+        first.stop(signal.SIGKILL)
         if second is not None:
-            stop_process(second)
+            second.stop()
     expected = [str(np.array([label])).encode() for label in labels] * (8 * chunks[0])
     got_first, _ = reference_frames(first_file.read_bytes(), 1 << 20)
     got_second, _ = reference_frames(second_file.read_bytes(), 1 << 20)
@@ -326,7 +310,7 @@ def _refusal_in_process(args: list[str]) -> tuple[int, str]:
 
 def _refusal_in_a_process(args: list[str]) -> tuple[int, str]:
     proc = subprocess.run([sys.executable, "-m", "digitstream.cli", *args], capture_output=True,
-                          text=True, timeout=START_TIMEOUT)
+                          text=True, timeout=START_TIMEOUT, check=False)
     return proc.returncode, proc.stderr
 
 
@@ -361,7 +345,8 @@ def _copy_bundle(model_dir: Path, to: Path, pipeline_bytes: bytes | None = None,
 
 
 @pytest.mark.timeout(START_TIMEOUT * 2)  # a case that started serving would never return
-def test_run_refuses_a_bad_model_bundle_in_one_line(model_dir, seed_pipeline, tmp_path):
+def test_run_refuses_a_bad_model_bundle_in_one_line(model_dir, seed_pipeline, held_port,
+                                                    tmp_path):
     """Each bad bundle: ``run`` exits non-zero before listening, with one ``Error:`` line that
     says why, and no traceback. "Fits the input format" means: the pipeline takes the number
     of features its card says, and one image of that many values fits in --max-frame in the
@@ -399,8 +384,8 @@ def test_run_refuses_a_bad_model_bundle_in_one_line(model_dir, seed_pipeline, tm
     }
 
     def args(path, extra):
-        return ["run", "--model", str(path), "--in", f"{HOST}:0", "--out", f"{HOST}:{free_port()}",
-                "--metrics", f"{HOST}:0", *extra]
+        return ["run", "--model", str(path), "--in", f"{HOST}:0",
+                "--out", f"{HOST}:{held_port.port}", "--metrics", f"{HOST}:0", *extra]
 
     for name, (path, extra, words) in cases.items():
         _assert_one_line_refusal(name, *_refusal_in_process(args(path, extra)), words)
@@ -411,7 +396,7 @@ def test_run_refuses_a_bad_model_bundle_in_one_line(model_dir, seed_pipeline, tm
 
 
 @pytest.mark.timeout(START_TIMEOUT * 2)
-def test_run_refuses_bad_addresses_in_one_line(model_dir):
+def test_run_refuses_bad_addresses_in_one_line(model_dir, held_port):
     """A taken port, a malformed address: one ``Error:`` line naming it, exit non-zero, no
     traceback. The taken --in port also runs as its own process."""
     taken = socket.socket()
@@ -419,11 +404,12 @@ def test_run_refuses_bad_addresses_in_one_line(model_dir):
     taken.listen(1)
     port = taken.getsockname()[1]
     common = ["run", "--model", str(model_dir)]
-    out = ["--out", f"{HOST}:{free_port()}"]
+    out = ["--out", f"{HOST}:{held_port.port}"]
     cases = {
         "--in port taken": ([*common, *out, "--in", f"{HOST}:{port}", "--metrics", f"{HOST}:0"],
                             f"cannot listen on {HOST}:{port}"),
-        "--metrics port taken": ([*common, *out, "--in", f"{HOST}:0", "--metrics", f"{HOST}:{port}"],
+        "--metrics port taken": ([*common, *out, "--in", f"{HOST}:0",
+                                  "--metrics", f"{HOST}:{port}"],
                                  f"cannot serve metrics on {HOST}:{port}"),
         "--out malformed": ([*common, "--in", f"{HOST}:0", "--out", "nonsense"], "'--out'"),
         "--metrics malformed": ([*common, *out, "--in", f"{HOST}:0", "--metrics", f"{HOST}:99999"],

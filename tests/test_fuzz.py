@@ -250,3 +250,38 @@ def test_random_bytes_framing(stream_and_cuts, max_frame):
         assert splitter.pending == len(stream) - sum(4 + len(f) for f in frames)
     else:
         assert raised.length > max_frame
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def json_flow():
+    from sklearn.linear_model import LogisticRegression
+
+    from digitstream.pipeline import Flow, FlowOptions
+
+    X = np.vstack([_IMAGES, _IMAGES + 1])
+    model = LogisticRegression(max_iter=500).fit(X, [0, 1, 2, 3] * 2)
+    return Flow.build(model, FlowOptions("json", "json"))
+
+
+@FUZZ
+@given(tapes=st.lists(st.binary(max_size=64), min_size=1, max_size=6))
+def test_every_json_output_frame_is_strict_json(json_flow, tapes):
+    """Fuzzed JSON payloads (odd values for pixels, labels and ids: NaN, infinities, huge
+    numbers, objects, lists) through a whole flow with json output: one frame per payload,
+    each valid RFC 8259 JSON with its sequence number."""
+    from digitstream.pipeline import Batch
+    from digitstream.wire.framing import iter_frames
+
+    payloads = [_json(Tape(t)) for t in tapes]
+    result = json_flow.process(Batch(1, 10, Payloads.from_list(payloads)))
+    answers = [_strict_json(f.decode()) for f in iter_frames(result.output)]
+    assert [a["seq"] for a in answers] == list(range(10, 10 + len(payloads)))
+    for answer in answers:
+        assert ("error" in answer) != ("label" in answer), answer

@@ -18,19 +18,16 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
 from digitstream.codecs.inputs import encode_images
 from digitstream.wire.framing import frame_many
-from helpers import HOST, TIMEOUT, AppProcess, app_counts, free_port, memory_of, wait_for
+from helpers import HOST, TIMEOUT, AppProcess, ListenProcess, app_counts, memory_of, wait_for
 
-MESSAGES = int(os.environ.get("DIGITSTREAM_LOAD_MESSAGES", 500_000))
+MESSAGES = int(os.environ.get("DIGITSTREAM_LOAD_MESSAGES") or 500_000)
 START_TIMEOUT = 180
 #: (application, input format of the client, the client's two classes)
 CLIENTS = [
@@ -40,31 +37,6 @@ CLIENTS = [
     ("auto", "npy", (4, 5)), ("auto", "json", (6, 7)),
 ]
 PATTERN = 360  # images in one client's cycle
-
-
-def _listener(port: int, output: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "digitstream.cli", "-q", "listen",
-                             f"{HOST}:{port}", "-o", str(output)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _accepting(port: int) -> bool:
-    try:
-        socket.create_connection((HOST, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-def _stop(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=TIMEOUT * 2)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=TIMEOUT)
-    return proc.returncode
 
 
 def _cycle(digits, seed_pipeline, classes, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -81,18 +53,16 @@ def _cycle(digits, seed_pipeline, classes, rng) -> tuple[np.ndarray, np.ndarray]
 def test_eight_senders_at_once_in_mixed_formats(model_dir, digits, seed_pipeline, tmp_path):
     rng = np.random.default_rng(8)
     apps: dict[str, AppProcess] = {}
-    listeners: dict[str, subprocess.Popen] = {}
+    listeners: dict[str, ListenProcess] = {}
     files = {name: tmp_path / f"{name}.out" for name in ("u8", "f32", "auto")}
     peaks = {name: 0 for name in files}
     stop_sampling = threading.Event()
     sampler = None
     try:
-        for name in files:
-            port = free_port()
-            listeners[name] = _listener(port, files[name])
+        for name, output in files.items():
+            listeners[name] = ListenProcess(output, timeout=START_TIMEOUT)
             args = [] if name == "auto" else ["--input-format", name]
-            wait_for(lambda: _accepting(port), timeout=START_TIMEOUT, what=f"listener {name}")
-            apps[name] = AppProcess(model_dir, port, *args)
+            apps[name] = AppProcess(model_dir, listeners[name].port, *args)
         for app in apps.values():
             app.wait_ready(START_TIMEOUT)
         idle = {name: memory_of(app.proc.pid)[0] for name, app in apps.items()}
@@ -144,7 +114,8 @@ def test_eight_senders_at_once_in_mixed_formats(model_dir, digits, seed_pipeline
         assert not any(t.is_alive() for t in senders)
         per_app = {name: MESSAGES * sum(1 for a, _, _ in CLIENTS if a == name) for name in apps}
         for name, app in apps.items():
-            wait_for(lambda: app_counts(app.stats())["messages_out"] == per_app[name],
+            wait_for(lambda app=app, name=name: app_counts(app.stats())["messages_out"]
+                     == per_app[name],
                      timeout=TIMEOUT * 4, interval=0.1, what=f"every message of {name} answered")
         elapsed = time.monotonic() - t0
         peaks_hwm = {name: memory_of(app.proc.pid)[1] for name, app in apps.items()}
@@ -158,11 +129,11 @@ def test_eight_senders_at_once_in_mixed_formats(model_dir, digits, seed_pipeline
             sampler.join(TIMEOUT)
         for app in apps.values():
             app.stop()
-        for proc in listeners.values():
-            _stop(proc)
-    for name in files:
+        for listener in listeners.values():
+            listener.stop(timeout=TIMEOUT * 2)
+    for name, output in files.items():
         # every result is a 7-byte frame: header 3, then "[d]"
-        frames = np.frombuffer(files[name].read_bytes(), dtype=np.uint8).reshape(-1, 7)
+        frames = np.frombuffer(output.read_bytes(), dtype=np.uint8).reshape(-1, 7)
         assert len(frames) == per_app[name], (name, len(frames))
         assert (frames[:, :4] == [0, 0, 0, 3]).all() and (frames[:, 4] == ord("[")).all()
         found = frames[:, 5].astype(np.int64) - ord("0")

@@ -16,7 +16,6 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -38,7 +37,7 @@ STAGES = ["decode", "PCA", "Logistic Regression", "encode"]
 def make_result(n, worker="", rejected=None, labels=None, predicted=None):
     stage_seconds = [("decode", 1e-5), ("PCA", 2e-4), ("Logistic Regression", 3e-4), ("encode", 5e-5)]
     counts = np.bincount(np.arange(n) % 10, minlength=10)
-    result = BatchResult(conn_id=1, first_seq=0, count=n, output=b"x" * (7 * n),
+    result = BatchResult(stream=1, first_seq=0, count=n, output=b"x" * (7 * n),
                          stage_seconds=stage_seconds, class_counts=counts,
                          rejected=Counter(rejected or {}), worker=worker)
     if labels is not None:
@@ -227,17 +226,18 @@ def test_swaps_and_refused_swaps_are_counted_in_stats_and_prometheus():
 
 
 # ------------------------------------------------------- the server in-process
-def fake_app(metrics: Metrics):
-    return SimpleNamespace(
-        metrics=metrics, config=AppConfig(input_format="u8"), bound_in=Address(HOST, 8002),
-        bundle=SimpleNamespace(card={"dataset": "digits", "held_out_accuracy": 0.97,
-                                     "steps": ["PCA", "Logistic Regression"]}))
+def run_info() -> dict:
+    return {"engine": "local", "cluster": None, "input_format": "u8", "output_format": "text",
+            "addresses": {"in": f"{HOST}:8002", "out": f"{HOST}:7002"}}
+
+
+CARD = {"dataset": "digits", "held_out_accuracy": 0.97, "steps": ["PCA", "Logistic Regression"]}
 
 
 def serve(metrics: Metrics, scenario):
     """Run ``scenario(base_url)`` (blocking HTTP calls) against a MetricsServer on ``metrics``."""
     async def main():
-        server = MetricsServer(fake_app(metrics), Address(HOST, 0))
+        server = MetricsServer(metrics, Address(HOST, 0), info=run_info, card=lambda: CARD)
         await server.start()
         try:
             return await asyncio.to_thread(scenario, server.url.rstrip("/"))

@@ -18,7 +18,6 @@ import shutil
 import signal
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -152,7 +151,7 @@ def test_swap_under_load_every_message_answered_by_one_model(
 
     line = SWAP_LINE.search(log)
     assert line and line.group(2, 3) == (old_hash, new_hash)
-    assert line.group(4) == f"conn {next(iter(swap['at']))} -> {k}"
+    assert line.group(4) == f"stream {next(iter(swap['at']))} -> {k}"
     assert stats["model"]["content_hash"] == new_hash
     assert stats["model_swaps"] == swaps
     assert b"digitstream_model_swaps_total 1.0" in prometheus
@@ -278,6 +277,15 @@ def test_sighup_with_the_same_bundle_swaps_nothing(start_app, collector, bundle_
 
 
 # ------------------------------------------------ the watcher, in process
+def _watch(app, engine, metrics=None, positions=None, **kwargs) -> ModelWatcher:
+    """A watcher of ``app``'s model path that switches ``engine``; ``positions`` are the open
+    streams' next sequence numbers."""
+    app.engine = app.serving.engine = engine
+    app.metrics = metrics
+    app.positions.update(positions or {})
+    return ModelWatcher(app.config.model_path, app.serving, metrics, **kwargs)
+
+
 def _served_by(app, X) -> list[str]:
     async def classify():
         future = await app.engine.submit(Batch(1, 0, Payloads(fixed=X.astype(np.uint8)), 0))
@@ -290,12 +298,11 @@ def test_a_bundle_half_written_waits_and_sighup_alone_swaps(
         bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline):
     app = Application(AppConfig(model_path=str(bundle_dir), input_format="u8", metrics_addr=None))
     app.load()
-    app.engine = LocalEngine(app.flow)
-    app.metrics = Metrics("app", app.flow.stage_names, app.flow.runner.classes)
-    app.connections = {3: SimpleNamespace(id=3, next_seq=1234)}
+    metrics = Metrics("app", app.flow.stage_names, app.flow.runner.classes)
     old_hash = app.bundle.content_hash
     now = [100.0]
-    watcher = ModelWatcher(app, poll=0, settle=2.0, clock=lambda: now[0])
+    watcher = _watch(app, LocalEngine(app.flow), metrics, {3: 1234}, poll=0, settle=2.0,
+                     clock=lambda: now[0])
 
     # the new pipeline file is in place, its card not yet: a writer between two renames
     staging = tmp_path / "staging"
@@ -341,18 +348,17 @@ def test_a_tampered_bundle_is_refused_once_left_alone_and_not_tried_again(
         bundle_dir, tmp_path, shifted_pipeline, caplog):
     app = Application(AppConfig(model_path=str(bundle_dir), input_format="u8", metrics_addr=None))
     app.load()
-    app.engine = LocalEngine(app.flow)
     old_hash = app.bundle.content_hash
     now = [0.0]
-    watcher = ModelWatcher(app, poll=0, settle=2.0, clock=lambda: now[0])
+    metrics = Metrics("app", app.flow.stage_names, app.flow.runner.classes)
+    watcher = _watch(app, LocalEngine(app.flow), metrics, poll=0, settle=2.0,
+                     clock=lambda: now[0])
     staging = tmp_path / "tampered"
     save_bundle(shifted_pipeline, staging, {})
     data = bytearray((staging / PIPELINE_FILE).read_bytes())
     data[-100] ^= 0xFF
     (staging / PIPELINE_FILE).write_bytes(bytes(data))
     put_in_place(staging, bundle_dir)
-
-    app.metrics = Metrics("app", app.flow.stage_names, app.flow.runner.classes)
 
     caplog.set_level("WARNING", logger="digitstream.swap")
     for t in (0.0, 1.0, 1.9):  # a writer may still be about to put the right card in place
@@ -388,11 +394,9 @@ def test_an_unexpected_error_in_a_swap_is_counted_and_the_old_model_serves_on(
         bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline, caplog):
     app = Application(AppConfig(model_path=str(bundle_dir), input_format="u8", metrics_addr=None))
     app.load()
-    app.engine = _EngineThatFailsOnce(app.flow)
-    app.metrics = Metrics("app", app.flow.stage_names, app.flow.runner.classes)
-    app.connections = {}
+    metrics = Metrics("app", app.flow.stage_names, app.flow.runner.classes)
     old_hash = app.bundle.content_hash
-    watcher = ModelWatcher(app, poll=0, settle=2.0)
+    watcher = _watch(app, _EngineThatFailsOnce(app.flow), metrics, poll=0, settle=2.0)
     new_hash = write_bundle(shifted_pipeline, bundle_dir, tmp_path / "new")
 
     caplog.set_level("WARNING", logger="digitstream.swap")
@@ -425,10 +429,9 @@ def test_a_single_skops_file_is_watched_and_taken_once_left_alone(
     sio.dump(seed_pipeline, path)
     app = Application(AppConfig(model_path=str(path), input_format="u8", metrics_addr=None))
     app.load()
-    app.engine = LocalEngine(app.flow)
     old_hash = app.bundle.content_hash
     now = [0.0]
-    watcher = ModelWatcher(app, poll=0, settle=2.0, clock=lambda: now[0])
+    watcher = _watch(app, LocalEngine(app.flow), poll=0, settle=2.0, clock=lambda: now[0])
     asyncio.run(watcher.check())  # unchanged: nothing to do
 
     temporary = tmp_path / ".model.skops.tmp"

@@ -1,258 +1,233 @@
-"""The streaming application behind ``digitstream run``.
+"""The streaming application behind ``digitstream run``: source -> engine -> sink.
 
-Wiring only: the model bundle becomes a :class:`~digitstream.pipeline.Flow`,
-an engine runs it on batches, the TCP source feeds the engine and the TCP sink
-takes its results. Per connection, batches are submitted in order and their
-results written in the same order; a bounded queue of batches in flight per
-connection, and the sink's bounded queue, stop the source reading when the
-downstream falls behind.
+Wiring only. :meth:`Application.serve_stream` is the pipeline: each batch of a
+stream goes to the engine as it comes, and each result to the sink in the same
+order. A bounded queue of batches in flight per stream, the engine's own
+capacity and the sink's bounded queue stop the source reading when the
+downstream falls behind. Whatever the engine does with a batch, it is answered
+(:func:`~digitstream.engine.base.answer`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import logging
 import signal
 import time
-from dataclasses import dataclass
 
-import numpy as np
-
-from digitstream.addresses import Address, is_loopback
+from digitstream.addresses import is_loopback
 from digitstream.codecs.inputs import smallest_payload
-from digitstream.connectors.tcp import FrameSource, TcpSink
+from digitstream.config import AppConfig
+from digitstream.connectors import make_sink, make_source
+from digitstream.engine.base import Engine, EngineOptions, answer, make_engine
 from digitstream.errors import UserError
-from digitstream.pipeline import Batch, Flow
-from digitstream.wire.framing import FrameTooLarge, Payloads
+from digitstream.pipeline import BatchResult, Flow, FlowOptions, StreamId, failure_reason
+from digitstream.sinks import Sink
+from digitstream.sources import InputStream, Source
+
+__all__ = ["AppConfig", "Application", "Serving", "run_app"]
 
 log = logging.getLogger("digitstream.app")
 
 
-@dataclass
-class AppConfig:
-    in_addr: Address = Address("127.0.0.1", 8002)
-    out_addr: Address = Address("127.0.0.1", 7002)
-    metrics_addr: Address | None = Address("127.0.0.1", 5001)
-    model_path: str = "models"
-    input_format: str = "auto"
-    output_format: str = "text"
-    engine: str = "local"
-    workers: int | None = None
-    scheduler: str | None = None
-    name: str = "worker-1"
-    max_batch: int = 8192  # measured best for 64-pixel images: smaller adds per-batch overhead, larger leaves the cache
-    max_delay: float = 0.0  # seconds
-    max_frame: int = 1 << 20
-    compile_model: bool = True
-    in_flight: int = 4
-    #: how often the --model path is checked for a new bundle, in seconds (0: only on SIGHUP)
-    model_poll: float = 0.5
-    #: on a stop signal, keep reading a connection until it is quiet this long ...
-    drain_quiet: float = 0.2
-    #: ... but no longer than this
-    drain_grace: float = 5.0
-    #: how long to wait for the listener to take the last results on a stop signal
-    flush_timeout: float = 30.0
+class Serving:
+    """The model serving now and the one way to change it: what the model watcher gets.
 
+    ``positions`` maps each open stream to the sequence number of its next batch.
+    """
 
-class _Connection:
-    __slots__ = ("id", "source", "handler", "next_seq")
+    def __init__(self, bundle, flow: Flow, options: FlowOptions, engine: Engine | None,
+                 positions: dict[StreamId, int]):
+        self.bundle = bundle
+        self.flow = flow
+        self.options = options
+        self.engine = engine
+        self.positions = positions
 
-    def __init__(self, conn_id: int, source: FrameSource):
-        self.id = conn_id
-        self.source = source
-        self.handler: asyncio.Task | None = None
-        #: the first sequence number of the next batch, so also the frames received so far
-        self.next_seq = 0
+    def build_flow(self, bundle) -> Flow:
+        """The flow that would serve ``bundle`` with this run's formats."""
+        return Flow.build(bundle.pipeline, self.options)
+
+    async def switch(self, bundle, flow: Flow) -> dict[StreamId, int]:
+        """Serve ``bundle`` with ``flow`` from each stream's next batch on; those
+        sequence numbers (the switch points)."""
+        if self.engine is not None:
+            await self.engine.set_flow(flow, bundle)
+        # nothing is awaited from the engine's switch to here: no batch was submitted between
+        self.bundle, self.flow = bundle, flow
+        return dict(self.positions)
 
 
 class Application:
-    def __init__(self, config: AppConfig):
+    """``digitstream run``: ``config`` says what to read, serve and write. ``source``,
+    ``sink`` and ``bundle``, if given, are used instead of those ``config`` names (the
+    in-memory parts of :mod:`digitstream.testing`, say)."""
+
+    def __init__(self, config: AppConfig, source: Source | None = None,
+                 sink: Sink | None = None, bundle=None):
         self.config = config
-        self.bundle = None
-        self.flow: Flow | None = None
-        self.engine = None
-        self.sink: TcpSink | None = None
+        self._given = (source, sink, bundle)
+        self.flow_options = FlowOptions(config.input_format, config.output_format,
+                                        config.compile_model, worker=config.name)
+        self.serving: Serving | None = None
+        self.engine: Engine | None = None
+        self.source: Source | None = None
+        self.sink: Sink | None = None
         self.metrics = None
         self.metrics_server = None
-        self.server: asyncio.base_events.Server | None = None
-        self.bound_in: Address | None = None
-        self.connections: dict[int, _Connection] = {}
-        self._ids = itertools.count(1)
+        self.watcher = None  # swaps in a new model bundle written to the --model path
+        self.positions: dict[StreamId, int] = {}
         self.frames_in = 0  # complete frames received
         self.frames_out = 0  # result frames handed to the sink
-        self._stop = asyncio.Event()
-        self._stopping = False
         self.ready = asyncio.Event()
-        self.watcher = None  # swaps in a new model bundle written to the --model path
+        self._stop = asyncio.Event()
+        self._streams: set[asyncio.Task] = set()
+        self._accepting: asyncio.Task | None = None
+        self._sink_faults = 0
+
+    @property
+    def bundle(self):
+        return self.serving.bundle if self.serving else None
+
+    @property
+    def flow(self) -> Flow | None:
+        return self.serving.flow if self.serving else None
 
     # ------------------------------------------------------------ start-up
     def load(self) -> None:
         from digitstream.model.bundle import load_bundle
 
         cfg = self.config
-        self.bundle = load_bundle(cfg.model_path)
-        self.flow = self.build_flow(self.bundle)
-        runner = self.flow.runner
+        bundle = self._given[2] or load_bundle(cfg.model_path)
+        flow = Flow.build(bundle.pipeline, self.flow_options)
+        runner = flow.runner
         smallest = smallest_payload(cfg.input_format, runner.n_features)
         if smallest > cfg.max_frame:
             raise UserError(f"the model takes {runner.n_features} features: one image is at least "
                             f"{smallest} bytes in the {cfg.input_format} input format, more than "
                             f"--max-frame {cfg.max_frame}")
+        self.serving = Serving(bundle, flow, self.flow_options, None, self.positions)
         log.info("model %s: %s, %d features, classes %s%s", cfg.model_path,
                  " -> ".join(runner.stage_names), runner.n_features,
                  " ".join(str(c) for c in runner.classes), " (fused)" if runner.compiled else "")
 
-    def build_flow(self, bundle) -> Flow:
-        """The flow that serves ``bundle`` with this run's formats, at start and at a swap."""
-        from digitstream.model.runner import make_runner
-
-        cfg = self.config
-        runner = make_runner(bundle.pipeline, compile=cfg.compile_model)
-        return Flow(runner, cfg.input_format, cfg.output_format, worker=cfg.name)
-
-    def _make_engine(self):
-        cfg = self.config
-        if cfg.engine == "dask":
-            from digitstream.engine.dask import DaskEngine
-
-            return DaskEngine(self.flow, self.bundle, cfg, metrics=self.metrics)
-        from digitstream.engine.local import LocalEngine
-
-        return LocalEngine(self.flow)
-
     async def start(self) -> None:
         cfg = self.config
-        if self.flow is None:
+        if self.serving is None:
             self.load()
+        serving = self.serving
+        assert serving is not None
         if cfg.metrics_addr is not None:
             from digitstream.metrics.recorder import Metrics
 
-            self.metrics = Metrics(cfg.name, self.flow.stage_names, self.flow.runner.classes)
-        self.engine = self._make_engine()
+            self.metrics = Metrics(cfg.name, serving.flow.stage_names, serving.flow.runner.classes)
+        source = self._given[0] or make_source(cfg.in_addr, cfg, self.metrics)
+        sink = self._given[1] or make_sink(cfg.out_addr, cfg)
+        options = EngineOptions(self.flow_options, scheduler=cfg.scheduler, workers=cfg.workers,
+                                in_flight=cfg.in_flight)
+        self.engine = serving.engine = make_engine(cfg.engine, serving.flow, serving.bundle,
+                                                   options, metrics=self.metrics)
         await self.engine.start()
-        if cfg.metrics_addr is not None:
-            from digitstream.metrics.server import MetricsServer
-
-            if not is_loopback(cfg.metrics_addr.host):
-                log.warning("the metrics UI is bound to %s: anyone who can reach it can read it",
-                            cfg.metrics_addr)
-            self.metrics_server = MetricsServer(self, cfg.metrics_addr)
-            await self.metrics_server.start()
-        self.sink = TcpSink(cfg.out_addr)
-        self.sink.start()
-        try:
-            loop = asyncio.get_running_loop()
-            self.server = await loop.create_server(
-                lambda: FrameSource(self._accepted, cfg.max_frame), cfg.in_addr.host,
-                cfg.in_addr.port, backlog=1024)
-        except OSError as exc:
-            raise UserError(f"cannot listen on {cfg.in_addr}: {exc.strerror or exc}") from None
-        port = self.server.sockets[0].getsockname()[1]
-        self.bound_in = Address(cfg.in_addr.host, port)
+        if self.metrics is not None:
+            await self._serve_metrics(source, sink)
+        self.sink = sink
+        sink.on_delivered = source.acknowledge
+        await sink.start()
+        self.source = source
+        await source.start()
+        self._accepting = asyncio.create_task(self._accept(), name="streams")
         from digitstream.model.swap import ModelWatcher
 
-        self.watcher = ModelWatcher(self, poll=cfg.model_poll)
+        self.watcher = ModelWatcher(cfg.model_path, serving, self.metrics, poll=cfg.model_poll)
         self.watcher.start()
         if self.metrics is not None:
             self.metrics.ready = True
         self.ready.set()
-        log.info("listening on %s, results to %s%s", self.bound_in, cfg.out_addr,
+        log.info("listening on %s, results to %s%s", source.describe(), sink.describe(),
                  f", metrics UI at {self.metrics_server.url}" if self.metrics_server else "")
 
-    # ---------------------------------------------------------- the stream
-    def _accepted(self, source: FrameSource) -> None:
-        conn = _Connection(next(self._ids), source)
-        if self._stopping:
-            source.finish()
-        self.connections[conn.id] = conn
-        conn.handler = asyncio.get_running_loop().create_task(self._serve(conn))
+    async def _serve_metrics(self, source: Source, sink: Sink) -> None:
+        from digitstream.metrics.server import MetricsServer
 
-    async def _serve(self, conn: _Connection) -> None:
-        source = conn.source
-        metrics = self.metrics
-        if metrics:
-            metrics.connection_opened()
-        log.debug("connection %d from %s", conn.id, source.peer)
-        # an engine that computes elsewhere (Dask) takes `capacity` batches at once:
-        # one connection may keep all of them busy
-        depth = max(self.config.in_flight, getattr(self.engine, "capacity", 0))
-        results: asyncio.Queue = asyncio.Queue(maxsize=depth)
-        deliver = asyncio.create_task(self._deliver(results))
-        too_large = False
-        try:
-            await self._read_loop(conn, results)
-        except FrameTooLarge as exc:
-            too_large = True
-            log.warning("connection %d from %s closed: %s", conn.id, source.peer, exc)
-            if metrics:
-                metrics.connection_error("frame_too_large")
-        finally:
-            if source.pending and not too_large:
-                log.warning("connection %d from %s closed in the middle of a frame: "
-                            "%d bytes of a partial frame dropped", conn.id, source.peer,
-                            source.pending)
-                if metrics:
-                    metrics.connection_error("partial_frame")
-            await results.put(None)
-            await deliver
-            source.close()
-            self.connections.pop(conn.id, None)
-            if metrics:
-                metrics.connection_closed()
-            log.debug("connection %d from %s done: %d frames", conn.id, source.peer, conn.next_seq)
-
-    async def _read_loop(self, conn: _Connection, results: asyncio.Queue) -> None:
         cfg = self.config
-        source = conn.source
+        if not is_loopback(cfg.metrics_addr.host):
+            log.warning("the metrics UI is bound to %s: anyone who can reach it can read it",
+                        cfg.metrics_addr)
         engine = self.engine
-        metrics = self.metrics
-        while True:
-            groups = await source.read_groups()
-            if groups is None:
-                break
-            if cfg.max_delay > 0:
-                await self._fill(source, groups)
-            received = time.perf_counter_ns()
-            for group in _merge(groups):
-                n = len(group)
-                self.frames_in += n
-                if metrics:
-                    metrics.frames_received(n, group.nbytes)
-                for start in range(0, n, cfg.max_batch):
-                    part = _slice(group, start, start + cfg.max_batch)
-                    batch = Batch(conn.id, conn.next_seq, part, received)
-                    conn.next_seq += len(part)
+        serving = self.serving
+
+        def info() -> dict:
+            return {"engine": cfg.engine, "cluster": engine.state() if engine else None,
+                    "input_format": cfg.input_format, "output_format": cfg.output_format,
+                    "addresses": {"in": source.describe(), "out": sink.describe()}}
+
+        self.metrics_server = MetricsServer(self.metrics, cfg.metrics_addr, info=info,
+                                            card=lambda: serving.bundle.card)
+        await self.metrics_server.start()
+
+    # ---------------------------------------------------------- the stream
+    async def _accept(self) -> None:
+        async for stream in self.source.streams():
+            task = asyncio.create_task(self.serve_stream(stream), name=f"stream {stream.id}")
+            self._streams.add(task)
+            task.add_done_callback(self._streams.discard)
+
+    async def serve_stream(self, stream: InputStream) -> None:
+        """source -> engine -> sink, for one stream: every batch submitted in order, every
+        result written in the same order, until the stream ends."""
+        engine, serving, metrics = self.engine, self.serving, self.metrics
+        in_flight: asyncio.Queue = asyncio.Queue(maxsize=max(self.config.in_flight,
+                                                             engine.capacity))
+        delivering = asyncio.create_task(self._deliver(in_flight))
+        try:
+            try:
+                async for batch in stream.batches():
+                    self.frames_in += len(batch)
+                    if metrics:
+                        metrics.frames_received(len(batch), batch.payloads.nbytes)
+                    self.positions[stream.id] = batch.end_seq
+                    # the flow serving at submission answers for the batch if the engine cannot
+                    flow = serving.flow
                     # submit waits while the engine is full: reading stops there
-                    await results.put((batch, await engine.submit(batch)))
+                    await in_flight.put((batch, await engine.submit(batch), flow))
+            except Exception:
+                log.exception("stream %s ended by a fault; what it sent before is answered",
+                              stream.id)
+            await in_flight.put(None)
+            await delivering
+        finally:
+            delivering.cancel()  # cancelled (a stop that ran out of time): the results go too
+            self.positions.pop(stream.id, None)
+            stream.close()
 
-    async def _fill(self, source: FrameSource, groups: list[Payloads]) -> None:
-        """Wait for more frames until max_batch of them or max_delay has passed."""
-        cfg = self.config
-        deadline = time.monotonic() + cfg.max_delay
-        while sum(map(len, groups)) < cfg.max_batch:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            more = await source.read_groups(timeout=remaining)
-            if not more:  # the end of the stream, or the deadline
-                return
-            groups.extend(more)
-
-    async def _deliver(self, results: asyncio.Queue) -> None:
-        sink = self.sink
+    async def _deliver(self, in_flight: asyncio.Queue) -> None:
         metrics = self.metrics
-        while True:
-            item = await results.get()
-            if item is None:
-                return
-            batch, future = item
-            result = await future
-            await sink.write(result.output)
+        while (item := await in_flight.get()) is not None:
+            batch, future, flow = item
+            result = await answer(batch, future, flow)
+            await self._write(result)
             self.frames_out += result.count
             if metrics:
                 metrics.batch_done(result, (time.perf_counter_ns() - batch.received_ns) * 1e-9)
+
+    async def _write(self, result: BatchResult) -> None:
+        """Hand ``result`` to the sink; a sink that raises is tried again, never skipped."""
+        delay = 0.01
+        while True:
+            try:
+                await self.sink.write(result)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the result must still get out
+                self._sink_faults += 1
+                if self._sink_faults == 1 or self._sink_faults % 1000 == 0:
+                    log.error("the sink %s failed to take a result (%s); trying again "
+                              "(%d failures so far)", self.sink.describe(), failure_reason(exc),
+                              self._sink_faults)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     # ------------------------------------------------------------ shutdown
     def request_stop(self) -> None:
@@ -265,28 +240,33 @@ class Application:
         return await self.shutdown()
 
     async def shutdown(self) -> int:
+        """Answer what was received and deliver it, within the drain and flush bounds;
+        the exit status (1 if results were left undelivered)."""
         cfg = self.config
-        self._stopping = True
         if self.watcher is not None:
             await self.watcher.close()
         if self.metrics is not None:
             self.metrics.ready = False
-        if self.server is not None:
-            self.server.close()
-        handlers = [c.handler for c in self.connections.values() if c.handler]
-        quiesce = [asyncio.create_task(self._quiesce(c)) for c in list(self.connections.values())]
-        if handlers:
-            await asyncio.gather(*handlers, return_exceptions=True)
-        for task in quiesce:
-            task.cancel()
         status = 0
+        if self.source is not None:
+            await self.source.drain()
         try:
-            await asyncio.wait_for(self.sink.flush(), cfg.flush_timeout)
+            await asyncio.wait_for(self._finish(), cfg.flush_timeout)
         except asyncio.TimeoutError:
-            log.error("the listener at %s did not take the last %d result bytes within %.0f s",
-                      cfg.out_addr, self.sink.queued_bytes, cfg.flush_timeout)
             status = 1
-        await self.sink.close()
+            not_written = self.frames_in - self.frames_out
+            log.error("%d results not delivered: the sink %s did not take them within %.0f s",
+                      not_written + (self.sink.undelivered if self.sink else 0),
+                      self.sink.describe() if self.sink else "?", cfg.flush_timeout)
+        for task in [self._accepting, *self._streams]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in [self._accepting, *self._streams] if t),
+                             return_exceptions=True)
+        if self.sink is not None:
+            await self.sink.close()
+        if self.source is not None:
+            await self.source.close()
         if self.engine is not None:
             await self.engine.close()
         if self.metrics_server is not None:
@@ -294,41 +274,14 @@ class Application:
         log.info("stopped: %d frames received, %d answered", self.frames_in, self.frames_out)
         return status
 
-    async def _quiesce(self, conn: _Connection) -> None:
-        """Read a connection until it is quiet (or the grace time ends), then end it."""
-        cfg = self.config
-        source = conn.source
-        deadline = time.monotonic() + cfg.drain_grace
-        while True:
-            now = time.monotonic()
-            quiet_for = now - source.last_rx
-            if quiet_for >= cfg.drain_quiet or now >= deadline:
-                break
-            await asyncio.sleep(min(cfg.drain_quiet - quiet_for, deadline - now) + 0.001)
-        source.finish()
-
-
-def _merge(groups: list[Payloads]) -> list[Payloads]:
-    """Join neighbouring fixed-width groups (from several reads) into one."""
-    if len(groups) < 2:
-        return groups
-    merged: list[Payloads] = []
-    for group in groups:
-        last = merged[-1] if merged else None
-        if (last is not None and last.fixed is not None and group.fixed is not None
-                and last.fixed.shape[1] == group.fixed.shape[1]):
-            merged[-1] = Payloads(fixed=np.concatenate([last.fixed, group.fixed]))
-        else:
-            merged.append(group)
-    return merged
-
-
-def _slice(group: Payloads, start: int, stop: int) -> Payloads:
-    if start == 0 and stop >= len(group):
-        return group
-    if group.fixed is not None:
-        return Payloads(fixed=group.fixed[start:stop])
-    return Payloads(items=group.items[start:stop])
+    async def _finish(self) -> None:
+        """Every stream's last result handed to the sink, and the sink flushed."""
+        if self._accepting is not None:
+            await self._accepting
+        while self._streams:
+            await asyncio.gather(*self._streams, return_exceptions=True)
+        if self.sink is not None:
+            await self.sink.flush()
 
 
 async def _main(config: AppConfig) -> int:
@@ -351,13 +304,10 @@ def run_app(config: AppConfig) -> int:
 def _raise_open_files_limit() -> None:
     # Every input connection is a file descriptor; the soft limit many shells set (1024,
     # even 256) would stop accepting long before the hard limit does.
-    try:
+    with contextlib.suppress(ImportError, ValueError, OSError):
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         wanted = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
         if soft != resource.RLIM_INFINITY and soft < wanted:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    except (ImportError, ValueError, OSError) as exc:
-        log.debug("open files limit left as it is: %s", exc)
-

@@ -13,10 +13,10 @@ import sys
 import click
 
 from digitstream.addresses import Address, parse_address
-
-INPUT_FORMATS = ["auto", "pickle", "npy", "u8", "f32", "f64", "json"]
-SEND_FORMATS = ["pickle", "npy", "u8", "f32", "f64", "json"]
-OUTPUT_FORMATS = ["text", "json"]
+from digitstream.config import default
+from digitstream.engine import ENGINES
+from digitstream.errors import UserError
+from digitstream.formats import INPUT_FORMATS, OUTPUT_FORMATS, RUN_INPUT_FORMATS
 
 
 class AddressType(click.ParamType):
@@ -36,6 +36,36 @@ class AddressType(click.ParamType):
 ADDRESS = AddressType()
 
 
+class EndpointType(click.ParamType):
+    """An ``--in`` / ``--out`` value: ``HOST:PORT``, or a URL whose scheme names the connector."""
+
+    name = "HOST:PORT|URL"
+
+    def __init__(self, table: str):
+        self.table = table
+
+    def convert(self, value, param, ctx):
+        from digitstream import connectors
+
+        try:
+            endpoint = connectors.parse_endpoint(value, getattr(connectors, self.table))
+            if endpoint.scheme == connectors.DEFAULT_SCHEME:
+                parse_address(endpoint.location)
+        except (UserError, ValueError) as exc:
+            self.fail(str(exc), param, ctx)
+        return endpoint
+
+
+class _Group(click.Group):
+    """Turns the library's :class:`UserError` into Click's one-line error and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose < 0 else logging.DEBUG if verbose > 0 else logging.INFO
     logging.basicConfig(
@@ -46,7 +76,7 @@ def _setup_logging(verbose: int) -> None:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="digitstream")
 @click.option("-v", "--verbose", count=True, help="More log output (repeat for more).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors in the log.")
@@ -94,46 +124,67 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
 
 # ----------------------------------------------------------------------- run
 @main.command()
-@click.option("--in", "in_addr", default="127.0.0.1:8002", show_default=True, type=ADDRESS,
-              help="Address the TCP source listens on for input frames.")
-@click.option("--out", "out_addr", default="127.0.0.1:7002", show_default=True, type=ADDRESS,
-              help="Address of the listener the TCP sink connects to.")
-@click.option("--metrics", "metrics_addr", default="127.0.0.1:5001", show_default=True, type=ADDRESS,
-              help="Address of the metrics UI (dashboard, /metrics, /api/stats).")
+@click.option("--in", "in_addr", default=default("in_addr"), show_default=True,
+              type=EndpointType("SOURCES"),
+              help="Where input comes from: HOST:PORT (or tcp://HOST:PORT), the address the TCP "
+                   "source listens on for input frames.")
+@click.option("--out", "out_addr", default=default("out_addr"), show_default=True,
+              type=EndpointType("SINKS"),
+              help="Where results go: HOST:PORT (or tcp://HOST:PORT), the listener the TCP sink "
+                   "connects to.")
+@click.option("--metrics", "metrics_addr", default=str(default("metrics_addr")), show_default=True,
+              type=ADDRESS, help="Address of the metrics UI (dashboard, /metrics, /api/stats).")
 @click.option("--no-metrics", is_flag=True, help="Do not record metrics or serve the metrics UI.")
-@click.option("--model", "model_path", default="models", show_default=True,
+@click.option("--model", "model_path", default=default("model_path"), show_default=True,
               help="Model bundle directory, or a single .skops file.")
-@click.option("--input-format", default="auto", show_default=True, type=click.Choice(INPUT_FORMATS),
+@click.option("--input-format", default=default("input_format"), show_default=True,
+              type=click.Choice(RUN_INPUT_FORMATS),
               help="Payload format of input frames; auto accepts the seed's sender byte for byte "
-                   "(pickled arrays) and .npy payloads.")
-@click.option("--output-format", default="text", show_default=True, type=click.Choice(OUTPUT_FORMATS),
+                   "(pickled arrays), .npy and JSON payloads.")
+@click.option("--output-format", default=default("output_format"), show_default=True,
+              type=click.Choice(OUTPUT_FORMATS),
               help="text: the seed's `[3]`; json: one object per frame with seq, label, probability.")
-@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "dask"]),
+@click.option("--engine", default=default("engine"), show_default=True,
+              type=click.Choice(list(ENGINES)),
               help="Where batches are classified: in this process, or on a Dask cluster.")
 @click.option("--workers", default=None, type=click.IntRange(1, 256),
               help="With --engine dask and no --scheduler: start a local cluster of N workers.")
 @click.option("--scheduler", default=None, help="With --engine dask: address of a running scheduler, "
                                                 "e.g. tcp://sched-host:8786.")
-@click.option("--name", default="worker-1", show_default=True, help="Name of this application "
-                                                                    "process in metrics and logs.")
-@click.option("--max-batch", default=8192, show_default=True, type=click.IntRange(1, 1 << 22),
-              help="Most messages classified in one batch.")
-@click.option("--max-delay-ms", default=0.0, show_default=True, type=click.FloatRange(0, 10_000),
+@click.option("--name", default=default("name"), show_default=True,
+              help="Name of this application process in metrics and logs.")
+@click.option("--max-batch", default=default("max_batch"), show_default=True,
+              type=click.IntRange(1, 1 << 22), help="Most messages classified in one batch.")
+@click.option("--max-delay-ms", default=default("max_delay") * 1000.0, show_default=True,
+              type=click.FloatRange(0, 10_000),
               help="Wait up to this long for a batch to fill (0: never wait).")
-@click.option("--max-frame", default=1 << 20, show_default=True, type=click.IntRange(1, 1 << 30),
+@click.option("--max-frame", default=default("max_frame"), show_default=True,
+              type=click.IntRange(1, 1 << 30),
               help="Largest accepted frame payload in bytes; a larger header closes that connection.")
-@click.option("--compile/--no-compile", "compile_model", default=True, show_default=True,
-              help="Fuse an all-linear pipeline into one affine map.")
-@click.option("--in-flight", default=4, show_default=True, type=click.IntRange(1, 1024),
-              help="With --engine dask: batches in flight per worker.")
+@click.option("--max-connections", default=default("max_connections"), show_default=True,
+              type=click.IntRange(1, 1 << 20),
+              help="Input connections open at once; one more is closed as it arrives.")
+@click.option("--max-buffered-mb", default=default("max_buffered") / 2**20, show_default=True,
+              type=click.FloatRange(1, 1 << 20),
+              help="MiB held for all input connections together: past it reading pauses, and the "
+                   "connection holding the largest partial frame is closed.")
+@click.option("--compile/--no-compile", "compile_model", default=default("compile_model"),
+              show_default=True, help="Fuse an all-linear pipeline into one affine map.")
+@click.option("--in-flight", default=default("in_flight"), show_default=True,
+              type=click.IntRange(1, 1024), help="With --engine dask: batches in flight per worker.")
+@click.option("--flush-timeout", default=default("flush_timeout"), show_default=True,
+              type=click.FloatRange(0, 86_400),
+              help="On SIGINT or SIGTERM, seconds to wait for the listener to take the last results "
+                   "(after up to 5 s of reading what senders still send).")
 def run(in_addr, out_addr, metrics_addr, no_metrics, model_path, input_format, output_format,
-        engine, workers, scheduler, name, max_batch, max_delay_ms, max_frame, compile_model,
-        in_flight):
-    """The streaming application: listen on --in, classify, write results to --out.
+        engine, workers, scheduler, name, max_batch, max_delay_ms, max_frame, max_connections,
+        max_buffered_mb, compile_model, in_flight, flush_timeout):
+    """The streaming application: read --in, classify, write results to --out.
 
     Exactly one result frame is written per input frame, in input order per
     connection. SIGINT or SIGTERM stops accepting, answers everything already
-    received, flushes and exits 0.
+    received, flushes and exits 0 (1, with the count in the log, if the
+    listener did not take the last results within --flush-timeout).
     """
     from digitstream.app import AppConfig, run_app
 
@@ -148,7 +199,8 @@ def run(in_addr, out_addr, metrics_addr, no_metrics, model_path, input_format, o
         model_path=model_path, input_format=input_format, output_format=output_format,
         engine=engine, workers=workers, scheduler=scheduler, name=name,
         max_batch=max_batch, max_delay=max_delay_ms / 1000.0, max_frame=max_frame,
-        compile_model=compile_model, in_flight=in_flight,
+        max_connections=max_connections, max_buffered=int(max_buffered_mb * 2**20),
+        compile_model=compile_model, in_flight=in_flight, flush_timeout=flush_timeout,
     )
     sys.exit(run_app(config))
 
@@ -157,7 +209,7 @@ def run(in_addr, out_addr, metrics_addr, no_metrics, model_path, input_format, o
 @main.command()
 @click.option("--to", "to_addr", default="127.0.0.1:8002", show_default=True, type=ADDRESS,
               help="Address of the application's input.")
-@click.option("--format", "fmt", default="pickle", show_default=True, type=click.Choice(SEND_FORMATS),
+@click.option("--format", "fmt", default="pickle", show_default=True, type=click.Choice(INPUT_FORMATS),
               help="Payload format; pickle is what the seed's sender sends.")
 @click.option("--dataset", default="digits", show_default=True,
               help="digits, idx:DIR or npz:FILE (as for train).")
@@ -231,7 +283,7 @@ def demo(model_path, output, repeat, keep_running):
               help="Write every figure to this JSON file.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Write a PNG chart (throughput bars, latency distribution).")
-@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "dask"]),
+@click.option("--engine", default="local", show_default=True, type=click.Choice(list(ENGINES)),
               help="dask: compare the Dask engine with the local one.")
 @click.option("--soak", "soak_minutes", default=None, type=click.FloatRange(min=0.1),
               help="Instead: sustained load for this many minutes, throughput and memory over time.")

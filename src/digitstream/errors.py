@@ -1,11 +1,9 @@
 """Errors a user sees as one line and a non-zero exit status."""
 
-import click
 
-
-class UserError(click.ClickException):
+class UserError(Exception):
     """A problem the user can fix: bad option, unreachable address, bad model file.
 
-    The command line prints ``Error: <message>`` and exits with status 1, no
-    traceback.
+    The command line turns it into ``Error: <message>`` and exit status 1, with no
+    traceback; the library raises it without knowing of any command line.
     """

@@ -1,18 +1,26 @@
 """The whole pipeline in one place: wire -> decode -> stages -> encode -> wire.
 
 :class:`Flow` is what every engine runs on a batch. It knows nothing of
-sockets: it takes the payloads of consecutive frames of one connection and
+sockets: it takes the payloads of consecutive frames of one stream and
 returns the framed result bytes for them, in the same order, with the time
 each stage took. The stages are the model's pipeline steps, named as the
 model names them ("PCA", "Logistic Regression" for the seed's model).
 
 ::
 
-    TCP source --frames--> decode --X--> PCA --> Logistic Regression --> encode --frames--> TCP sink
+    source --frames--> decode --X--> PCA --> Logistic Regression --> encode --frames--> sink
+
+**Every frame is answered.** A stage that raises on a batch does not take the
+batch with it: the batch is split in halves and each half is processed again,
+down to single frames, so only the frames that fail alone are answered with
+an error (``decode failed: ...``, ``model failed: ...``, ``encode failed:
+...``) at their place and every other frame gets its class. Finding ``k``
+failing rows of ``n`` costs about ``2 k log2(n)`` extra calls, not ``n``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,25 +31,43 @@ from digitstream.codecs.inputs import Decoder, reason_kind
 from digitstream.codecs.outputs import make_encoder
 from digitstream.wire.framing import Payloads
 
+log = logging.getLogger("digitstream.pipeline")
+
+#: a stream's name: a TCP connection's number, or a stream named by its sender
+StreamId = int | str
+
+#: what a true label outside the model's classes counts as, in live accuracy
+OTHER_LABEL = "(other)"
+
 
 @dataclass
 class Batch:
-    """Consecutive frames of one connection: frame ``first_seq + i`` is ``payloads[i]``."""
+    """Consecutive frames of one stream: frame ``first_seq + i`` is ``payloads[i]``."""
 
-    conn_id: int
+    stream: StreamId
     first_seq: int
     payloads: Payloads
-    received_ns: int  # time.perf_counter_ns() when the last frame of the batch was complete
+    received_ns: int = 0  # time.perf_counter_ns() when the last frame of the batch was complete
 
     def __len__(self) -> int:
         return len(self.payloads)
+
+    @property
+    def end_seq(self) -> int:
+        """The sequence number after the batch's last frame."""
+        return self.first_seq + len(self.payloads)
+
+    def part(self, start: int, stop: int) -> Batch:
+        """Frames ``start:stop`` of the batch, as a batch of their own."""
+        return Batch(self.stream, self.first_seq + start, self.payloads.slice(start, stop),
+                     self.received_ns)
 
 
 @dataclass
 class BatchResult:
     """The answer to a :class:`Batch`: one result frame per input frame, in order."""
 
-    conn_id: int
+    stream: StreamId
     first_seq: int
     count: int
     output: bytes
@@ -52,6 +78,52 @@ class BatchResult:
     labelled: int = 0  # inputs that carried a true label
     correct: int = 0  # ... of which were classified as labelled
     confusion: list[tuple[str, str]] | None = None  # (true, predicted) label texts
+
+    @property
+    def end_seq(self) -> int:
+        return self.first_seq + self.count
+
+    def then(self, later: BatchResult) -> BatchResult:
+        """This result followed by ``later``, the answer to the frames right after it."""
+        times = dict(self.stage_seconds)
+        for name, seconds in later.stage_seconds:
+            times[name] = times.get(name, 0.0) + seconds
+        confusion = None
+        if self.confusion is not None or later.confusion is not None:
+            confusion = [*(self.confusion or ()), *(later.confusion or ())]
+        return BatchResult(
+            stream=self.stream, first_seq=self.first_seq, count=self.count + later.count,
+            output=self.output + later.output, stage_seconds=list(times.items()),
+            class_counts=self.class_counts + later.class_counts,
+            rejected=self.rejected + later.rejected, worker=self.worker or later.worker,
+            labelled=self.labelled + later.labelled, correct=self.correct + later.correct,
+            confusion=confusion)
+
+
+@dataclass(frozen=True)
+class FlowOptions:
+    """How a model is served: the run's formats, fusing, and the worker's name in metrics."""
+
+    input_format: str = "auto"
+    output_format: str = "text"
+    compile_model: bool = True
+    worker: str = ""
+
+
+class StageFailed(Exception):
+    """A stage raised on a batch; ``stage`` is ``decode``, ``model`` or ``encode``."""
+
+    def __init__(self, stage: str, cause: BaseException, ids: list | None = None):
+        super().__init__(f"{stage} failed: {failure_reason(cause)}")
+        self.stage = stage
+        self.ids = ids  # what the payloads carried, if they were decoded
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One short line for an exception: its message, or its type's name if it has none."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 class Flow:
@@ -64,18 +136,57 @@ class Flow:
         self.stage_names = ["decode", *runner.stage_names, "encode"]
         self.worker = worker
         self._label_text = [str(c) for c in runner.classes]
+        self._known_labels = frozenset(self._label_text)
+
+    @classmethod
+    def build(cls, pipeline, options: FlowOptions) -> Flow:
+        """The flow that serves a fitted ``pipeline`` with ``options``."""
+        from digitstream.model.runner import make_runner
+
+        runner = make_runner(pipeline, compile=options.compile_model)
+        return cls(runner, options.input_format, options.output_format, worker=options.worker)
 
     def process(self, batch: Batch) -> BatchResult:
+        """The answer to every frame of ``batch``, whatever a stage does (see the module doc)."""
+        try:
+            return self._process(batch)
+        except StageFailed as failure:
+            if len(batch) == 1:
+                return self.failed(batch, str(failure), failure.ids)
+            middle = len(batch) // 2
+            return self.process(batch.part(0, middle)).then(
+                self.process(batch.part(middle, len(batch))))
+
+    def failed(self, batch: Batch, reason: str, ids: list | None = None) -> BatchResult:
+        """Every frame of ``batch`` answered with the error ``reason`` (and its id, if known)."""
+        n = len(batch)
+        return BatchResult(
+            stream=batch.stream, first_seq=batch.first_seq, count=n,
+            output=self.encoder.error_frames(batch.first_seq, n, reason, ids), stage_seconds=[],
+            class_counts=np.zeros(len(self._label_text), dtype=np.int64),
+            rejected=Counter({reason_kind(reason): n}), worker=self.worker)
+
+    def _process(self, batch: Batch) -> BatchResult:
         clock = time.perf_counter
         t0 = clock()
-        decoded = self.decoder.decode(batch.payloads)
+        try:
+            decoded = self.decoder.decode(batch.payloads)
+        except Exception as exc:
+            raise StageFailed("decode", exc) from exc
         t1 = clock()
-        prediction = self.runner.predict(decoded.X, want_confidence=self.encoder.wants_confidence,
-                                         max_abs=self.decoder.max_abs)
+        try:
+            prediction = self.runner.predict(decoded.X,
+                                             want_confidence=self.encoder.wants_confidence,
+                                             max_abs=self.decoder.max_abs)
+        except Exception as exc:
+            raise StageFailed("model", exc, decoded.ids) from exc
         t2 = clock()
         errors = decoded.errors
-        output = self.encoder.encode(batch.first_seq, prediction.class_index, prediction.confidence,
-                                     errors, decoded.ids)
+        try:
+            output = self.encoder.encode(batch.first_seq, prediction.class_index,
+                                         prediction.confidence, errors, decoded.ids)
+        except Exception as exc:
+            raise StageFailed("encode", exc, decoded.ids) from exc
         t3 = clock()
 
         class_index = prediction.class_index
@@ -88,7 +199,7 @@ class Flow:
         else:
             counts = np.bincount(class_index, minlength=len(self._label_text))
         result = BatchResult(
-            conn_id=batch.conn_id, first_seq=batch.first_seq, count=len(batch), output=output,
+            stream=batch.stream, first_seq=batch.first_seq, count=len(batch), output=output,
             stage_seconds=[("decode", t1 - t0), *prediction.stage_seconds, ("encode", t3 - t2)],
             class_counts=counts, rejected=rejected, worker=self.worker,
         )
@@ -98,11 +209,14 @@ class Flow:
 
     def _score(self, result: BatchResult, labels: list, class_index: np.ndarray,
                errors: dict[int, str]) -> None:
+        known = self._known_labels
         pairs = []
         for i, label in enumerate(labels):
             if label is None or i in errors:
                 continue
-            pairs.append((str(label), self._label_text[class_index[i]]))
+            true = str(label)
+            # what senders invent must not grow the confusion matrix without bound
+            pairs.append((true if true in known else OTHER_LABEL, self._label_text[class_index[i]]))
         result.labelled = len(pairs)
         result.correct = sum(1 for t, p in pairs if t == p)
         result.confusion = pairs

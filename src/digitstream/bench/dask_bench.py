@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from digitstream.bench.measure import rate_summary, ratio
 from digitstream.bench.systems import BenchError, System, start_all
+from digitstream.tools.measure import rate_summary, ratio
 
 #: two workers / one worker, compute-heavy model
 SPEEDUP_TARGET = 1.6
@@ -184,15 +184,15 @@ def round_trip(model_dir: Path, quick: bool, batch_size: int = 1000) -> dict:
     import statistics
     import time
 
-    from digitstream.app import AppConfig
     from digitstream.datasets import load_dataset
+    from digitstream.engine.base import EngineOptions
     from digitstream.engine.dask import DaskEngine
     from digitstream.model.bundle import load_bundle
     from digitstream.model.runner import make_runner
-    from digitstream.pipeline import Batch, Flow
+    from digitstream.pipeline import Batch, Flow, FlowOptions
     from digitstream.wire.framing import Payloads
 
-    config = AppConfig(model_path=str(model_dir), input_format="u8", engine="dask", workers=1)
+    options = EngineOptions(flow=FlowOptions(input_format="u8"), workers=1)
     bundle = load_bundle(model_dir)
     flow = Flow(make_runner(bundle.pipeline), "u8", "text", worker="bench")
     X = load_dataset("digits").X.astype(np.uint8)
@@ -201,7 +201,7 @@ def round_trip(model_dir: Path, quick: bool, batch_size: int = 1000) -> dict:
     seconds = 2.0 if quick else 5.0
 
     async def measure() -> dict:
-        engine = DaskEngine(flow, bundle, config)
+        engine = DaskEngine(flow, bundle, options)
         await engine.start()
         try:
             batch = Batch(1, 0, Payloads(fixed=rows), 0)
@@ -236,7 +236,7 @@ def round_trip(model_dir: Path, quick: bool, batch_size: int = 1000) -> dict:
         remote_ms = statistics.median(remote) * 1e3
         return {"batch_size": batch_size, "batches": samples, "local_ms": local_ms,
                 "dask_ms": remote_ms, "overhead_ms": remote_ms - local_ms,
-                "batches_per_s": done / elapsed, "in_flight": config.in_flight}
+                "batches_per_s": done / elapsed, "in_flight": options.in_flight}
 
     return asyncio.run(measure())
 

@@ -10,33 +10,36 @@ landing on one.
 Throughput of a run is messages / (time from the sender's start to the
 listener holding the last result); a system's figure is the median of its
 runs. Latency is measured per message at a paced rate (see
-:mod:`digitstream.bench.measure`). Memory is the application's resident-set
+:mod:`digitstream.tools.measure`). Memory is the application's resident-set
 high-water mark, sampled along the way as well.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import platform
-import shlex
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from digitstream.addresses import Address
-from digitstream.bench.measure import (as_timeline, latencies_ns, latency_summary, rate_summary,
-                                       ratio)
-from digitstream.bench.systems import (HOST, BenchError, MemorySampler, Running, System,
-                                       start_all)
+from digitstream.bench.settings import Settings, new_figures
+from digitstream.bench.soak import run_soak
+from digitstream.bench.systems import HOST, BenchError, MemorySampler, Running, System, start_all
 from digitstream.bench.worker import JsonLines
+from digitstream.tools.measure import (
+    as_timeline,
+    latencies_ns,
+    latency_summary,
+    rate_summary,
+    ratio,
+)
 
 SYSTEMS = [
     System("digitstream_u8", "digitstream u8", "digitstream", "u8"),
@@ -68,35 +71,6 @@ TARGETS = {
 }
 
 
-@dataclass
-class Settings:
-    runs: int
-    messages: dict[str, int]  # per system key, per throughput run
-    warmup: dict[str, int]
-    latency_rate: float = 100_000
-    latency_seconds: float = 10.0
-    quick: bool = False
-
-    @classmethod
-    def full(cls) -> "Settings":
-        messages = {"digitstream_u8": 20_000_000, "digitstream_u8_no_metrics": 20_000_000,
-                    "digitstream_pickle": 5_000_000, "digitstream_f32": 5_000_000,
-                    "baseline": 20_000, "relay_u8": 10_000_000, "relay_pickle": 5_000_000}
-        return cls(runs=5, messages=messages, warmup=_warmups(messages), latency_seconds=10.0)
-
-    @classmethod
-    def quick_run(cls) -> "Settings":
-        messages = {"digitstream_u8": 1_000_000, "digitstream_u8_no_metrics": 1_000_000,
-                    "digitstream_pickle": 300_000, "digitstream_f32": 300_000,
-                    "baseline": 1_000, "relay_u8": 1_000_000, "relay_pickle": 300_000}
-        return cls(runs=3, messages=messages, warmup=_warmups(messages), latency_seconds=1.5,
-                   quick=True)
-
-
-def _warmups(messages: dict[str, int]) -> dict[str, int]:
-    return {key: max(100, min(200_000, n // 10)) for key, n in messages.items()}
-
-
 # ------------------------------------------------------------------- session
 class WorkerProcess:
     """A :mod:`digitstream.bench.worker` process and its JSON-lines channel."""
@@ -104,7 +78,7 @@ class WorkerProcess:
     def __init__(self, role: str, directory: Path):
         self.role = role
         self.log_path = directory / f"{role}.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - the worker's stderr until close()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "digitstream.bench.worker", role, str(directory)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, bufsize=0)
@@ -161,7 +135,7 @@ class Session:
         self.running: dict[str, Running] = {}
         self.answered: dict[str, int] = {}  # messages answered per system, over every run
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         try:
             self.open()
         except BaseException:
@@ -333,13 +307,13 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
 
     for system in list(live):
         attempt(system, "warm-up",
-                lambda: session.throughput(system.key, settings.warmup[system.key]))
+                partial(session.throughput, system.key, settings.warmup[system.key]))
 
     runs: dict[str, list[dict]] = {s.key: [] for s in systems}
     for round_no in range(1, settings.runs + 1):
         for system in list(live):
             result = attempt(system, f"run {round_no}",
-                             lambda: session.throughput(system.key, settings.messages[system.key]))
+                             partial(session.throughput, system.key, settings.messages[system.key]))
             if result is not None:
                 runs[system.key].append(result)
                 log(f"run {round_no}/{settings.runs}  {system.label:28s} "
@@ -351,8 +325,8 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
         system = next((s for s in live if s.key == key), None)
         if system is None:
             continue
-        result = attempt(system, "latency",
-                         lambda: session.latency(key, settings.latency_rate, settings.latency_seconds))
+        result = attempt(system, "latency", partial(session.latency, key, settings.latency_rate,
+                                                    settings.latency_seconds))
         if result is not None:
             latency[key] = {"label": system.label, **result}
             log(f"latency at {settings.latency_rate:,.0f} msg/s  {system.label:20s} "
@@ -386,29 +360,6 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
     return figures
 
 
-def new_figures(settings: Settings) -> dict:
-    return {
-        "benchmark": "digitstream bench",
-        "command": command_line(),
-        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "quick": settings.quick,
-        "settings": {"runs": settings.runs, "messages_per_run": settings.messages,
-                     "warmup_messages": settings.warmup, "latency_rate": settings.latency_rate,
-                     "latency_seconds": settings.latency_seconds},
-        "machine": machine_info(),
-        "versions": versions(),
-        "throughput": {}, "latency": {}, "memory": {}, "ratios": {}, "ratios_paired": {},
-        "targets": [],
-        "errors": [],
-    }
-
-
-def command_line() -> str:
-    """How this benchmark was started, as a user would type it."""
-    args = sys.argv[1:]
-    return "digitstream " + shlex.join(args) if "bench" in args else "digitstream bench"
-
-
 def _median(figures: dict, key: str) -> float | None:
     return figures["throughput"].get(key, {}).get("median")
 
@@ -425,7 +376,8 @@ RATIOS = {
 
 def compute_ratios(figures: dict) -> dict:
     """Each ratio of medians."""
-    return {name: ratio(_median(figures, a), _median(figures, b)) for name, (a, b) in RATIOS.items()}
+    return {name: ratio(_median(figures, a), _median(figures, b))
+            for name, (a, b) in RATIOS.items()}
 
 
 def compute_paired_ratios(figures: dict) -> dict:
@@ -437,7 +389,8 @@ def compute_paired_ratios(figures: dict) -> dict:
         runs_a = figures["throughput"].get(a, {}).get("runs", [])
         runs_b = figures["throughput"].get(b, {}).get("runs", [])
         pairs = [x["msg_per_s"] / y["msg_per_s"] for x, y in zip(runs_a, runs_b)]
-        out[name] = float(statistics.median(pairs)) if pairs and len(runs_a) == len(runs_b) else None
+        paired = pairs and len(runs_a) == len(runs_b)
+        out[name] = float(statistics.median(pairs)) if paired else None
     return out
 
 
@@ -479,60 +432,6 @@ def evaluate_targets(figures: dict) -> list[dict]:
             (ratios["metrics_on_vs_off"] or 0) >= t["metrics_on_vs_off"], "x"),
     ]
     return rows
-
-
-# ------------------------------------------------------------- environment
-def machine_info() -> dict:
-    import psutil
-
-    model = None
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cores_logical": os.cpu_count(),
-        "cores_physical": psutil.cpu_count(logical=False),
-        "cpu_model": model or platform.processor() or None,
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "platform": platform.platform(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "blas_env": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")},
-    }
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("digitstream", "numpy", "scikit-learn", "skops"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    out["digitstream_source"] = _source_revision()
-    return out
-
-
-def _source_revision() -> str | None:
-    """The git commit of the source tree digitstream runs from, "+changes" if it differs."""
-    import digitstream
-
-    where = Path(digitstream.__file__).parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True,
-                                text=True, timeout=5)
-        if commit.returncode != 0:
-            return None
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."],
-                                 cwd=where, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return commit.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
 
 
 # ---------------------------------------------------------------------- main
@@ -581,8 +480,6 @@ def _interrupt(signum, frame):
 
 def _measure(quick: bool, engine: str, soak_minutes: float | None, runs: int | None, log) -> dict:
     if soak_minutes is not None:
-        from digitstream.bench.soak import run_soak
-
         with Session(log) as session:
             return run_soak(session, soak_minutes)
     settings = Settings.quick_run() if quick else Settings.full()

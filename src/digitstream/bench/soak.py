@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from digitstream.bench.runner import Settings, new_figures
+from digitstream.bench.settings import Settings, new_figures
 from digitstream.bench.systems import BenchError, System
 
 SOAK_SYSTEM = System("digitstream_u8", "digitstream u8", "digitstream", "u8")

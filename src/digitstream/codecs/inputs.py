@@ -17,7 +17,6 @@ they are answered with an error, never dropped.
 
 from __future__ import annotations
 
-import ast
 import io
 import json
 import math
@@ -25,13 +24,17 @@ import pickle
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from digitstream.codecs.safe_pickle import NUMERIC_KINDS, PickleTemplates, restricted_loads
+from digitstream.formats import AUTO, INPUT_FORMATS, RAW_DTYPE_NAMES, RUN_INPUT_FORMATS
 from digitstream.wire.framing import Payloads
 
-INPUT_FORMATS = ("pickle", "npy", "u8", "f32", "f64", "json")
-RAW_DTYPES = {"u8": np.dtype("u1"), "f32": np.dtype("<f4"), "f64": np.dtype("<f8")}
-NPY_MAGIC = b"\x93NUMPY"
+__all__ = ["INPUT_FORMATS", "Decoded", "Decoder", "RejectedInput", "encode_images",
+           "reason_kind", "smallest_payload"]
+
+RAW_DTYPES = {name: np.dtype(code) for name, code in RAW_DTYPE_NAMES.items()}
+NPY_MAGIC = npy_format.MAGIC_PREFIX
 
 
 _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "true or false",
@@ -93,8 +96,9 @@ def encode_images(X: np.ndarray, fmt: str, labels=None, ids=None) -> list[bytes]
 
 def _npy_header(n_features: int) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, np.zeros(n_features, dtype="<f8"))
-    return buffer.getvalue()[: -8 * n_features]
+    npy_format.write_array_header_1_0(
+        buffer, {"descr": "<f8", "fortran_order": False, "shape": (n_features,)})
+    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------ decoding
@@ -102,13 +106,15 @@ class Decoder:
     """Turns :class:`Payloads` into a :class:`Decoded` batch for one format."""
 
     def __init__(self, fmt: str, n_features: int):
-        if fmt not in INPUT_FORMATS and fmt != "auto":
+        if fmt not in RUN_INPUT_FORMATS:
             raise ValueError(f"unknown input format {fmt!r}")
         self.fmt = fmt
         self.n_features = n_features
         #: a bound on abs(pixel) every decoded image keeps, when the format implies one
         self.max_abs = 255.0 if fmt == "u8" else None
-        self._templates = PickleTemplates(n_features) if fmt in ("pickle", "auto") else None
+        self._templates = PickleTemplates(n_features) if fmt in ("pickle", AUTO) else None
+        #: in auto, a payload of exactly this many bytes that is nothing else is named as raw pixels
+        self._raw_sizes = {n_features * d.itemsize: name for name, d in RAW_DTYPES.items()}
         # The longest honest pickle of an image: protocol 0 escapes a byte in up to 6 and a
         # value takes up to 16 bytes. Anything longer is refused before the unpickler runs,
         # so a pickle bomb costs at most milliseconds and a few MiB.
@@ -125,8 +131,6 @@ class Decoder:
                 return out
         X = np.zeros((n, self.n_features), dtype=np.float64)
         out = Decoded(X)
-        if self.fmt == "json":
-            out.labels, out.ids = [None] * n, [None] * n
         todo: np.ndarray | range
         if payloads.fixed is not None:
             todo = self._decode_fixed(payloads.fixed, X)
@@ -202,6 +206,11 @@ class Decoder:
             try:
                 array = restricted_loads(payload)
             except pickle.UnpicklingError as exc:
+                raw = self._raw_sizes.get(len(payload)) if self.fmt == AUTO else None
+                if raw is not None:
+                    raise RejectedInput(
+                        f"bad pickle: {len(payload)} bytes that are not a pickle, .npy or JSON: "
+                        f"raw {raw} pixels? run with --input-format {raw}") from None
                 raise RejectedInput(f"bad pickle: {exc}") from None
             return self._image(array)
         if fmt == "npy":
@@ -229,13 +238,23 @@ class Decoder:
             else:
                 came = _JSON_TYPES.get(type(pixels), "a value")
             raise RejectedInput(f'bad json: "pixels" must be a flat list of numbers, got {came}')
-        if out.labels is not None:
-            out.labels[index] = obj.get("label")
-            out.ids[index] = obj.get("id")
+        label, ident = obj.get("label"), obj.get("id")
+        for name, value in (("label", label), ("id", ident)):
+            if not _json_scalar(value):
+                raise RejectedInput(f'bad json: "{name}" must be a string or a finite number, '
+                                    f"got {_JSON_TYPES.get(type(value), 'a value')}"
+                                    f"{' that is not finite' if isinstance(value, float) else ''}")
         try:
-            return self._image(np.array(pixels, dtype=np.float64))
+            image = self._image(np.array(pixels, dtype=np.float64))
         except OverflowError:
             raise RejectedInput("bad json: a pixel value is out of range") from None
+        if label is not None or ident is not None:
+            if out.labels is None or out.ids is None:
+                n = len(out.X)
+                out.labels, out.ids = [None] * n, [None] * n
+            out.labels[index] = label
+            out.ids[index] = ident
+        return image
 
     def _image(self, array: np.ndarray) -> np.ndarray:
         if array.dtype.kind not in NUMERIC_KINDS:
@@ -261,38 +280,49 @@ def _npy_layout(payload: bytes, n_features: int) -> tuple[int, np.dtype]:
     if not payload.startswith(NPY_MAGIC) or len(payload) < 10:
         raise RejectedInput("not an npy payload (bad magic)")
     major = payload[6]
-    if major == 1:
-        header_len = 10 + int.from_bytes(payload[8:10], "little")
-    elif major in (2, 3):
-        header_len = 12 + int.from_bytes(payload[8:12], "little")
-    else:
+    if major not in (1, 2, 3):
         raise RejectedInput(f"npy version {major} is not supported")
-    if header_len > len(payload) or header_len > 65536:
+    size_bytes = 2 if major == 1 else 4
+    header_end = 8 + size_bytes + int.from_bytes(payload[8:8 + size_bytes], "little")
+    if header_end > len(payload) or header_end > 65536:
         raise RejectedInput("npy header is truncated")
+    stream = io.BytesIO(payload)
+    # NumPy's own reader: a literal dict, checked, never evaluated as code (version 3 differs
+    # from 2 only in allowing UTF-8 field names, which a plain numeric dtype has none of)
+    read_header = (npy_format.read_array_header_1_0 if major == 1
+                   else npy_format.read_array_header_2_0)
     try:
-        prefix = 10 if major == 1 else 12
-        header = ast.literal_eval(payload[prefix:header_len].decode("latin1"))
-        dtype = np.dtype(header["descr"])
-        shape = tuple(header["shape"])
-        fortran = bool(header["fortran_order"])
-    except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError) as exc:
+        npy_format.read_magic(stream)
+        shape, fortran, dtype = read_header(stream, max_header_size=65536)
+    except EOFError:
+        raise RejectedInput("npy header is truncated") from None
+    except Exception as exc:  # noqa: BLE001 - its parser raises many kinds on bad headers
         raise RejectedInput(f"bad npy header ({type(exc).__name__})") from None
     if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.hasobject:
         raise RejectedInput(f"npy dtype {dtype} is not a plain numeric type")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise RejectedInput(f"bad npy header (shape {shape!r:.60} is not a tuple of sizes)")
     size = math.prod(shape)
     if size != n_features:
         raise RejectedInput(f"expected {n_features} values, got shape {shape}")
     if fortran and len(shape) > 1:
         raise RejectedInput("fortran-ordered npy payloads are not supported")
-    return header_len, dtype
+    return stream.tell(), dtype
+
+
+def _json_scalar(value) -> bool:
+    """A label or id that JSON output can carry: absent, a string, or a finite number."""
+    if value is None or isinstance(value, (str, int)):
+        return not isinstance(value, bool)
+    return isinstance(value, float) and math.isfinite(value)
 
 
 _REASON_KINDS = (
     ("empty payload", "empty"),
     ("bad pickle", "pickle"),
     ("bad json", "json"),
+    ("decode failed", "decode"),
+    ("model failed", "model"),
+    ("encode failed", "encode"),
+    ("engine failed", "engine"),
     ("npy", "npy"),
     ("not an npy", "npy"),
     ("bad npy", "npy"),
@@ -315,7 +345,7 @@ def smallest_payload(fmt: str, n_features: int) -> int:
     """The fewest bytes one image of ``n_features`` values can take in ``fmt`` (one byte a
     value where the format allows it): a model whose images cannot fit ``--max-frame`` in
     the input format could never be sent one."""
-    if fmt == "auto":
+    if fmt == AUTO:
         return min(smallest_payload(f, n_features) for f in ("pickle", "npy", "json"))
     if fmt in RAW_DTYPES:
         return n_features * RAW_DTYPES[fmt].itemsize

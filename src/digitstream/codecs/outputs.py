@@ -9,12 +9,14 @@ place: ``error: <reason>`` in text, an ``"error"`` field in JSON.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 
+from digitstream.formats import OUTPUT_FORMATS
 from digitstream.wire.framing import HEADER, frame
 
-OUTPUT_FORMATS = ("text", "json")
+__all__ = ["OUTPUT_FORMATS", "JsonEncoder", "TextEncoder", "make_encoder", "seed_label_text"]
 
 
 def seed_label_text(label) -> str:
@@ -24,6 +26,11 @@ def seed_label_text(label) -> str:
 
 def error_text(reason: str) -> str:
     return f"error: {reason}"
+
+
+def _json(value) -> str:
+    """``value`` as RFC 8259 JSON (no NaN or Infinity: ValueError instead)."""
+    return json.dumps(value, allow_nan=False)
 
 
 class TextEncoder:
@@ -58,6 +65,10 @@ class TextEncoder:
             parts.append(self._run(class_index[start:]))
         return b"".join(parts)
 
+    def error_frames(self, first_seq: int, count: int, reason: str, ids=None) -> bytes:
+        """``count`` error frames saying ``reason``."""
+        return frame(error_text(reason).encode("utf-8", "replace")) * count
+
 
 class JsonEncoder:
     """One JSON object per frame: ``seq``, ``label``, ``probability`` (and ``id`` if the
@@ -66,7 +77,7 @@ class JsonEncoder:
     wants_confidence = True
 
     def __init__(self, classes: np.ndarray):
-        self._labels = [json.dumps(c.item() if hasattr(c, "item") else c) for c in classes]
+        self._labels = [_json(c.item() if hasattr(c, "item") else c) for c in classes]
 
     def encode(self, first_seq: int, class_index: np.ndarray, confidence, errors: dict[int, str],
                ids=None) -> bytes:
@@ -77,16 +88,35 @@ class JsonEncoder:
         for i, c in enumerate(class_index.tolist()):
             seq = first_seq + i
             if i in errors:
-                body = f'{{"seq":{seq},"error":{json.dumps(errors[i])}'
+                body = f'{{"seq":{seq},"error":{_json(errors[i])}'
             else:
-                prob = "null" if probs is None else repr(round(probs[i], 6))
+                prob = "null" if probs is None else _probability(probs[i])
                 body = f'{{"seq":{seq},"label":{labels[c]},"probability":{prob}'
             if ids is not None and ids[i] is not None:
-                body += f',"id":{json.dumps(ids[i])}'
+                body += f',"id":{_json(ids[i])}'
             data = (body + "}").encode()
             parts.append(pack(len(data)))
             parts.append(data)
         return b"".join(parts)
+
+    def error_frames(self, first_seq: int, count: int, reason: str, ids=None) -> bytes:
+        """``count`` error objects saying ``reason``, numbered from ``first_seq``, each with
+        its id where ``ids`` has one."""
+        text = _json(reason)
+        parts = []
+        for i in range(count):
+            body = f'{{"seq":{first_seq + i},"error":{text}'
+            if ids is not None and ids[i] is not None:
+                try:
+                    body += f',"id":{_json(ids[i])}'
+                except (TypeError, ValueError):
+                    pass  # the id was what failed to encode: the answer goes without it
+            parts.append(frame((body + "}").encode()))
+        return b"".join(parts)
+
+
+def _probability(p: float) -> str:
+    return repr(round(p, 6)) if math.isfinite(p) else "null"
 
 
 def make_encoder(fmt: str, classes: np.ndarray):

@@ -1,10 +1,22 @@
-"""TCP source and sink.
+"""The TCP connector: ``HOST:PORT`` or ``tcp://HOST:PORT`` for ``--in`` and ``--out``.
 
-The source is an asyncio server: each connection's bytes are cut into frames
-and handed on as batches (see :mod:`digitstream.app`). The sink is one client
-connection to the listener; it waits for the listener to appear, reconnects
-with backoff when it goes away, and keeps results that were not yet handed to
-the socket until it is back.
+**Source.** An asyncio server; each connection is a stream, numbered from 1 in
+the order they are accepted. Its bytes are read straight into a buffer of ours
+and cut into frames in place (:class:`FrameReader`), then into batches by the
+run's :class:`~digitstream.batching.BatchPolicy`. Bounds: ``max_connections``
+open at once (one more is closed on arrival, with a log line), and
+``max_buffered`` bytes held for all connections together: past it, reading
+pauses on the connection that went over, and if what is held is not complete
+frames waiting for the engine but partial frames, the connection holding the
+largest is closed, with a log line. Buffers are mapped memory of their own, so
+what a closed connection held goes back to the system at once.
+
+**Sink.** One client connection to the listener; it waits for the listener to
+appear, reconnects with backoff when a write fails, and keeps results that
+were not yet handed to the socket until it is back. A listener that closes
+only its sending side (``nc -N``, ``ncat`` whose standard input ended) still
+gets every result: end of stream from the listener is not a failure, a write
+that fails is.
 
 What a listener that crashes can lose: the results that had left the sink's
 queue and not yet reached the listener's storage when it died. They are in
@@ -13,11 +25,10 @@ the write in progress: queued results joined up to 1 MiB, the last of them
 possibly a whole batch's), in this host's socket send buffer (up to the
 maximum of net.ipv4.tcp_wmem, 4 MiB by default), in the listener's receive
 buffer (up to the maximum of net.ipv4.tcp_rmem, 6 MiB by default) and in the
-listener's own hands. Without acknowledgements the application cannot tell
-which of them arrived, so none is written again: a result is lost, never
-duplicated, and order is kept. Results still queued in the application are
-written after the reconnection. The acknowledged delivery mode closes the
-gap; RELIABILITY.md has measured figures.
+listener's own hands. With no acknowledgements on this path the application
+cannot tell which of them arrived, so none is written again: a result is lost,
+never duplicated, and order is kept. Results still queued in the application
+are written after the reconnection. RELIABILITY.md has measured figures.
 """
 
 from __future__ import annotations
@@ -25,15 +36,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import mmap
 import socket
 import time
+from collections.abc import AsyncIterator
 
 import numpy as np
 
-from digitstream.addresses import Address
+from digitstream.addresses import Address, parse_address
+from digitstream.batching import BatchPolicy, batches
+from digitstream.errors import UserError
+from digitstream.pipeline import Batch, BatchResult, StreamId
+from digitstream.sinks import DeliveredCallback
 from digitstream.wire.framing import HEADER_SIZE, FrameTooLarge, Payloads, split_frames
 
-log = logging.getLogger("digitstream.sink")
+log = logging.getLogger("digitstream.tcp")
 
 #: queued results are joined into writes of about this size: fewer system calls
 WRITE_CHUNK = 1 << 20
@@ -41,7 +58,58 @@ WRITE_CHUNK = 1 << 20
 SOURCE_BUFFER = 4 << 20
 
 
-class FrameSource(asyncio.BufferedProtocol):
+def tcp_address(location: str | Address) -> Address:
+    """The address of a ``HOST:PORT`` or ``tcp://HOST:PORT`` endpoint; UserError if malformed."""
+    if isinstance(location, Address):
+        return location
+    try:
+        return parse_address(location)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _buffer(size: int) -> np.ndarray:
+    # Mapped memory of its own: freed to the system as soon as nothing refers to it. A
+    # malloc'd buffer of this size may stay in the allocator's heap after it is freed.
+    return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
+
+
+class BufferBudget:
+    """Bytes held by all connections' readers together, against ``limit``."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self.readers: set[FrameReader] = set()
+        self.paused: set[FrameReader] = set()  # paused because the budget ran out
+
+    @property
+    def over(self) -> bool:
+        return self.held > self.limit
+
+    def make_room(self, reader: FrameReader) -> None:
+        """Held bytes went over the limit as ``reader`` received: close the connections holding
+        the largest partial frames until they are under it again, and if complete frames
+        waiting for the engine are what fills it, pause ``reader``."""
+        while self.over:
+            largest = max(self.readers, key=lambda r: r.partial, default=None)
+            if largest is None or not largest.partial:
+                break
+            largest.evict(self)
+        if self.over and reader in self.readers and not reader.budget_paused:
+            reader.budget_paused = True
+            self.paused.add(reader)
+
+    def after_take(self) -> None:
+        """Frames were handed out: resume the readers paused for the budget once there is
+        room again."""
+        if self.paused and self.held <= self.limit * 3 // 4:
+            for paused in list(self.paused):
+                paused.budget_resume()
+            self.paused.clear()
+
+
+class FrameReader(asyncio.BufferedProtocol):
     """One input connection. The socket reads straight into a buffer of ours and
     frames are cut out of it in place: fixed-width payloads are views of the
     buffer, with no copy between the kernel and the decoder.
@@ -49,31 +117,40 @@ class FrameSource(asyncio.BufferedProtocol):
     A region of the buffer, once handed out, is never written again (new reads
     go after it, and a fresh buffer is taken when the space runs out), so the
     payloads stay valid for as long as anyone holds them. When the consumer
-    falls behind and the buffer fills, reading pauses: that is the
-    back-pressure the sender feels.
+    falls behind and the buffer fills, or all connections together hold their
+    budget, reading pauses: that is the back-pressure the sender feels.
     """
 
-    def __init__(self, on_connect, max_frame: int, buffer_size: int = SOURCE_BUFFER):
+    def __init__(self, on_connect, max_frame: int, budget: BufferBudget | None = None,
+                 buffer_size: int = SOURCE_BUFFER):
         self._on_connect = on_connect
         self.max_frame = max_frame
+        self.budget = budget or BufferBudget(1 << 62)
         self._size = max(buffer_size, 2 * (max_frame + HEADER_SIZE))
         #: below this much free space at the end, the next take moves to a fresh buffer
         self._low = max(self._size // 4, max_frame + HEADER_SIZE)
-        self._buf = np.empty(self._size, dtype=np.uint8)
+        self._buf = _buffer(self._size)
         self._view = memoryview(self._buf)
         self._start = 0  # first byte not yet handed out
         self._end = 0  # end of received bytes
         self._eof = False
-        self._paused = False
+        self._full = False  # reading paused: no room left in the buffer
+        self.budget_paused = False  # reading paused: all connections hold their budget
+        self._reading = True
         self._waiter: asyncio.Future | None = None
         self.transport: asyncio.Transport | None = None
         self.error: BaseException | None = None
+        #: why the application closed it, if it did (a log line has said so)
+        self.closed_because: str | None = None
+        #: bytes of an incomplete frame after the last take
+        self.partial = 0
         self.last_rx = time.monotonic()
         self.peer = "?"
+        self.id: StreamId = 0
 
     @property
     def pending(self) -> int:
-        """Bytes received but not yet part of a complete frame."""
+        """Bytes received but not yet part of a complete frame handed out."""
         return self._end - self._start
 
     # ---- the event loop's side
@@ -81,6 +158,7 @@ class FrameSource(asyncio.BufferedProtocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.budget.readers.add(self)
         self._on_connect(self)
 
     def get_buffer(self, sizehint: int):
@@ -88,9 +166,14 @@ class FrameSource(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
+        if self in self.budget.readers:
+            self.budget.held += nbytes
         self.last_rx = time.monotonic()
-        if self._size - self._end == 0 and not self._paused:
-            self._pause()
+        if self._size == self._end:
+            self._full = True
+        if self.budget.over:
+            self.budget.make_room(self)
+        self._update_reading()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -99,6 +182,7 @@ class FrameSource(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc) -> None:
+        # what was received is still taken and answered; close() lets go of the rest
         self._eof = True
         self.error = exc
         self._wake()
@@ -127,14 +211,41 @@ class FrameSource(asyncio.BufferedProtocol):
 
     def finish(self) -> None:
         """Stop reading: what is already received is still handed out, then the end."""
-        if self.transport is not None and not self.transport.is_closing() and not self._paused:
-            self._pause()
         self._eof = True
+        self._update_reading()
         self._wake()
+
+    def evict(self, budget: BufferBudget) -> None:
+        """Close the connection: it holds the largest partial frame while the budget is spent."""
+        self.closed_because = "buffer_limit"
+        log.warning("connection %s from %s closed: it held %.1f MiB of a partial frame while "
+                    "all connections held %.0f MiB, over the limit of %.0f MiB "
+                    "(run --max-buffered-mb)", self.id, self.peer, self.partial / 2**20,
+                    budget.held / 2**20, budget.limit / 2**20)
+        self._eof = True
+        if self.transport is not None:
+            self.transport.abort()
+        # its complete frames are still taken and answered; the budget no longer counts it
+        self._leave_budget()
+        self._wake()
+
+    def budget_resume(self) -> None:
+        self.budget_paused = False
+        self._update_reading()
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+        self._leave_budget()
+        self._start = self._end
+
+    def _leave_budget(self) -> None:
+        budget = self.budget
+        if self in budget.readers:
+            budget.readers.discard(self)
+            budget.paused.discard(self)
+            budget.held -= self._end - self._start
+            self.partial = 0
 
     def _take(self) -> list[Payloads]:
         if self._end == self._start:
@@ -146,43 +257,249 @@ class FrameSource(asyncio.BufferedProtocol):
                 raise
             # the frames before the bad header are answered first; the next take raises
             groups, pos = exc.groups, exc.offset
+        if self in self.budget.readers:
+            self.budget.held -= pos - self._start
         self._start = pos
+        self.partial = self._end - self._start
         if self._size - self._end < self._low:
             # Move the incomplete tail to a fresh buffer; the old one lives on
             # for as long as the payloads just handed out are referenced.
             tail = self._end - self._start
-            fresh = np.empty(self._size, dtype=np.uint8)
+            fresh = _buffer(self._size)
             fresh[:tail] = self._buf[self._start:self._end]
             self._buf, self._view = fresh, memoryview(fresh)
             self._start, self._end = 0, tail
-        if self._paused and not self._eof and self._size - self._end > 0:
-            self._paused = False
-            self.transport.resume_reading()
+            self._full = False
+        self._update_reading()
+        self.budget.after_take()
         return groups
 
-    def _pause(self) -> None:
-        self._paused = True
-        self.transport.pause_reading()
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        wanted = not (self._eof or self._full or self.budget_paused)
+        if wanted != self._reading:
+            self._reading = wanted
+            if wanted:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
 
-class TcpSink:
-    """Writes result bytes, in the order given, to the listener at ``addr``.
+class TcpStream:
+    """One connection of a :class:`TcpSource`: its frames as batches."""
 
-    ``write`` waits while more than ``high_water`` bytes are queued: that is
-    the back-pressure that stops the source reading when the listener is slow
-    or gone.
+    def __init__(self, stream_id: int, reader: FrameReader, policy: BatchPolicy, metrics=None,
+                 on_close=None):
+        self.id = stream_id
+        self.reader = reader
+        self.policy = policy
+        self.metrics = metrics
+        self._on_close = on_close
+        reader.id = stream_id
+        if metrics is not None:
+            metrics.connection_opened()
+        log.debug("connection %d from %s", stream_id, reader.peer)
+
+    async def batches(self) -> AsyncIterator[Batch]:
+        reader = self.reader
+        too_large = False
+        try:
+            async for batch in batches(self.id, reader.read_groups, self.policy):
+                yield batch
+        except FrameTooLarge as exc:
+            too_large = True
+            log.warning("connection %d from %s closed: %s", self.id, reader.peer, exc)
+            self._error("frame_too_large")
+        if reader.closed_because is not None:
+            self._error(reader.closed_because)
+        elif reader.pending and not too_large:
+            log.warning("connection %d from %s closed in the middle of a frame: "
+                        "%d bytes of a partial frame dropped", self.id, reader.peer,
+                        reader.pending)
+            self._error("partial_frame")
+
+    def _error(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.connection_error(kind)
+
+    def close(self) -> None:
+        self.reader.close()
+        if self._on_close is not None:
+            self._on_close(self)
+        if self.metrics is not None:
+            self.metrics.connection_closed()
+        log.debug("connection %d from %s closed", self.id, self.reader.peer)
+
+
+class TcpSource:
+    """TCP source, at most once: a crash of ``run`` loses the frames it had received and
+    not yet answered; a crash of the sender loses what its socket had not yet sent.
+
+    Listens on ``addr``; see the module doc for the bounds. ``drain`` reads each open
+    connection until it has been quiet for ``drain_quiet`` seconds (at most
+    ``drain_grace``), then ends it.
     """
+
+    guarantee = "at most once: a crash of run loses the frames received and not yet answered"
+
+    def __init__(self, addr: Address, max_frame: int, policy: BatchPolicy, metrics=None,
+                 max_connections: int = 1024, max_buffered: int = 256 << 20,
+                 drain_quiet: float = 0.2, drain_grace: float = 5.0):
+        self.addr = addr
+        self.max_frame = max_frame
+        self.policy = policy
+        self.metrics = metrics
+        self.max_connections = max_connections
+        self.budget = BufferBudget(max_buffered)
+        self.drain_quiet = drain_quiet
+        self.drain_grace = drain_grace
+        self.bound: Address | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._new: asyncio.Queue[TcpStream | None] = asyncio.Queue()
+        self._open: dict[int, TcpStream] = {}
+        self._ids = 0
+        self._draining = False
+        self._refused = 0
+        self._refused_logged = 0.0
+
+    @classmethod
+    def from_config(cls, location: str, config, metrics=None) -> TcpSource:
+        return cls(tcp_address(location), config.max_frame,
+                   BatchPolicy(config.max_batch, config.max_delay), metrics=metrics,
+                   max_connections=config.max_connections, max_buffered=config.max_buffered,
+                   drain_quiet=config.drain_quiet, drain_grace=config.drain_grace)
+
+    def describe(self) -> str:
+        return str(self.bound or self.addr)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                lambda: FrameReader(self._accepted, self.max_frame, self.budget),
+                self.addr.host, self.addr.port, backlog=1024)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {self.addr}: {exc.strerror or exc}") from None
+        port = self._server.sockets[0].getsockname()[1]
+        self.bound = Address(self.addr.host, port)
+
+    def _accepted(self, reader: FrameReader) -> None:
+        if self._draining:
+            reader.close()
+            return
+        if len(self._open) >= self.max_connections:
+            self._refuse(reader)
+            return
+        self._ids += 1
+        stream = TcpStream(self._ids, reader, self.policy, self.metrics, on_close=self._closed)
+        self._open[stream.id] = stream
+        self._new.put_nowait(stream)
+
+    def _refuse(self, reader: FrameReader) -> None:
+        self._refused += 1
+        if self.metrics is not None:
+            self.metrics.connection_error("too_many_connections")
+        now = time.monotonic()
+        if now - self._refused_logged >= 5.0:  # a flood of them: one line every few seconds
+            self._refused_logged = now
+            log.warning("connection from %s closed: %d connections are open, the most allowed "
+                        "(run --max-connections); %d refused so far", reader.peer,
+                        len(self._open), self._refused)
+        reader.close()
+
+    async def streams(self) -> AsyncIterator[TcpStream]:
+        while True:
+            stream = await self._new.get()
+            if stream is None:
+                return
+            yield stream
+
+    def _closed(self, stream: TcpStream) -> None:
+        self._open.pop(stream.id, None)
+
+    async def drain(self) -> None:
+        self._draining = True
+        if self._server is not None:
+            self._server.close()
+        self._new.put_nowait(None)
+        await asyncio.gather(*(self._quiesce(s.reader) for s in list(self._open.values())))
+
+    async def _quiesce(self, reader: FrameReader) -> None:
+        """Read a connection until it is quiet (or the grace time ends), then end it."""
+        deadline = time.monotonic() + self.drain_grace
+        while True:
+            now = time.monotonic()
+            quiet_for = now - reader.last_rx
+            if quiet_for >= self.drain_quiet or now >= deadline:
+                break
+            await asyncio.sleep(min(self.drain_quiet - quiet_for, deadline - now) + 0.001)
+        reader.finish()
+
+    def acknowledge(self, stream: StreamId, seq: int) -> None:
+        pass  # the plain TCP wire has no acknowledgements
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for stream in list(self._open.values()):
+            stream.reader.close()
+
+
+_TCP_CLOSE = 7  # tcp_info.tcpi_state of a connection the peer reset
+_TCP_INFO_UNACKED = 24  # offset of tcpi_unacked in Linux's struct tcp_info
+
+
+async def _acknowledged(writer: asyncio.StreamWriter, timeout: float = 2.0) -> bool:
+    """Whether the peer's kernel acknowledges what was just written (it reads on), rather
+    than resetting the connection (it is gone); True if neither happens within ``timeout``."""
+    await writer.drain()
+    sock = writer.get_extra_info("socket")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if writer.transport.is_closing():
+            return False
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        except (AttributeError, OSError):  # no TCP_INFO here: the next write will tell
+            await asyncio.sleep(0.05)
+            return not writer.transport.is_closing()
+        if info[0] == _TCP_CLOSE:
+            return False
+        if int.from_bytes(info[_TCP_INFO_UNACKED:_TCP_INFO_UNACKED + 4], "little") == 0:
+            return True
+        await asyncio.sleep(0.001)
+    return True
+
+
+class TcpSink:
+    """TCP sink, at most once: results handed to the socket when the listener crashes
+    are lost (never written twice); results still queued here wait for it to return.
+
+    Writes result bytes, in the order given, to the listener at ``addr``. ``write``
+    waits while more than ``high_water`` bytes are queued: that is the
+    back-pressure that stops the source reading when the listener is slow or gone.
+    A result counts as delivered once it is written to the socket.
+    """
+
+    guarantee = "at most once: a crash of the listener loses what its socket buffers held"
 
     def __init__(self, addr: Address, high_water: int = 8 << 20, backoff_max: float = 2.0):
         self.addr = addr
         self.high_water = high_water
         self.backoff_max = backoff_max
-        self._queue: collections.deque[bytes] = collections.deque()
+        self.on_delivered: DeliveredCallback | None = None
+        # (bytes, stream, end seq, results)
+        self._queue: collections.deque[tuple[bytes, StreamId, int, int]] = collections.deque()
         self._queued = 0
+        self._queued_results = 0
+        self._writing_results = 0  # results of the write in progress
+        self._delivered: dict[StreamId, int] = {}
         self._has_data = asyncio.Event()
         self._has_space = asyncio.Event()
         self._has_space.set()
@@ -192,22 +509,39 @@ class TcpSink:
         self._writer: asyncio.StreamWriter | None = None
         self.connects = 0
         self.closed = False
+        self._peer_eof = False  # the listener closed its side of the connection
+        self._peer_reads = False  # ... and it has been seen to read on
+
+    @classmethod
+    def from_config(cls, location: str, config) -> TcpSink:
+        return cls(tcp_address(location))
+
+    def describe(self) -> str:
+        return str(self.addr)
 
     @property
     def queued_bytes(self) -> int:
         return self._queued
 
-    def start(self) -> None:
+    @property
+    def undelivered(self) -> int:
+        return self._queued_results + self._writing_results
+
+    def delivered(self, stream: StreamId) -> int:
+        return self._delivered.get(stream, 0)
+
+    async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="sink")
 
-    async def write(self, data: bytes) -> None:
-        if not data:
+    async def write(self, result: BatchResult) -> None:
+        if not result.count:
             return
         while self._queued >= self.high_water:
             self._has_space.clear()
             await self._has_space.wait()
-        self._queue.append(data)
-        self._queued += len(data)
+        self._queue.append((result.output, result.stream, result.end_seq, result.count))
+        self._queued += len(result.output)
+        self._queued_results += result.count
         self._idle.clear()
         self._has_data.set()
 
@@ -253,6 +587,7 @@ class TcpSink:
             log.info("connected to the listener at %s%s", self.addr,
                      "" if self.connects == 1 else f" (reconnection {self.connects - 1})")
             self._writer = writer
+            self._peer_eof = self._peer_reads = False
             watch = asyncio.create_task(self._watch_peer(reader))
             try:
                 await self._pump(writer, watch)
@@ -279,37 +614,57 @@ class TcpSink:
                                              return_when=asyncio.FIRST_COMPLETED)
                 if watch in done:
                     waiter.cancel()
-                    raise ConnectionResetError("the listener closed the connection")
+                    raise ConnectionResetError("the connection to the listener broke")
                 if not done:
                     waiter.cancel()
                 continue
             if watch.done():
-                raise ConnectionResetError("the listener closed the connection")
-            chunk = queue.popleft()
-            if queue and len(chunk) < WRITE_CHUNK:
-                parts = [chunk]
-                size = len(chunk)
-                while queue and size < WRITE_CHUNK:
-                    part = queue.popleft()
-                    parts.append(part)
-                    size += len(part)
-                chunk = b"".join(parts)
+                raise ConnectionResetError("the connection to the listener broke")
+            parts = [queue.popleft()]
+            size = len(parts[0][0])
+            while queue and size < WRITE_CHUNK:
+                parts.append(queue.popleft())
+                size += len(parts[-1][0])
             if writer.transport.is_closing():
-                queue.appendleft(chunk)
+                queue.extendleft(reversed(parts))
                 raise ConnectionResetError("the connection to the listener is closed")
+            chunk = parts[0][0] if len(parts) == 1 else b"".join(p[0] for p in parts)
+            results = sum(p[3] for p in parts)
+            if self._peer_eof and not self._peer_reads:
+                # The listener closed its side: still reading (half-closed), or gone. One
+                # byte asks; if it is gone, that byte is all that is lost, and the whole
+                # chunk goes again to the next listener.
+                writer.write(chunk[:1])
+                if not await _acknowledged(writer):
+                    queue.extendleft(reversed(parts))
+                    raise ConnectionResetError("the listener closed the connection")
+                self._peer_reads = True
+                log.info("the listener at %s closed its sending side; it still reads, so "
+                         "results go on", self.addr)
+                chunk = chunk[1:]
             writer.write(chunk)
-            self._queued -= len(chunk)
+            self._queued -= size
+            self._queued_results -= results
+            self._writing_results = results
             if self._queued < self.high_water:
                 self._has_space.set()
             await writer.drain()
+            self._writing_results = 0
+            for _, stream, end_seq, _ in parts:
+                self._delivered[stream] = end_seq
+                if self.on_delivered is not None:
+                    self.on_delivered(stream, end_seq)
             if not queue and writer.transport.get_write_buffer_size() == 0:
                 self._idle.set()
 
-    @staticmethod
-    async def _watch_peer(reader: asyncio.StreamReader) -> None:
-        # The listener never sends; end of stream or an error means it is gone.
+    async def _watch_peer(self, reader: asyncio.StreamReader) -> None:
+        # The listener never sends. End of stream is a listener that has gone, or one that
+        # closed only its sending side (nc -N, ncat whose input ended) and still reads: the
+        # next write finds out which. A read error is a broken connection.
         try:
             while await reader.read(65536):
                 pass
         except (ConnectionError, OSError):
-            pass
+            return
+        self._peer_eof = True
+        await asyncio.Event().wait()

@@ -10,13 +10,20 @@ import asyncio
 
 from threadpoolctl import threadpool_limits
 
+from digitstream.engine.base import EngineOptions
 from digitstream.pipeline import Batch, BatchResult, Flow
 
 
 class LocalEngine:
-    name = "local"
+    """Classifies each batch on the event loop as it is submitted (see
+    :class:`~digitstream.engine.base.Engine`)."""
 
-    def __init__(self, flow: Flow):
+    name = "local"
+    #: a batch is done when ``submit`` returns: a stream needs no more than a few in flight
+    capacity = 4
+
+    def __init__(self, flow: Flow, bundle=None, options: EngineOptions | None = None,
+                 metrics=None):
         self.flow = flow
 
     async def start(self) -> None:
@@ -27,20 +34,14 @@ class LocalEngine:
     async def close(self) -> None:
         pass
 
-    async def set_flow(self, flow: Flow, bundle) -> None:
-        """Classify every batch submitted from now on with ``flow`` (which serves ``bundle``).
+    def state(self) -> dict | None:
+        return None
 
-        The switch happens when this returns, with nothing awaited before it: a
-        batch is submitted either before it, to the old flow, or after it.
-        """
+    async def set_flow(self, flow: Flow, bundle) -> None:
         self.flow = flow
 
-    async def submit(self, batch: Batch) -> "asyncio.Future[BatchResult]":
-        """Classify ``batch`` now; the returned future is already done.
-
-        An engine's ``submit`` waits while the engine cannot take more (the
-        application stops reading there); this one never waits.
-        """
+    async def submit(self, batch: Batch) -> asyncio.Future[BatchResult]:
+        """Classify ``batch`` now; the returned future is already done. Never waits."""
         future = asyncio.get_running_loop().create_future()
         future.set_result(self.flow.process(batch))
         return future

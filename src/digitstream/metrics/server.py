@@ -54,22 +54,19 @@ async def _read_only(request: web.Request, handler):
     return response
 
 
-def _engine_state(engine) -> dict | None:
-    """What an engine that computes elsewhere says of its cluster (``cluster`` in /api/stats)."""
-    state = getattr(engine, "state", None)
-    return state() if callable(state) else None
-
-
 class MetricsServer:
-    """Serves ``app.metrics`` (a :class:`~digitstream.metrics.recorder.Metrics`) on ``addr``.
+    """Serves ``metrics`` (a :class:`~digitstream.metrics.recorder.Metrics`) on ``addr``.
 
-    ``app`` is the :class:`~digitstream.app.Application`; besides its metrics the
-    server reads its model card and addresses, for the dashboard.
+    It reads, never changes: ``info()`` gives what the dashboard shows of the
+    run (engine, ``cluster``, formats, ``addresses``), ``card()`` the model
+    card of the bundle serving now (it follows a swap).
     """
 
-    def __init__(self, app, addr: Address):
-        self.app = app
+    def __init__(self, metrics, addr: Address, info=dict, card=dict):
+        self.metrics = metrics
         self.addr = addr
+        self._info_of_run = info
+        self._card_of_model = card
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task | None = None
@@ -78,10 +75,6 @@ class MetricsServer:
     @property
     def url(self) -> str:
         return f"http://{Address(self.addr.host, self.port or self.addr.port)}/"
-
-    @property
-    def metrics(self):
-        return self.app.metrics
 
     async def start(self) -> None:
         self._registry = prometheus.make_registry(self.metrics, self._card)  # follows a swap
@@ -121,8 +114,7 @@ class MetricsServer:
                 log.exception("metrics sample failed")
 
     def _card(self) -> dict:
-        bundle = self.app.bundle
-        card = getattr(bundle, "card", None) if bundle is not None else None
+        card = self._card_of_model()
         if card is None:
             return {}
         if isinstance(card, dict):
@@ -132,18 +124,11 @@ class MetricsServer:
         return asdict(card) if is_dataclass(card) else dict(vars(card))
 
     def _info(self) -> dict:
-        app = self.app
-        cfg = app.config
-        return {
-            "version": digitstream.__version__,
-            "engine": cfg.engine,
-            "cluster": _engine_state(getattr(app, "engine", None)),
-            "input_format": cfg.input_format,
-            "output_format": cfg.output_format,
-            "addresses": {"in": str(app.bound_in or cfg.in_addr), "out": str(cfg.out_addr),
-                          "metrics": self.url},
-            "model": self._card(),
-        }
+        info = dict(self._info_of_run())
+        addresses = dict(info.get("addresses") or {})
+        addresses["metrics"] = self.url
+        info.update(version=digitstream.__version__, addresses=addresses, model=self._card())
+        return info
 
     # ------------------------------------------------------------- handlers
     async def _index(self, request):

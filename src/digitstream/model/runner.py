@@ -268,17 +268,20 @@ class _FusedRunner(Runner):
     def _decide(self, X: np.ndarray, weights: tuple, margin: float):
         """Scores in the precision of ``weights``, the winner per row, and the
         rows whose decision lies within ``margin`` of a tie."""
+        # A row whose top score overflowed (inf, or nan from inf - inf) cannot be decided
+        # here: it joins the tied rows, which the real pipeline answers (or refuses).
         if self._binary:
             w, b = weights
             scores = X @ w
             scores += b
-            return scores, (scores > 0).astype(np.intp), np.flatnonzero(np.abs(scores) <= margin)
+            unsure = ~(np.abs(scores) > margin)  # nan included
+            return scores, (scores > 0).astype(np.intp), np.flatnonzero(unsure)
         WT, b, count_and_index = weights
         scores = WT @ X.T
         scores += b
         top = scores.max(axis=0)
         count, index_sum = count_and_index @ (scores >= top - margin)
-        return scores, index_sum.astype(np.intp), np.flatnonzero(count > 1)
+        return scores, index_sum.astype(np.intp), np.flatnonzero((count != 1) | ~np.isfinite(top))
 
     def _decide_double(self, X: np.ndarray, bound: float):
         scores, index, tied = self._decide(X, self._double, TIE_RTOL * bound)
@@ -303,6 +306,10 @@ class _FusedRunner(Runner):
         confidence = None
         if want_confidence:
             confidence = self._confidence(X, scores, index, tied)
+            if confidence is not None and self._has_proba:
+                overflowed = np.flatnonzero(~np.isfinite(confidence))
+                if overflowed.size:  # scores too large for the closed form: the model's own
+                    confidence[overflowed] = self._proba_of_winner(X[overflowed], index[overflowed])
         return Prediction(index, confidence, [(self._stage, perf_counter() - start)])
 
     def _confidence(self, X, scores, index, tied) -> np.ndarray | None:

@@ -55,19 +55,20 @@ SETTLE_SECONDS = 2.0
 
 
 class ModelWatcher:
-    """Watches ``app.config.model_path`` and swaps a new bundle found there into ``app``.
+    """Watches ``path`` (run's ``--model``) and swaps a new bundle found there into ``serving``.
 
-    ``app`` is the running :class:`~digitstream.app.Application`: the watcher
-    reads and replaces its ``bundle`` and ``flow``, hands the new flow to its
-    ``engine``, reads its ``connections`` and records the swap in its
-    ``metrics``. ``poll`` is in seconds (0: only on :meth:`request_reload`);
+    ``serving`` (a :class:`~digitstream.app.Serving`) holds the bundle and flow
+    serving now, builds the flow for a new bundle and switches to it, returning
+    each open stream's switch point; ``metrics``, if given, records swaps and
+    refusals. ``poll`` is in seconds (0: only on :meth:`request_reload`);
     ``clock`` is monotonic seconds.
     """
 
-    def __init__(self, app, poll: float = POLL_SECONDS, settle: float = SETTLE_SECONDS,
-                 clock=time.monotonic):
-        self.app = app
-        self.path = Path(app.config.model_path)
+    def __init__(self, path, serving, metrics=None, poll: float = POLL_SECONDS,
+                 settle: float = SETTLE_SECONDS, clock=time.monotonic):
+        self.serving = serving
+        self.metrics = metrics
+        self.path = Path(path)
         self.poll = poll
         self.settle = settle
         self._clock = clock
@@ -119,7 +120,7 @@ class ModelWatcher:
             digest, vouched = await asyncio.to_thread(self._peek)
             if not vouched and now - self._seen_since < self.settle:
                 return
-            if digest == self.app.bundle.content_hash and (vouched or not self.path.is_dir()):
+            if digest == self.serving.bundle.content_hash and (vouched or not self.path.is_dir()):
                 self._acted_on = signature  # touched, or the same model written again
                 return
         self._acted_on = self._seen = signature
@@ -156,8 +157,8 @@ class ModelWatcher:
         return digest, isinstance(card, dict) and card.get("content_hash") == digest
 
     async def _swap(self, trigger: str) -> None:
-        app = self.app
-        old = app.bundle
+        serving = self.serving
+        old = serving.bundle
         try:
             bundle = await asyncio.to_thread(load_bundle, self.path)
             if bundle.content_hash == old.content_hash:
@@ -166,7 +167,8 @@ class ModelWatcher:
                         trigger, self.path, old.content_hash)
                 return
             flow = await asyncio.to_thread(self._prepare, bundle, old)
-            await app.engine.set_flow(flow, bundle)
+            # each open stream's switch point: the sequence number of its next batch
+            at = await serving.switch(flow=flow, bundle=bundle)
         except (UserError, OSError) as exc:
             reason = str(exc) if isinstance(exc, UserError) else f"cannot read it: {exc}"
             self._refused(trigger, reason)
@@ -176,15 +178,12 @@ class ModelWatcher:
             reason = f"unexpected {type(exc).__name__}" + (f": {first_line}" if first_line else "")
             self._refused(trigger, reason, unexpected=True)
             return
-        # Nothing was awaited since the engine switched: no batch was submitted in
-        # between, so each connection's next sequence number is the switch point.
-        at = {conn.id: conn.next_seq for conn in app.connections.values()}
         when = time.time()
-        app.bundle, app.flow = bundle, flow
-        if app.metrics is not None:
-            app.metrics.model_swapped(when, old.content_hash, bundle.content_hash, at,
+        if self.metrics is not None:
+            self.metrics.model_swapped(when, old.content_hash, bundle.content_hash, at,
                                       flow.stage_names)
-        points = ", ".join(f"conn {conn} -> {seq}" for conn, seq in sorted(at.items()))
+        points = ", ".join(f"stream {stream} -> {seq}"
+                           for stream, seq in sorted(at.items(), key=lambda kv: str(kv[0])))
         log.info("model swapped at %s (%s): %s -> %s; the new model answers from message: %s",
                  datetime.fromtimestamp(when).astimezone().isoformat(timespec="milliseconds"),
                  trigger, old.content_hash, bundle.content_hash,
@@ -195,9 +194,9 @@ class ModelWatcher:
         the traceback if ``unexpected``, else a WARNING) and the metrics' count."""
         log.log(logging.ERROR if unexpected else logging.WARNING,
                 "model at %s not swapped in (%s): %s; still serving %s", self.path, trigger,
-                reason, self.app.bundle.content_hash, exc_info=unexpected)
-        if self.app.metrics is not None:
-            self.app.metrics.model_swap_refused(time.time(), reason)
+                reason, self.serving.bundle.content_hash, exc_info=unexpected)
+        if self.metrics is not None:
+            self.metrics.model_swap_refused(time.time(), reason)
 
     def _prepare(self, bundle, old):
         """The flow that serves ``bundle`` in place of ``old``; BundleError if it cannot."""
@@ -210,7 +209,7 @@ class ModelWatcher:
             raise BundleError(f"it predicts classes {' '.join(new_classes)}, the model serving "
                               f"{' '.join(old_classes)} (restart run to change the classes)")
         try:
-            flow = self.app.build_flow(bundle)
+            flow = self.serving.build_flow(bundle)
             flow.runner.predict(np.zeros((2, bundle.n_features)), want_confidence=True)
         except Exception as exc:  # noqa: BLE001 - whatever breaks, it cannot serve
             raise BundleError(f"the pipeline fails on a test batch: "

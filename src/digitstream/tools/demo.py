@@ -27,11 +27,11 @@ from rich.console import Console
 from rich.table import Table
 
 from digitstream.addresses import Address
-from digitstream.bench.measure import as_timeline, latencies_ns, latency_summary
 from digitstream.codecs.outputs import seed_label_text
 from digitstream.datasets import load_dataset
 from digitstream.errors import UserError
 from digitstream.tools.listener import Listener
+from digitstream.tools.measure import as_timeline, latencies_ns, latency_summary
 from digitstream.tools.sender import build_frames, send_frames, split
 
 HOST = "127.0.0.1"
@@ -98,7 +98,8 @@ def main(model_path: str = "models", output: str = "digits.out", repeat: int = 1
     total = len(frames) * repeat
 
     console.rule("[bold]2. listener, application, sender")
-    listener = Listener(Address(HOST, ports["out"]), output, collect=True, record_times=True).start()
+    listener = Listener(Address(HOST, ports["out"]), output, collect=True,
+                        record_times=True).start()
     log_path = Path(output).with_suffix(".app.log")
     metrics_url = f"http://{HOST}:{ports['metrics']}/"
     cmd = [sys.executable, "-m", "digitstream.cli", "run", "--in", f"{HOST}:{ports['in']}",

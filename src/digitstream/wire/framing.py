@@ -1,10 +1,11 @@
 """Length-prefixed frames: a 4-byte big-endian unsigned length, then the payload.
 
-The hot path is :class:`FrameSplitter`, which turns whatever a socket read
-returned into groups of complete payloads. A run of frames that all have the
-same length (the common case: every image of a stream has the same size) is
-cut out with NumPy as one ``(n_frames, length)`` array, without a Python loop
-per frame.
+The hot path is :func:`split_frames`, which the TCP source runs on the bytes a
+socket read put in its buffer, to cut them into groups of complete payloads; the
+listener and the tests use :class:`FrameSplitter`, its form for a stream that
+arrives in pieces. A run of frames that all have the same length (the common
+case: every image of a stream has the same size) is cut out with NumPy as one
+``(n_frames, length)`` array, without a Python loop per frame.
 """
 
 from __future__ import annotations
@@ -65,6 +66,36 @@ class Payloads:
         if self.fixed is not None:
             return self.fixed.size + HEADER_SIZE * len(self.fixed)
         return sum(map(len, self.items)) + HEADER_SIZE * len(self.items)
+
+    def slice(self, start: int, stop: int) -> "Payloads":
+        """Payloads ``start:stop`` (the same object when that is all of them)."""
+        if start == 0 and stop >= len(self):
+            return self
+        if self.fixed is not None:
+            return Payloads(fixed=self.fixed[start:stop])
+        return Payloads(items=self.items[start:stop])
+
+    @staticmethod
+    def joined(groups: "list[Payloads]") -> "list[Payloads]":
+        """``groups`` with neighbouring fixed-width groups of one width joined into one."""
+        if len(groups) < 2:
+            return groups
+        out: list[Payloads] = []
+        run: list[np.ndarray] = []
+        for group in groups:
+            if group.fixed is not None and (not run or run[0].shape[1] == group.fixed.shape[1]):
+                run.append(group.fixed)
+                continue
+            if run:
+                out.append(Payloads(fixed=run[0] if len(run) == 1 else np.concatenate(run)))
+                run = []
+            if group.fixed is not None:
+                run.append(group.fixed)
+            else:
+                out.append(group)
+        if run:
+            out.append(Payloads(fixed=run[0] if len(run) == 1 else np.concatenate(run)))
+        return out
 
     @classmethod
     def from_list(cls, payloads: list[bytes]) -> "Payloads":

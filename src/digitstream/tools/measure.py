@@ -1,5 +1,8 @@
 """Figures from raw timings: throughput, per-message latency, percentiles.
 
+Here rather than in :mod:`digitstream.bench` because ``digitstream demo`` reports
+the same figures, and the tools must not depend on the benchmark.
+
 Latency needs no timestamp in the payload. The sender records, per write,
 ``(t_ns, frames written so far)`` and the listener, per read, ``(t_ns, frames
 received so far)``, both with ``time.perf_counter_ns()``, which on Linux is
@@ -50,7 +53,8 @@ def latency_summary(lat_ns: np.ndarray) -> dict:
     evenly in fraction and denser in the tail, enough to draw the distribution.
     """
     if lat_ns.size == 0:
-        return {"messages": 0, **{k: None for k in PERCENTILES}, "mean": None, "max": None, "cdf": []}
+        return {"messages": 0, **{k: None for k in PERCENTILES}, "mean": None, "max": None,
+                "cdf": []}
     ms = np.sort(lat_ns) / 1e6
     out = {"messages": int(ms.size)}
     for name, q in PERCENTILES.items():

@@ -1,0 +1,62 @@
+"""What ``digitstream run`` is told: every option with its default, in one place.
+
+The command line takes its defaults from :class:`AppConfig`, so they are written
+down once. Kept free of heavy imports: ``digitstream --help`` reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from digitstream.addresses import Address
+
+DEFAULT_IN = "127.0.0.1:8002"
+DEFAULT_OUT = "127.0.0.1:7002"
+DEFAULT_METRICS = Address("127.0.0.1", 5001)
+
+
+@dataclass
+class AppConfig:
+    #: where input comes from: ``HOST:PORT`` or a URL whose scheme names the connector
+    in_addr: str | Address = DEFAULT_IN
+    #: where results go, the same way
+    out_addr: str | Address = DEFAULT_OUT
+    metrics_addr: Address | None = DEFAULT_METRICS
+    model_path: str = "models"
+    input_format: str = "auto"
+    output_format: str = "text"
+    engine: str = "local"
+    workers: int | None = None
+    scheduler: str | None = None
+    name: str = "worker-1"
+    #: measured best for 64-pixel images: smaller adds per-batch overhead, larger leaves the cache
+    max_batch: int = 8192
+    #: seconds a batch may wait to fill (0: never wait)
+    max_delay: float = 0.0
+    max_frame: int = 1 << 20
+    #: input connections open at once; one more is closed as it arrives
+    max_connections: int = 1024
+    #: bytes held for input connections, all together, before reading pauses; a connection
+    #: then holding the largest partial frame is closed
+    max_buffered: int = 256 << 20
+    compile_model: bool = True
+    #: batches in flight per Dask worker
+    in_flight: int = 4
+    #: how often the --model path is checked for a new bundle, in seconds (0: only on SIGHUP)
+    model_poll: float = 0.5
+    #: on a stop signal, keep reading a connection until it is quiet this long ...
+    drain_quiet: float = 0.2
+    #: ... but no longer than this
+    drain_grace: float = 5.0
+    #: how long to wait for the listener to take the last results on a stop signal
+    flush_timeout: float = 30.0
+
+
+DEFAULTS = AppConfig()
+
+
+def default(name: str):
+    """The default of one :class:`AppConfig` field, for the command line."""
+    if name not in {f.name for f in fields(AppConfig)}:
+        raise KeyError(name)
+    return getattr(DEFAULTS, name)
