@@ -27,8 +27,18 @@ import pytest
 
 from digitstream.codecs.inputs import INPUT_FORMATS, encode_images, reason_kind
 from digitstream.wire.framing import HEADER, frame, frame_many
-from helpers import (HOST, TIMEOUT, AppProcess, Collector, app_counts, memory_of, raise_open_files,
-                     reference_frames, send_bytes, wait_for)
+from helpers import (
+    HOST,
+    TIMEOUT,
+    AppProcess,
+    Collector,
+    app_counts,
+    memory_of,
+    raise_open_files,
+    reference_frames,
+    send_bytes,
+    wait_for,
+)
 
 #: formats served by a running application in this module: ``auto`` (the seed's default,
 #: which takes pickle, npy and json), json (answered in JSON), u8 and f32. Every format's

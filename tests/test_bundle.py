@@ -23,8 +23,15 @@ from threadpoolctl import threadpool_limits
 
 from digitstream.cli import main as cli
 from digitstream.errors import UserError
-from digitstream.model.bundle import (CARD_FILE, PIPELINE_FILE, BundleError, content_hash,
-                                      inspect_main, load_bundle, save_bundle)
+from digitstream.model.bundle import (
+    CARD_FILE,
+    PIPELINE_FILE,
+    BundleError,
+    content_hash,
+    inspect_main,
+    load_bundle,
+    save_bundle,
+)
 
 X, Y = load_digits(return_X_y=True)
 

@@ -7,8 +7,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from digitstream.wire.framing import (FrameSplitter, FrameTooLarge, Payloads, frame, frame_fixed,
-                                      frame_many, iter_frames)
+from digitstream.wire.framing import (
+    FrameSplitter,
+    FrameTooLarge,
+    Payloads,
+    frame,
+    frame_fixed,
+    frame_many,
+    iter_frames,
+)
 
 
 def reference_frames(data: bytes) -> list[bytes]:

@@ -28,7 +28,6 @@ from digitstream.metrics.recorder import LATENCY_EDGES, Histogram, Metrics
 from digitstream.metrics.server import STATIC_DIR, MetricsServer
 from digitstream.metrics.stats import stats_document
 from digitstream.pipeline import BatchResult
-
 from helpers import HOST, http_get, send_bytes, wait_for
 
 STAGES = ["decode", "PCA", "Logistic Regression", "encode"]

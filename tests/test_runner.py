@@ -13,7 +13,6 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
-
 from threadpoolctl import threadpool_limits
 
 from digitstream.model.runner import TIE_RTOL, Prediction, Runner, make_runner
@@ -158,7 +157,7 @@ def test_non_linear_pipelines_run_step_by_step_and_equal_predict(pipeline):
 
 
 def test_string_labels_are_indices_into_classes():
-    names = np.array("zero one two three four five six seven eight nine".split())
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
     for pipeline in (LINEAR["pca-logistic"](), KNeighborsClassifier(algorithm="brute")):
         pipeline = _fit(pipeline, y=names[Y_DIGITS])
         runner = make_runner(pipeline)

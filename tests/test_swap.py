@@ -26,18 +26,22 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.naive_bayes import GaussianNB
 from sklearn.pipeline import Pipeline
 
-from helpers import HOST, Collector, http_get, send_bytes, wait_for
-
 from digitstream.addresses import Address
 from digitstream.app import AppConfig, Application
 from digitstream.engine.local import LocalEngine
 from digitstream.metrics.recorder import Metrics
-from digitstream.model.bundle import (CARD_FILE, PIPELINE_FILE, content_hash, format_card,
-                                      save_bundle)
+from digitstream.model.bundle import (
+    CARD_FILE,
+    PIPELINE_FILE,
+    content_hash,
+    format_card,
+    save_bundle,
+)
 from digitstream.model.swap import ModelWatcher
 from digitstream.pipeline import Batch
 from digitstream.tools.sender import Framed, send_frames
 from digitstream.wire.framing import Payloads, frame_fixed, iter_frames
+from helpers import HOST, Collector, http_get, send_bytes, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -105,7 +109,7 @@ def sending(app, frames: bytes, rate: int):
     def send():
         try:
             send_frames(Address(HOST, app.in_port), [framed], rate=rate)
-        except Exception as exc:  # noqa: BLE001 - reported by the test thread
+        except Exception as exc:
             failures.append(exc)
 
     sender = threading.Thread(target=send, daemon=True)

@@ -22,7 +22,7 @@ def parse_address(text: str) -> Address:
     """
     text = text.strip()
     if text.startswith("tcp://"):
-        text = text[len("tcp://"):]
+        text = text[len("tcp://") :]
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
     else:

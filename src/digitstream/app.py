@@ -37,8 +37,14 @@ class Serving:
     ``positions`` maps each open stream to the sequence number of its next batch.
     """
 
-    def __init__(self, bundle, flow: Flow, options: FlowOptions, engine: Engine | None,
-                 positions: dict[StreamId, int]):
+    def __init__(
+        self,
+        bundle,
+        flow: Flow,
+        options: FlowOptions,
+        engine: Engine | None,
+        positions: dict[StreamId, int],
+    ):
         self.bundle = bundle
         self.flow = flow
         self.options = options
@@ -64,12 +70,14 @@ class Application:
     ``sink`` and ``bundle``, if given, are used instead of those ``config`` names (the
     in-memory parts of :mod:`digitstream.testing`, say)."""
 
-    def __init__(self, config: AppConfig, source: Source | None = None,
-                 sink: Sink | None = None, bundle=None):
+    def __init__(
+        self, config: AppConfig, source: Source | None = None, sink: Sink | None = None, bundle=None
+    ):
         self.config = config
         self._given = (source, sink, bundle)
-        self.flow_options = FlowOptions(config.input_format, config.output_format,
-                                        config.compile_model, worker=config.name)
+        self.flow_options = FlowOptions(
+            config.input_format, config.output_format, config.compile_model, worker=config.name
+        )
         self.serving: Serving | None = None
         self.engine: Engine | None = None
         self.source: Source | None = None
@@ -104,13 +112,20 @@ class Application:
         runner = flow.runner
         smallest = smallest_payload(cfg.input_format, runner.n_features)
         if smallest > cfg.max_frame:
-            raise UserError(f"the model takes {runner.n_features} features: one image is at least "
-                            f"{smallest} bytes in the {cfg.input_format} input format, more than "
-                            f"--max-frame {cfg.max_frame}")
+            raise UserError(
+                f"the model takes {runner.n_features} features: one image is at least "
+                f"{smallest} bytes in the {cfg.input_format} input format, more than "
+                f"--max-frame {cfg.max_frame}"
+            )
         self.serving = Serving(bundle, flow, self.flow_options, None, self.positions)
-        log.info("model %s: %s, %d features, classes %s%s", cfg.model_path,
-                 " -> ".join(runner.stage_names), runner.n_features,
-                 " ".join(str(c) for c in runner.classes), " (fused)" if runner.compiled else "")
+        log.info(
+            "model %s: %s, %d features, classes %s%s",
+            cfg.model_path,
+            " -> ".join(runner.stage_names),
+            runner.n_features,
+            " ".join(str(c) for c in runner.classes),
+            " (fused)" if runner.compiled else "",
+        )
 
     async def start(self) -> None:
         cfg = self.config
@@ -124,10 +139,12 @@ class Application:
             self.metrics = Metrics(cfg.name, serving.flow.stage_names, serving.flow.runner.classes)
         source = self._given[0] or make_source(cfg.in_addr, cfg, self.metrics)
         sink = self._given[1] or make_sink(cfg.out_addr, cfg)
-        options = EngineOptions(self.flow_options, scheduler=cfg.scheduler, workers=cfg.workers,
-                                in_flight=cfg.in_flight)
-        self.engine = serving.engine = make_engine(cfg.engine, serving.flow, serving.bundle,
-                                                   options, metrics=self.metrics)
+        options = EngineOptions(
+            self.flow_options, scheduler=cfg.scheduler, workers=cfg.workers, in_flight=cfg.in_flight
+        )
+        self.engine = serving.engine = make_engine(
+            cfg.engine, serving.flow, serving.bundle, options, metrics=self.metrics
+        )
         await self.engine.start()
         if self.metrics is not None:
             await self._serve_metrics(source, sink)
@@ -144,26 +161,37 @@ class Application:
         if self.metrics is not None:
             self.metrics.ready = True
         self.ready.set()
-        log.info("listening on %s, results to %s%s", source.describe(), sink.describe(),
-                 f", metrics UI at {self.metrics_server.url}" if self.metrics_server else "")
+        log.info(
+            "listening on %s, results to %s%s",
+            source.describe(),
+            sink.describe(),
+            f", metrics UI at {self.metrics_server.url}" if self.metrics_server else "",
+        )
 
     async def _serve_metrics(self, source: Source, sink: Sink) -> None:
         from digitstream.metrics.server import MetricsServer
 
         cfg = self.config
         if not is_loopback(cfg.metrics_addr.host):
-            log.warning("the metrics UI is bound to %s: anyone who can reach it can read it",
-                        cfg.metrics_addr)
+            log.warning(
+                "the metrics UI is bound to %s: anyone who can reach it can read it",
+                cfg.metrics_addr,
+            )
         engine = self.engine
         serving = self.serving
 
         def info() -> dict:
-            return {"engine": cfg.engine, "cluster": engine.state() if engine else None,
-                    "input_format": cfg.input_format, "output_format": cfg.output_format,
-                    "addresses": {"in": source.describe(), "out": sink.describe()}}
+            return {
+                "engine": cfg.engine,
+                "cluster": engine.state() if engine else None,
+                "input_format": cfg.input_format,
+                "output_format": cfg.output_format,
+                "addresses": {"in": source.describe(), "out": sink.describe()},
+            }
 
-        self.metrics_server = MetricsServer(self.metrics, cfg.metrics_addr, info=info,
-                                            card=lambda: serving.bundle.card)
+        self.metrics_server = MetricsServer(
+            self.metrics, cfg.metrics_addr, info=info, card=lambda: serving.bundle.card
+        )
         await self.metrics_server.start()
 
     # ---------------------------------------------------------- the stream
@@ -177,8 +205,9 @@ class Application:
         """source -> engine -> sink, for one stream: every batch submitted in order, every
         result written in the same order, until the stream ends."""
         engine, serving, metrics = self.engine, self.serving, self.metrics
-        in_flight: asyncio.Queue = asyncio.Queue(maxsize=max(self.config.in_flight,
-                                                             engine.capacity))
+        in_flight: asyncio.Queue = asyncio.Queue(
+            maxsize=max(self.config.in_flight, engine.capacity)
+        )
         delivering = asyncio.create_task(self._deliver(in_flight))
         try:
             try:
@@ -192,8 +221,9 @@ class Application:
                     # submit waits while the engine is full: reading stops there
                     await in_flight.put((batch, await engine.submit(batch), flow))
             except Exception:
-                log.exception("stream %s ended by a fault; what it sent before is answered",
-                              stream.id)
+                log.exception(
+                    "stream %s ended by a fault; what it sent before is answered", stream.id
+                )
             await in_flight.put(None)
             await delivering
         finally:
@@ -220,12 +250,16 @@ class Application:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the result must still get out
+            except Exception as exc:
                 self._sink_faults += 1
                 if self._sink_faults == 1 or self._sink_faults % 1000 == 0:
-                    log.error("the sink %s failed to take a result (%s); trying again "
-                              "(%d failures so far)", self.sink.describe(), failure_reason(exc),
-                              self._sink_faults)
+                    log.error(
+                        "the sink %s failed to take a result (%s); trying again "
+                        "(%d failures so far)",
+                        self.sink.describe(),
+                        failure_reason(exc),
+                        self._sink_faults,
+                    )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
@@ -255,14 +289,18 @@ class Application:
         except asyncio.TimeoutError:
             status = 1
             not_written = self.frames_in - self.frames_out
-            log.error("%d results not delivered: the sink %s did not take them within %.0f s",
-                      not_written + (self.sink.undelivered if self.sink else 0),
-                      self.sink.describe() if self.sink else "?", cfg.flush_timeout)
+            log.error(
+                "%d results not delivered: the sink %s did not take them within %.0f s",
+                not_written + (self.sink.undelivered if self.sink else 0),
+                self.sink.describe() if self.sink else "?",
+                cfg.flush_timeout,
+            )
         for task in [self._accepting, *self._streams]:
             if task is not None:
                 task.cancel()
-        await asyncio.gather(*(t for t in [self._accepting, *self._streams] if t),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(t for t in [self._accepting, *self._streams] if t), return_exceptions=True
+        )
         if self.sink is not None:
             await self.sink.close()
         if self.source is not None:

@@ -33,8 +33,9 @@ class BatchPolicy:
     max_delay: float = 0.0
 
 
-async def batches(stream: StreamId, read: ReadGroups, policy: BatchPolicy,
-                  first_seq: int = 0) -> AsyncIterator[Batch]:
+async def batches(
+    stream: StreamId, read: ReadGroups, policy: BatchPolicy, first_seq: int = 0
+) -> AsyncIterator[Batch]:
     """The batches of one stream, numbered from ``first_seq``; see the module doc."""
     seq = first_seq
     failure: BaseException | None = None
@@ -45,7 +46,7 @@ async def batches(stream: StreamId, read: ReadGroups, policy: BatchPolicy,
         if policy.max_delay > 0:
             try:
                 await _fill(read, groups, policy)
-            except Exception as exc:  # noqa: BLE001 - raised again after the frames before it
+            except Exception as exc:
                 failure = exc
         received = time.perf_counter_ns()
         for group in Payloads.joined(groups):

@@ -76,7 +76,9 @@ def _setup_logging(verbose: int) -> None:
     )
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(package_name="digitstream")
 @click.option("-v", "--verbose", count=True, help="More log output (repeat for more).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors in the log.")
@@ -98,17 +100,40 @@ def main(verbose: int, quiet: bool) -> None:
 
 # --------------------------------------------------------------------- train
 @main.command()
-@click.option("--dataset", default="digits", show_default=True,
-              help="digits (scikit-learn's bundled set), idx:DIR (MNIST-format IDX files, "
-                   "gzipped or not) or npz:FILE (arrays X and y).")
-@click.option("--model", "model_name", default="pca-logistic", show_default=True,
-              help="Which model to train; `digitstream train --list-models` names them.")
-@click.option("--output", default="models", show_default=True, type=click.Path(file_okay=False),
-              help="Directory the model bundle is written to.")
-@click.option("--test-size", default=0.25, show_default=True, type=click.FloatRange(0.05, 0.9),
-              help="Fraction of the data held out for the reported accuracy.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Random seed of the split and search.")
-@click.option("--jobs", default=1, show_default=True, type=int, help="Parallel jobs for the grid search.")
+@click.option(
+    "--dataset",
+    default="digits",
+    show_default=True,
+    help="digits (scikit-learn's bundled set), idx:DIR (MNIST-format IDX files, "
+    "gzipped or not) or npz:FILE (arrays X and y).",
+)
+@click.option(
+    "--model",
+    "model_name",
+    default="pca-logistic",
+    show_default=True,
+    help="Which model to train; `digitstream train --list-models` names them.",
+)
+@click.option(
+    "--output",
+    default="models",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory the model bundle is written to.",
+)
+@click.option(
+    "--test-size",
+    default=0.25,
+    show_default=True,
+    type=click.FloatRange(0.05, 0.9),
+    help="Fraction of the data held out for the reported accuracy.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Random seed of the split and search."
+)
+@click.option(
+    "--jobs", default=1, show_default=True, type=int, help="Parallel jobs for the grid search."
+)
 @click.option("--list-models", is_flag=True, help="List the models that can be trained and exit.")
 def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     """Train a model, evaluate it on held-out data and write a model bundle."""
@@ -118,67 +143,169 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
         for name, description in training.describe_models():
             click.echo(f"{name:16s} {description}")
         return
-    training.main(dataset=dataset, model_name=model_name, output=output,
-                  test_size=test_size, seed=seed, jobs=jobs)
+    training.main(
+        dataset=dataset,
+        model_name=model_name,
+        output=output,
+        test_size=test_size,
+        seed=seed,
+        jobs=jobs,
+    )
 
 
 # ----------------------------------------------------------------------- run
 @main.command()
-@click.option("--in", "in_addr", default=default("in_addr"), show_default=True,
-              type=EndpointType("SOURCES"),
-              help="Where input comes from: HOST:PORT (or tcp://HOST:PORT), the address the TCP "
-                   "source listens on for input frames.")
-@click.option("--out", "out_addr", default=default("out_addr"), show_default=True,
-              type=EndpointType("SINKS"),
-              help="Where results go: HOST:PORT (or tcp://HOST:PORT), the listener the TCP sink "
-                   "connects to.")
-@click.option("--metrics", "metrics_addr", default=str(default("metrics_addr")), show_default=True,
-              type=ADDRESS, help="Address of the metrics UI (dashboard, /metrics, /api/stats).")
+@click.option(
+    "--in",
+    "in_addr",
+    default=default("in_addr"),
+    show_default=True,
+    type=EndpointType("SOURCES"),
+    help="Where input comes from: HOST:PORT (or tcp://HOST:PORT), the address the TCP "
+    "source listens on for input frames.",
+)
+@click.option(
+    "--out",
+    "out_addr",
+    default=default("out_addr"),
+    show_default=True,
+    type=EndpointType("SINKS"),
+    help="Where results go: HOST:PORT (or tcp://HOST:PORT), the listener the TCP sink connects to.",
+)
+@click.option(
+    "--metrics",
+    "metrics_addr",
+    default=str(default("metrics_addr")),
+    show_default=True,
+    type=ADDRESS,
+    help="Address of the metrics UI (dashboard, /metrics, /api/stats).",
+)
 @click.option("--no-metrics", is_flag=True, help="Do not record metrics or serve the metrics UI.")
-@click.option("--model", "model_path", default=default("model_path"), show_default=True,
-              help="Model bundle directory, or a single .skops file.")
-@click.option("--input-format", default=default("input_format"), show_default=True,
-              type=click.Choice(RUN_INPUT_FORMATS),
-              help="Payload format of input frames; auto accepts the seed's sender byte for byte "
-                   "(pickled arrays), .npy and JSON payloads.")
-@click.option("--output-format", default=default("output_format"), show_default=True,
-              type=click.Choice(OUTPUT_FORMATS),
-              help="text: the seed's `[3]`; json: one object per frame with seq, label, probability.")
-@click.option("--engine", default=default("engine"), show_default=True,
-              type=click.Choice(list(ENGINES)),
-              help="Where batches are classified: in this process, or on a Dask cluster.")
-@click.option("--workers", default=None, type=click.IntRange(1, 256),
-              help="With --engine dask and no --scheduler: start a local cluster of N workers.")
-@click.option("--scheduler", default=None, help="With --engine dask: address of a running scheduler, "
-                                                "e.g. tcp://sched-host:8786.")
-@click.option("--name", default=default("name"), show_default=True,
-              help="Name of this application process in metrics and logs.")
-@click.option("--max-batch", default=default("max_batch"), show_default=True,
-              type=click.IntRange(1, 1 << 22), help="Most messages classified in one batch.")
-@click.option("--max-delay-ms", default=default("max_delay") * 1000.0, show_default=True,
-              type=click.FloatRange(0, 10_000),
-              help="Wait up to this long for a batch to fill (0: never wait).")
-@click.option("--max-frame", default=default("max_frame"), show_default=True,
-              type=click.IntRange(1, 1 << 30),
-              help="Largest accepted frame payload in bytes; a larger header closes that connection.")
-@click.option("--max-connections", default=default("max_connections"), show_default=True,
-              type=click.IntRange(1, 1 << 20),
-              help="Input connections open at once; one more is closed as it arrives.")
-@click.option("--max-buffered-mb", default=default("max_buffered") / 2**20, show_default=True,
-              type=click.FloatRange(1, 1 << 20),
-              help="MiB held for all input connections together: past it reading pauses, and the "
-                   "connection holding the largest partial frame is closed.")
-@click.option("--compile/--no-compile", "compile_model", default=default("compile_model"),
-              show_default=True, help="Fuse an all-linear pipeline into one affine map.")
-@click.option("--in-flight", default=default("in_flight"), show_default=True,
-              type=click.IntRange(1, 1024), help="With --engine dask: batches in flight per worker.")
-@click.option("--flush-timeout", default=default("flush_timeout"), show_default=True,
-              type=click.FloatRange(0, 86_400),
-              help="On SIGINT or SIGTERM, seconds to wait for the listener to take the last results "
-                   "(after up to 5 s of reading what senders still send).")
-def run(in_addr, out_addr, metrics_addr, no_metrics, model_path, input_format, output_format,
-        engine, workers, scheduler, name, max_batch, max_delay_ms, max_frame, max_connections,
-        max_buffered_mb, compile_model, in_flight, flush_timeout):
+@click.option(
+    "--model",
+    "model_path",
+    default=default("model_path"),
+    show_default=True,
+    help="Model bundle directory, or a single .skops file.",
+)
+@click.option(
+    "--input-format",
+    default=default("input_format"),
+    show_default=True,
+    type=click.Choice(RUN_INPUT_FORMATS),
+    help="Payload format of input frames; auto accepts the seed's sender byte for byte "
+    "(pickled arrays), .npy and JSON payloads.",
+)
+@click.option(
+    "--output-format",
+    default=default("output_format"),
+    show_default=True,
+    type=click.Choice(OUTPUT_FORMATS),
+    help="text: the seed's `[3]`; json: one object per frame with seq, label, probability.",
+)
+@click.option(
+    "--engine",
+    default=default("engine"),
+    show_default=True,
+    type=click.Choice(list(ENGINES)),
+    help="Where batches are classified: in this process, or on a Dask cluster.",
+)
+@click.option(
+    "--workers",
+    default=None,
+    type=click.IntRange(1, 256),
+    help="With --engine dask and no --scheduler: start a local cluster of N workers.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    help="With --engine dask: address of a running scheduler, e.g. tcp://sched-host:8786.",
+)
+@click.option(
+    "--name",
+    default=default("name"),
+    show_default=True,
+    help="Name of this application process in metrics and logs.",
+)
+@click.option(
+    "--max-batch",
+    default=default("max_batch"),
+    show_default=True,
+    type=click.IntRange(1, 1 << 22),
+    help="Most messages classified in one batch.",
+)
+@click.option(
+    "--max-delay-ms",
+    default=default("max_delay") * 1000.0,
+    show_default=True,
+    type=click.FloatRange(0, 10_000),
+    help="Wait up to this long for a batch to fill (0: never wait).",
+)
+@click.option(
+    "--max-frame",
+    default=default("max_frame"),
+    show_default=True,
+    type=click.IntRange(1, 1 << 30),
+    help="Largest accepted frame payload in bytes; a larger header closes that connection.",
+)
+@click.option(
+    "--max-connections",
+    default=default("max_connections"),
+    show_default=True,
+    type=click.IntRange(1, 1 << 20),
+    help="Input connections open at once; one more is closed as it arrives.",
+)
+@click.option(
+    "--max-buffered-mb",
+    default=default("max_buffered") / 2**20,
+    show_default=True,
+    type=click.FloatRange(1, 1 << 20),
+    help="MiB held for all input connections together: past it reading pauses, and the "
+    "connection holding the largest partial frame is closed.",
+)
+@click.option(
+    "--compile/--no-compile",
+    "compile_model",
+    default=default("compile_model"),
+    show_default=True,
+    help="Fuse an all-linear pipeline into one affine map.",
+)
+@click.option(
+    "--in-flight",
+    default=default("in_flight"),
+    show_default=True,
+    type=click.IntRange(1, 1024),
+    help="With --engine dask: batches in flight per worker.",
+)
+@click.option(
+    "--flush-timeout",
+    default=default("flush_timeout"),
+    show_default=True,
+    type=click.FloatRange(0, 86_400),
+    help="On SIGINT or SIGTERM, seconds to wait for the listener to take the last results "
+    "(after up to 5 s of reading what senders still send).",
+)
+def run(
+    in_addr,
+    out_addr,
+    metrics_addr,
+    no_metrics,
+    model_path,
+    input_format,
+    output_format,
+    engine,
+    workers,
+    scheduler,
+    name,
+    max_batch,
+    max_delay_ms,
+    max_frame,
+    max_connections,
+    max_buffered_mb,
+    compile_model,
+    in_flight,
+    flush_timeout,
+):
     """The streaming application: read --in, classify, write results to --out.
 
     Exactly one result frame is written per input frame, in input order per
@@ -191,54 +318,117 @@ def run(in_addr, out_addr, metrics_addr, no_metrics, model_path, input_format, o
     if engine == "local" and (workers or scheduler):
         raise click.UsageError("--workers and --scheduler need --engine dask")
     if workers and scheduler:
-        raise click.UsageError("--workers starts a local cluster, --scheduler uses a running "
-                               "one: give one of them")
+        raise click.UsageError(
+            "--workers starts a local cluster, --scheduler uses a running one: give one of them"
+        )
     config = AppConfig(
-        in_addr=in_addr, out_addr=out_addr,
+        in_addr=in_addr,
+        out_addr=out_addr,
         metrics_addr=None if no_metrics else metrics_addr,
-        model_path=model_path, input_format=input_format, output_format=output_format,
-        engine=engine, workers=workers, scheduler=scheduler, name=name,
-        max_batch=max_batch, max_delay=max_delay_ms / 1000.0, max_frame=max_frame,
-        max_connections=max_connections, max_buffered=int(max_buffered_mb * 2**20),
-        compile_model=compile_model, in_flight=in_flight, flush_timeout=flush_timeout,
+        model_path=model_path,
+        input_format=input_format,
+        output_format=output_format,
+        engine=engine,
+        workers=workers,
+        scheduler=scheduler,
+        name=name,
+        max_batch=max_batch,
+        max_delay=max_delay_ms / 1000.0,
+        max_frame=max_frame,
+        max_connections=max_connections,
+        max_buffered=int(max_buffered_mb * 2**20),
+        compile_model=compile_model,
+        in_flight=in_flight,
+        flush_timeout=flush_timeout,
     )
     sys.exit(run_app(config))
 
 
 # ---------------------------------------------------------------------- send
 @main.command()
-@click.option("--to", "to_addr", default="127.0.0.1:8002", show_default=True, type=ADDRESS,
-              help="Address of the application's input.")
-@click.option("--format", "fmt", default="pickle", show_default=True, type=click.Choice(INPUT_FORMATS),
-              help="Payload format; pickle is what the seed's sender sends.")
-@click.option("--dataset", default="digits", show_default=True,
-              help="digits, idx:DIR or npz:FILE (as for train).")
-@click.option("--repeat", default=1, show_default=True, type=click.IntRange(1),
-              help="Send the data set this many times.")
-@click.option("--rate", default=None, type=click.FloatRange(min=1.0),
-              help="Pace sending at this many messages per second (per run, over all connections).")
-@click.option("--connections", default=1, show_default=True, type=click.IntRange(1, 4096),
-              help="Split the messages over this many connections.")
-@click.option("--progress/--no-progress", default=None,
-              help="Show a progress bar (default: when stderr is a terminal).")
+@click.option(
+    "--to",
+    "to_addr",
+    default="127.0.0.1:8002",
+    show_default=True,
+    type=ADDRESS,
+    help="Address of the application's input.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="pickle",
+    show_default=True,
+    type=click.Choice(INPUT_FORMATS),
+    help="Payload format; pickle is what the seed's sender sends.",
+)
+@click.option(
+    "--dataset",
+    default="digits",
+    show_default=True,
+    help="digits, idx:DIR or npz:FILE (as for train).",
+)
+@click.option(
+    "--repeat",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Send the data set this many times.",
+)
+@click.option(
+    "--rate",
+    default=None,
+    type=click.FloatRange(min=1.0),
+    help="Pace sending at this many messages per second (per run, over all connections).",
+)
+@click.option(
+    "--connections",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 4096),
+    help="Split the messages over this many connections.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress bar (default: when stderr is a terminal).",
+)
 def send(to_addr, fmt, dataset, repeat, rate, connections, progress):
     """Send a data set to the application, one framed image per message."""
     from digitstream.tools import sender
 
-    sys.exit(sender.main(to_addr=to_addr, fmt=fmt, dataset=dataset, repeat=repeat, rate=rate,
-                         connections=connections, progress=progress))
+    sys.exit(
+        sender.main(
+            to_addr=to_addr,
+            fmt=fmt,
+            dataset=dataset,
+            repeat=repeat,
+            rate=rate,
+            connections=connections,
+            progress=progress,
+        )
+    )
 
 
 # -------------------------------------------------------------------- listen
 @main.command()
 @click.argument("addr", default="127.0.0.1:7002", type=ADDRESS, required=False)
-@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
-              help="Store the raw result frames in this file (readable by `digitstream read`). "
-                   "Without it, results are printed one per line.")
-@click.option("--count", default=None, type=click.IntRange(1),
-              help="Stop after this many result frames.")
-@click.option("--progress/--no-progress", default=None,
-              help="Show a live count (default: when stderr is a terminal and -o is given).")
+@click.option(
+    "-o",
+    "--output",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Store the raw result frames in this file (readable by `digitstream read`). "
+    "Without it, results are printed one per line.",
+)
+@click.option(
+    "--count", default=None, type=click.IntRange(1), help="Stop after this many result frames."
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a live count (default: when stderr is a terminal and -o is given).",
+)
 def listen(addr, output, count, progress):
     """Accept the application's connection and store or print its results
     (what `nc -l 127.0.0.1 7002 > digits.out` was)."""
@@ -259,42 +449,95 @@ def read(file):
 
 # ---------------------------------------------------------------------- demo
 @main.command()
-@click.option("--model", "model_path", default="models", show_default=True,
-              help="Model bundle directory; trained first if missing.")
-@click.option("--output", default="digits.out", show_default=True, type=click.Path(dir_okay=False),
-              help="Where the listener stores the results.")
-@click.option("--repeat", default=1, show_default=True, type=click.IntRange(1),
-              help="Send the data set this many times.")
-@click.option("--keep-running", is_flag=True,
-              help="Keep the application and its dashboard up after the summary, until Ctrl-C.")
+@click.option(
+    "--model",
+    "model_path",
+    default="models",
+    show_default=True,
+    help="Model bundle directory; trained first if missing.",
+)
+@click.option(
+    "--output",
+    default="digits.out",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Where the listener stores the results.",
+)
+@click.option(
+    "--repeat",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Send the data set this many times.",
+)
+@click.option(
+    "--keep-running",
+    is_flag=True,
+    help="Keep the application and its dashboard up after the summary, until Ctrl-C.",
+)
 def demo(model_path, output, repeat, keep_running):
     """The seed's whole flow on this machine: train (if needed), run, listen,
     send, then a summary."""
     from digitstream.tools import demo as demo_mod
 
-    sys.exit(demo_mod.main(model_path=model_path, output=output, repeat=repeat,
-                           keep_running=keep_running))
+    sys.exit(
+        demo_mod.main(
+            model_path=model_path, output=output, repeat=repeat, keep_running=keep_running
+        )
+    )
 
 
 # --------------------------------------------------------------------- bench
 @main.command()
 @click.option("--quick", is_flag=True, help="A short run (well under a minute).")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
-              help="Write every figure to this JSON file.")
-@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
-              help="Write a PNG chart (throughput bars, latency distribution).")
-@click.option("--engine", default="local", show_default=True, type=click.Choice(list(ENGINES)),
-              help="dask: compare the Dask engine with the local one.")
-@click.option("--soak", "soak_minutes", default=None, type=click.FloatRange(min=0.1),
-              help="Instead: sustained load for this many minutes, throughput and memory over time.")
-@click.option("--runs", default=None, type=click.IntRange(1, 50),
-              help="Throughput runs per system (median reported).")
+@click.option(
+    "--json",
+    "json_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write every figure to this JSON file.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write a PNG chart (throughput bars, latency distribution).",
+)
+@click.option(
+    "--engine",
+    default="local",
+    show_default=True,
+    type=click.Choice(list(ENGINES)),
+    help="dask: compare the Dask engine with the local one.",
+)
+@click.option(
+    "--soak",
+    "soak_minutes",
+    default=None,
+    type=click.FloatRange(min=0.1),
+    help="Instead: sustained load for this many minutes, throughput and memory over time.",
+)
+@click.option(
+    "--runs",
+    default=None,
+    type=click.IntRange(1, 50),
+    help="Throughput runs per system (median reported).",
+)
 def bench(quick, json_path, plot_path, engine, soak_minutes, runs):
     """Benchmark digitstream against the seed's per-message design and a bare relay."""
     from digitstream.bench import runner
 
-    sys.exit(runner.main(quick=quick, json_path=json_path, plot_path=plot_path, engine=engine,
-                         soak_minutes=soak_minutes, runs=runs))
+    sys.exit(
+        runner.main(
+            quick=quick,
+            json_path=json_path,
+            plot_path=plot_path,
+            engine=engine,
+            soak_minutes=soak_minutes,
+            runs=runs,
+        )
+    )
 
 
 # ------------------------------------------------------------------- inspect

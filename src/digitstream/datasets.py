@@ -66,12 +66,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     header = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header:
         raise UserError(f"{path} is not an IDX file (truncated header)")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:
-        raise UserError(f"{path}: header says {shape} of {dtype} ({expected} bytes), "
-                        f"file holds {len(raw) - header} bytes of data")
+        raise UserError(
+            f"{path}: header says {shape} of {dtype} ({expected} bytes), "
+            f"file holds {len(raw) - header} bytes of data"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
@@ -85,7 +87,12 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def _find(directory: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+    for name in (
+        stem,
+        stem + ".gz",
+        stem.replace("-idx", ".idx"),
+        stem.replace("-idx", ".idx") + ".gz",
+    ):
         if (directory / name).exists():
             return directory / name
     raise UserError(f"no {stem}[.gz] in {directory}")
@@ -110,8 +117,10 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
     if X.ndim < 2 or y.ndim != 1 or len(X) != len(y):
-        raise UserError(f"{path}: X has shape {X.shape}, y has shape {y.shape}; "
-                        "expected (n, features...) and (n,)")
+        raise UserError(
+            f"{path}: X has shape {X.shape}, y has shape {y.shape}; "
+            "expected (n, features...) and (n,)"
+        )
     if not np.issubdtype(X.dtype, np.number):
         raise UserError(f"{path}: X must be numeric, is {X.dtype}")
     return X.reshape(len(X), -1).astype(np.float64), y

@@ -3,9 +3,10 @@
 Kept free of heavy imports: ``digitstream --help`` reads them.
 """
 
-#: what ``send --format`` writes and ``run --input-format`` reads (see :mod:`digitstream.codecs.inputs`)
+#: what ``send --format`` writes and ``run --input-format`` reads (:mod:`digitstream.codecs.inputs`)
 INPUT_FORMATS = ("pickle", "npy", "u8", "f32", "f64", "json")
-#: ``run --input-format`` also takes ``auto``: the seed's pickles, .npy and JSON, told apart per payload
+#: ``run --input-format`` also takes ``auto``: the seed's pickles, .npy and JSON, told apart
+#: per payload
 AUTO = "auto"
 RUN_INPUT_FORMATS = (AUTO, *INPUT_FORMATS)
 #: raw pixel formats and the NumPy type of one value

@@ -59,8 +59,9 @@ class Batch:
 
     def part(self, start: int, stop: int) -> Batch:
         """Frames ``start:stop`` of the batch, as a batch of their own."""
-        return Batch(self.stream, self.first_seq + start, self.payloads.slice(start, stop),
-                     self.received_ns)
+        return Batch(
+            self.stream, self.first_seq + start, self.payloads.slice(start, stop), self.received_ns
+        )
 
 
 @dataclass
@@ -92,12 +93,18 @@ class BatchResult:
         if self.confusion is not None or later.confusion is not None:
             confusion = [*(self.confusion or ()), *(later.confusion or ())]
         return BatchResult(
-            stream=self.stream, first_seq=self.first_seq, count=self.count + later.count,
-            output=self.output + later.output, stage_seconds=list(times.items()),
+            stream=self.stream,
+            first_seq=self.first_seq,
+            count=self.count + later.count,
+            output=self.output + later.output,
+            stage_seconds=list(times.items()),
             class_counts=self.class_counts + later.class_counts,
-            rejected=self.rejected + later.rejected, worker=self.worker or later.worker,
-            labelled=self.labelled + later.labelled, correct=self.correct + later.correct,
-            confusion=confusion)
+            rejected=self.rejected + later.rejected,
+            worker=self.worker or later.worker,
+            labelled=self.labelled + later.labelled,
+            correct=self.correct + later.correct,
+            confusion=confusion,
+        )
 
 
 @dataclass(frozen=True)
@@ -155,16 +162,22 @@ class Flow:
                 return self.failed(batch, str(failure), failure.ids)
             middle = len(batch) // 2
             return self.process(batch.part(0, middle)).then(
-                self.process(batch.part(middle, len(batch))))
+                self.process(batch.part(middle, len(batch)))
+            )
 
     def failed(self, batch: Batch, reason: str, ids: list | None = None) -> BatchResult:
         """Every frame of ``batch`` answered with the error ``reason`` (and its id, if known)."""
         n = len(batch)
         return BatchResult(
-            stream=batch.stream, first_seq=batch.first_seq, count=n,
-            output=self.encoder.error_frames(batch.first_seq, n, reason, ids), stage_seconds=[],
+            stream=batch.stream,
+            first_seq=batch.first_seq,
+            count=n,
+            output=self.encoder.error_frames(batch.first_seq, n, reason, ids),
+            stage_seconds=[],
             class_counts=np.zeros(len(self._label_text), dtype=np.int64),
-            rejected=Counter({reason_kind(reason): n}), worker=self.worker)
+            rejected=Counter({reason_kind(reason): n}),
+            worker=self.worker,
+        )
 
     def _process(self, batch: Batch) -> BatchResult:
         clock = time.perf_counter
@@ -175,16 +188,19 @@ class Flow:
             raise StageFailed("decode", exc) from exc
         t1 = clock()
         try:
-            prediction = self.runner.predict(decoded.X,
-                                             want_confidence=self.encoder.wants_confidence,
-                                             max_abs=self.decoder.max_abs)
+            prediction = self.runner.predict(
+                decoded.X,
+                want_confidence=self.encoder.wants_confidence,
+                max_abs=self.decoder.max_abs,
+            )
         except Exception as exc:
             raise StageFailed("model", exc, decoded.ids) from exc
         t2 = clock()
         errors = decoded.errors
         try:
-            output = self.encoder.encode(batch.first_seq, prediction.class_index,
-                                         prediction.confidence, errors, decoded.ids)
+            output = self.encoder.encode(
+                batch.first_seq, prediction.class_index, prediction.confidence, errors, decoded.ids
+            )
         except Exception as exc:
             raise StageFailed("encode", exc, decoded.ids) from exc
         t3 = clock()
@@ -199,16 +215,22 @@ class Flow:
         else:
             counts = np.bincount(class_index, minlength=len(self._label_text))
         result = BatchResult(
-            stream=batch.stream, first_seq=batch.first_seq, count=len(batch), output=output,
+            stream=batch.stream,
+            first_seq=batch.first_seq,
+            count=len(batch),
+            output=output,
             stage_seconds=[("decode", t1 - t0), *prediction.stage_seconds, ("encode", t3 - t2)],
-            class_counts=counts, rejected=rejected, worker=self.worker,
+            class_counts=counts,
+            rejected=rejected,
+            worker=self.worker,
         )
         if decoded.labels is not None:
             self._score(result, decoded.labels, class_index, errors)
         return result
 
-    def _score(self, result: BatchResult, labels: list, class_index: np.ndarray,
-               errors: dict[int, str]) -> None:
+    def _score(
+        self, result: BatchResult, labels: list, class_index: np.ndarray, errors: dict[int, str]
+    ) -> None:
         known = self._known_labels
         pairs = []
         for i, label in enumerate(labels):

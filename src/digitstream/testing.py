@@ -46,8 +46,14 @@ class SourceFailure(ConnectionError):
 class MemoryStream:
     """One stream of a :class:`MemorySource`."""
 
-    def __init__(self, stream_id: StreamId, payloads: list[bytes], policy: BatchPolicy,
-                 read_size: int, fail_after: int | None):
+    def __init__(
+        self,
+        stream_id: StreamId,
+        payloads: list[bytes],
+        policy: BatchPolicy,
+        read_size: int,
+        fail_after: int | None,
+    ):
         self.id = stream_id
         self.payloads = payloads
         self.policy = policy
@@ -66,7 +72,7 @@ class MemoryStream:
                 raise SourceFailure(f"stream {self.id} failed after {self.fail_after} payloads")
             return None
         end = min(self._pos + self.read_size, limit)
-        group = Payloads.from_list(self.payloads[self._pos:end])
+        group = Payloads.from_list(self.payloads[self._pos : end])
         self._pos = end
         return [group]
 
@@ -91,13 +97,20 @@ class MemorySource:
 
     guarantee = "exactly once: nothing outside the process to lose"
 
-    def __init__(self, streams: dict[StreamId, list[bytes]], max_batch: int = 8192,
-                 max_delay: float = 0.0, read_size: int = 1000,
-                 fail_after: dict[StreamId, int] | None = None):
+    def __init__(
+        self,
+        streams: dict[StreamId, list[bytes]],
+        max_batch: int = 8192,
+        max_delay: float = 0.0,
+        read_size: int = 1000,
+        fail_after: dict[StreamId, int] | None = None,
+    ):
         policy = BatchPolicy(max_batch, max_delay)
         fail_after = fail_after or {}
-        self.streams_given = [MemoryStream(sid, list(p), policy, read_size, fail_after.get(sid))
-                              for sid, p in streams.items()]
+        self.streams_given = [
+            MemoryStream(sid, list(p), policy, read_size, fail_after.get(sid))
+            for sid, p in streams.items()
+        ]
         self.acknowledged: dict[StreamId, int] = {}
         self._drained = asyncio.Event()
 
@@ -154,8 +167,10 @@ class MemorySink:
             raise ConnectionError("the sink was told to fail this write")
         expected = self._delivered.get(result.stream, 0)
         if result.first_seq != expected:
-            raise AssertionError(f"stream {result.stream}: result from {result.first_seq} "
-                                 f"written, {expected} expected")
+            raise AssertionError(
+                f"stream {result.stream}: result from {result.first_seq} "
+                f"written, {expected} expected"
+            )
         self.results.append(result)
         self.frames[result.stream].extend(iter_frames(result.output))
         self._delivered[result.stream] = result.end_seq
@@ -196,8 +211,15 @@ def memory_bundle(pipeline) -> _MemoryBundle:
 
     digest = hashlib.sha256(pickle.dumps(pipeline)).hexdigest()
     steps = [name for name, _ in pipeline_steps(pipeline)]
-    return _MemoryBundle(pipeline, {"steps": steps}, Path("<memory>"), n_features_of(pipeline),
-                         np.asarray(pipeline.classes_), steps, f"sha256:{digest}")
+    return _MemoryBundle(
+        pipeline,
+        {"steps": steps},
+        Path("<memory>"),
+        n_features_of(pipeline),
+        np.asarray(pipeline.classes_),
+        steps,
+        f"sha256:{digest}",
+    )
 
 
 async def run_in_memory(pipeline, source: MemorySource, sink: MemorySink, **options) -> int:

@@ -35,7 +35,7 @@ class SeedClassifier:
         self.classifier = classifier
 
     def __call__(self, payload: bytes) -> bytes:
-        x = pickle.loads(payload)  # noqa: S301 - the benchmark's own input, see the module docstring
+        x = pickle.loads(payload)
         features = [x]
         for step in self.transforms:
             features = step.transform(features)
@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     from digitstream.addresses import parse_address
     from digitstream.model.bundle import load_bundle
 
-    parser = argparse.ArgumentParser(prog="python -m digitstream.bench.baseline",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m digitstream.bench.baseline", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--in", dest="in_addr", required=True, type=parse_address)
     parser.add_argument("--out", dest="out_addr", required=True, type=parse_address)
     parser.add_argument("--model", required=True)

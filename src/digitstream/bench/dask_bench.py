@@ -21,6 +21,7 @@ main suite does, so that a slow spell of the shared machine spreads over all.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -46,19 +47,39 @@ def _dask(workers: int, *more: str) -> tuple[str, ...]:
 
 
 HEAVY = [
-    System("heavy_local", "local engine", "digitstream", "u8",
-           args=("--max-batch", str(HEAVY_MAX_BATCH))),
-    System("heavy_dask_1", "dask, 1 worker", "digitstream", "u8",
-           args=_dask(1, "--max-batch", str(HEAVY_MAX_BATCH))),
-    System("heavy_dask_2", "dask, 2 workers", "digitstream", "u8",
-           args=_dask(2, "--max-batch", str(HEAVY_MAX_BATCH))),
+    System(
+        "heavy_local",
+        "local engine",
+        "digitstream",
+        "u8",
+        args=("--max-batch", str(HEAVY_MAX_BATCH)),
+    ),
+    System(
+        "heavy_dask_1",
+        "dask, 1 worker",
+        "digitstream",
+        "u8",
+        args=_dask(1, "--max-batch", str(HEAVY_MAX_BATCH)),
+    ),
+    System(
+        "heavy_dask_2",
+        "dask, 2 workers",
+        "digitstream",
+        "u8",
+        args=_dask(2, "--max-batch", str(HEAVY_MAX_BATCH)),
+    ),
 ]
 LINEAR = [
     System("linear_local", "local engine", "digitstream", "u8"),
     System("linear_dask_1", "dask, 1 worker", "digitstream", "u8", args=_dask(1)),
     System("linear_dask_2", "dask, 2 workers", "digitstream", "u8", args=_dask(2)),
-    System("linear_dask_2_if1", "dask, 2 workers, 1 in flight", "digitstream", "u8",
-           args=_dask(2, "--in-flight", "1")),
+    System(
+        "linear_dask_2_if1",
+        "dask, 2 workers, 1 in flight",
+        "digitstream",
+        "u8",
+        args=_dask(2, "--in-flight", "1"),
+    ),
 ]
 
 
@@ -72,14 +93,20 @@ def heavy_model(directory: Path) -> dict:
     from digitstream.model.bundle import save_bundle
 
     data = load_dataset("digits")
-    pipeline = Pipeline([("Scaler", StandardScaler()),
-                         ("RBF SVM", SVC(kernel="rbf", C=10, gamma="scale"))])
+    pipeline = Pipeline(
+        [("Scaler", StandardScaler()), ("RBF SVM", SVC(kernel="rbf", C=10, gamma="scale"))]
+    )
     pipeline.fit(data.X, data.y)
     accuracy = float(np.mean(pipeline.predict(data.X) == data.y))
-    save_bundle(pipeline, directory, {"dataset": "digits", "model": "scaler-rbf-svc",
-                                      "training_accuracy": accuracy})
-    return {"steps": [name for name, _ in pipeline.steps],
-            "support_vectors": int(pipeline[-1].support_vectors_.shape[0])}
+    save_bundle(
+        pipeline,
+        directory,
+        {"dataset": "digits", "model": "scaler-rbf-svc", "training_accuracy": accuracy},
+    )
+    return {
+        "steps": [name for name, _ in pipeline.steps],
+        "support_vectors": int(pipeline[-1].support_vectors_.shape[0]),
+    }
 
 
 def run(session, settings, console=None) -> dict:
@@ -94,19 +121,32 @@ def run(session, settings, console=None) -> dict:
     figures["heavy_model"] = heavy_model(heavy_dir)
 
     # runs of the heavy model are short: a few more of them steady the median
-    heavy = _measure(session, HEAVY, heavy_dir, MESSAGES["heavy"][quick],
-                     max(settings.runs, HEAVY_MIN_RUNS), figures["errors"])
+    heavy = _measure(
+        session,
+        HEAVY,
+        heavy_dir,
+        MESSAGES["heavy"][quick],
+        max(settings.runs, HEAVY_MIN_RUNS),
+        figures["errors"],
+    )
     figures["heavy"] = heavy
     one, two = heavy.get("heavy_dask_1", {}), heavy.get("heavy_dask_2", {})
     figures["speedup_2_vs_1"] = ratio(two.get("median"), one.get("median"))
 
-    linear = _measure(session, LINEAR, session.model_dir, MESSAGES["linear"][quick],
-                      settings.runs, figures["errors"],
-                      latency=("linear_local", "linear_dask_2", "linear_dask_2_if1"),
-                      latency_seconds=LATENCY_SECONDS[quick])
+    linear = _measure(
+        session,
+        LINEAR,
+        session.model_dir,
+        MESSAGES["linear"][quick],
+        settings.runs,
+        figures["errors"],
+        latency=("linear_local", "linear_dask_2", "linear_dask_2_if1"),
+        latency_seconds=LATENCY_SECONDS[quick],
+    )
     figures["linear"] = linear
-    figures["dask_2_vs_local"] = ratio(linear.get("linear_dask_2", {}).get("median"),
-                                       linear.get("linear_local", {}).get("median"))
+    figures["dask_2_vs_local"] = ratio(
+        linear.get("linear_dask_2", {}).get("median"), linear.get("linear_local", {}).get("median")
+    )
     local_p50 = linear.get("linear_local", {}).get("latency", {}).get("p50")
     dask_p50 = linear.get("linear_dask_2", {}).get("latency", {}).get("p50")
     figures["added_p50_ms"] = (dask_p50 - local_p50) if None not in (local_p50, dask_p50) else None
@@ -116,15 +156,24 @@ def run(session, settings, console=None) -> dict:
     except Exception as exc:  # a figure missing, not the whole benchmark
         figures["errors"].append(f"round trip probe: {type(exc).__name__}: {exc}")
     figures["load_average"] = [load_before, os.getloadavg()[0]]
-    figures["met"] = (None if figures["speedup_2_vs_1"] is None
-                      else figures["speedup_2_vs_1"] >= SPEEDUP_TARGET)
+    figures["met"] = (
+        None if figures["speedup_2_vs_1"] is None else figures["speedup_2_vs_1"] >= SPEEDUP_TARGET
+    )
     if console is not None:
         print_report(figures, console)
     return figures
 
 
-def _measure(session, systems: list[System], model_dir: Path, messages: int, runs: int,
-             errors: list[str], latency=(), latency_seconds: float = 2.0) -> dict:
+def _measure(
+    session,
+    systems: list[System],
+    model_dir: Path,
+    messages: int,
+    runs: int,
+    errors: list[str],
+    latency=(),
+    latency_seconds: float = 2.0,
+) -> dict:
     log = session.log
     log(f"dask: starting {', '.join(s.key for s in systems)}")
     try:
@@ -136,33 +185,54 @@ def _measure(session, systems: list[System], model_dir: Path, messages: int, run
         session.running[key] = proc
         session.sampler.watch(key, proc.pid)
     live = list(systems)
-    out = {s.key: {"label": s.label, "args": " ".join(s.args), "messages_per_run": messages,
-                   "runs": []} for s in systems}
+    out = {
+        s.key: {
+            "label": s.label,
+            "args": " ".join(s.args),
+            "messages_per_run": messages,
+            "runs": [],
+        }
+        for s in systems
+    }
 
     def attempt(system: System, what: str, measure):
         return session.attempt(system, what, measure, live, errors)
 
     try:
         for system in list(live):
-            attempt(system, "warm-up", lambda: session.throughput(system.key, max(1000, messages // 10)))
+            attempt(
+                system,
+                "warm-up",
+                functools.partial(session.throughput, system.key, max(1000, messages // 10)),
+            )
         for round_no in range(1, runs + 1):
             for system in list(live):
-                result = attempt(system, f"run {round_no}",
-                                 lambda: session.throughput(system.key, messages))
+                result = attempt(
+                    system,
+                    f"run {round_no}",
+                    functools.partial(session.throughput, system.key, messages),
+                )
                 if result is not None:
                     out[system.key]["runs"].append(result)
-                    log(f"dask: run {round_no}/{runs}  {system.key:16s} "
-                        f"{result['msg_per_s']:>12,.0f} msg/s")
+                    log(
+                        f"dask: run {round_no}/{runs}  {system.key:16s} "
+                        f"{result['msg_per_s']:>12,.0f} msg/s"
+                    )
         for key in latency:
             system = next((s for s in live if s.key == key), None)
             if system is not None:
-                result = attempt(system, "latency",
-                                 lambda: session.latency(key, LATENCY_RATE, latency_seconds))
+                result = attempt(
+                    system,
+                    "latency",
+                    functools.partial(session.latency, key, LATENCY_RATE, latency_seconds),
+                )
                 if result is not None:
                     result.pop("cdf", None)
                     out[key]["latency"] = result
-                    log(f"dask: latency at {LATENCY_RATE:,} msg/s  {key:16s} "
-                        f"p50 {result['p50']:.2f} ms  p99 {result['p99']:.2f} ms")
+                    log(
+                        f"dask: latency at {LATENCY_RATE:,} msg/s  {key:16s} "
+                        f"p50 {result['p50']:.2f} ms  p99 {result['p99']:.2f} ms"
+                    )
     finally:
         for system in systems:
             session.stop(system.key)
@@ -234,9 +304,15 @@ def round_trip(model_dir: Path, quick: bool, batch_size: int = 1000) -> dict:
             await engine.close()
         local_ms = statistics.median(local) * 1e3
         remote_ms = statistics.median(remote) * 1e3
-        return {"batch_size": batch_size, "batches": samples, "local_ms": local_ms,
-                "dask_ms": remote_ms, "overhead_ms": remote_ms - local_ms,
-                "batches_per_s": done / elapsed, "in_flight": options.in_flight}
+        return {
+            "batch_size": batch_size,
+            "batches": samples,
+            "local_ms": local_ms,
+            "dask_ms": remote_ms,
+            "overhead_ms": remote_ms - local_ms,
+            "batches_per_s": done / elapsed,
+            "in_flight": options.in_flight,
+        }
 
     return asyncio.run(measure())
 
@@ -248,32 +324,48 @@ def print_report(figures: dict, console) -> None:
         return "—" if value is None else format(value, fmt)
 
     heavy_steps = " -> ".join(figures.get("heavy_model", {}).get("steps", []))
-    for part, title in (("heavy", f"compute-heavy model ({heavy_steps})"),
-                        ("linear", "the seed's linear model")):
+    for part, title in (
+        ("heavy", f"compute-heavy model ({heavy_steps})"),
+        ("linear", "the seed's linear model"),
+    ):
         table = Table(title=f"Dask engine, {title}: msg/s, u8, median of runs")
         for name in ("system", "median msg/s", "min – max", "p50 ms", "p99 ms", "run options"):
             table.add_column(name, justify="right" if "ms" in name else "left")
         for fig in figures.get(part, {}).values():
             lat = fig.get("latency", {})
-            table.add_row(fig["label"], num(fig["median"]), f"{num(fig['min'])} – {num(fig['max'])}",
-                          num(lat.get("p50"), ".2f"), num(lat.get("p99"), ".2f"), fig["args"])
+            table.add_row(
+                fig["label"],
+                num(fig["median"]),
+                f"{num(fig['min'])} – {num(fig['max'])}",
+                num(lat.get("p50"), ".2f"),
+                num(lat.get("p99"), ".2f"),
+                fig["args"],
+            )
         console.print(table)
     mark = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "n/a"}[figures.get("met")]
-    console.print(f"compute-heavy model, 2 workers / 1 worker: "
-                  f"{num(figures.get('speedup_2_vs_1'), '.2f')} (target >= {SPEEDUP_TARGET}) {mark}")
-    console.print(f"linear model, Dask with 2 workers / local engine: "
-                  f"{num(figures.get('dask_2_vs_local'), '.2f')}; added median latency at "
-                  f"{LATENCY_RATE:,} msg/s: {num(figures.get('added_p50_ms'), '.1f')} ms")
+    console.print(
+        f"compute-heavy model, 2 workers / 1 worker: "
+        f"{num(figures.get('speedup_2_vs_1'), '.2f')} (target >= {SPEEDUP_TARGET}) {mark}"
+    )
+    console.print(
+        f"linear model, Dask with 2 workers / local engine: "
+        f"{num(figures.get('dask_2_vs_local'), '.2f')}; added median latency at "
+        f"{LATENCY_RATE:,} msg/s: {num(figures.get('added_p50_ms'), '.1f')} ms"
+    )
     probe = figures.get("round_trip")
     if probe:
-        console.print(f"one batch of {probe['batch_size']:,} messages, nothing queued: "
-                      f"{probe['dask_ms']:.1f} ms through Dask, {probe['local_ms']:.1f} ms in "
-                      f"process: [bold]{probe['overhead_ms']:.1f} ms overhead per batch[/bold]; "
-                      f"at most {probe['batches_per_s']:,.0f} batches/s with "
-                      f"{probe['in_flight']} in flight on one worker")
+        console.print(
+            f"one batch of {probe['batch_size']:,} messages, nothing queued: "
+            f"{probe['dask_ms']:.1f} ms through Dask, {probe['local_ms']:.1f} ms in "
+            f"process: [bold]{probe['overhead_ms']:.1f} ms overhead per batch[/bold]; "
+            f"at most {probe['batches_per_s']:,.0f} batches/s with "
+            f"{probe['in_flight']} in flight on one worker"
+        )
     load = figures.get("load_average")
     if load:
-        console.print(f"load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
-                      f"on {figures.get('cores')} cores: other work on the machine shows here")
+        console.print(
+            f"load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
+            f"on {figures.get('cores')} cores: other work on the machine shows here"
+        )
     for error in figures.get("errors", []):
         console.print(f"[red]dask error:[/red] {error}")

@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from digitstream.addresses import parse_address
     from digitstream.bench.baseline import connect_with_retry
 
-    parser = argparse.ArgumentParser(prog="python -m digitstream.bench.relay",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m digitstream.bench.relay", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--in", dest="in_addr", required=True, type=parse_address)
     parser.add_argument("--out", dest="out_addr", required=True, type=parse_address)
     args = parser.parse_args(argv)

@@ -14,20 +14,26 @@ def _num(value, fmt: str = ",.0f", missing: str = "—") -> str:
 
 
 def _mark(met) -> str:
-    return {True: "[green]met[/green]", False: "[red]missed[/red]", None: "[yellow]n/a[/yellow]"}[met]
+    return {True: "[green]met[/green]", False: "[red]missed[/red]", None: "[yellow]n/a[/yellow]"}[
+        met
+    ]
 
 
 def print_header(figures: dict, console: Console) -> None:
     m, v = figures["machine"], figures["versions"]
     console.print(f"[bold]{figures['command']}[/bold]  ({figures['started']})")
-    console.print(f"machine: {m['cpu_model']}, {m['cores_logical']} logical cores "
-                  f"({m['cores_physical']} physical), {m['memory_gb']} GB, {m['platform']}, "
-                  f"load average at start {' '.join(map(str, m['load_average_at_start']))}")
+    console.print(
+        f"machine: {m['cpu_model']}, {m['cores_logical']} logical cores "
+        f"({m['cores_physical']} physical), {m['memory_gb']} GB, {m['platform']}, "
+        f"load average at start {' '.join(map(str, m['load_average_at_start']))}"
+    )
     console.print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
     model = figures.get("model") or {}
     if model:
-        console.print(f"model: {' -> '.join(model['steps'])}, {model['n_features']} features, "
-                      f"fitted on {model['fitted_on']} of {model['dataset']}")
+        console.print(
+            f"model: {' -> '.join(model['steps'])}, {model['n_features']} features, "
+            f"fitted on {model['fitted_on']} of {model['dataset']}"
+        )
 
 
 def print_report(figures: dict, console: Console) -> None:
@@ -35,34 +41,52 @@ def print_report(figures: dict, console: Console) -> None:
     settings = figures["settings"]
 
     table = Table(title=f"Throughput, end to end (median of {settings['runs']} runs)")
-    for name, justify in [("system", "left"), ("input", "left"), ("messages/run", "right"),
-                          ("median msg/s", "right"), ("min – max msg/s", "right"),
-                          ("peak RSS", "right")]:
+    for name, justify in [
+        ("system", "left"),
+        ("input", "left"),
+        ("messages/run", "right"),
+        ("median msg/s", "right"),
+        ("min – max msg/s", "right"),
+        ("peak RSS", "right"),
+    ]:
         table.add_column(name, justify=justify)
     for fig in figures["throughput"].values():
-        table.add_row(fig["label"], fig["format"], _num(fig["messages_per_run"]),
-                      _num(fig["median"]), f"{_num(fig['min'])} – {_num(fig['max'])}",
-                      _num(fig["peak_rss_mb"], ",.0f") + " MB")
+        table.add_row(
+            fig["label"],
+            fig["format"],
+            _num(fig["messages_per_run"]),
+            _num(fig["median"]),
+            f"{_num(fig['min'])} – {_num(fig['max'])}",
+            _num(fig["peak_rss_mb"], ",.0f") + " MB",
+        )
     console.print(table)
 
-    table = Table(title=f"Latency, end to end, paced at {settings['latency_rate']:,.0f} msg/s "
-                        f"for {settings['latency_seconds']:g} s (ms)")
+    table = Table(
+        title=f"Latency, end to end, paced at {settings['latency_rate']:,.0f} msg/s "
+        f"for {settings['latency_seconds']:g} s (ms)"
+    )
     for name in ["system", "messages", "sent msg/s", "p50", "p90", "p99", "p99.9", "max"]:
         table.add_column(name, justify="left" if name == "system" else "right")
     for fig in figures["latency"].values():
-        table.add_row(fig["label"], _num(fig["messages"]), _num(fig["rate_sent"]),
-                      *(_num(fig[k], ".3f") for k in ("p50", "p90", "p99", "p99_9", "max")))
+        table.add_row(
+            fig["label"],
+            _num(fig["messages"]),
+            _num(fig["rate_sent"]),
+            *(_num(fig[k], ".3f") for k in ("p50", "p90", "p99", "p99_9", "max")),
+        )
     console.print(table)
 
     table = Table(title="Ratios, this run")
     table.add_column("ratio")
     table.add_column("of medians", justify="right")
     table.add_column("paired (median over rounds)", justify="right")
-    names = {"u8_vs_baseline": "digitstream u8 / seed design",
-             "pickle_vs_baseline": "digitstream pickle / seed design (same input)",
-             "u8_vs_relay": "digitstream u8 / relay u8 (the ceiling)",
-             "pickle_vs_relay": "digitstream pickle / relay pickle",
-             "metrics_on_vs_off": "digitstream u8, metrics on / off"}
+    names = {
+        "u8_vs_baseline": "digitstream u8 / seed design",
+        "pickle_vs_baseline": "digitstream pickle / seed design (same input)",
+        "u8_vs_relay": "digitstream u8 / relay u8 (the ceiling)",
+        "pickle_vs_relay": "digitstream pickle / relay pickle",
+        "metrics_on_vs_off": "digitstream u8, metrics on / off",
+    }
     paired = figures.get("ratios_paired", {})
     for key, value in figures["ratios"].items():
         table.add_row(names.get(key, key), _ratio(value), _ratio(paired.get(key)))
@@ -74,11 +98,19 @@ def print_report(figures: dict, console: Console) -> None:
     for row in figures["targets"]:
         measured = row["measured"]
         unit = row["unit"]
-        text = ("—" if measured is None else
-                f"{measured:,.0f} {unit}" if unit == "msg/s" else
-                f"{measured:,.3f} {unit}" if unit == "ms" else
-                f"{measured:,.0f} {unit}" if unit == "MB" else
-                f"{measured:,.2f}{unit}" if measured < 10 else f"{measured:,.0f}{unit}")
+        text = (
+            "—"
+            if measured is None
+            else f"{measured:,.0f} {unit}"
+            if unit == "msg/s"
+            else f"{measured:,.3f} {unit}"
+            if unit == "ms"
+            else f"{measured:,.0f} {unit}"
+            if unit == "MB"
+            else f"{measured:,.2f}{unit}"
+            if measured < 10
+            else f"{measured:,.0f}{unit}"
+        )
         if row.get("note"):
             text += f" ({row['note']})"
         table.add_row(row["name"], row["target"], text, _mark(row["met"]))
@@ -101,10 +133,12 @@ def print_soak(figures: dict, console: Console) -> None:
         table.add_row(f"{point['t']:.0f}", _num(point["msg_per_s"]), _num(point["rss_mb"], ",.1f"))
     console.print(table)
     if soak["timeline"]:
-        console.print(f"{soak['messages']:,} messages in {soak['seconds']:.1f} s: "
-                      f"{soak['msg_per_s']:,.0f} msg/s overall; application RSS "
-                      f"{soak['rss_first_mb']:.0f} MB after the first chunk, "
-                      f"{soak['rss_last_mb']:.0f} MB after the last, peak {soak['peak_rss_mb']:.0f} MB")
+        console.print(
+            f"{soak['messages']:,} messages in {soak['seconds']:.1f} s: "
+            f"{soak['msg_per_s']:,.0f} msg/s overall; application RSS "
+            f"{soak['rss_first_mb']:.0f} MB after the first chunk, "
+            f"{soak['rss_last_mb']:.0f} MB after the last, peak {soak['peak_rss_mb']:.0f} MB"
+        )
     for error in figures["errors"]:
         console.print(f"[red]error:[/red] {error}")
 
@@ -124,11 +158,16 @@ def write_plot(figures: dict, path: str | Path) -> None:
     if "soak" in figures:
         fig = _plot_soak(plt, figures)
     else:
-        fig, (bars, cdf) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.2, 1]})
+        fig, (bars, cdf) = plt.subplots(
+            1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.2, 1]}
+        )
         _plot_throughput(bars, figures)
         _plot_latency(cdf, figures)
-        fig.suptitle(f"{figures['command']} — {figures['machine']['cpu_model']}, "
-                     f"{figures['machine']['cores_logical']} cores", fontsize=10)
+        fig.suptitle(
+            f"{figures['command']} — {figures['machine']['cpu_model']}, "
+            f"{figures['machine']['cores_logical']} cores",
+            fontsize=10,
+        )
         fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -142,8 +181,15 @@ def _plot_throughput(ax, figures: dict) -> None:
     for x, f in zip(xs, items):
         runs = [r["msg_per_s"] for r in f["runs"]]
         ax.plot([x] * len(runs), runs, "k.", markersize=4)
-        ax.annotate(_short(f["median"]), (x, f["median"]), ha="center", va="bottom", fontsize=8,
-                    xytext=(0, 3), textcoords="offset points")
+        ax.annotate(
+            _short(f["median"]),
+            (x, f["median"]),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 3),
+            textcoords="offset points",
+        )
     ax.set_yscale("log")
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f["label"] for f in items], rotation=30, ha="right", fontsize=8)
@@ -209,4 +255,3 @@ def _short(value: float) -> str:
     if value >= 1e3:
         return f"{value / 1e3:.1f} k"
     return f"{value:.0f}"
-

@@ -43,8 +43,13 @@ from digitstream.tools.measure import (
 
 SYSTEMS = [
     System("digitstream_u8", "digitstream u8", "digitstream", "u8"),
-    System("digitstream_u8_no_metrics", "digitstream u8, no metrics", "digitstream", "u8",
-           metrics=False),
+    System(
+        "digitstream_u8_no_metrics",
+        "digitstream u8, no metrics",
+        "digitstream",
+        "u8",
+        metrics=False,
+    ),
     System("digitstream_pickle", "digitstream pickle", "digitstream", "pickle"),
     System("digitstream_f32", "digitstream f32", "digitstream", "f32"),
     System("baseline", "seed design (baseline)", "baseline", "pickle"),
@@ -81,7 +86,11 @@ class WorkerProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - the worker's stderr until close()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "digitstream.bench.worker", role, str(directory)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, bufsize=0)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            bufsize=0,
+        )
         self.channel = JsonLines(self.proc.stdout.fileno(), self.proc.stdin.fileno())
 
     def request(self, obj: dict) -> None:
@@ -100,8 +109,10 @@ class WorkerProcess:
     def _dead(self) -> BenchError:
         self.proc.poll()
         tail = self.log_path.read_text(errors="replace").strip().splitlines()[-10:]
-        return BenchError(f"the benchmark's {self.role} process ended "
-                          f"(status {self.proc.returncode}):\n" + "\n".join(tail))
+        return BenchError(
+            f"the benchmark's {self.role} process ended "
+            f"(status {self.proc.returncode}):\n" + "\n".join(tail)
+        )
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -202,29 +213,44 @@ class Session:
         """Send ``messages`` as fast as the system takes them; the run's figures."""
         sent, received = self._run(key, messages, rate=None, timeline=False)
         seconds = (received["last_ns"] - sent["start_ns"]) / 1e9
-        return {"messages": messages, "seconds": seconds, "msg_per_s": messages / seconds,
-                "sender_msg_per_s": messages / ((sent["end_ns"] - sent["start_ns"]) / 1e9)}
+        return {
+            "messages": messages,
+            "seconds": seconds,
+            "msg_per_s": messages / seconds,
+            "sender_msg_per_s": messages / ((sent["end_ns"] - sent["start_ns"]) / 1e9),
+        }
 
     def latency(self, key: str, rate: float, seconds: float) -> dict:
         """Send for ``seconds`` paced at ``rate`` messages/s; per-message latency figures."""
         messages = max(1, int(rate * seconds))
         sent, received = self._run(key, messages, rate=rate, timeline=True)
-        lat = latencies_ns(as_timeline(np.load(sent["timeline"])),
-                           as_timeline(np.load(received["timeline"])), messages)
+        lat = latencies_ns(
+            as_timeline(np.load(sent["timeline"])),
+            as_timeline(np.load(received["timeline"])),
+            messages,
+        )
         send_seconds = (sent["end_ns"] - sent["start_ns"]) / 1e9
-        return {"rate_target": rate, "rate_sent": messages / send_seconds,
-                **latency_summary(lat)}
+        return {"rate_target": rate, "rate_sent": messages / send_seconds, **latency_summary(lat)}
 
     def _run(self, key: str, messages: int, rate: float | None, timeline: bool):
         proc = self.running[key]
         slowest = min(_SLOWEST[proc.system.kind], rate or float("inf"))
         deadline = 60 + messages / slowest
-        self.listener.request({"cmd": "expect", "messages": messages, "timeout": deadline,
-                               "timeline": timeline})
+        self.listener.request(
+            {"cmd": "expect", "messages": messages, "timeout": deadline, "timeline": timeline}
+        )
         if self.listener.reply(30) is None:
             raise BenchError("the benchmark's listener does not answer")
-        self.sender.request({"cmd": "send", "to": str(proc.in_addr), "format": proc.system.fmt,
-                             "messages": messages, "rate": rate, "timeline": timeline})
+        self.sender.request(
+            {
+                "cmd": "send",
+                "to": str(proc.in_addr),
+                "format": proc.system.fmt,
+                "messages": messages,
+                "rate": rate,
+                "timeline": timeline,
+            }
+        )
         sent = received = None
         problem = None
         until = time.monotonic() + deadline
@@ -276,18 +302,29 @@ def prepare_model(directory: Path) -> dict:
     from digitstream.model.bundle import save_bundle
 
     data = load_dataset("digits")
-    pipeline = Pipeline([("PCA", PCA(n_components=40, random_state=0)),
-                         ("Logistic Regression", LogisticRegression(C=3, max_iter=5000))])
+    pipeline = Pipeline(
+        [
+            ("PCA", PCA(n_components=40, random_state=0)),
+            ("Logistic Regression", LogisticRegression(C=3, max_iter=5000)),
+        ]
+    )
     # a fit this small gains nothing from BLAS threads, and on a busy machine
     # their spinning makes it fifty times slower
     with threadpool_limits(1):
         pipeline.fit(data.X, data.y)
     accuracy = float(np.mean(pipeline.predict(data.X) == data.y))
-    save_bundle(pipeline, directory, {"dataset": "digits", "model": "pca-logistic",
-                                      "training_accuracy": accuracy})
-    return {"steps": [name for name, _ in pipeline.steps], "n_features": int(data.X.shape[1]),
-            "dataset": "digits", "fitted_on": f"all {len(data.X)} images",
-            "training_accuracy": accuracy}
+    save_bundle(
+        pipeline,
+        directory,
+        {"dataset": "digits", "model": "pca-logistic", "training_accuracy": accuracy},
+    )
+    return {
+        "steps": [name for name, _ in pipeline.steps],
+        "n_features": int(data.X.shape[1]),
+        "dataset": "digits",
+        "fitted_on": f"all {len(data.X)} images",
+        "training_accuracy": accuracy,
+    }
 
 
 # --------------------------------------------------------------------- suite
@@ -306,41 +343,55 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
         return session.attempt(system, what, measure, live, errors)
 
     for system in list(live):
-        attempt(system, "warm-up",
-                partial(session.throughput, system.key, settings.warmup[system.key]))
+        attempt(
+            system, "warm-up", partial(session.throughput, system.key, settings.warmup[system.key])
+        )
 
     runs: dict[str, list[dict]] = {s.key: [] for s in systems}
     for round_no in range(1, settings.runs + 1):
         for system in list(live):
-            result = attempt(system, f"run {round_no}",
-                             partial(session.throughput, system.key, settings.messages[system.key]))
+            result = attempt(
+                system,
+                f"run {round_no}",
+                partial(session.throughput, system.key, settings.messages[system.key]),
+            )
             if result is not None:
                 runs[system.key].append(result)
-                log(f"run {round_no}/{settings.runs}  {system.label:28s} "
+                log(
+                    f"run {round_no}/{settings.runs}  {system.label:28s} "
                     f"{result['msg_per_s']:>14,.0f} msg/s  ({result['messages']:,} in "
-                    f"{result['seconds']:.2f} s)")
+                    f"{result['seconds']:.2f} s)"
+                )
 
     latency = {}
     for key in LATENCY_SYSTEMS:
         system = next((s for s in live if s.key == key), None)
         if system is None:
             continue
-        result = attempt(system, "latency", partial(session.latency, key, settings.latency_rate,
-                                                    settings.latency_seconds))
+        result = attempt(
+            system,
+            "latency",
+            partial(session.latency, key, settings.latency_rate, settings.latency_seconds),
+        )
         if result is not None:
             latency[key] = {"label": system.label, **result}
-            log(f"latency at {settings.latency_rate:,.0f} msg/s  {system.label:20s} "
+            log(
+                f"latency at {settings.latency_rate:,.0f} msg/s  {system.label:20s} "
                 f"p50 {result['p50']:.3f} ms  p99 {result['p99']:.3f} ms  "
-                f"p99.9 {result['p99_9']:.3f} ms")
+                f"p99.9 {result['p99_9']:.3f} ms"
+            )
 
     for system in systems:
         rates = [r["msg_per_s"] for r in runs[system.key]]
         peak = session.peak_rss(system.key)
         figures["throughput"][system.key] = {
-            "label": system.label, "kind": system.kind, "format": system.fmt,
+            "label": system.label,
+            "kind": system.kind,
+            "format": system.fmt,
             "metrics": system.metrics if system.kind == "digitstream" else None,
             "messages_per_run": settings.messages[system.key],
-            "runs": runs[system.key], **rate_summary(rates),
+            "runs": runs[system.key],
+            **rate_summary(rates),
             "peak_rss_mb": peak / 2**20 if peak else None,
             "messages_answered": session.answered.get(system.key, 0),
         }
@@ -376,8 +427,9 @@ RATIOS = {
 
 def compute_ratios(figures: dict) -> dict:
     """Each ratio of medians."""
-    return {name: ratio(_median(figures, a), _median(figures, b))
-            for name, (a, b) in RATIOS.items()}
+    return {
+        name: ratio(_median(figures, a), _median(figures, b)) for name, (a, b) in RATIOS.items()
+    }
 
 
 def compute_paired_ratios(figures: dict) -> dict:
@@ -401,42 +453,91 @@ def evaluate_targets(figures: dict) -> list[dict]:
     memory = figures["memory"]
 
     def row(name, target_text, measured, met, unit=""):
-        return {"name": name, "target": target_text, "measured": measured, "unit": unit,
-                "met": None if measured is None else met}
+        return {
+            "name": name,
+            "target": target_text,
+            "measured": measured,
+            "unit": unit,
+            "met": None if measured is None else met,
+        }
 
     answered = memory.get("messages_answered") or 0
     peak = memory.get("peak_rss_mb")
-    memory_row = row("digitstream u8 peak RSS", f"<= {t['peak_rss_mb']} MB over "
-                     f"{t['memory_messages'] / 1e6:.0f} M messages", peak,
-                     peak is not None and peak <= t["peak_rss_mb"], "MB")
+    memory_row = row(
+        "digitstream u8 peak RSS",
+        f"<= {t['peak_rss_mb']} MB over {t['memory_messages'] / 1e6:.0f} M messages",
+        peak,
+        peak is not None and peak <= t["peak_rss_mb"],
+        "MB",
+    )
     if peak is not None and answered < t["memory_messages"]:
         memory_row["met"] = None
         memory_row["note"] = f"only {answered:,} messages in this run"
     u8, pickle = _median(figures, "digitstream_u8"), _median(figures, "digitstream_pickle")
     rows = [
-        row("digitstream u8 throughput", f">= {t['u8_msg_per_s']:,} msg/s", u8,
-            u8 is not None and u8 >= t["u8_msg_per_s"], "msg/s"),
-        row("digitstream u8 / relay u8", f">= {t['u8_vs_relay']}", ratios["u8_vs_relay"],
-            (ratios["u8_vs_relay"] or 0) >= t["u8_vs_relay"], "x"),
-        row("digitstream pickle throughput", f">= {t['pickle_msg_per_s']:,} msg/s", pickle,
-            pickle is not None and pickle >= t["pickle_msg_per_s"], "msg/s"),
-        row("digitstream u8 / baseline", f">= {t['vs_baseline']}", ratios["u8_vs_baseline"],
-            (ratios["u8_vs_baseline"] or 0) >= t["vs_baseline"], "x"),
-        row("digitstream pickle / baseline (same input)", f">= {t['vs_baseline']}",
-            ratios["pickle_vs_baseline"], (ratios["pickle_vs_baseline"] or 0) >= t["vs_baseline"],
-            "x"),
-        row("digitstream u8 p99 latency, paced", f"<= {t['p99_ms']} ms", p99,
-            p99 is not None and p99 <= t["p99_ms"], "ms"),
+        row(
+            "digitstream u8 throughput",
+            f">= {t['u8_msg_per_s']:,} msg/s",
+            u8,
+            u8 is not None and u8 >= t["u8_msg_per_s"],
+            "msg/s",
+        ),
+        row(
+            "digitstream u8 / relay u8",
+            f">= {t['u8_vs_relay']}",
+            ratios["u8_vs_relay"],
+            (ratios["u8_vs_relay"] or 0) >= t["u8_vs_relay"],
+            "x",
+        ),
+        row(
+            "digitstream pickle throughput",
+            f">= {t['pickle_msg_per_s']:,} msg/s",
+            pickle,
+            pickle is not None and pickle >= t["pickle_msg_per_s"],
+            "msg/s",
+        ),
+        row(
+            "digitstream u8 / baseline",
+            f">= {t['vs_baseline']}",
+            ratios["u8_vs_baseline"],
+            (ratios["u8_vs_baseline"] or 0) >= t["vs_baseline"],
+            "x",
+        ),
+        row(
+            "digitstream pickle / baseline (same input)",
+            f">= {t['vs_baseline']}",
+            ratios["pickle_vs_baseline"],
+            (ratios["pickle_vs_baseline"] or 0) >= t["vs_baseline"],
+            "x",
+        ),
+        row(
+            "digitstream u8 p99 latency, paced",
+            f"<= {t['p99_ms']} ms",
+            p99,
+            p99 is not None and p99 <= t["p99_ms"],
+            "ms",
+        ),
         memory_row,
-        row("metrics on / off (u8)", f">= {t['metrics_on_vs_off']}", ratios["metrics_on_vs_off"],
-            (ratios["metrics_on_vs_off"] or 0) >= t["metrics_on_vs_off"], "x"),
+        row(
+            "metrics on / off (u8)",
+            f">= {t['metrics_on_vs_off']}",
+            ratios["metrics_on_vs_off"],
+            (ratios["metrics_on_vs_off"] or 0) >= t["metrics_on_vs_off"],
+            "x",
+        ),
     ]
     return rows
 
 
 # ---------------------------------------------------------------------- main
-def main(quick: bool = False, json_path: str | None = None, plot_path: str | None = None,
-         engine: str = "local", soak_minutes: float | None = None, runs: int | None = None) -> int:
+def main(
+    quick: bool = False,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    engine: str = "local",
+    soak_minutes: float | None = None,
+    runs: int | None = None,
+) -> int:
     """``digitstream bench``; the exit status (1 if any measurement failed)."""
     from rich.console import Console
 

@@ -27,18 +27,31 @@ class Settings:
 
     @classmethod
     def full(cls) -> Settings:
-        messages = {"digitstream_u8": 20_000_000, "digitstream_u8_no_metrics": 20_000_000,
-                    "digitstream_pickle": 5_000_000, "digitstream_f32": 5_000_000,
-                    "baseline": 20_000, "relay_u8": 10_000_000, "relay_pickle": 5_000_000}
+        messages = {
+            "digitstream_u8": 20_000_000,
+            "digitstream_u8_no_metrics": 20_000_000,
+            "digitstream_pickle": 5_000_000,
+            "digitstream_f32": 5_000_000,
+            "baseline": 20_000,
+            "relay_u8": 10_000_000,
+            "relay_pickle": 5_000_000,
+        }
         return cls(runs=5, messages=messages, warmup=_warmups(messages), latency_seconds=10.0)
 
     @classmethod
     def quick_run(cls) -> Settings:
-        messages = {"digitstream_u8": 1_000_000, "digitstream_u8_no_metrics": 1_000_000,
-                    "digitstream_pickle": 300_000, "digitstream_f32": 300_000,
-                    "baseline": 1_000, "relay_u8": 1_000_000, "relay_pickle": 300_000}
-        return cls(runs=3, messages=messages, warmup=_warmups(messages), latency_seconds=1.5,
-                   quick=True)
+        messages = {
+            "digitstream_u8": 1_000_000,
+            "digitstream_u8_no_metrics": 1_000_000,
+            "digitstream_pickle": 300_000,
+            "digitstream_f32": 300_000,
+            "baseline": 1_000,
+            "relay_u8": 1_000_000,
+            "relay_pickle": 300_000,
+        }
+        return cls(
+            runs=3, messages=messages, warmup=_warmups(messages), latency_seconds=1.5, quick=True
+        )
 
 
 def _warmups(messages: dict[str, int]) -> dict[str, int]:
@@ -51,12 +64,20 @@ def new_figures(settings: Settings) -> dict:
         "command": command_line(),
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "quick": settings.quick,
-        "settings": {"runs": settings.runs, "messages_per_run": settings.messages,
-                     "warmup_messages": settings.warmup, "latency_rate": settings.latency_rate,
-                     "latency_seconds": settings.latency_seconds},
+        "settings": {
+            "runs": settings.runs,
+            "messages_per_run": settings.messages,
+            "warmup_messages": settings.warmup,
+            "latency_rate": settings.latency_rate,
+            "latency_seconds": settings.latency_seconds,
+        },
         "machine": machine_info(),
         "versions": versions(),
-        "throughput": {}, "latency": {}, "memory": {}, "ratios": {}, "ratios_paired": {},
+        "throughput": {},
+        "latency": {},
+        "memory": {},
+        "ratios": {},
+        "ratios_paired": {},
         "targets": [],
         "errors": [],
     }
@@ -111,13 +132,24 @@ def _source_revision() -> str | None:
 
     where = Path(digitstream.__file__).parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where,
-                                capture_output=True, text=True, timeout=5, check=False)
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
         if commit.returncode != 0:
             return None
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."],
-                                 cwd=where, capture_output=True, text=True, timeout=5,
-                                 check=False)
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "."],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return commit.stdout.strip() + ("+changes" if changed.stdout.strip() else "")

@@ -44,8 +44,11 @@ def run_soak(session, minutes: float) -> dict:
             run = session.throughput(key, chunk)
             session.sampler.sample()
             rss = session.sampler.series[key][-1][1] / 2**20
-            point = {"t": round(time.monotonic() - start, 2), "msg_per_s": run["msg_per_s"],
-                     "rss_mb": rss}
+            point = {
+                "t": round(time.monotonic() - start, 2),
+                "msg_per_s": run["msg_per_s"],
+                "rss_mb": rss,
+            }
             soak["timeline"].append(point)
             soak["messages"] += run["messages"]
             log(f"soak {point['t']:7.1f} s  {run['msg_per_s']:>12,.0f} msg/s  RSS {rss:6.1f} MB")

@@ -45,18 +45,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(system: System, in_addr: Address, out_addr: Address, model_dir: str | Path) -> list[str]:
+def command(
+    system: System, in_addr: Address, out_addr: Address, model_dir: str | Path
+) -> list[str]:
     if system.kind == "digitstream":
         metrics = ["--metrics", f"{HOST}:{free_port()}"] if system.metrics else ["--no-metrics"]
-        return [sys.executable, "-m", "digitstream.cli", "-q", "run", "--in", str(in_addr),
-                "--out", str(out_addr), "--model", str(model_dir), "--input-format", system.fmt,
-                *metrics, *system.args]
+        return [
+            sys.executable,
+            "-m",
+            "digitstream.cli",
+            "-q",
+            "run",
+            "--in",
+            str(in_addr),
+            "--out",
+            str(out_addr),
+            "--model",
+            str(model_dir),
+            "--input-format",
+            system.fmt,
+            *metrics,
+            *system.args,
+        ]
     if system.kind == "baseline":
-        return [sys.executable, "-m", "digitstream.bench.baseline", "--in", str(in_addr),
-                "--out", str(out_addr), "--model", str(model_dir)]
+        return [
+            sys.executable,
+            "-m",
+            "digitstream.bench.baseline",
+            "--in",
+            str(in_addr),
+            "--out",
+            str(out_addr),
+            "--model",
+            str(model_dir),
+        ]
     if system.kind == "relay":
-        return [sys.executable, "-m", "digitstream.bench.relay", "--in", str(in_addr),
-                "--out", str(out_addr)]
+        return [
+            sys.executable,
+            "-m",
+            "digitstream.bench.relay",
+            "--in",
+            str(in_addr),
+            "--out",
+            str(out_addr),
+        ]
     raise ValueError(f"unknown system kind {system.kind!r}")
 
 
@@ -67,10 +99,13 @@ class Running:
         self.system = system
         self.in_addr = Address(HOST, free_port())
         self.log_path = log_dir / f"{system.key}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(command(system, self.in_addr, out_addr, model_dir),
-                                     stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the process's life
+        self.proc = subprocess.Popen(
+            command(system, self.in_addr, out_addr, model_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     @property
     def pid(self) -> int:
@@ -86,7 +121,9 @@ class Running:
 
     def failure(self, what: str) -> BenchError:
         status = "" if self.alive() else f" (exited with status {self.proc.returncode})"
-        return BenchError(f"{self.system.label}: {what}{status}; log {self.log_path}:\n{self.log_tail()}")
+        return BenchError(
+            f"{self.system.label}: {what}{status}; log {self.log_path}:\n{self.log_tail()}"
+        )
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait until this process listens on its input port (the model is loaded by then).
@@ -103,8 +140,10 @@ class Running:
             if not self.alive():
                 raise self.failure("did not start")
             try:
-                if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.in_addr.port
-                       for c in process.net_connections("tcp")):
+                if any(
+                    c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.in_addr.port
+                    for c in process.net_connections("tcp")
+                ):
                     return
             except psutil.NoSuchProcess:
                 continue
@@ -157,7 +196,7 @@ class MemorySampler:
         self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
-    def start(self) -> "MemorySampler":
+    def start(self) -> MemorySampler:
         self._thread.start()
         return self
 
@@ -199,8 +238,13 @@ class MemorySampler:
             self._thread.join(5)
 
 
-def start_all(systems: list[System], out_addr: Address, model_dir: str | Path, log_dir: Path,
-              timeout: float = 120.0) -> dict[str, Running]:
+def start_all(
+    systems: list[System],
+    out_addr: Address,
+    model_dir: str | Path,
+    log_dir: Path,
+    timeout: float = 120.0,
+) -> dict[str, Running]:
     """Start every system at once (start-up is mostly imports: they overlap) and wait
     until all are ready; on failure, stop the ones started and raise."""
     running: dict[str, Running] = {}
@@ -222,4 +266,3 @@ def start_all(systems: list[System], out_addr: Address, model_dir: str | Path, l
             proc.stop()
         raise
     return running
-

@@ -49,7 +49,7 @@ class JsonLines:
     def write(self, obj: dict) -> None:
         data = (json.dumps(obj) + "\n").encode()
         while data:
-            data = data[os.write(self.write_fd, data):]
+            data = data[os.write(self.write_fd, data) :]
 
     def read(self, timeout: float | None = None) -> dict | None:
         """The next object; None if none came within ``timeout``. EOFError at end of stream."""
@@ -103,16 +103,30 @@ def serve_sender(channel: JsonLines, directory: Path) -> None:
         plan = exact_plan(frames[fmt], int(request["messages"]))
         start_ns = time.perf_counter_ns()
         try:
-            stats = send_frames(parse_address(request["to"]), [plan], rate=request.get("rate"),
-                                record_times=bool(request.get("timeline")))
+            stats = send_frames(
+                parse_address(request["to"]),
+                [plan],
+                rate=request.get("rate"),
+                record_times=bool(request.get("timeline")),
+            )
         except UserError as exc:
             channel.write({"error": str(exc)})
             continue
         end_ns = time.perf_counter_ns()
-        timeline = (_save_timeline(directory, "sent", stats.timelines[0])
-                    if stats.timelines is not None else None)
-        channel.write({"start_ns": start_ns, "end_ns": end_ns, "messages": stats.messages,
-                       "bytes": stats.bytes, "timeline": timeline})
+        timeline = (
+            _save_timeline(directory, "sent", stats.timelines[0])
+            if stats.timelines is not None
+            else None
+        )
+        channel.write(
+            {
+                "start_ns": start_ns,
+                "end_ns": end_ns,
+                "messages": stats.messages,
+                "bytes": stats.bytes,
+                "timeline": timeline,
+            }
+        )
 
 
 # ------------------------------------------------------------------ listener
@@ -149,8 +163,13 @@ def _expect(listener, channel: JsonLines, directory: Path, request: dict) -> Non
             break
     entries = np.asarray(listener.timeline[first_entry:], dtype=np.int64).reshape(-1, 2)
     entries[:, 1] -= mark
-    reply = {"ok": ok, "frames": listener.frames - mark, "first_ns": None, "last_ns": None,
-             "timeline": None}
+    reply = {
+        "ok": ok,
+        "frames": listener.frames - mark,
+        "first_ns": None,
+        "last_ns": None,
+        "timeline": None,
+    }
     if len(entries):
         reply["first_ns"] = int(entries[0, 0])
         done = np.searchsorted(entries[:, 1], target - mark, side="left")

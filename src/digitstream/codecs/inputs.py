@@ -30,15 +30,29 @@ from digitstream.codecs.safe_pickle import NUMERIC_KINDS, PickleTemplates, restr
 from digitstream.formats import AUTO, INPUT_FORMATS, RAW_DTYPE_NAMES, RUN_INPUT_FORMATS
 from digitstream.wire.framing import Payloads
 
-__all__ = ["INPUT_FORMATS", "Decoded", "Decoder", "RejectedInput", "encode_images",
-           "reason_kind", "smallest_payload"]
+__all__ = [
+    "INPUT_FORMATS",
+    "Decoded",
+    "Decoder",
+    "RejectedInput",
+    "encode_images",
+    "reason_kind",
+    "smallest_payload",
+]
 
 RAW_DTYPES = {name: np.dtype(code) for name, code in RAW_DTYPE_NAMES.items()}
 NPY_MAGIC = npy_format.MAGIC_PREFIX
 
 
-_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "true or false",
-               type(None): "null", int: "a number", float: "a number"}
+_JSON_TYPES = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    bool: "true or false",
+    type(None): "null",
+    int: "a number",
+    float: "a number",
+}
 
 
 class RejectedInput(ValueError):
@@ -74,7 +88,7 @@ def encode_images(X: np.ndarray, fmt: str, labels=None, ids=None) -> list[bytes]
         data = np.ascontiguousarray(X, dtype=dtype)
         width = data.shape[1] * dtype.itemsize
         raw = data.tobytes()
-        return [raw[i:i + width] for i in range(0, len(raw), width)]
+        return [raw[i : i + width] for i in range(0, len(raw), width)]
     rows = np.ascontiguousarray(X, dtype=np.float64)
     if fmt == "pickle":
         return [pickle.dumps(row) for row in rows]
@@ -97,7 +111,8 @@ def encode_images(X: np.ndarray, fmt: str, labels=None, ids=None) -> list[bytes]
 def _npy_header(n_features: int) -> bytes:
     buffer = io.BytesIO()
     npy_format.write_array_header_1_0(
-        buffer, {"descr": "<f8", "fortran_order": False, "shape": (n_features,)})
+        buffer, {"descr": "<f8", "fortran_order": False, "shape": (n_features,)}
+    )
     return buffer.getvalue()
 
 
@@ -131,11 +146,9 @@ class Decoder:
                 return out
         X = np.zeros((n, self.n_features), dtype=np.float64)
         out = Decoded(X)
-        todo: np.ndarray | range
-        if payloads.fixed is not None:
-            todo = self._decode_fixed(payloads.fixed, X)
-        else:
-            todo = range(n)
+        todo: np.ndarray | range = (
+            self._decode_fixed(payloads.fixed, X) if payloads.fixed is not None else range(n)
+        )
         for i in todo:
             try:
                 X[i] = self._decode_one(payloads[i], out, int(i))
@@ -147,7 +160,7 @@ class Decoder:
     def _decode_whole(self, rows: np.ndarray) -> np.ndarray | None:
         """The common case in one or two NumPy calls: every payload of the group is
         raw pixels of the right size, or the seed's pickle layout; else None."""
-        n, length = rows.shape
+        length = rows.shape[1]
         if self.fmt in RAW_DTYPES:
             dtype = RAW_DTYPES[self.fmt]
             if length != self.n_features * dtype.itemsize:
@@ -190,19 +203,28 @@ class Decoder:
             raise RejectedInput("empty payload")
         fmt = self.fmt
         if fmt == "auto":
-            fmt = "npy" if payload.startswith(NPY_MAGIC) else \
-                "json" if payload[:1] == b"{" else "pickle"
+            fmt = (
+                "npy"
+                if payload.startswith(NPY_MAGIC)
+                else "json"
+                if payload[:1] == b"{"
+                else "pickle"
+            )
         if fmt in RAW_DTYPES:
             dtype = RAW_DTYPES[fmt]
             expected = self.n_features * dtype.itemsize
             if len(payload) != expected:
-                raise RejectedInput(f"expected {expected} bytes ({self.n_features} {fmt} values), "
-                                    f"got {len(payload)}")
+                raise RejectedInput(
+                    f"expected {expected} bytes ({self.n_features} {fmt} values), "
+                    f"got {len(payload)}"
+                )
             return np.frombuffer(payload, dtype=dtype)
         if fmt == "pickle":
             if len(payload) > self.max_pickle:
-                raise RejectedInput(f"bad pickle: {len(payload)} bytes, more than a pickled image of "
-                                    f"{self.n_features} values takes ({self.max_pickle})")
+                raise RejectedInput(
+                    f"bad pickle: {len(payload)} bytes, more than a pickled image of "
+                    f"{self.n_features} values takes ({self.max_pickle})"
+                )
             try:
                 array = restricted_loads(payload)
             except pickle.UnpicklingError as exc:
@@ -210,15 +232,18 @@ class Decoder:
                 if raw is not None:
                     raise RejectedInput(
                         f"bad pickle: {len(payload)} bytes that are not a pickle, .npy or JSON: "
-                        f"raw {raw} pixels? run with --input-format {raw}") from None
+                        f"raw {raw} pixels? run with --input-format {raw}"
+                    ) from None
                 raise RejectedInput(f"bad pickle: {exc}") from None
             return self._image(array)
         if fmt == "npy":
             header_len, dtype = _npy_layout(payload, self.n_features)
             expected = header_len + self.n_features * dtype.itemsize
             if len(payload) != expected:
-                raise RejectedInput(f"npy payload holds {len(payload) - header_len} data bytes, "
-                                    f"expected {expected - header_len}")
+                raise RejectedInput(
+                    f"npy payload holds {len(payload) - header_len} data bytes, "
+                    f"expected {expected - header_len}"
+                )
             return np.frombuffer(payload, dtype=dtype, offset=header_len)
         return self._decode_json(payload, out, index)
 
@@ -241,9 +266,11 @@ class Decoder:
         label, ident = obj.get("label"), obj.get("id")
         for name, value in (("label", label), ("id", ident)):
             if not _json_scalar(value):
-                raise RejectedInput(f'bad json: "{name}" must be a string or a finite number, '
-                                    f"got {_JSON_TYPES.get(type(value), 'a value')}"
-                                    f"{' that is not finite' if isinstance(value, float) else ''}")
+                raise RejectedInput(
+                    f'bad json: "{name}" must be a string or a finite number, '
+                    f"got {_JSON_TYPES.get(type(value), 'a value')}"
+                    f"{' that is not finite' if isinstance(value, float) else ''}"
+                )
         try:
             image = self._image(np.array(pixels, dtype=np.float64))
         except OverflowError:
@@ -260,8 +287,9 @@ class Decoder:
         if array.dtype.kind not in NUMERIC_KINDS:
             raise RejectedInput(f"expected numbers, got an array of dtype {array.dtype}")
         if array.size != self.n_features:
-            raise RejectedInput(f"expected {self.n_features} values, got {array.size} "
-                                f"(shape {array.shape})")
+            raise RejectedInput(
+                f"expected {self.n_features} values, got {array.size} (shape {array.shape})"
+            )
         return array.reshape(-1)
 
     @staticmethod
@@ -283,20 +311,21 @@ def _npy_layout(payload: bytes, n_features: int) -> tuple[int, np.dtype]:
     if major not in (1, 2, 3):
         raise RejectedInput(f"npy version {major} is not supported")
     size_bytes = 2 if major == 1 else 4
-    header_end = 8 + size_bytes + int.from_bytes(payload[8:8 + size_bytes], "little")
+    header_end = 8 + size_bytes + int.from_bytes(payload[8 : 8 + size_bytes], "little")
     if header_end > len(payload) or header_end > 65536:
         raise RejectedInput("npy header is truncated")
     stream = io.BytesIO(payload)
     # NumPy's own reader: a literal dict, checked, never evaluated as code (version 3 differs
     # from 2 only in allowing UTF-8 field names, which a plain numeric dtype has none of)
-    read_header = (npy_format.read_array_header_1_0 if major == 1
-                   else npy_format.read_array_header_2_0)
+    read_header = (
+        npy_format.read_array_header_1_0 if major == 1 else npy_format.read_array_header_2_0
+    )
     try:
         npy_format.read_magic(stream)
         shape, fortran, dtype = read_header(stream, max_header_size=65536)
     except EOFError:
         raise RejectedInput("npy header is truncated") from None
-    except Exception as exc:  # noqa: BLE001 - its parser raises many kinds on bad headers
+    except Exception as exc:
         raise RejectedInput(f"bad npy header ({type(exc).__name__})") from None
     if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.hasobject:
         raise RejectedInput(f"npy dtype {dtype} is not a plain numeric type")

@@ -42,7 +42,9 @@ class TextEncoder:
         width = len(frames[0]) if frames else 0
         self._table = None
         if frames and all(len(f) == width for f in frames):
-            self._table = np.frombuffer(b"".join(frames), dtype=np.uint8).reshape(len(frames), width)
+            self._table = np.frombuffer(b"".join(frames), dtype=np.uint8).reshape(
+                len(frames), width
+            )
 
     def _run(self, class_index: np.ndarray) -> bytes:
         if self._table is not None:
@@ -50,8 +52,9 @@ class TextEncoder:
         frames = self._frames
         return b"".join([frames[i] for i in class_index.tolist()])
 
-    def encode(self, first_seq: int, class_index: np.ndarray, confidence, errors: dict[int, str],
-               ids=None) -> bytes:
+    def encode(
+        self, first_seq: int, class_index: np.ndarray, confidence, errors: dict[int, str], ids=None
+    ) -> bytes:
         if not errors:
             return self._run(class_index)
         parts = []
@@ -79,8 +82,9 @@ class JsonEncoder:
     def __init__(self, classes: np.ndarray):
         self._labels = [_json(c.item() if hasattr(c, "item") else c) for c in classes]
 
-    def encode(self, first_seq: int, class_index: np.ndarray, confidence, errors: dict[int, str],
-               ids=None) -> bytes:
+    def encode(
+        self, first_seq: int, class_index: np.ndarray, confidence, errors: dict[int, str], ids=None
+    ) -> bytes:
         labels = self._labels
         probs = confidence.tolist() if confidence is not None else None
         pack = HEADER.pack

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+from typing import ClassVar
 
 import numpy as np
 
@@ -61,8 +62,10 @@ def _checked_frombuffer(buf, dtype, shape, order):
     shape = _checked_shape(shape)
     count = int(np.prod(shape)) if shape else 1
     if count * dtype.itemsize != len(buf):
-        raise UnsafePickle(f"buffer holds {len(buf)} bytes, shape {shape} of {dtype} "
-                           f"needs {count * dtype.itemsize}")
+        raise UnsafePickle(
+            f"buffer holds {len(buf)} bytes, shape {shape} of {dtype} "
+            f"needs {count * dtype.itemsize}"
+        )
     if order not in ("C", "F"):
         raise UnsafePickle(f"unknown array order {order!r}")
     return np.frombuffer(bytes(buf), dtype=dtype).reshape(shape, order=order)
@@ -76,8 +79,13 @@ def _checked_encode(text, encoding="utf-8"):
 
 
 def _checked_shape(shape) -> tuple[int, ...]:
-    if not isinstance(shape, tuple) or len(shape) > 32 or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < (1 << 31) for d in shape):
+    if (
+        not isinstance(shape, tuple)
+        or len(shape) > 32
+        or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < (1 << 31) for d in shape
+        )
+    ):
         raise UnsafePickle(f"bad array shape {shape!r:.80}")
     return shape
 
@@ -85,10 +93,17 @@ def _checked_shape(shape) -> tuple[int, ...]:
 def _build_dtype(dtype: np.dtype, state) -> None:
     # NumPy writes (3, '<', None, None, None, -1, -1, 0) for a plain number type;
     # other flags (the last value) would mark a float type as holding objects.
-    if (not isinstance(state, tuple) or len(state) not in (8, 9) or state[0] not in (3, 4)
-            or state[1] not in ("<", ">", "|", "=") or any(v is not None for v in state[2:5])
-            or state[5:7] != (-1, -1) or type(state[7]) is not int or state[7] != 0
-            or (len(state) == 9 and state[8] is not None)):
+    if (
+        not isinstance(state, tuple)
+        or len(state) not in (8, 9)
+        or state[0] not in (3, 4)
+        or state[1] not in ("<", ">", "|", "=")
+        or any(v is not None for v in state[2:5])
+        or state[5:7] != (-1, -1)
+        or type(state[7]) is not int
+        or state[7] != 0
+        or (len(state) == 9 and state[8] is not None)
+    ):
         raise UnsafePickle(f"dtype state {state!r:.80} is not that of a plain number type")
     dtype.__setstate__(state)
     if dtype.kind not in NUMERIC_KINDS:
@@ -111,8 +126,10 @@ def _build_array(array: np.ndarray, state) -> None:
         raise UnsafePickle("array data must be bytes")
     count = int(np.prod(shape)) if shape else 1
     if count * dtype.itemsize != len(raw):
-        raise UnsafePickle(f"array data holds {len(raw)} bytes, shape {shape} of {dtype} "
-                           f"needs {count * dtype.itemsize}")
+        raise UnsafePickle(
+            f"array data holds {len(raw)} bytes, shape {shape} of {dtype} "
+            f"needs {count * dtype.itemsize}"
+        )
     array.__setstate__((1, shape, dtype, bool(fortran), bytes(raw)))
 
 
@@ -137,7 +154,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
     objects are refused outright.
     """
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
     def find_class(self, module, name):
         try:
@@ -152,7 +169,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
         args = self.stack.pop()
         func = self.stack[-1]
         if func not in _CALLABLE or not isinstance(args, tuple):
-            raise UnsafePickle(f"calling {getattr(func, '__name__', type(func).__name__)} is not allowed")
+            raise UnsafePickle(
+                f"calling {getattr(func, '__name__', type(func).__name__)} is not allowed"
+            )
         self.stack[-1] = func(*args)
 
     def load_build(self):
@@ -182,9 +201,19 @@ class _RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.REDUCE[0]] = load_reduce
     dispatch[pickle.BUILD[0]] = load_build
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
-    for _op in (pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.OBJ, pickle.INST, pickle.EXT1, pickle.EXT2,
-                pickle.EXT4, pickle.PERSID, pickle.BINPERSID, pickle.NEXT_BUFFER,
-                pickle.READONLY_BUFFER):
+    for _op in (
+        pickle.NEWOBJ,
+        pickle.NEWOBJ_EX,
+        pickle.OBJ,
+        pickle.INST,
+        pickle.EXT1,
+        pickle.EXT2,
+        pickle.EXT4,
+        pickle.PERSID,
+        pickle.BINPERSID,
+        pickle.NEXT_BUFFER,
+        pickle.READONLY_BUFFER,
+    ):
         dispatch[_op[0]] = refuse
     del _op
 
@@ -204,9 +233,22 @@ def restricted_loads(data: bytes) -> np.ndarray:
         obj = unpickler.load()
     except pickle.UnpicklingError:
         raise
-    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
-            struct.error, OverflowError, MemoryError, RecursionError, UnicodeError) as exc:
-        raise pickle.UnpicklingError(f"malformed pickle ({type(exc).__name__}: {exc})"[:200]) from None
+    except (
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        struct.error,
+        OverflowError,
+        MemoryError,
+        RecursionError,
+        UnicodeError,
+    ) as exc:
+        raise pickle.UnpicklingError(
+            f"malformed pickle ({type(exc).__name__}: {exc})"[:200]
+        ) from None
     if type(obj) is not np.ndarray:
         raise pickle.UnpicklingError(f"pickle holds {type(obj).__name__}, expected a NumPy array")
     if obj.dtype.kind not in NUMERIC_KINDS:
@@ -248,16 +290,21 @@ class PickleTemplates:
                     check = restricted_loads(variant)
                 except pickle.UnpicklingError:
                     continue
-                if check.dtype == np.dtype("<f8") and check.shape == (n_features,) \
-                        and np.array_equal(check, probe):
+                if (
+                    check.dtype == np.dtype("<f8")
+                    and check.shape == (n_features,)
+                    and np.array_equal(check, probe)
+                ):
                     yield variant, offset
 
     @staticmethod
     def _module_variants(data: bytes):
         """The pickle as written, and as NumPy before 2.0 names its modules."""
         yield data
-        for new, old in ((b"numpy._core.multiarray", b"numpy.core.multiarray"),
-                         (b"numpy._core.numeric", b"numpy.core.numeric")):
+        for new, old in (
+            (b"numpy._core.multiarray", b"numpy.core.multiarray"),
+            (b"numpy._core.numeric", b"numpy.core.numeric"),
+        ):
             if data.count(new) != 1:
                 continue
             if data[:2] in (b"\x80\x02", b"\x80\x03"):
@@ -273,9 +320,10 @@ class PickleTemplates:
     def match_all(self, rows: np.ndarray) -> np.ndarray | None:
         """The float64 pixels if every row matches one layout exactly, else None."""
         for template, offset in self._by_length.get(rows.shape[1], ()):
-            if _rows_equal(rows, template, 0, offset) and \
-                    _rows_equal(rows, template, offset + self.data_size, len(template)):
-                return np.ascontiguousarray(rows[:, offset:offset + self.data_size]).view("<f8")
+            if _rows_equal(rows, template, 0, offset) and _rows_equal(
+                rows, template, offset + self.data_size, len(template)
+            ):
+                return np.ascontiguousarray(rows[:, offset : offset + self.data_size]).view("<f8")
         return None
 
     def match(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -288,8 +336,11 @@ class PickleTemplates:
                 break
             tpl = np.frombuffer(template, dtype=np.uint8)
             end = offset + self.data_size
-            hit = todo & (rows[:, :offset] == tpl[:offset]).all(axis=1) \
+            hit = (
+                todo
+                & (rows[:, :offset] == tpl[:offset]).all(axis=1)
                 & (rows[:, end:] == tpl[end:]).all(axis=1)
+            )
             if hit.any():
                 data = np.ascontiguousarray(rows[hit, offset:end])
                 pixels[hit] = data.view("<f8")

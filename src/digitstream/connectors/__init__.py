@@ -36,7 +36,9 @@ class Endpoint:
     location: str
 
     def __str__(self) -> str:
-        return self.location if self.scheme == DEFAULT_SCHEME else f"{self.scheme}://{self.location}"
+        return (
+            self.location if self.scheme == DEFAULT_SCHEME else f"{self.scheme}://{self.location}"
+        )
 
 
 def parse_endpoint(value: str | Address | Endpoint, table: dict[str, str] = SOURCES) -> Endpoint:
@@ -51,8 +53,10 @@ def parse_endpoint(value: str | Address | Endpoint, table: dict[str, str] = SOUR
         return Endpoint(DEFAULT_SCHEME, text)
     scheme = scheme.lower()
     if scheme not in table:
-        raise UserError(f"unknown scheme {scheme!r} in {text!r}; known: "
-                        f"{', '.join(f'{s}://' for s in table)} (or HOST:PORT for tcp)")
+        raise UserError(
+            f"unknown scheme {scheme!r} in {text!r}; known: "
+            f"{', '.join(f'{s}://' for s in table)} (or HOST:PORT for tcp)"
+        )
     return Endpoint(scheme, rest)
 
 

@@ -121,8 +121,13 @@ class FrameReader(asyncio.BufferedProtocol):
     budget, reading pauses: that is the back-pressure the sender feels.
     """
 
-    def __init__(self, on_connect, max_frame: int, budget: BufferBudget | None = None,
-                 buffer_size: int = SOURCE_BUFFER):
+    def __init__(
+        self,
+        on_connect,
+        max_frame: int,
+        budget: BufferBudget | None = None,
+        buffer_size: int = SOURCE_BUFFER,
+    ):
         self._on_connect = on_connect
         self.max_frame = max_frame
         self.budget = budget or BufferBudget(1 << 62)
@@ -162,7 +167,7 @@ class FrameReader(asyncio.BufferedProtocol):
         self._on_connect(self)
 
     def get_buffer(self, sizehint: int):
-        return self._view[self._end:]
+        return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
@@ -218,10 +223,16 @@ class FrameReader(asyncio.BufferedProtocol):
     def evict(self, budget: BufferBudget) -> None:
         """Close the connection: it holds the largest partial frame while the budget is spent."""
         self.closed_because = "buffer_limit"
-        log.warning("connection %s from %s closed: it held %.1f MiB of a partial frame while "
-                    "all connections held %.0f MiB, over the limit of %.0f MiB "
-                    "(run --max-buffered-mb)", self.id, self.peer, self.partial / 2**20,
-                    budget.held / 2**20, budget.limit / 2**20)
+        log.warning(
+            "connection %s from %s closed: it held %.1f MiB of a partial frame while "
+            "all connections held %.0f MiB, over the limit of %.0f MiB "
+            "(run --max-buffered-mb)",
+            self.id,
+            self.peer,
+            self.partial / 2**20,
+            budget.held / 2**20,
+            budget.limit / 2**20,
+        )
         self._eof = True
         if self.transport is not None:
             self.transport.abort()
@@ -266,7 +277,7 @@ class FrameReader(asyncio.BufferedProtocol):
             # for as long as the payloads just handed out are referenced.
             tail = self._end - self._start
             fresh = _buffer(self._size)
-            fresh[:tail] = self._buf[self._start:self._end]
+            fresh[:tail] = self._buf[self._start : self._end]
             self._buf, self._view = fresh, memoryview(fresh)
             self._start, self._end = 0, tail
             self._full = False
@@ -294,8 +305,9 @@ class FrameReader(asyncio.BufferedProtocol):
 class TcpStream:
     """One connection of a :class:`TcpSource`: its frames as batches."""
 
-    def __init__(self, stream_id: int, reader: FrameReader, policy: BatchPolicy, metrics=None,
-                 on_close=None):
+    def __init__(
+        self, stream_id: int, reader: FrameReader, policy: BatchPolicy, metrics=None, on_close=None
+    ):
         self.id = stream_id
         self.reader = reader
         self.policy = policy
@@ -319,9 +331,13 @@ class TcpStream:
         if reader.closed_because is not None:
             self._error(reader.closed_because)
         elif reader.pending and not too_large:
-            log.warning("connection %d from %s closed in the middle of a frame: "
-                        "%d bytes of a partial frame dropped", self.id, reader.peer,
-                        reader.pending)
+            log.warning(
+                "connection %d from %s closed in the middle of a frame: "
+                "%d bytes of a partial frame dropped",
+                self.id,
+                reader.peer,
+                reader.pending,
+            )
             self._error("partial_frame")
 
     def _error(self, kind: str) -> None:
@@ -348,9 +364,17 @@ class TcpSource:
 
     guarantee = "at most once: a crash of run loses the frames received and not yet answered"
 
-    def __init__(self, addr: Address, max_frame: int, policy: BatchPolicy, metrics=None,
-                 max_connections: int = 1024, max_buffered: int = 256 << 20,
-                 drain_quiet: float = 0.2, drain_grace: float = 5.0):
+    def __init__(
+        self,
+        addr: Address,
+        max_frame: int,
+        policy: BatchPolicy,
+        metrics=None,
+        max_connections: int = 1024,
+        max_buffered: int = 256 << 20,
+        drain_quiet: float = 0.2,
+        drain_grace: float = 5.0,
+    ):
         self.addr = addr
         self.max_frame = max_frame
         self.policy = policy
@@ -370,10 +394,16 @@ class TcpSource:
 
     @classmethod
     def from_config(cls, location: str, config, metrics=None) -> TcpSource:
-        return cls(tcp_address(location), config.max_frame,
-                   BatchPolicy(config.max_batch, config.max_delay), metrics=metrics,
-                   max_connections=config.max_connections, max_buffered=config.max_buffered,
-                   drain_quiet=config.drain_quiet, drain_grace=config.drain_grace)
+        return cls(
+            tcp_address(location),
+            config.max_frame,
+            BatchPolicy(config.max_batch, config.max_delay),
+            metrics=metrics,
+            max_connections=config.max_connections,
+            max_buffered=config.max_buffered,
+            drain_quiet=config.drain_quiet,
+            drain_grace=config.drain_grace,
+        )
 
     def describe(self) -> str:
         return str(self.bound or self.addr)
@@ -383,7 +413,10 @@ class TcpSource:
         try:
             self._server = await loop.create_server(
                 lambda: FrameReader(self._accepted, self.max_frame, self.budget),
-                self.addr.host, self.addr.port, backlog=1024)
+                self.addr.host,
+                self.addr.port,
+                backlog=1024,
+            )
         except OSError as exc:
             raise UserError(f"cannot listen on {self.addr}: {exc.strerror or exc}") from None
         port = self._server.sockets[0].getsockname()[1]
@@ -408,9 +441,13 @@ class TcpSource:
         now = time.monotonic()
         if now - self._refused_logged >= 5.0:  # a flood of them: one line every few seconds
             self._refused_logged = now
-            log.warning("connection from %s closed: %d connections are open, the most allowed "
-                        "(run --max-connections); %d refused so far", reader.peer,
-                        len(self._open), self._refused)
+            log.warning(
+                "connection from %s closed: %d connections are open, the most allowed "
+                "(run --max-connections); %d refused so far",
+                reader.peer,
+                len(self._open),
+                self._refused,
+            )
         reader.close()
 
     async def streams(self) -> AsyncIterator[TcpStream]:
@@ -471,7 +508,7 @@ async def _acknowledged(writer: asyncio.StreamWriter, timeout: float = 2.0) -> b
             return not writer.transport.is_closing()
         if info[0] == _TCP_CLOSE:
             return False
-        if int.from_bytes(info[_TCP_INFO_UNACKED:_TCP_INFO_UNACKED + 4], "little") == 0:
+        if int.from_bytes(info[_TCP_INFO_UNACKED : _TCP_INFO_UNACKED + 4], "little") == 0:
             return True
         await asyncio.sleep(0.001)
     return True
@@ -568,8 +605,13 @@ class TcpSink:
                 reader, writer = await asyncio.open_connection(self.addr.host, self.addr.port)
             except OSError as exc:
                 if not warned:
-                    log.info("waiting for the listener at %s (%s); start it with "
-                             "`digitstream listen %s`", self.addr, exc.strerror or exc, self.addr)
+                    log.info(
+                        "waiting for the listener at %s (%s); start it with "
+                        "`digitstream listen %s`",
+                        self.addr,
+                        exc.strerror or exc,
+                        self.addr,
+                    )
                     warned = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
@@ -584,16 +626,23 @@ class TcpSink:
         while not self.closed:
             reader, writer = await self._connect()
             self.connects += 1
-            log.info("connected to the listener at %s%s", self.addr,
-                     "" if self.connects == 1 else f" (reconnection {self.connects - 1})")
+            log.info(
+                "connected to the listener at %s%s",
+                self.addr,
+                "" if self.connects == 1 else f" (reconnection {self.connects - 1})",
+            )
             self._writer = writer
             self._peer_eof = self._peer_reads = False
             watch = asyncio.create_task(self._watch_peer(reader))
             try:
                 await self._pump(writer, watch)
             except (ConnectionError, OSError) as exc:
-                log.warning("listener at %s went away (%s); %d result bytes queued, reconnecting",
-                            self.addr, exc, self._queued)
+                log.warning(
+                    "listener at %s went away (%s); %d result bytes queued, reconnecting",
+                    self.addr,
+                    exc,
+                    self._queued,
+                )
             finally:
                 self._writer = None
                 watch.cancel()
@@ -610,8 +659,11 @@ class TcpSink:
                 waiter = asyncio.ensure_future(self._has_data.wait())
                 # drain() returns below asyncio's low-water mark, not at empty, and nothing
                 # signals empty: while bytes remain, look again shortly, or flush() never ends
-                done, _ = await asyncio.wait({waiter, watch}, timeout=0.01 if unsent else None,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {waiter, watch},
+                    timeout=0.01 if unsent else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 if watch in done:
                     waiter.cancel()
                     raise ConnectionResetError("the connection to the listener broke")
@@ -639,8 +691,10 @@ class TcpSink:
                     queue.extendleft(reversed(parts))
                     raise ConnectionResetError("the listener closed the connection")
                 self._peer_reads = True
-                log.info("the listener at %s closed its sending side; it still reads, so "
-                         "results go on", self.addr)
+                log.info(
+                    "the listener at %s closed its sending side; it still reads, so results go on",
+                    self.addr,
+                )
                 chunk = chunk[1:]
             writer.write(chunk)
             self._queued -= size

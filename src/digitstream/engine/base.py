@@ -44,6 +44,7 @@ from digitstream.pipeline import Batch, BatchResult, Flow, FlowOptions, failure_
 
 log = logging.getLogger("digitstream.engine")
 
+
 @dataclass(frozen=True)
 class EngineOptions:
     """What an engine is told: the flow's options (a remote engine builds its own flows
@@ -129,18 +130,30 @@ async def answer(batch: Batch, future: asyncio.Future[BatchResult], flow: Flow) 
         result = await future
     except asyncio.CancelledError:
         raise
-    except Exception as exc:  # noqa: BLE001 - nothing a batch does may leave it unanswered
+    except Exception as exc:
         reason = failure_reason(exc)
         if _engine_faults.due():
-            log.error("the engine failed on a batch of %d (stream %s, from message %d): %s; "
-                      "its messages are answered with an error (%d batches so far)", len(batch),
-                      batch.stream, batch.first_seq, reason, _engine_faults.count,
-                      exc_info=exc)
+            log.error(
+                "the engine failed on a batch of %d (stream %s, from message %d): %s; "
+                "its messages are answered with an error (%d batches so far)",
+                len(batch),
+                batch.stream,
+                batch.first_seq,
+                reason,
+                _engine_faults.count,
+                exc_info=exc,
+            )
         return flow.failed(batch, f"engine failed: {reason}")
     if result.count != len(batch) or result.first_seq != batch.first_seq:
         if _engine_faults.due():
-            log.error("the engine answered %d messages from %d for a batch of %d from %d "
-                      "(stream %s); its messages are answered with an error", result.count,
-                      result.first_seq, len(batch), batch.first_seq, batch.stream)
+            log.error(
+                "the engine answered %d messages from %d for a batch of %d from %d "
+                "(stream %s); its messages are answered with an error",
+                result.count,
+                result.first_seq,
+                len(batch),
+                batch.first_seq,
+                batch.stream,
+            )
         return flow.failed(batch, "engine failed: it answered another number of messages")
     return result

@@ -22,8 +22,7 @@ class LocalEngine:
     #: a batch is done when ``submit`` returns: a stream needs no more than a few in flight
     capacity = 4
 
-    def __init__(self, flow: Flow, bundle=None, options: EngineOptions | None = None,
-                 metrics=None):
+    def __init__(self, flow: Flow, bundle=None, options: EngineOptions | None = None, metrics=None):
         self.flow = flow
 
     async def start(self) -> None:

@@ -47,13 +47,23 @@ from __future__ import annotations
 from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
-                                    InfoMetricFamily)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
-from digitstream.metrics.recorder import (BATCH_SIZE_EDGES, BUCKETS_PER_DECADE, END_TO_END,
-                                          LATENCY_EDGES, Histogram, Metrics)
+from digitstream.metrics.recorder import (
+    BATCH_SIZE_EDGES,
+    BUCKETS_PER_DECADE,
+    END_TO_END,
+    LATENCY_EDGES,
+    Histogram,
+    Metrics,
+)
 
 #: Prometheus gets every 4th recorder bucket (12 per decade, ~21% wide): enough
 #: for histogram_quantile, and a quarter of the series. The recorder keeps the
@@ -96,18 +106,24 @@ class StreamCollector:
     def collect(self):
         s = self.metrics.snapshot(history=False)
 
-        messages = CounterMetricFamily("digitstream_messages", "Messages that passed each stage.",
-                                       labels=["stage", "worker"])
+        messages = CounterMetricFamily(
+            "digitstream_messages", "Messages that passed each stage.", labels=["stage", "worker"]
+        )
         messages.add_metric(["source", s.name], s.messages_in)
         latency = HistogramMetricFamily(
             "digitstream_latency_seconds",
             "Latency per message: end_to_end from frame complete to result written, or per stage.",
-            labels=["stage", "worker"])
-        batches = CounterMetricFamily("digitstream_batches", "Batches processed.", labels=["worker"])
-        batch_size = HistogramMetricFamily("digitstream_batch_size", "Messages per batch.",
-                                           labels=["worker"])
-        up = GaugeMetricFamily("digitstream_worker_up", "1 while a worker is active, 0 once lost.",
-                               labels=["worker"])
+            labels=["stage", "worker"],
+        )
+        batches = CounterMetricFamily(
+            "digitstream_batches", "Batches processed.", labels=["worker"]
+        )
+        batch_size = HistogramMetricFamily(
+            "digitstream_batch_size", "Messages per batch.", labels=["worker"]
+        )
+        up = GaugeMetricFamily(
+            "digitstream_worker_up", "1 while a worker is active, 0 once lost.", labels=["worker"]
+        )
         for w in s.workers:
             stages = sorted(w.stages.items(), key=lambda kv: _stage_order(s.stage_names, kv[0]))
             for stage, hist in stages:
@@ -123,53 +139,72 @@ class StreamCollector:
             messages.add_metric(["sink", worker], count)
         yield from (messages, latency, batches, batch_size, up)
 
-        yield CounterMetricFamily("digitstream_received_bytes", "Payload bytes received.",
-                                  value=s.bytes_in)
-        yield CounterMetricFamily("digitstream_sent_bytes", "Result bytes sent, framing included.",
-                                  value=s.bytes_out)
-        rejected = CounterMetricFamily("digitstream_rejected",
-                                       "Inputs answered with an error instead of a class.",
-                                       labels=["reason"])
+        yield CounterMetricFamily(
+            "digitstream_received_bytes", "Payload bytes received.", value=s.bytes_in
+        )
+        yield CounterMetricFamily(
+            "digitstream_sent_bytes", "Result bytes sent, framing included.", value=s.bytes_out
+        )
+        rejected = CounterMetricFamily(
+            "digitstream_rejected",
+            "Inputs answered with an error instead of a class.",
+            labels=["reason"],
+        )
         for reason, count in sorted(s.rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
-        yield GaugeMetricFamily("digitstream_connections_open", "Source connections open now.",
-                                value=s.connections_open)
-        yield CounterMetricFamily("digitstream_connections", "Source connections accepted.",
-                                  value=s.connections_total)
-        errors = CounterMetricFamily("digitstream_connection_errors",
-                                     "Source connections that ended badly.", labels=["kind"])
+        yield GaugeMetricFamily(
+            "digitstream_connections_open", "Source connections open now.", value=s.connections_open
+        )
+        yield CounterMetricFamily(
+            "digitstream_connections", "Source connections accepted.", value=s.connections_total
+        )
+        errors = CounterMetricFamily(
+            "digitstream_connection_errors", "Source connections that ended badly.", labels=["kind"]
+        )
         for kind, count in sorted(s.connection_errors.items()):
             errors.add_metric([kind], count)
         yield errors
 
-        predictions = CounterMetricFamily("digitstream_predictions", "Predicted classes.",
-                                          labels=["class"])
+        predictions = CounterMetricFamily(
+            "digitstream_predictions", "Predicted classes.", labels=["class"]
+        )
         for label, count in zip(s.classes, s.class_counts):
             predictions.add_metric([label], count)
         yield predictions
-        yield CounterMetricFamily("digitstream_labelled", "Inputs that carried a true label.",
-                                  value=s.labelled)
-        yield CounterMetricFamily("digitstream_correct", "Labelled inputs classified as labelled.",
-                                  value=s.correct)
-        confusion = CounterMetricFamily("digitstream_confusion",
-                                        "Labelled inputs by true label and predicted class.",
-                                        labels=["label", "predicted"])
+        yield CounterMetricFamily(
+            "digitstream_labelled", "Inputs that carried a true label.", value=s.labelled
+        )
+        yield CounterMetricFamily(
+            "digitstream_correct", "Labelled inputs classified as labelled.", value=s.correct
+        )
+        confusion = CounterMetricFamily(
+            "digitstream_confusion",
+            "Labelled inputs by true label and predicted class.",
+            labels=["label", "predicted"],
+        )
         for (label, predicted), count in sorted(s.confusion.items()):
             confusion.add_metric([label, predicted], count)
         yield confusion
 
-        yield GaugeMetricFamily("digitstream_ready",
-                                "1 once the model is loaded and the source listens, 0 while stopping.",
-                                value=1 if s.ready else 0)
-        yield GaugeMetricFamily("digitstream_start_time_seconds",
-                                "When the application started, in seconds since the epoch.",
-                                value=s.started_at)
-        yield CounterMetricFamily("digitstream_model_swaps", "Models swapped in while running.",
-                                  value=s.model_swaps_total)
-        yield CounterMetricFamily("digitstream_model_swaps_refused",
-                                  "Bundles not swapped in (they failed to load or check).",
-                                  value=s.model_swaps_refused)
+        yield GaugeMetricFamily(
+            "digitstream_ready",
+            "1 once the model is loaded and the source listens, 0 while stopping.",
+            value=1 if s.ready else 0,
+        )
+        yield GaugeMetricFamily(
+            "digitstream_start_time_seconds",
+            "When the application started, in seconds since the epoch.",
+            value=s.started_at,
+        )
+        yield CounterMetricFamily(
+            "digitstream_model_swaps", "Models swapped in while running.", value=s.model_swaps_total
+        )
+        yield CounterMetricFamily(
+            "digitstream_model_swaps_refused",
+            "Bundles not swapped in (they failed to load or check).",
+            value=s.model_swaps_refused,
+        )
         card = self.card() if callable(self.card) else self.card
         if card:
             info = InfoMetricFamily("digitstream_model", "The model being served.")
@@ -177,9 +212,11 @@ class StreamCollector:
             yield info
             accuracy = _held_out_accuracy(card)
             if accuracy is not None:
-                yield GaugeMetricFamily("digitstream_model_held_out_accuracy",
-                                        "The model's accuracy on data held out from training.",
-                                        value=accuracy)
+                yield GaugeMetricFamily(
+                    "digitstream_model_held_out_accuracy",
+                    "The model's accuracy on data held out from training.",
+                    value=accuracy,
+                )
 
 
 def _held_out_accuracy(card: dict) -> float | None:
@@ -201,7 +238,9 @@ def _card_labels(card: dict) -> dict[str, str]:
     for key, value in card.items():
         if isinstance(value, (str, int, float, bool)):
             labels[key] = str(value)
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
+        elif isinstance(value, (list, tuple)) and all(
+            isinstance(v, (str, int, float)) for v in value
+        ):
             labels[key] = ",".join(map(str, value))
         elif isinstance(value, dict):
             for k, v in value.items():

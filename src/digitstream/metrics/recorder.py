@@ -17,8 +17,8 @@ import threading
 import time
 from bisect import bisect_left
 from collections import Counter, deque
-from itertools import accumulate
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 
@@ -26,7 +26,8 @@ BUCKETS_PER_DECADE = 48
 #: upper bounds (inclusive, as Prometheus' ``le``) of the latency buckets, in seconds;
 #: one more bucket past the last holds everything slower than 10 s
 LATENCY_EDGES: tuple[float, ...] = tuple(
-    float(f"{10.0 ** (k / BUCKETS_PER_DECADE - 6):.6g}") for k in range(7 * BUCKETS_PER_DECADE + 1))
+    float(f"{10.0 ** (k / BUCKETS_PER_DECADE - 6):.6g}") for k in range(7 * BUCKETS_PER_DECADE + 1)
+)
 #: upper bounds of the batch-size buckets: powers of two, then everything larger
 BATCH_SIZE_EDGES: tuple[int, ...] = tuple(1 << k for k in range(21))
 #: how many per-second samples the throughput history keeps (ten minutes)
@@ -40,7 +41,7 @@ QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("p99_9", 0.999))
 class Histogram:
     """Latency observations counted per log-scale bucket of :data:`LATENCY_EDGES`."""
 
-    __slots__ = ("counts", "count", "sum", "max")
+    __slots__ = ("count", "counts", "max", "sum")
 
     def __init__(self):
         self.counts = [0] * (len(LATENCY_EDGES) + 1)
@@ -56,20 +57,20 @@ class Histogram:
         if seconds > self.max:
             self.max = seconds
 
-    def copy(self) -> "Histogram":
+    def copy(self) -> Histogram:
         other = Histogram()
         other.counts = self.counts.copy()
         other.count, other.sum, other.max = self.count, self.sum, self.max
         return other
 
-    def add(self, other: "Histogram") -> "Histogram":
+    def add(self, other: Histogram) -> Histogram:
         self.counts = [a + b for a, b in zip(self.counts, other.counts)]
         self.count += other.count
         self.sum += other.sum
         self.max = max(self.max, other.max)
         return self
 
-    def minus(self, earlier: "Histogram") -> "Histogram":
+    def minus(self, earlier: Histogram) -> Histogram:
         """The observations made since ``earlier`` (a copy of this histogram); max is not known."""
         diff = Histogram()
         diff.counts = [a - b for a, b in zip(self.counts, earlier.counts)]
@@ -105,9 +106,11 @@ class Histogram:
 
     def summary(self) -> dict:
         """``count``, ``mean``, ``max`` and the :data:`QUANTILES`, in seconds (None when empty)."""
-        out = {"count": self.count,
-               "mean": self.sum / self.count if self.count else None,
-               "max": self.max if self.count else None}
+        out = {
+            "count": self.count,
+            "mean": self.sum / self.count if self.count else None,
+            "max": self.max if self.count else None,
+        }
         out.update(zip((name for name, _ in QUANTILES), self.quantiles([q for _, q in QUANTILES])))
         return out
 
@@ -122,8 +125,17 @@ def _round_time(seconds: float | None) -> float | None:
 class WorkerStats:
     """What one worker (the application itself, or a Dask worker) did."""
 
-    __slots__ = ("name", "state", "joined_at", "lost_at", "messages", "batches",
-                 "latency", "stages", "batch_sizes")
+    __slots__ = (
+        "batch_sizes",
+        "batches",
+        "joined_at",
+        "latency",
+        "lost_at",
+        "messages",
+        "name",
+        "stages",
+        "state",
+    )
 
     def __init__(self, name: str, joined_at: float):
         self.name = name
@@ -136,7 +148,7 @@ class WorkerStats:
         self.stages: dict[str, Histogram] = {}
         self.batch_sizes = [0] * (len(BATCH_SIZE_EDGES) + 1)
 
-    def copy(self) -> "WorkerStats":
+    def copy(self) -> WorkerStats:
         other = WorkerStats(self.name, self.joined_at)
         other.state, other.lost_at = self.state, self.lost_at
         other.messages, other.batches = self.messages, self.batches
@@ -216,8 +228,9 @@ class Snapshot:
         return out
 
     def batch_sizes(self) -> list[int]:
-        return [sum(column) for column in zip(*(w.batch_sizes for w in self.workers))] or \
-            [0] * (len(BATCH_SIZE_EDGES) + 1)
+        return [sum(column) for column in zip(*(w.batch_sizes for w in self.workers))] or [0] * (
+            len(BATCH_SIZE_EDGES) + 1
+        )
 
 
 class Metrics:
@@ -342,14 +355,21 @@ class Metrics:
                 worker.state, worker.lost_at = event, self._clock()
                 self._events.append({"time": worker.lost_at, "worker": name, "event": event})
 
-    def model_swapped(self, when: float, old_hash: str, new_hash: str, at: dict[int, int],
-                      stage_names) -> None:
+    def model_swapped(
+        self, when: float, old_hash: str, new_hash: str, at: dict[int, int], stage_names
+    ) -> None:
         """A new model serves from ``at`` (connection id -> first sequence number it answers)."""
         with self._lock:
             self.stage_names = list(stage_names)
             self._swaps_total += 1
-            self._swaps.append({"time": when, "old_hash": old_hash, "new_hash": new_hash,
-                                "at": {str(conn): seq for conn, seq in at.items()}})
+            self._swaps.append(
+                {
+                    "time": when,
+                    "old_hash": old_hash,
+                    "new_hash": new_hash,
+                    "at": {str(conn): seq for conn, seq in at.items()},
+                }
+            )
 
     def model_swap_refused(self, when: float, reason: str) -> None:
         """A bundle found at the model path was not swapped in; the old model serves on."""
@@ -386,9 +406,16 @@ class Metrics:
             for w in self._workers.values():
                 latency.add(w.latency)
             self._fold_class_counts()  # keeps the pending list to a second's batches
-            totals = (now, self.messages_in, self.messages_out, self.bytes_in, self.bytes_out,
-                      sum(self.rejected.values()), latency,
-                      {name: w.messages for name, w in self._workers.items()})
+            totals = (
+                now,
+                self.messages_in,
+                self.messages_out,
+                self.bytes_in,
+                self.bytes_out,
+                sum(self.rejected.values()),
+                latency,
+                {name: w.messages for name, w in self._workers.items()},
+            )
         last, self._last_sample = self._last_sample, totals
         if last is None:
             return None
@@ -406,8 +433,10 @@ class Metrics:
             rejected=round((totals[5] - last[5]) / elapsed, 1),
             latency_p50=_round_time(p50),
             latency_p99=_round_time(p99),
-            workers={name: round((count - last[7].get(name, 0)) / elapsed, 1)
-                     for name, count in totals[7].items()},
+            workers={
+                name: round((count - last[7].get(name, 0)) / elapsed, 1)
+                for name, count in totals[7].items()
+            },
         )
         with self._lock:
             self._history.append(sample)
@@ -416,20 +445,31 @@ class Metrics:
     def snapshot(self, history: bool = True) -> Snapshot:
         with self._lock:
             return Snapshot(
-                name=self.name, taken_at=self._clock(), started_at=self.started_at,
-                ready=self._ready, status=self.status, stage_names=list(self.stage_names), classes=list(self.classes),
-                messages_in=self.messages_in, messages_out=self.messages_out,
-                bytes_in=self.bytes_in, bytes_out=self.bytes_out, batches=self.batches,
-                rejected=dict(self.rejected), connections_open=self.connections_open,
+                name=self.name,
+                taken_at=self._clock(),
+                started_at=self.started_at,
+                ready=self._ready,
+                status=self.status,
+                stage_names=list(self.stage_names),
+                classes=list(self.classes),
+                messages_in=self.messages_in,
+                messages_out=self.messages_out,
+                bytes_in=self.bytes_in,
+                bytes_out=self.bytes_out,
+                batches=self.batches,
+                rejected=dict(self.rejected),
+                connections_open=self.connections_open,
                 connections_total=self.connections_total,
                 connection_errors=dict(self.connection_errors),
                 class_counts=self._fold_class_counts().tolist(),
-                labelled=self.labelled, correct=self.correct, confusion=dict(self.confusion),
+                labelled=self.labelled,
+                correct=self.correct,
+                confusion=dict(self.confusion),
                 workers=[w.copy() for w in self._workers.values()],
                 worker_events=list(self._events),
                 history=list(self._history) if history else [],
-                model_swaps=list(self._swaps), model_swaps_total=self._swaps_total,
+                model_swaps=list(self._swaps),
+                model_swaps_total=self._swaps_total,
                 model_swaps_refused=self._refused_total,
                 swap_refusals=[dict(r) for r in self._refusals],
             )
-

@@ -38,7 +38,9 @@ STATIC_DIR = Path(__file__).with_name("static")
 READ_METHODS = frozenset({"GET", "HEAD"})
 _SECURITY_HEADERS = {
     # the page loads nothing from elsewhere; saying so makes a stray CDN link fail loudly
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'"
+    ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
@@ -47,8 +49,9 @@ _SECURITY_HEADERS = {
 @web.middleware
 async def _read_only(request: web.Request, handler):
     if request.method not in READ_METHODS:
-        raise web.HTTPMethodNotAllowed(request.method, sorted(READ_METHODS),
-                                       text="read-only: GET only\n")
+        raise web.HTTPMethodNotAllowed(
+            request.method, sorted(READ_METHODS), text="read-only: GET only\n"
+        )
     response = await handler(request)
     response.headers.update(_SECURITY_HEADERS)
     return response
@@ -144,17 +147,25 @@ class MetricsServer:
             since = float(request.query["since"]) if "since" in request.query else None
         except ValueError:
             raise web.HTTPBadRequest(
-                text="window must be a whole number of seconds, since a Unix time\n") from None
-        document = stats_document(self.metrics.snapshot(), self._info(),
-                                  window=None if window is None else max(window, 0), since=since)
-        return web.Response(text=json.dumps(document, separators=(",", ":")),
-                            content_type="application/json",
-                            headers={"Cache-Control": "no-store"})
+                text="window must be a whole number of seconds, since a Unix time\n"
+            ) from None
+        document = stats_document(
+            self.metrics.snapshot(),
+            self._info(),
+            window=None if window is None else max(window, 0),
+            since=since,
+        )
+        return web.Response(
+            text=json.dumps(document, separators=(",", ":")),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
 
     async def _healthz(self, request):
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request):
         status = self.metrics.status
-        return web.json_response({"ready": status == "ready", "status": status},
-                                 status=200 if status == "ready" else 503)
+        return web.json_response(
+            {"ready": status == "ready", "status": status}, status=200 if status == "ready" else 503
+        )

@@ -8,8 +8,9 @@ import math
 from digitstream.metrics.recorder import BATCH_SIZE_EDGES, Snapshot
 
 
-def stats_document(snapshot: Snapshot, info: dict, window: int | None = None,
-                   since: float | None = None) -> dict:
+def stats_document(
+    snapshot: Snapshot, info: dict, window: int | None = None, since: float | None = None
+) -> dict:
     """The ``/api/stats`` document. Times are in seconds, rates per second.
 
     Top-level fields:
@@ -20,7 +21,8 @@ def stats_document(snapshot: Snapshot, info: dict, window: int | None = None,
     - ``engine``, ``input_format``, ``output_format``, ``addresses`` (``in``, ``out``, ``metrics``).
     - ``cluster``: with ``--engine dask``, where batches go now: ``{scheduler, local_cluster,
       connected, workers, reconnects, in_process_batches}`` (null with ``--engine local``).
-    - ``pipeline``: stage names in order, e.g. ``["decode", "PCA", "Logistic Regression", "encode"]``.
+    - ``pipeline``: stage names in order, e.g.
+      ``["decode", "PCA", "Logistic Regression", "encode"]``.
     - ``messages``: ``in`` (frames received), ``out`` (results written), ``in_flight``
       (``in - out``), ``rejected`` (inputs answered with an error; counted in ``out``).
     - ``bytes``: ``in`` (payload bytes), ``out`` (result bytes, framing included).
@@ -95,9 +97,12 @@ def stats_document(snapshot: Snapshot, info: dict, window: int | None = None,
         "output_format": info.get("output_format"),
         "addresses": info.get("addresses", {}),
         "pipeline": list(s.stage_names),
-        "messages": {"in": s.messages_in, "out": s.messages_out,
-                     "in_flight": s.messages_in - s.messages_out,
-                     "rejected": sum(s.rejected.values())},
+        "messages": {
+            "in": s.messages_in,
+            "out": s.messages_out,
+            "in_flight": s.messages_in - s.messages_out,
+            "rejected": sum(s.rejected.values()),
+        },
         "bytes": {"in": s.bytes_in, "out": s.bytes_out},
         "throughput": {
             "in_per_s": last.messages_in if last else 0.0,
@@ -107,30 +112,50 @@ def stats_document(snapshot: Snapshot, info: dict, window: int | None = None,
             "out_per_s_1m": sum(x.messages_out for x in minute) / len(minute) if minute else 0.0,
             "peak_out_per_s": max((x.messages_out for x in s.history), default=0.0),
         },
-        "latency": {"end_to_end": s.latency().summary(),
-                    "stages": {name: hist.summary() for name, hist in stages.items()}},
+        "latency": {
+            "end_to_end": s.latency().summary(),
+            "stages": {name: hist.summary() for name, hist in stages.items()},
+        },
         "batches": {
             "count": s.batches,
             "mean_size": s.messages_out / s.batches if s.batches else None,
-            "sizes": [{"le": BATCH_SIZE_EDGES[i] if i < len(BATCH_SIZE_EDGES) else None,
-                       "count": count} for i, count in enumerate(sizes)],
+            "sizes": [
+                {"le": BATCH_SIZE_EDGES[i] if i < len(BATCH_SIZE_EDGES) else None, "count": count}
+                for i, count in enumerate(sizes)
+            ],
         },
         "rejected": dict(sorted(s.rejected.items())),
-        "connections": {"open": s.connections_open, "total": s.connections_total,
-                        "errors": dict(sorted(s.connection_errors.items()))},
-        "workers": [{
-            "name": w.name, "state": w.state, "joined_at": w.joined_at, "lost_at": w.lost_at,
-            "messages": w.messages, "batches": w.batches,
-            "out_per_s": worker_rates.get(w.name, 0.0),
-            "latency": {"end_to_end": w.latency.summary(),
-                        "stages": {name: w.stages[name].summary()
-                                   for name in _ordered(s.stage_names, w.stages)}},
-        } for w in s.workers],
+        "connections": {
+            "open": s.connections_open,
+            "total": s.connections_total,
+            "errors": dict(sorted(s.connection_errors.items())),
+        },
+        "workers": [
+            {
+                "name": w.name,
+                "state": w.state,
+                "joined_at": w.joined_at,
+                "lost_at": w.lost_at,
+                "messages": w.messages,
+                "batches": w.batches,
+                "out_per_s": worker_rates.get(w.name, 0.0),
+                "latency": {
+                    "end_to_end": w.latency.summary(),
+                    "stages": {
+                        name: w.stages[name].summary() for name in _ordered(s.stage_names, w.stages)
+                    },
+                },
+            }
+            for w in s.workers
+        ],
         "worker_events": s.worker_events,
         "classes": {"labels": list(s.classes), "counts": list(s.class_counts)},
-        "accuracy": {"labelled": s.labelled, "correct": s.correct,
-                     "accuracy": s.correct / s.labelled if s.labelled else None,
-                     "confusion": {"labels": labels, "matrix": matrix}},
+        "accuracy": {
+            "labelled": s.labelled,
+            "correct": s.correct,
+            "accuracy": s.correct / s.labelled if s.labelled else None,
+            "confusion": {"labels": labels, "matrix": matrix},
+        },
         "model": _jsonable(info.get("model") or {}),
         "model_swaps": s.model_swaps,
         "model_swaps_total": s.model_swaps_total,
@@ -146,8 +171,9 @@ def stats_document(snapshot: Snapshot, info: dict, window: int | None = None,
             "rejected_per_s": [x.rejected for x in history],
             "latency_p50": [x.latency_p50 for x in history],
             "latency_p99": [x.latency_p99 for x in history],
-            "workers": {name: [x.workers.get(name, 0.0) for x in history]
-                        for name in _worker_names(history)},
+            "workers": {
+                name: [x.workers.get(name, 0.0) for x in history] for name in _worker_names(history)
+            },
         },
     }
 

@@ -93,11 +93,18 @@ def save_bundle(pipeline, directory, card: dict) -> Path:
     data = sio.dumps(pipeline)
     refused = sorted(set(sio.get_untrusted_types(data=data)) - set(TRUSTED_TYPES))
     if refused:
-        raise BundleError(f"refusing to save a pipeline that could not be loaded again: "
-                          f"untrusted type {', '.join(refused)}")
-    full_card = {"format": CARD_FORMAT, **card, **_facts(pipeline),
-                 "versions": library_versions(),
-                 "pipeline_file": PIPELINE_FILE, "content_hash": content_hash(data)}
+        raise BundleError(
+            f"refusing to save a pipeline that could not be loaded again: "
+            f"untrusted type {', '.join(refused)}"
+        )
+    full_card = {
+        "format": CARD_FORMAT,
+        **card,
+        **_facts(pipeline),
+        "versions": library_versions(),
+        "pipeline_file": PIPELINE_FILE,
+        "content_hash": content_hash(data),
+    }
     _write_atomically(directory / PIPELINE_FILE, data)
     _write_atomically(directory / CARD_FILE, (format_card(full_card) + "\n").encode())
     return directory
@@ -117,9 +124,11 @@ def load_bundle(path) -> Bundle:
     elif path.is_file() and path.suffix == ".skops":
         card, skops_path = None, path
     elif not path.exists():
-        raise BundleError(f"no model bundle at {path}: expected a directory holding "
-                          f"{CARD_FILE} and {PIPELINE_FILE}, or a .skops file "
-                          "(`digitstream train` writes one)")
+        raise BundleError(
+            f"no model bundle at {path}: expected a directory holding "
+            f"{CARD_FILE} and {PIPELINE_FILE}, or a .skops file "
+            "(`digitstream train` writes one)"
+        )
     else:
         raise BundleError(f"{path} is neither a model bundle directory nor a .skops file")
     try:
@@ -130,24 +139,39 @@ def load_bundle(path) -> Bundle:
         raise BundleError(f"cannot read {skops_path}: {exc.strerror}") from None
     digest = content_hash(data)
     if card is not None and "content_hash" not in card:
-        raise BundleError(f"{path / CARD_FILE} records no content_hash, so {PIPELINE_FILE} "
-                          "cannot be checked; write bundles with `digitstream train` or "
-                          "save_bundle, or serve the .skops file alone")
+        raise BundleError(
+            f"{path / CARD_FILE} records no content_hash, so {PIPELINE_FILE} "
+            "cannot be checked; write bundles with `digitstream train` or "
+            "save_bundle, or serve the .skops file alone"
+        )
     if card is not None and card["content_hash"] != digest:
-        raise BundleError(f"{skops_path} does not match {path / CARD_FILE}: content hash is "
-                          f"{digest}, the card says {card['content_hash']}; the file was "
-                          "changed after the bundle was written")
+        raise BundleError(
+            f"{skops_path} does not match {path / CARD_FILE}: content hash is "
+            f"{digest}, the card says {card['content_hash']}; the file was "
+            "changed after the bundle was written"
+        )
     pipeline = _load_trusted(data, skops_path)
     _check_classifier(pipeline, str(skops_path))
     facts = _facts(pipeline)
     if card is None:
-        card = {"format": CARD_FORMAT, "derived_from": str(skops_path), **facts,
-                "pipeline_file": skops_path.name, "content_hash": digest}
+        card = {
+            "format": CARD_FORMAT,
+            "derived_from": str(skops_path),
+            **facts,
+            "pipeline_file": skops_path.name,
+            "content_hash": digest,
+        }
     else:
         _check_card_matches(card, facts, path)
-    return Bundle(pipeline=pipeline, card=card, path=path, n_features=facts["n_features"],
-                  classes=np.asarray(pipeline.classes_), step_names=facts["steps"],
-                  content_hash=digest)
+    return Bundle(
+        pipeline=pipeline,
+        card=card,
+        path=path,
+        n_features=facts["n_features"],
+        classes=np.asarray(pipeline.classes_),
+        step_names=facts["steps"],
+        content_hash=digest,
+    )
 
 
 def inspect_main(path) -> int:
@@ -170,18 +194,29 @@ def inspect_main(path) -> int:
     try:
         runner = make_runner(bundle.pipeline)
         runner.predict(np.zeros((2, bundle.n_features)), want_confidence=True)
-    except Exception as exc:  # noqa: BLE001 - whatever breaks, the bundle cannot be served
-        err.print(f"Error: {bundle.path}: the pipeline fails on a test batch: "
-                  f"{(str(exc) or type(exc).__name__).splitlines()[0]}",
-                  markup=False, highlight=False, soft_wrap=True)
+    except Exception as exc:
+        err.print(
+            f"Error: {bundle.path}: the pipeline fails on a test batch: "
+            f"{(str(exc) or type(exc).__name__).splitlines()[0]}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         return 1
-    served = ("fused into one affine map" if runner.compiled else "step by step")
-    checked = ("card derived from the file" if "derived_from" in bundle.card
-               else "content hash matches the card")
-    out.print(f"OK: {bundle.path}: {bundle.content_hash}, {checked}; every type trusted; "
-              f"a classifier of {bundle.n_features} features into {len(bundle.classes)} classes; "
-              f"stages {' -> '.join(bundle.step_names)}, served {served}",
-              markup=False, highlight=False, soft_wrap=True)
+    served = "fused into one affine map" if runner.compiled else "step by step"
+    checked = (
+        "card derived from the file"
+        if "derived_from" in bundle.card
+        else "content hash matches the card"
+    )
+    out.print(
+        f"OK: {bundle.path}: {bundle.content_hash}, {checked}; every type trusted; "
+        f"a classifier of {bundle.n_features} features into {len(bundle.classes)} classes; "
+        f"stages {' -> '.join(bundle.step_names)}, served {served}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     return 0
 
 
@@ -198,8 +233,9 @@ def _format_json(value, indent: str) -> str:
     if len(one_line) <= 120 and not _holds_nested_container(value):
         return one_line
     if isinstance(value, dict) and value:
-        items = [f"{inner}{json.dumps(key)}: {_format_json(item, inner)}"
-                 for key, item in value.items()]
+        items = [
+            f"{inner}{json.dumps(key)}: {_format_json(item, inner)}" for key, item in value.items()
+        ]
         return "{\n" + ",\n".join(items) + "\n" + indent + "}"
     if isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
         items = [inner + _format_json(item, inner) for item in value]
@@ -210,9 +246,10 @@ def _format_json(value, indent: str) -> str:
 def _holds_nested_container(value) -> bool:
     """Lists of plain values and dicts of plain values or such lists fit one line."""
     if isinstance(value, dict):
-        return any(isinstance(item, dict)
-                   or (isinstance(item, list) and _holds_nested_container(item))
-                   for item in value.values())
+        return any(
+            isinstance(item, dict) or (isinstance(item, list) and _holds_nested_container(item))
+            for item in value.values()
+        )
     if isinstance(value, list):
         return any(isinstance(item, (dict, list)) for item in value)
     return False
@@ -223,16 +260,20 @@ def _facts(pipeline) -> dict:
         "classes": np.asarray(pipeline.classes_).tolist(),
         "n_features": n_features_of(pipeline),
         "steps": [name for name, _ in pipeline_steps(pipeline)],
-        "estimators": [type(step).__module__ + "." + type(step).__qualname__
-                       for _, step in pipeline_steps(pipeline)],
+        "estimators": [
+            type(step).__module__ + "." + type(step).__qualname__
+            for _, step in pipeline_steps(pipeline)
+        ],
     }
 
 
 def _check_card_matches(card: dict, facts: dict, path: Path) -> None:
     for key in ("n_features", "classes", "steps"):
         if key in card and card[key] != facts[key]:
-            raise BundleError(f"{path / CARD_FILE} says {key} is {card[key]!r} but the pipeline "
-                              f"has {facts[key]!r}")
+            raise BundleError(
+                f"{path / CARD_FILE} says {key} is {card[key]!r} but the pipeline "
+                f"has {facts[key]!r}"
+            )
 
 
 def _read_card(directory: Path) -> dict:
@@ -260,20 +301,25 @@ def _load_trusted(data: bytes, source: Path):
 
     try:
         untrusted = sio.get_untrusted_types(data=data)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a skops file"
-        raise BundleError(f"{source} is not a readable skops file: "
-                          f"{(str(exc) or type(exc).__name__).splitlines()[0]}") from None
+    except Exception as exc:
+        raise BundleError(
+            f"{source} is not a readable skops file: "
+            f"{(str(exc) or type(exc).__name__).splitlines()[0]}"
+        ) from None
     refused = sorted(set(untrusted) - set(TRUSTED_TYPES))
     if refused:
         plural = "s" if len(refused) > 1 else ""
-        raise BundleError(f"{source} holds untrusted type{plural} {', '.join(refused)}; "
-                          "refusing to load it (only scikit-learn, NumPy and SciPy types "
-                          "known to be safe are loaded)")
+        raise BundleError(
+            f"{source} holds untrusted type{plural} {', '.join(refused)}; "
+            "refusing to load it (only scikit-learn, NumPy and SciPy types "
+            "known to be safe are loaded)"
+        )
     try:
         pipeline = sio.loads(data, trusted=list(TRUSTED_TYPES))
-    except Exception as exc:  # noqa: BLE001 - a malformed file can fail anywhere in skops
-        raise BundleError(f"cannot load {source}: "
-                          f"{(str(exc) or type(exc).__name__).splitlines()[0]}") from None
+    except Exception as exc:
+        raise BundleError(
+            f"cannot load {source}: {(str(exc) or type(exc).__name__).splitlines()[0]}"
+        ) from None
     _check_trees(pipeline, source)
     return pipeline
 
@@ -286,9 +332,10 @@ def _check_classifier(obj, what: str) -> None:
         classes = obj.classes_
         n_features = n_features_of(obj)
     except (AttributeError, IndexError, TypeError, ValueError):
-        raise BundleError(f"{what} is not a fitted classifier: its {name} has no classes_ "
-                          "or n_features_in_ (is it fitted, and does it end in a classifier?)"
-                          ) from None
+        raise BundleError(
+            f"{what} is not a fitted classifier: its {name} has no classes_ "
+            "or n_features_in_ (is it fitted, and does it end in a classifier?)"
+        ) from None
     if n_features < 1:
         raise BundleError(f"{what}: n_features_in_ is {n_features}, expected a positive integer")
     if np.ndim(classes) != 1 or len(classes) < 2:
@@ -302,12 +349,15 @@ def _check_trees(root, source: Path) -> None:
     for owner, attribute, value in _walk(root):
         if isinstance(value, Tree):
             if not (isinstance(owner, BaseDecisionTree) and attribute == "tree_"):
-                raise BundleError(f"{source}: a decision tree structure outside a decision "
-                                  "tree estimator; refusing to load it")
+                raise BundleError(
+                    f"{source}: a decision tree structure outside a decision "
+                    "tree estimator; refusing to load it"
+                )
             problem = _check_tree(value, owner.n_features_in_)
             if problem:
-                raise BundleError(f"{source}: malformed decision tree ({problem}); "
-                                  "refusing to load it")
+                raise BundleError(
+                    f"{source}: malformed decision tree ({problem}); refusing to load it"
+                )
 
 
 def _check_tree(tree, n_features: int) -> str | None:
@@ -321,8 +371,14 @@ def _check_tree(tree, n_features: int) -> str | None:
     node = np.arange(count)
     leaf = (left == -1) & (right == -1)
     # Children always come after their parent, so every walk ends at a leaf.
-    inner = ((left > node) & (left < count) & (right > node) & (right < count)
-             & (feature >= 0) & (feature < n_features))
+    inner = (
+        (left > node)
+        & (left < count)
+        & (right > node)
+        & (right < count)
+        & (feature >= 0)
+        & (feature < n_features)
+    )
     bad = np.flatnonzero(~(leaf | inner))
     if bad.size:
         return f"node {int(bad[0])} has a child or feature index out of bounds"

@@ -46,21 +46,32 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 from sklearn.decomposition import PCA
-from sklearn.linear_model import (LogisticRegression, Perceptron, RidgeClassifier,
-                                  RidgeClassifierCV, SGDClassifier)
+from sklearn.linear_model import (
+    LogisticRegression,
+    Perceptron,
+    RidgeClassifier,
+    RidgeClassifierCV,
+    SGDClassifier,
+)
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 TIE_RTOL = 1e-9
-SINGLE_EPS = 2.0 ** -24  # unit roundoff of float32
-SINGLE_TINY = 2.0 ** -148  # twice the absolute rounding of a float32 operation that underflows
+SINGLE_EPS = 2.0**-24  # unit roundoff of float32
+SINGLE_TINY = 2.0**-148  # twice the absolute rounding of a float32 operation that underflows
 SINGLE_MAX = 1e37  # score terms below this cannot overflow float32
 
 # Exact types: a subclass may override transform or predict.
 _AFFINE_TRANSFORMERS = (StandardScaler, PCA)
-_LINEAR_CLASSIFIERS = (LogisticRegression, LinearSVC, RidgeClassifier, RidgeClassifierCV,
-                       SGDClassifier, Perceptron)
+_LINEAR_CLASSIFIERS = (
+    LogisticRegression,
+    LinearSVC,
+    RidgeClassifier,
+    RidgeClassifierCV,
+    SGDClassifier,
+    Perceptron,
+)
 
 perf_counter = time.perf_counter
 
@@ -77,8 +88,11 @@ def pipeline_steps(estimator) -> list[tuple[str, object]]:
     named after its class. ``None`` and ``"passthrough"`` steps are skipped, as
     the Pipeline skips them."""
     if isinstance(estimator, Pipeline):
-        return [(name, step) for name, step in estimator.steps
-                if step is not None and not isinstance(step, str)]
+        return [
+            (name, step)
+            for name, step in estimator.steps
+            if step is not None and not isinstance(step, str)
+        ]
     return [(type(estimator).__name__, estimator)]
 
 
@@ -108,8 +122,9 @@ class Runner:
         self._has_proba = hasattr(pipeline, "predict_proba")
         self._classes_sorted = bool(np.all(self.classes[:-1] < self.classes[1:]))
 
-    def predict(self, X: np.ndarray, want_confidence: bool = False,
-                max_abs: float | None = None) -> Prediction:
+    def predict(
+        self, X: np.ndarray, want_confidence: bool = False, max_abs: float | None = None
+    ) -> Prediction:
         """Classify the batch ``X`` (n, n_features), float64 or float32; the
         answer is always that of the pipeline on ``X.astype(float64)``.
 
@@ -123,8 +138,9 @@ class Runner:
 
     def _empty(self, want_confidence: bool) -> Prediction:
         confidence = np.empty(0) if want_confidence and self._has_proba else None
-        return Prediction(np.empty(0, dtype=np.intp), confidence,
-                          [(name, 0.0) for name in self.stage_names])
+        return Prediction(
+            np.empty(0, dtype=np.intp), confidence, [(name, 0.0) for name in self.stage_names]
+        )
 
     def _index_of(self, labels: np.ndarray) -> np.ndarray:
         if self._classes_sorted:
@@ -178,8 +194,12 @@ class _Affine:
     c_abs: np.ndarray
 
     def then(self, other: _Affine) -> _Affine:
-        return _Affine(self.A @ other.A, self.c @ other.A + other.c,
-                       self.A_abs @ other.A_abs, self.c_abs @ other.A_abs + other.c_abs)
+        return _Affine(
+            self.A @ other.A,
+            self.c @ other.A + other.c,
+            self.A_abs @ other.A_abs,
+            self.c_abs @ other.A_abs + other.c_abs,
+        )
 
 
 def _affine_transformer(step) -> _Affine | None:
@@ -235,8 +255,10 @@ class _FusedRunner(Runner):
         self._probability = _closed_form_confidence(steps[-1][1])
         self._binary = affine.A.shape[1] == 1
         self._double = self._weights(affine, np.float64)
-        fits_single = max(float(np.abs(affine.A).max(initial=0.0)),
-                          float(np.abs(affine.c).max(initial=0.0))) < SINGLE_MAX
+        fits_single = (
+            max(float(np.abs(affine.A).max(initial=0.0)), float(np.abs(affine.c).max(initial=0.0)))
+            < SINGLE_MAX
+        )
         self._single = self._weights(affine, np.float32) if fits_single else None
         # Every term of a score is at most max|x| * sum_i A_abs[i, j] + c_abs[j].
         self._term_per_unit_x = float(affine.A_abs.sum(axis=0).max())
@@ -254,8 +276,11 @@ class _FusedRunner(Runner):
         # Scores come out (k, n); one product with (ones, 0..k-1) gives, per row, how
         # many classes are near the top and (when that is one) which.
         count_and_index = np.vstack([np.ones(k), np.arange(k, dtype=np.float64)]).astype(dtype)
-        return (np.ascontiguousarray(affine.A.T, dtype=dtype),
-                affine.c[:, None].astype(dtype), count_and_index)
+        return (
+            np.ascontiguousarray(affine.A.T, dtype=dtype),
+            affine.c[:, None].astype(dtype),
+            count_and_index,
+        )
 
     def _term_bound(self, X: np.ndarray, max_abs: float | None) -> tuple[float, float]:
         if max_abs is None:
@@ -294,8 +319,12 @@ class _FusedRunner(Runner):
             return self._empty(want_confidence)
         start = perf_counter()
         max_abs, bound = self._term_bound(X, max_abs)
-        if X.dtype == np.float32 and self._single is not None and not want_confidence \
-                and bound < SINGLE_MAX:
+        if (
+            X.dtype == np.float32
+            and self._single is not None
+            and not want_confidence
+            and bound < SINGLE_MAX
+        ):
             margin = self.single_rtol * bound + (max_abs + 3) * self._single_tiny
             _, index, tied = self._decide(X, self._single, margin)
             if tied.size:

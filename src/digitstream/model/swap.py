@@ -45,8 +45,13 @@ from pathlib import Path
 import numpy as np
 
 from digitstream.errors import UserError
-from digitstream.model.bundle import (CARD_FILE, PIPELINE_FILE, BundleError, content_hash,
-                                      load_bundle)
+from digitstream.model.bundle import (
+    CARD_FILE,
+    PIPELINE_FILE,
+    BundleError,
+    content_hash,
+    load_bundle,
+)
 
 log = logging.getLogger("digitstream.swap")
 
@@ -64,8 +69,15 @@ class ModelWatcher:
     ``clock`` is monotonic seconds.
     """
 
-    def __init__(self, path, serving, metrics=None, poll: float = POLL_SECONDS,
-                 settle: float = SETTLE_SECONDS, clock=time.monotonic):
+    def __init__(
+        self,
+        path,
+        serving,
+        metrics=None,
+        poll: float = POLL_SECONDS,
+        settle: float = SETTLE_SECONDS,
+        clock=time.monotonic,
+    ):
         self.serving = serving
         self.metrics = metrics
         self.path = Path(path)
@@ -102,8 +114,9 @@ class ModelWatcher:
             try:
                 await self.check(forced)
             except Exception:  # a bug here must not stop the stream, nor later swaps
-                log.exception("looking for a new model at %s failed; the model serving stays",
-                              self.path)
+                log.exception(
+                    "looking for a new model at %s failed; the model serving stays", self.path
+                )
 
     async def check(self, forced: bool = False) -> None:
         """Look at the model path once; swap in a new bundle if one is there and complete.
@@ -127,8 +140,11 @@ class ModelWatcher:
         await self._swap("SIGHUP" if forced else "new files")
 
     def _signature(self) -> tuple:
-        files = ([self.path / CARD_FILE, self.path / PIPELINE_FILE] if self.path.is_dir()
-                 else [self.path])
+        files = (
+            [self.path / CARD_FILE, self.path / PIPELINE_FILE]
+            if self.path.is_dir()
+            else [self.path]
+        )
         signature = []
         for file in files:
             try:
@@ -162,9 +178,13 @@ class ModelWatcher:
         try:
             bundle = await asyncio.to_thread(load_bundle, self.path)
             if bundle.content_hash == old.content_hash:
-                log.log(logging.INFO if trigger == "SIGHUP" else logging.DEBUG,
-                        "%s: the model at %s is the one serving (%s); nothing to swap",
-                        trigger, self.path, old.content_hash)
+                log.log(
+                    logging.INFO if trigger == "SIGHUP" else logging.DEBUG,
+                    "%s: the model at %s is the one serving (%s); nothing to swap",
+                    trigger,
+                    self.path,
+                    old.content_hash,
+                )
                 return
             flow = await asyncio.to_thread(self._prepare, bundle, old)
             # each open stream's switch point: the sequence number of its next batch
@@ -173,45 +193,63 @@ class ModelWatcher:
             reason = str(exc) if isinstance(exc, UserError) else f"cannot read it: {exc}"
             self._refused(trigger, reason)
             return
-        except Exception as exc:  # noqa: BLE001 - a fault of ours or of the engine
+        except Exception as exc:
             first_line = str(exc).splitlines()[0] if str(exc) else ""
             reason = f"unexpected {type(exc).__name__}" + (f": {first_line}" if first_line else "")
             self._refused(trigger, reason, unexpected=True)
             return
         when = time.time()
         if self.metrics is not None:
-            self.metrics.model_swapped(when, old.content_hash, bundle.content_hash, at,
-                                      flow.stage_names)
-        points = ", ".join(f"stream {stream} -> {seq}"
-                           for stream, seq in sorted(at.items(), key=lambda kv: str(kv[0])))
-        log.info("model swapped at %s (%s): %s -> %s; the new model answers from message: %s",
-                 datetime.fromtimestamp(when).astimezone().isoformat(timespec="milliseconds"),
-                 trigger, old.content_hash, bundle.content_hash,
-                 points or "no connection open")
+            self.metrics.model_swapped(
+                when, old.content_hash, bundle.content_hash, at, flow.stage_names
+            )
+        points = ", ".join(
+            f"stream {stream} -> {seq}"
+            for stream, seq in sorted(at.items(), key=lambda kv: str(kv[0]))
+        )
+        log.info(
+            "model swapped at %s (%s): %s -> %s; the new model answers from message: %s",
+            datetime.fromtimestamp(when).astimezone().isoformat(timespec="milliseconds"),
+            trigger,
+            old.content_hash,
+            bundle.content_hash,
+            points or "no connection open",
+        )
 
     def _refused(self, trigger: str, reason: str, unexpected: bool = False) -> None:
         """The bundle at the model path was not swapped in: one log line (an ERROR with
         the traceback if ``unexpected``, else a WARNING) and the metrics' count."""
-        log.log(logging.ERROR if unexpected else logging.WARNING,
-                "model at %s not swapped in (%s): %s; still serving %s", self.path, trigger,
-                reason, self.serving.bundle.content_hash, exc_info=unexpected)
+        log.log(
+            logging.ERROR if unexpected else logging.WARNING,
+            "model at %s not swapped in (%s): %s; still serving %s",
+            self.path,
+            trigger,
+            reason,
+            self.serving.bundle.content_hash,
+            exc_info=unexpected,
+        )
         if self.metrics is not None:
             self.metrics.model_swap_refused(time.time(), reason)
 
     def _prepare(self, bundle, old):
         """The flow that serves ``bundle`` in place of ``old``; BundleError if it cannot."""
         if bundle.n_features != old.n_features:
-            raise BundleError(f"it takes {bundle.n_features} features, the model serving "
-                              f"takes {old.n_features}")
+            raise BundleError(
+                f"it takes {bundle.n_features} features, the model serving takes {old.n_features}"
+            )
         new_classes = [str(c) for c in bundle.classes]
         old_classes = [str(c) for c in old.classes]
         if new_classes != old_classes:
-            raise BundleError(f"it predicts classes {' '.join(new_classes)}, the model serving "
-                              f"{' '.join(old_classes)} (restart run to change the classes)")
+            raise BundleError(
+                f"it predicts classes {' '.join(new_classes)}, the model serving "
+                f"{' '.join(old_classes)} (restart run to change the classes)"
+            )
         try:
             flow = self.serving.build_flow(bundle)
             flow.runner.predict(np.zeros((2, bundle.n_features)), want_confidence=True)
-        except Exception as exc:  # noqa: BLE001 - whatever breaks, it cannot serve
-            raise BundleError(f"the pipeline fails on a test batch: "
-                              f"{(str(exc) or type(exc).__name__).splitlines()[0]}") from None
+        except Exception as exc:
+            raise BundleError(
+                f"the pipeline fails on a test batch: "
+                f"{(str(exc) or type(exc).__name__).splitlines()[0]}"
+            ) from None
         return flow

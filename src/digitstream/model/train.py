@@ -11,10 +11,10 @@ choice has seen. That figure is what the card reports.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -56,16 +56,24 @@ def split_dataset(data: Dataset, test_size: float = 0.25, seed: int = 0) -> Spli
 
     try:
         X_train, X_test, y_train, y_test = train_test_split(
-            data.X, data.y, test_size=test_size, stratify=data.y, random_state=seed)
+            data.X, data.y, test_size=test_size, stratify=data.y, random_state=seed
+        )
     except ValueError as exc:
-        raise UserError(f"cannot hold out {test_size:.0%} of {data.name} stratified by class: "
-                        f"{exc}") from None
+        raise UserError(
+            f"cannot hold out {test_size:.0%} of {data.name} stratified by class: {exc}"
+        ) from None
     return Split(X_train, X_test, y_train, y_test)
 
 
-def train_model(data: Dataset, model_name: str = "pca-logistic", test_size: float = 0.25,
-                seed: int = 0, jobs: int = 1, quick: bool = False,
-                progress: ProgressCallback | None = None) -> TrainResult:
+def train_model(
+    data: Dataset,
+    model_name: str = "pca-logistic",
+    test_size: float = 0.25,
+    seed: int = 0,
+    jobs: int = 1,
+    quick: bool = False,
+    progress: ProgressCallback | None = None,
+) -> TrainResult:
     """Search, refit and evaluate one model; no output, no files.
 
     ``quick`` searches a grid of one or two candidates instead of the full
@@ -95,12 +103,17 @@ def train_model(data: Dataset, model_name: str = "pca-logistic", test_size: floa
         "description": recipe.description,
         "dataset": {
             "spec": data.name,
-            "n_samples": int(len(data.y)),
+            "n_samples": len(data.y),
             "n_features": int(data.n_features),
             "value_range": [float(data.value_range[0]), float(data.value_range[1])],
         },
-        "split": {"held_out_fraction": test_size, "seed": seed, "stratified": True,
-                  "n_train": int(len(split.y_train)), "n_held_out": int(len(split.y_test))},
+        "split": {
+            "held_out_fraction": test_size,
+            "seed": seed,
+            "stratified": True,
+            "n_train": len(split.y_train),
+            "n_held_out": len(split.y_test),
+        },
         "heldout_accuracy": accuracy,
         "confusion_matrix": confusion,
         "search": search["card"],
@@ -110,13 +123,26 @@ def train_model(data: Dataset, model_name: str = "pca-logistic", test_size: floa
     return TrainResult(pipeline, card, split, y_pred, accuracy, confusion)
 
 
-def main(dataset: str = "digits", model_name: str = "pca-logistic", output: str = "models",
-         test_size: float = 0.25, seed: int = 0, jobs: int = 1, quick: bool = False) -> Path:
+def main(
+    dataset: str = "digits",
+    model_name: str = "pca-logistic",
+    output: str = "models",
+    test_size: float = 0.25,
+    seed: int = 0,
+    jobs: int = 1,
+    quick: bool = False,
+) -> Path:
     """`digitstream train`: train, print the held-out accuracy and confusion
     matrix, write the bundle to ``output``; returns its path."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
-                               TextColumn, TimeElapsedColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
     from rich.text import Text
 
     from digitstream.model.bundle import load_bundle, save_bundle
@@ -125,16 +151,27 @@ def main(dataset: str = "digits", model_name: str = "pca-logistic", output: str 
     out = Console(highlight=False, soft_wrap=True, markup=False)
     recipe = get_recipe(model_name)
     if jobs == 0 or jobs < -1:
-        raise UserError(f"--jobs must be a positive number of processes or -1 (all cores), "
-                        f"not {jobs}")
+        raise UserError(
+            f"--jobs must be a positive number of processes or -1 (all cores), not {jobs}"
+        )
     data = load_dataset(dataset)
     n_classes = len(np.unique(data.y))
-    out.print(f"Data set {data.name}: {len(data.y)} images of {data.n_features} features, "
-              f"{n_classes} classes; {test_size:.0%} held out (stratified, seed {seed})")
+    out.print(
+        f"Data set {data.name}: {len(data.y)} images of {data.n_features} features, "
+        f"{n_classes} classes; {test_size:.0%} held out (stratified, seed {seed})"
+    )
     err = Console(stderr=True)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  MofNCompleteColumn(), TextColumn("fits"), TimeElapsedColumn(),
-                  console=err, transient=True, disable=not err.is_terminal) as bar:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("fits"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as bar:
         task = bar.add_task(f"grid search {recipe.name}", total=None)
 
         def progress(done: int, total: int) -> None:
@@ -144,27 +181,40 @@ def main(dataset: str = "digits", model_name: str = "pca-logistic", output: str 
     search = result.card["search"]
     chosen = ", ".join(f"{key}={value!r}" for key, value in search["best_params"].items())
     if search["cv_folds"]:
-        out.print(f"Grid search: {len(search['candidates'])} candidates x {search['cv_folds']} "
-                  f"folds by cross-validated accuracy on the training part; best {chosen} "
-                  f"(cv accuracy {search['best_cv_accuracy']:.4f})")
+        out.print(
+            f"Grid search: {len(search['candidates'])} candidates x {search['cv_folds']} "
+            f"folds by cross-validated accuracy on the training part; best {chosen} "
+            f"(cv accuracy {search['best_cv_accuracy']:.4f})"
+        )
     else:
         out.print(f"One candidate, nothing to search: {chosen}")
     correct = int(np.sum(result.y_pred == result.split.y_test))
-    out.print(Text(f"Held-out accuracy: {result.accuracy:.4f}", style="bold"),
-              f"({correct} of {len(result.split.y_test)} held-out images)")
+    out.print(
+        Text(f"Held-out accuracy: {result.accuracy:.4f}", style="bold"),
+        f"({correct} of {len(result.split.y_test)} held-out images)",
+    )
     if len(result.pipeline.classes_) <= 20:
         out.print(_confusion_table(result.pipeline.classes_, result.confusion))
     out.print(f"Training took {result.card['training_seconds']:.1f} s.")
     directory = save_bundle(result.pipeline, output, result.card)
     bundle = load_bundle(directory)
-    out.print(f"Model bundle written to {directory}/ (pipeline.skops, model.json; "
-              f"stages {' -> '.join(bundle.step_names)}; {bundle.content_hash[:19]}...)")
+    out.print(
+        f"Model bundle written to {directory}/ (pipeline.skops, model.json; "
+        f"stages {' -> '.join(bundle.step_names)}; {bundle.content_hash[:19]}...)"
+    )
     return directory
 
 
 # ------------------------------------------------------------------ helpers
-def _grid_search(recipe: ModelRecipe, X: np.ndarray, y: np.ndarray, seed: int, jobs: int,
-                 quick: bool, progress: ProgressCallback | None) -> dict:
+def _grid_search(
+    recipe: ModelRecipe,
+    X: np.ndarray,
+    y: np.ndarray,
+    seed: int,
+    jobs: int,
+    quick: bool,
+    progress: ProgressCallback | None,
+) -> dict:
     from joblib import Parallel, delayed
     from sklearn.model_selection import ParameterGrid, StratifiedKFold
 
@@ -180,21 +230,31 @@ def _grid_search(recipe: ModelRecipe, X: np.ndarray, y: np.ndarray, seed: int, j
     space = {key: list(values) for key, values in grid.items()}
     if len(candidates) == 1:
         # Nothing to choose between: cross-validation would only cost time.
-        card = {"scoring": "accuracy", "cv_folds": 0, "space": space,
-                "candidates": [{"params": candidates[0]}],
-                "best_params": candidates[0], "best_cv_accuracy": None}
+        card = {
+            "scoring": "accuracy",
+            "cv_folds": 0,
+            "space": space,
+            "candidates": [{"params": candidates[0]}],
+            "best_params": candidates[0],
+            "best_cv_accuracy": None,
+        }
         return {"best_params": candidates[0], "card": card, "fits": 0}
     if n_splits < 2:
         label = classes[int(np.argmin(counts))]
-        raise UserError(f"class {label!r} has {folds_possible} training image(s): "
-                        "cross-validation needs at least 2 of every class")
+        raise UserError(
+            f"class {label!r} has {folds_possible} training image(s): "
+            "cross-validation needs at least 2 of every class"
+        )
     template = recipe.make_pipeline(seed)
     fits = len(candidates) * len(folds)
     if progress:
         progress(0, fits + 1)
     scores = np.full((len(candidates), len(folds)), np.nan)
-    tasks = (delayed(_fit_and_score)(template, candidates[c], X, y, folds[f], c, f)
-             for c in range(len(candidates)) for f in range(len(folds)))
+    tasks = (
+        delayed(_fit_and_score)(template, candidates[c], X, y, folds[f], c, f)
+        for c in range(len(candidates))
+        for f in range(len(folds))
+    )
     done = 0
     try:
         for c, f, accuracy in Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
@@ -210,9 +270,10 @@ def _grid_search(recipe: ModelRecipe, X: np.ndarray, y: np.ndarray, seed: int, j
         "scoring": "accuracy",
         "cv_folds": len(folds),
         "space": space,
-        "candidates": [{"params": params, "cv_accuracy": round(float(m), 6),
-                        "cv_std": round(float(s), 6)}
-                       for params, m, s in zip(candidates, mean, std)],
+        "candidates": [
+            {"params": params, "cv_accuracy": round(float(m), 6), "cv_std": round(float(s), 6)}
+            for params, m, s in zip(candidates, mean, std)
+        ],
         "best_params": candidates[best],
         "best_cv_accuracy": float(mean[best]),
     }
@@ -231,13 +292,19 @@ def _confusion_table(classes, confusion: np.ndarray):
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="Confusion matrix on the held-out part (rows: true, columns: predicted)",
-                  title_justify="left", show_edge=False, pad_edge=False)
+    table = Table(
+        title="Confusion matrix on the held-out part (rows: true, columns: predicted)",
+        title_justify="left",
+        show_edge=False,
+        pad_edge=False,
+    )
     table.add_column("")
     for label in classes:
         table.add_column(Text(str(label)), justify="right")
     for i, (label, row) in enumerate(zip(classes, confusion)):
-        cells = [Text(str(n), style="bold" if i == j else "") if n or i == j
-                 else Text("·", style="dim") for j, n in enumerate(row)]
+        cells = [
+            Text(str(n), style="bold" if i == j else "") if n or i == j else Text("·", style="dim")
+            for j, n in enumerate(row)
+        ]
         table.add_row(Text(str(label)), *cells)
     return table

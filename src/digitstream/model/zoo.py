@@ -9,8 +9,8 @@ tests and smoke runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from sklearn.decomposition import PCA
@@ -55,10 +55,12 @@ def _capped(values, cap: int) -> list[int]:
 def _pca_logistic(seed: int) -> Pipeline:
     # lbfgs needs a few hundred iterations on unscaled pixels at large C; the
     # generous cap keeps every candidate converged instead of warning.
-    return Pipeline([
-        ("PCA", PCA(random_state=seed)),
-        ("Logistic Regression", LogisticRegression(max_iter=10_000)),
-    ])
+    return Pipeline(
+        [
+            ("PCA", PCA(random_state=seed)),
+            ("Logistic Regression", LogisticRegression(max_iter=10_000)),
+        ]
+    )
 
 
 def _pca_logistic_grid(ctx: GridContext, quick: bool) -> ParamGrid:
@@ -98,10 +100,14 @@ def _knn(seed: int) -> Pipeline:
 
 def _knn_grid(ctx: GridContext, quick: bool) -> ParamGrid:
     if quick:
-        return {"k-Nearest Neighbors__n_neighbors": _capped([3], ctx.smallest_fit),
-                "k-Nearest Neighbors__weights": ["distance"]}
-    return {"k-Nearest Neighbors__n_neighbors": _capped([1, 3, 5, 7], ctx.smallest_fit),
-            "k-Nearest Neighbors__weights": ["uniform", "distance"]}
+        return {
+            "k-Nearest Neighbors__n_neighbors": _capped([3], ctx.smallest_fit),
+            "k-Nearest Neighbors__weights": ["distance"],
+        }
+    return {
+        "k-Nearest Neighbors__n_neighbors": _capped([1, 3, 5, 7], ctx.smallest_fit),
+        "k-Nearest Neighbors__weights": ["uniform", "distance"],
+    }
 
 
 # ------------------------------------------------------------ random-forest
@@ -112,40 +118,54 @@ def _random_forest(seed: int) -> Pipeline:
 def _random_forest_grid(ctx: GridContext, quick: bool) -> ParamGrid:
     if quick:
         return {"Random Forest__n_estimators": [30], "Random Forest__max_features": ["sqrt"]}
-    return {"Random Forest__n_estimators": [100, 200],
-            "Random Forest__max_features": ["sqrt", "log2"]}
+    return {
+        "Random Forest__n_estimators": [100, 200],
+        "Random Forest__max_features": ["sqrt", "log2"],
+    }
 
 
 # ---------------------------------------------------------------------- mlp
 def _mlp(seed: int) -> Pipeline:
     # A larger first step than adam's default converges in ~60 epochs instead
     # of ~250 on digits, at the same held-out accuracy.
-    return Pipeline([
-        ("Standard Scaler", StandardScaler()),
-        ("Neural Network", MLPClassifier(learning_rate_init=0.01, max_iter=1000,
-                                         random_state=seed)),
-    ])
+    return Pipeline(
+        [
+            ("Standard Scaler", StandardScaler()),
+            (
+                "Neural Network",
+                MLPClassifier(learning_rate_init=0.01, max_iter=1000, random_state=seed),
+            ),
+        ]
+    )
 
 
 def _mlp_grid(ctx: GridContext, quick: bool) -> ParamGrid:
     if quick:
         return {"Neural Network__hidden_layer_sizes": [(64,)], "Neural Network__alpha": [1.0]}
-    return {"Neural Network__hidden_layer_sizes": [(64,), (128,)],
-            "Neural Network__alpha": [0.3, 1.0]}
+    return {
+        "Neural Network__hidden_layer_sizes": [(64,), (128,)],
+        "Neural Network__alpha": [0.3, 1.0],
+    }
 
 
 RECIPES: dict[str, ModelRecipe] = {
     recipe.name: recipe
     for recipe in [
-        ModelRecipe("pca-logistic", "PCA then logistic regression (the seed's model); "
-                    "linear, so it is served fused into one affine map",
-                    _pca_logistic, _pca_logistic_grid),
+        ModelRecipe(
+            "pca-logistic",
+            "PCA then logistic regression (the seed's model); "
+            "linear, so it is served fused into one affine map",
+            _pca_logistic,
+            _pca_logistic_grid,
+        ),
         ModelRecipe("svc", "support vector machine with an RBF kernel", _svc, _svc_grid),
         ModelRecipe("knn", "k-nearest neighbours (brute force)", _knn, _knn_grid),
-        ModelRecipe("random-forest", "random forest of decision trees",
-                    _random_forest, _random_forest_grid),
-        ModelRecipe("mlp", "standard scaling then a one-hidden-layer neural network",
-                    _mlp, _mlp_grid),
+        ModelRecipe(
+            "random-forest", "random forest of decision trees", _random_forest, _random_forest_grid
+        ),
+        ModelRecipe(
+            "mlp", "standard scaling then a one-hidden-layer neural network", _mlp, _mlp_grid
+        ),
     ]
 }
 

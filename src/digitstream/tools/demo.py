@@ -79,16 +79,26 @@ def _stop(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
-def main(model_path: str = "models", output: str = "digits.out", repeat: int = 1,
-         keep_running: bool = False) -> int:
+def main(
+    model_path: str = "models",
+    output: str = "digits.out",
+    repeat: int = 1,
+    keep_running: bool = False,
+) -> int:
     console = Console(stderr=True)
     model = Path(model_path)
     if not (model / "model.json").exists():
         from digitstream.model import train
 
         console.rule("[bold]1. training the seed's model (no bundle yet)")
-        train.main(dataset="digits", model_name="pca-logistic", output=str(model),
-                   test_size=0.25, seed=0, jobs=1)
+        train.main(
+            dataset="digits",
+            model_name="pca-logistic",
+            output=str(model),
+            test_size=0.25,
+            seed=0,
+            jobs=1,
+        )
     else:
         console.print(f"using the model bundle in {model}/")
 
@@ -98,23 +108,45 @@ def main(model_path: str = "models", output: str = "digits.out", repeat: int = 1
     total = len(frames) * repeat
 
     console.rule("[bold]2. listener, application, sender")
-    listener = Listener(Address(HOST, ports["out"]), output, collect=True,
-                        record_times=True).start()
+    listener = Listener(
+        Address(HOST, ports["out"]), output, collect=True, record_times=True
+    ).start()
     log_path = Path(output).with_suffix(".app.log")
     metrics_url = f"http://{HOST}:{ports['metrics']}/"
-    cmd = [sys.executable, "-m", "digitstream.cli", "run", "--in", f"{HOST}:{ports['in']}",
-           "--out", f"{HOST}:{ports['out']}", "--metrics", f"{HOST}:{ports['metrics']}",
-           "--model", str(model)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "digitstream.cli",
+        "run",
+        "--in",
+        f"{HOST}:{ports['in']}",
+        "--out",
+        f"{HOST}:{ports['out']}",
+        "--metrics",
+        f"{HOST}:{ports['metrics']}",
+        "--model",
+        str(model),
+    ]
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     try:
         _wait_ready(metrics_url, proc, log_path)
         console.print(f"listener on {HOST}:{ports['out']} -> {output}")
-        console.print(f"application: in {HOST}:{ports['in']}, out {HOST}:{ports['out']}, "
-                      f"metrics UI [link={metrics_url}]{metrics_url}[/link] (log: {log_path})")
-        stats = send_frames(Address(HOST, ports["in"]), split(frames, repeat=repeat),
-                            progress=console.is_terminal, record_times=True)
+        console.print(
+            f"application: in {HOST}:{ports['in']}, out {HOST}:{ports['out']}, "
+            f"metrics UI [link={metrics_url}]{metrics_url}[/link] (log: {log_path})"
+        )
+        stats = send_frames(
+            Address(HOST, ports["in"]),
+            split(frames, repeat=repeat),
+            progress=console.is_terminal,
+            record_times=True,
+        )
         console.print(stats.summary(Address(HOST, ports["in"])))
         if not listener.wait(count=total, timeout=120):
             raise UserError(f"only {listener.frames} of {total} results arrived within 120 s")
@@ -157,16 +189,26 @@ def _summary(console, listener, stats, labels, repeat, output, metrics_url, app_
     table.add_column(style="bold")
     table.add_column()
     table.add_row("messages", f"{len(texts):,} sent, {len(texts):,} results, {errors} errors")
-    table.add_row("accuracy", f"{correct / len(texts):.4f} against the true labels "
-                              f"({correct:,} of {len(texts):,})")
-    table.add_row("throughput", f"{len(texts) / elapsed:,.0f} messages/s end to end "
-                                f"(first write to last result, {elapsed * 1000:.1f} ms)")
-    table.add_row("latency", f"p50 {latency['p50']:.2f} ms, p99 {latency['p99']:.2f} ms "
-                             "(sender write to listener read)")
+    table.add_row(
+        "accuracy",
+        f"{correct / len(texts):.4f} against the true labels ({correct:,} of {len(texts):,})",
+    )
+    table.add_row(
+        "throughput",
+        f"{len(texts) / elapsed:,.0f} messages/s end to end "
+        f"(first write to last result, {elapsed * 1000:.1f} ms)",
+    )
+    table.add_row(
+        "latency",
+        f"p50 {latency['p50']:.2f} ms, p99 {latency['p99']:.2f} ms (sender write to listener read)",
+    )
     model = app_stats.get("model") or {}
     if model.get("heldout_accuracy") is not None:
-        table.add_row("model", f"{' -> '.join(model.get('steps', []))}, held-out accuracy "
-                               f"{model['heldout_accuracy']:.4f}")
+        table.add_row(
+            "model",
+            f"{' -> '.join(model.get('steps', []))}, held-out accuracy "
+            f"{model['heldout_accuracy']:.4f}",
+        )
     table.add_row("output", f"{output} (print it with: digitstream read {output})")
     table.add_row("metrics UI", metrics_url)
     console.print(table)

@@ -22,8 +22,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from digitstream.addresses import Address
 from digitstream.errors import UserError
@@ -43,8 +44,14 @@ FramesCallback = Callable[[list[Payloads], int], None]
 class _Connection:
     sock: socket.socket
     peer: str
-    splitter: FrameSplitter = field(default_factory=lambda: FrameSplitter(max_frame=MAX_RESULT_FRAME))
+    splitter: FrameSplitter = field(
+        default_factory=lambda: FrameSplitter(max_frame=MAX_RESULT_FRAME)
+    )
     held: bytes = b""  # received bytes of an incomplete frame, written once it is whole
+
+
+#: a free port on loopback, the kernel's choice
+ANY_LOOPBACK_PORT = Address("127.0.0.1", 0)
 
 
 class Listener:
@@ -67,10 +74,16 @@ class Listener:
     :meth:`start` and :meth:`stop`.
     """
 
-    def __init__(self, addr: Address | tuple[str, int] = Address("127.0.0.1", 0),
-                 output: str | os.PathLike | BinaryIO | None = None, *, count: int | None = None,
-                 collect: bool = False, on_frames: FramesCallback | None = None,
-                 record_times: bool = False):
+    def __init__(
+        self,
+        addr: Address | tuple[str, int] = ANY_LOOPBACK_PORT,
+        output: str | os.PathLike | BinaryIO | None = None,
+        *,
+        count: int | None = None,
+        collect: bool = False,
+        on_frames: FramesCallback | None = None,
+        record_times: bool = False,
+    ):
         self.requested = Address(*addr)
         self.count = count
         self.frames = 0
@@ -100,7 +113,7 @@ class Listener:
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ public
-    def start(self) -> "Listener":
+    def start(self) -> Listener:
         """Bind and listen (UserError if the address cannot be used), then serve in a thread."""
         host, port = self.requested
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -116,10 +129,12 @@ class Listener:
         self._address = Address(*self._lsock.getsockname()[:2])
         if isinstance(self._output_spec, (str, os.PathLike)):
             try:
-                self._out = open(self._output_spec, "wb")
+                self._out = open(self._output_spec, "wb")  # noqa: SIM115 - closed in close()
             except OSError as exc:
                 self._lsock.close()
-                raise UserError(f"cannot write {self._output_spec}: {exc.strerror or exc}") from None
+                raise UserError(
+                    f"cannot write {self._output_spec}: {exc.strerror or exc}"
+                ) from None
             self._own_out = True
         else:
             self._out = self._output_spec
@@ -149,7 +164,8 @@ class Listener:
         target = count if count is not None else self.count
         with self._cond:
             return self._cond.wait_for(
-                lambda: self._finished or (target is not None and self.frames >= target), timeout)
+                lambda: self._finished or (target is not None and self.frames >= target), timeout
+            )
 
     def results(self) -> list[bytes]:
         """The payloads received so far (with ``collect=True``), in arrival order."""
@@ -170,7 +186,7 @@ class Listener:
         if self.error is not None and not isinstance(self.error, BrokenPipeError):
             raise self.error
 
-    def __enter__(self) -> "Listener":
+    def __enter__(self) -> Listener:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -191,7 +207,7 @@ class Listener:
                         break
             if not self._finished:
                 self._drain()
-        except BaseException as exc:  # noqa: BLE001 - reported by stop() in the caller's thread
+        except BaseException as exc:
             self.error = exc
             if not isinstance(exc, BrokenPipeError):
                 log.error("listener stopped: %s", exc)
@@ -228,8 +244,9 @@ class Listener:
         try:
             groups = conn.splitter.feed(data)
         except FrameTooLarge as exc:
-            log.warning("connection from %s closed: %s; it is not sending result frames",
-                        conn.peer, exc)
+            log.warning(
+                "connection from %s closed: %s; it is not sending result frames", conn.peer, exc
+            )
             conn.held = b""
             self._drop(conn)
             return False
@@ -243,15 +260,15 @@ class Listener:
             if held:
                 self._out.write(held[:whole])
             if whole > len(held):
-                self._out.write(data[:whole - len(held)])
+                self._out.write(data[: whole - len(held)])
             self._out.flush()
         pending = conn.splitter.pending
         if pending == 0:
             conn.held = b""
         elif pending <= n:
-            conn.held = bytes(data[n - pending:])
+            conn.held = bytes(data[n - pending :])
         else:
-            conn.held = conn.held[len(conn.held) - (pending - n):] + bytes(data)
+            conn.held = conn.held[len(conn.held) - (pending - n) :] + bytes(data)
         if new:
             if self._on_frames is not None:
                 self._on_frames(groups, t_ns)
@@ -277,8 +294,11 @@ class Listener:
 
     def _drop(self, conn: _Connection) -> None:
         if conn.splitter.pending:
-            log.warning("connection from %s closed inside a frame: %d bytes of it discarded",
-                        conn.peer, conn.splitter.pending)
+            log.warning(
+                "connection from %s closed inside a frame: %d bytes of it discarded",
+                conn.peer,
+                conn.splitter.pending,
+            )
         else:
             log.info("connection from %s closed", conn.peer)
         self._conns.pop(conn.sock.fileno(), None)
@@ -323,8 +343,9 @@ def _first_frames(groups: list[Payloads], k: int) -> list[Payloads]:
     return out
 
 
-def main(addr: Address, output: str | None = None, count: int | None = None,
-         progress: bool | None = None) -> int:
+def main(
+    addr: Address, output: str | None = None, count: int | None = None, progress: bool | None = None
+) -> int:
     """``digitstream listen``: returns the exit status."""
     stdout = sys.stdout.buffer
 
@@ -383,7 +404,9 @@ def _progress_bar(count: int | None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     columns = [TextColumn("received")]
-    columns += [BarColumn(), MofNCompleteColumn()] if count else [TextColumn("{task.completed:,} results")]
+    columns += (
+        [BarColumn(), MofNCompleteColumn()] if count else [TextColumn("{task.completed:,} results")]
+    )
     bar = Progress(*columns, console=Console(stderr=True), transient=True)
     bar.start()
     return bar, bar.add_task("listen", total=count)

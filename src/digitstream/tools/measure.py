@@ -53,8 +53,13 @@ def latency_summary(lat_ns: np.ndarray) -> dict:
     evenly in fraction and denser in the tail, enough to draw the distribution.
     """
     if lat_ns.size == 0:
-        return {"messages": 0, **{k: None for k in PERCENTILES}, "mean": None, "max": None,
-                "cdf": []}
+        return {
+            "messages": 0,
+            **{k: None for k in PERCENTILES},
+            "mean": None,
+            "max": None,
+            "cdf": [],
+        }
     ms = np.sort(lat_ns) / 1e6
     out = {"messages": int(ms.size)}
     for name, q in PERCENTILES.items():
@@ -74,8 +79,11 @@ def rate_summary(rates: list[float]) -> dict:
     """Median, minimum and maximum of per-run rates (messages per second)."""
     if not rates:
         return {"median": None, "min": None, "max": None}
-    return {"median": float(statistics.median(rates)), "min": float(min(rates)),
-            "max": float(max(rates))}
+    return {
+        "median": float(statistics.median(rates)),
+        "min": float(min(rates)),
+        "max": float(max(rates)),
+    }
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

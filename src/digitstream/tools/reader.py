@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import BinaryIO, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 import numpy as np
 
@@ -27,8 +28,9 @@ class TruncatedFrame(ValueError):
 
     def __init__(self, offset: int, have: int, need: int | None):
         expected = f"of the {need:,} it announces" if need is not None else "of its 4-byte header"
-        super().__init__(f"the last frame, at byte {offset:,}, is cut short: "
-                         f"{have:,} bytes {expected}")
+        super().__init__(
+            f"the last frame, at byte {offset:,}, is cut short: {have:,} bytes {expected}"
+        )
         self.offset = offset
 
 
@@ -36,8 +38,10 @@ class NotResultFrames(ValueError):
     """A length header no result frame can have: the input is not (or no longer) result frames."""
 
     def __init__(self, offset: int, length: int):
-        super().__init__(f"the frame header at byte {offset:,} announces {length:,} bytes: "
-                         f"not a file of result frames from here on")
+        super().__init__(
+            f"the frame header at byte {offset:,} announces {length:,} bytes: "
+            f"not a file of result frames from here on"
+        )
         self.offset = offset
 
 
@@ -58,7 +62,9 @@ def iter_results(f: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Iterator[Payloads
             end = f.tell()
             f.seek(consumed)
             yield from _frames_before_bad_header(f.read(end - consumed), consumed)
-            raise AssertionError("unreachable: the bad header was not found again")  # pragma: no cover
+            raise AssertionError(  # pragma: no cover
+                "unreachable: the bad header was not found again"
+            ) from None
         for group in groups:
             consumed += group.nbytes
         yield from groups
@@ -66,8 +72,9 @@ def iter_results(f: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Iterator[Payloads
         f.seek(consumed)
         head = f.read(HEADER_SIZE)
         need = HEADER.unpack(head)[0] if len(head) == HEADER_SIZE else None
-        raise TruncatedFrame(consumed, splitter.pending - HEADER_SIZE if need is not None else splitter.pending,
-                             need)
+        raise TruncatedFrame(
+            consumed, splitter.pending - HEADER_SIZE if need is not None else splitter.pending, need
+        )
 
 
 def _frames_before_bad_header(data: bytes, offset: int) -> Iterator[Payloads]:
@@ -79,7 +86,7 @@ def _frames_before_bad_header(data: bytes, offset: int) -> Iterator[Payloads]:
             if items:
                 yield Payloads(items=items)
             raise NotResultFrames(offset + pos, length)
-        items.append(data[pos + HEADER_SIZE:pos + HEADER_SIZE + length])
+        items.append(data[pos + HEADER_SIZE : pos + HEADER_SIZE + length])
         pos += HEADER_SIZE + length
 
 

@@ -20,8 +20,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class Framed:
     offsets: np.ndarray
 
     @classmethod
-    def from_payloads(cls, payloads: Sequence[bytes]) -> "Framed":
+    def from_payloads(cls, payloads: Sequence[bytes]) -> Framed:
         """Frame each payload (4-byte big-endian length, then the bytes)."""
         sizes = np.fromiter((len(p) for p in payloads), dtype=np.int64, count=len(payloads))
         offsets = np.zeros(len(payloads) + 1, dtype=np.int64)
@@ -56,17 +56,23 @@ class Framed:
         return cls(frame_many(payloads), offsets)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Framed":
+    def from_bytes(cls, data: bytes) -> Framed:
         """Bytes that already are whole frames; ValueError if they end inside a frame."""
         splitter = FrameSplitter(max_frame=max(len(data), 1))
         sizes = []
         for group in splitter.feed(data):
             if group.fixed is not None:
-                sizes.append(np.full(len(group), group.fixed.shape[1] + HEADER_SIZE, dtype=np.int64))
+                sizes.append(
+                    np.full(len(group), group.fixed.shape[1] + HEADER_SIZE, dtype=np.int64)
+                )
             else:
-                sizes.append(np.fromiter((len(p) + HEADER_SIZE for p in group.items), dtype=np.int64))
+                sizes.append(
+                    np.fromiter((len(p) + HEADER_SIZE for p in group.items), dtype=np.int64)
+                )
         if splitter.pending:
-            raise ValueError(f"the last {splitter.pending} of {len(data)} bytes are not a whole frame")
+            raise ValueError(
+                f"the last {splitter.pending} of {len(data)} bytes are not a whole frame"
+            )
         offsets = np.zeros(1 + sum(map(len, sizes)), dtype=np.int64)
         if sizes:
             np.cumsum(np.concatenate(sizes), out=offsets[1:])
@@ -79,12 +85,12 @@ class Framed:
     def nbytes(self) -> int:
         return int(self.offsets[-1])
 
-    def slice(self, start: int, stop: int) -> "Framed":
+    def slice(self, start: int, stop: int) -> Framed:
         """Frames ``start`` to ``stop`` (exclusive), without copying."""
         first, last = int(self.offsets[start]), int(self.offsets[stop])
-        return Framed(memoryview(self.data)[first:last], self.offsets[start:stop + 1] - first)
+        return Framed(memoryview(self.data)[first:last], self.offsets[start : stop + 1] - first)
 
-    def tile(self, times: int) -> "Framed":
+    def tile(self, times: int) -> Framed:
         """These frames ``times`` times over, in one new buffer."""
         shifts = np.arange(times, dtype=np.int64)[:, None] * self.nbytes
         offsets = np.append((self.offsets[:-1] + shifts).ravel(), times * self.nbytes)
@@ -131,8 +137,11 @@ class SendStats:
 
     def summary(self, addr: Address) -> str:
         plural = "" if self.connections == 1 else "s"
-        return (f"sent {self.messages:,} messages ({self.bytes / 1e6:,.1f} MB) in {self.seconds:.3f} s, "
-                f"{self.rate:,.0f} messages/s, to {addr} over {self.connections} connection{plural}")
+        return (
+            f"sent {self.messages:,} messages ({self.bytes / 1e6:,.1f} MB) "
+            f"in {self.seconds:.3f} s, "
+            f"{self.rate:,.0f} messages/s, to {addr} over {self.connections} connection{plural}"
+        )
 
 
 def build_frames(dataset: str | Dataset = "digits", fmt: str = "pickle") -> Framed:
@@ -174,7 +183,9 @@ class _Cursor:
     """Walks one plan in pieces of whole frames."""
 
     def __init__(self, plan: Plan, tiles: dict):
-        self._parts = [piece for framed, times in plan.parts for piece in _for_writing(framed, times, tiles)]
+        self._parts = [
+            piece for framed, times in plan.parts for piece in _for_writing(framed, times, tiles)
+        ]
         self._index = 0
         self._left = self._parts[0][1] if self._parts else 0
         self._pos = 0
@@ -182,7 +193,9 @@ class _Cursor:
     def take(self, max_frames: int) -> tuple[memoryview, int] | None:
         """The next at most ``max_frames`` frames (and about WRITE_SIZE bytes, at
         least one frame) as one contiguous view, and how many frames it holds."""
-        while self._index < len(self._parts) and (self._left == 0 or len(self._parts[self._index][0]) == 0):
+        while self._index < len(self._parts) and (
+            self._left == 0 or len(self._parts[self._index][0]) == 0
+        ):
             self._index += 1
             self._left = self._parts[self._index][1] if self._index < len(self._parts) else 0
             self._pos = 0
@@ -193,7 +206,7 @@ class _Cursor:
         start = self._pos
         by_size = int(np.searchsorted(offsets, offsets[start] + WRITE_SIZE, side="right")) - 1
         stop = min(len(framed), start + max_frames, max(start + 1, by_size))
-        view = memoryview(framed.data)[int(offsets[start]):int(offsets[stop])]
+        view = memoryview(framed.data)[int(offsets[start]) : int(offsets[stop])]
         self._pos = stop
         if stop == len(framed):
             self._pos = 0
@@ -216,9 +229,14 @@ def _for_writing(framed: Framed, times: int, tiles: dict) -> list[tuple[Framed, 
     return pieces
 
 
-def send_frames(addr: Address, plans: Sequence[Plan | Framed | bytes], rate: float | None = None,
-                progress: bool = False, record_times: bool = False,
-                connect_timeout: float = 10.0) -> SendStats:
+def send_frames(
+    addr: Address,
+    plans: Sequence[Plan | Framed | bytes],
+    rate: float | None = None,
+    progress: bool = False,
+    record_times: bool = False,
+    connect_timeout: float = 10.0,
+) -> SendStats:
     """Open one connection per plan to ``addr`` and write each plan on its own
     connection, all at once (one thread each).
 
@@ -242,14 +260,25 @@ def send_frames(addr: Address, plans: Sequence[Plan | Framed | bytes], rate: flo
     def work(i: int) -> None:
         share = rate * plans[i].messages / total if rate and total else None
         try:
-            _write_plan(socks[i], _Cursor(plans[i], tiles), plans[i].messages, share, start, sent, i,
-                        None if timelines is None else timelines[i], stop)
+            _write_plan(
+                socks[i],
+                _Cursor(plans[i], tiles),
+                plans[i].messages,
+                share,
+                start,
+                sent,
+                i,
+                None if timelines is None else timelines[i],
+                stop,
+            )
         except OSError as exc:
             errors.append((i, exc))
             stop.set()
 
-    threads = [threading.Thread(target=work, args=(i,), name=f"sender-{i}", daemon=True)
-               for i in range(len(plans))]
+    threads = [
+        threading.Thread(target=work, args=(i,), name=f"sender-{i}", daemon=True)
+        for i in range(len(plans))
+    ]
     bar = _progress_bar(total) if progress else None
     try:
         for thread in threads:
@@ -277,10 +306,16 @@ def send_frames(addr: Address, plans: Sequence[Plan | Framed | bytes], rate: flo
             sock.close()
     if errors:
         i, exc = errors[0]
-        raise UserError(f"connection {i + 1} to {addr} lost after {sent[i]:,} messages: "
-                        f"{exc.strerror or exc}")
-    return SendStats(messages=sum(sent), bytes=sum(p.nbytes for p in plans), seconds=seconds,
-                     connections=len(plans), timelines=timelines)
+        raise UserError(
+            f"connection {i + 1} to {addr} lost after {sent[i]:,} messages: {exc.strerror or exc}"
+        )
+    return SendStats(
+        messages=sum(sent),
+        bytes=sum(p.nbytes for p in plans),
+        seconds=seconds,
+        connections=len(plans),
+        timelines=timelines,
+    )
 
 
 def _as_plan(item: Plan | Framed | bytes) -> Plan:
@@ -309,8 +344,17 @@ def _connect_all(addr: Address, count: int, timeout: float) -> list[socket.socke
     return socks
 
 
-def _write_plan(sock: socket.socket, cursor: _Cursor, total: int, rate: float | None, start: float,
-                sent: list[int], index: int, timeline: list | None, stop: threading.Event) -> None:
+def _write_plan(
+    sock: socket.socket,
+    cursor: _Cursor,
+    total: int,
+    rate: float | None,
+    start: float,
+    sent: list[int],
+    index: int,
+    timeline: list | None,
+    stop: threading.Event,
+) -> None:
     done = 0
     burst = max(1, int(rate * PACE_INTERVAL)) if rate else 0
     while done < total and not stop.is_set():
@@ -336,17 +380,36 @@ def _write_plan(sock: socket.socket, cursor: _Cursor, total: int, rate: float | 
 
 def _progress_bar(total: int):
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TimeRemainingColumn,
+    )
 
-    bar = Progress("sending", BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    bar = Progress(
+        "sending",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
     bar.start()
     return bar, bar.add_task("send", total=total)
 
 
-def main(to_addr: Address, fmt: str = "pickle", dataset: str = "digits", repeat: int = 1,
-         rate: float | None = None, connections: int = 1, progress: bool | None = None) -> int:
+def main(
+    to_addr: Address,
+    fmt: str = "pickle",
+    dataset: str = "digits",
+    repeat: int = 1,
+    rate: float | None = None,
+    connections: int = 1,
+    progress: bool | None = None,
+) -> int:
     """``digitstream send``: returns the exit status."""
     plans = split(build_frames(dataset, fmt), repeat, connections)
     if progress is None:

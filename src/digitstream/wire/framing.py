@@ -11,8 +11,8 @@ case: every image of a stream has the same size) is cut out with NumPy as one
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -67,7 +67,7 @@ class Payloads:
             return self.fixed.size + HEADER_SIZE * len(self.fixed)
         return sum(map(len, self.items)) + HEADER_SIZE * len(self.items)
 
-    def slice(self, start: int, stop: int) -> "Payloads":
+    def slice(self, start: int, stop: int) -> Payloads:
         """Payloads ``start:stop`` (the same object when that is all of them)."""
         if start == 0 and stop >= len(self):
             return self
@@ -76,7 +76,7 @@ class Payloads:
         return Payloads(items=self.items[start:stop])
 
     @staticmethod
-    def joined(groups: "list[Payloads]") -> "list[Payloads]":
+    def joined(groups: list[Payloads]) -> list[Payloads]:
         """``groups`` with neighbouring fixed-width groups of one width joined into one."""
         if len(groups) < 2:
             return groups
@@ -98,7 +98,7 @@ class Payloads:
         return out
 
     @classmethod
-    def from_list(cls, payloads: list[bytes]) -> "Payloads":
+    def from_list(cls, payloads: list[bytes]) -> Payloads:
         """Payloads from a list; the fixed form when all have one length."""
         if payloads and len(payloads) > 1 and all(len(p) == len(payloads[0]) for p in payloads):
             joined = np.frombuffer(b"".join(payloads), dtype=np.uint8)
@@ -135,12 +135,13 @@ def iter_frames(data: bytes) -> Iterator[bytes]:
         end = pos + HEADER_SIZE + length
         if end > len(data):
             break
-        yield bytes(view[pos + HEADER_SIZE:end])
+        yield bytes(view[pos + HEADER_SIZE : end])
         pos = end
 
 
-def split_frames(buf, start: int, end: int, max_frame: int = DEFAULT_MAX_FRAME,
-                 min_run: int = 4) -> tuple[list[Payloads], int]:
+def split_frames(
+    buf, start: int, end: int, max_frame: int = DEFAULT_MAX_FRAME, min_run: int = 4
+) -> tuple[list[Payloads], int]:
     """Cut the complete frames out of ``buf[start:end]``.
 
     ``buf`` is any bytes-like object (bytes, or a NumPy uint8 array the caller
@@ -161,8 +162,10 @@ def split_frames(buf, start: int, end: int, max_frame: int = DEFAULT_MAX_FRAME,
                 groups.append(Payloads(items=singles))
             raise FrameTooLarge(length, max_frame, groups, pos)
         stride = HEADER_SIZE + length
-        if (pos + min_run * stride <= end
-                and view[pos + stride:pos + stride + HEADER_SIZE] == view[pos:pos + HEADER_SIZE]):
+        if (
+            pos + min_run * stride <= end
+            and view[pos + stride : pos + stride + HEADER_SIZE] == view[pos : pos + HEADER_SIZE]
+        ):
             count = _uniform_run(view, pos, end, stride)
             if count >= min_run:
                 if singles:
@@ -174,7 +177,7 @@ def split_frames(buf, start: int, end: int, max_frame: int = DEFAULT_MAX_FRAME,
                 continue
         if pos + stride > end:
             break
-        singles.append(bytes(view[pos + HEADER_SIZE:pos + stride]))
+        singles.append(bytes(view[pos + HEADER_SIZE : pos + stride]))
         pos += stride
     if singles:
         groups.append(Payloads(items=singles))
@@ -184,7 +187,9 @@ def split_frames(buf, start: int, end: int, max_frame: int = DEFAULT_MAX_FRAME,
 def _uniform_run(view: memoryview, pos: int, end: int, stride: int) -> int:
     """How many whole frames from ``pos`` on carry the same header as the first."""
     count = (end - pos) // stride
-    rows = np.frombuffer(view, dtype=np.uint8, count=count * stride, offset=pos).reshape(count, stride)
+    rows = np.frombuffer(view, dtype=np.uint8, count=count * stride, offset=pos).reshape(
+        count, stride
+    )
     headers = rows[:, :HEADER_SIZE].view(np.uint32)[:, 0]
     mismatch = np.flatnonzero(headers != headers[0])
     return int(mismatch[0]) if mismatch.size else count

@@ -78,8 +78,14 @@ class DaskEngine:
         self._slots = _Slots()
         self._held_messages = 0  # messages of the batches in flight
         self._attempts = 0
-        self.link = SchedulerLink(self._slots, self.in_flight, f"digitstream-{self._run_id}-",
-                                  self._send_model, lambda: self._held_messages, metrics)
+        self.link = SchedulerLink(
+            self._slots,
+            self.in_flight,
+            f"digitstream-{self._run_id}-",
+            self._send_model,
+            lambda: self._held_messages,
+            metrics,
+        )
         self._plugin_name = f"digitstream-model-{_hex(bundle.content_hash)[:12]}-{self._run_id}"
         self._plugin_hash = bundle.content_hash  # the model of the plugin named above
         #: registered by this run: the model's, and retiring ones
@@ -127,8 +133,9 @@ class DaskEngine:
         try:
             from distributed import Client
         except ImportError:
-            raise UserError("--engine dask needs Dask distributed: "
-                            "pip install 'digitstream[dask]'") from None
+            raise UserError(
+                "--engine dask needs Dask distributed: pip install 'digitstream[dask]'"
+            ) from None
         options = self.options
         if not log.isEnabledFor(logging.DEBUG):
             # Dask logs every connection, plugin and nanny at INFO: the application's own
@@ -139,12 +146,16 @@ class DaskEngine:
             address = scheduler_address(options.scheduler)
             try:
                 client = await asyncio.wait_for(
-                    Client(address, asynchronous=True, timeout=CONNECT_TIMEOUT,
-                           set_as_default=False),
-                    CONNECT_TIMEOUT + 5)
+                    Client(
+                        address, asynchronous=True, timeout=CONNECT_TIMEOUT, set_as_default=False
+                    ),
+                    CONNECT_TIMEOUT + 5,
+                )
             except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
-                raise UserError(f"cannot reach the Dask scheduler at {address} within "
-                                f"{CONNECT_TIMEOUT:.0f} s: {_reason(exc)}") from None
+                raise UserError(
+                    f"cannot reach the Dask scheduler at {address} within "
+                    f"{CONNECT_TIMEOUT:.0f} s: {_reason(exc)}"
+                ) from None
             self.link.connected(client, address, local=False)
             where = f"the Dask scheduler at {address}"
         else:
@@ -156,9 +167,15 @@ class DaskEngine:
             # no dashboard; the scheduler's small HTTP server (health, metrics) on any free
             # loopback port rather than on 8787, which another cluster may hold
             self.cluster = await LocalCluster(
-                host="127.0.0.1", n_workers=n, threads_per_worker=1, processes=True,
-                dashboard_address=None, asynchronous=True, preload=[WORKER_PRELOAD],
-                scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
+                host="127.0.0.1",
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                asynchronous=True,
+                preload=[WORKER_PRELOAD],
+                scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+            )
             client = await Client(self.cluster, asynchronous=True, set_as_default=False)
             self.link.connected(client, self.cluster.scheduler_address, local=True)
             where = f"a local Dask cluster at {self.link.address}"
@@ -168,8 +185,12 @@ class DaskEngine:
             await self.close()
             raise
         await self.link.follow()
-        log.info("engine: %s; %d worker(s), up to %d batches in flight per worker", where,
-                 len(self.link.workers), self.in_flight)
+        log.info(
+            "engine: %s; %d worker(s), up to %d batches in flight per worker",
+            where,
+            len(self.link.workers),
+            self.in_flight,
+        )
         if not self.link.workers:
             log.warning("no Dask worker yet: input waits until one joins")
 
@@ -238,8 +259,16 @@ class DaskEngine:
         assert client is not None  # connected, or the batch is computed here
         self._attempts += 1
         key = f"digitstream-{self._run_id}-{batch.stream}-{batch.first_seq}-{self._attempts}"
-        future = client.submit(classify, spec, batch.stream, batch.first_seq,
-                               pack(batch.payloads), key=key, retries=TASK_RETRIES, pure=False)
+        future = client.submit(
+            classify,
+            spec,
+            batch.stream,
+            batch.first_seq,
+            pack(batch.payloads),
+            key=key,
+            retries=TASK_RETRIES,
+            pure=False,
+        )
         # awaited through a task of our own, which the link cancels if the scheduler is
         # lost: a Dask future caught in a gather at that moment may never resolve
         result = cast("Awaitable[BatchResult]", future.result())  # a coroutine: async client
@@ -256,8 +285,11 @@ class DaskEngine:
                 # a connection to the scheduler broke: the client may be about to say it
                 # lost the scheduler
                 deadline = time.monotonic() + 1.0
-                while (client.status == "running" and link.losses == losses
-                       and time.monotonic() < deadline):
+                while (
+                    client.status == "running"
+                    and link.losses == losses
+                    and time.monotonic() < deadline
+                ):
                     await asyncio.sleep(0.05)
             if client.status != "running" or link.losses != losses:
                 # the client cancels its futures as it loses the scheduler: that loss,
@@ -274,9 +306,14 @@ class DaskEngine:
         now = time.monotonic()
         if now >= self._quiet_until:  # one line every few seconds, not one per batch
             self._quiet_until = now + 5.0
-            log.warning("%d batches so far computed in this process because the cluster could "
-                        "not; the latest (stream %s, from message %d): %s",
-                        self.local_fallbacks, batch.stream, batch.first_seq, _reason(exc))
+            log.warning(
+                "%d batches so far computed in this process because the cluster could "
+                "not; the latest (stream %s, from message %d): %s",
+                self.local_fallbacks,
+                batch.stream,
+                batch.first_seq,
+                _reason(exc),
+            )
 
     # ------------------------------------------------------------- models
     async def set_flow(self, flow: Flow, bundle) -> None:
@@ -357,13 +394,19 @@ class DaskEngine:
         """Register the model serving now on ``client``'s scheduler: its workers load it."""
         while True:
             bundle = self.bundle
-            name = (self._plugin_name if bundle.content_hash == self._plugin_hash
-                    else self._new_plugin_name(bundle))
+            name = (
+                self._plugin_name
+                if bundle.content_hash == self._plugin_hash
+                else self._new_plugin_name(bundle)
+            )
             await client.register_plugin(await _model_plugin(name, bundle), name=name)
             if bundle is self.bundle:
                 # what the lost scheduler held is gone with it
                 self._plugin_name, self._plugin_hash, self._plugins = (
-                    name, bundle.content_hash, [name])
+                    name,
+                    bundle.content_hash,
+                    [name],
+                )
                 return
             # swapped meanwhile: the model serving now goes instead
             await self._unregister(name, client)
@@ -372,15 +415,20 @@ class DaskEngine:
 def _bundle_files(path: Path) -> tuple[dict[str, bytes], str]:
     """The files to ship for a bundle at ``path`` and the one to load ("" for the directory)."""
     if path.is_dir():
-        files = {p.name: p.read_bytes() for p in sorted(path.iterdir())
-                 if p.is_file() and not p.name.startswith(".")}
+        files = {
+            p.name: p.read_bytes()
+            for p in sorted(path.iterdir())
+            if p.is_file() and not p.name.startswith(".")
+        }
         entry = ""
     else:
         files, entry = {path.name: path.read_bytes()}, path.name
     size = sum(map(len, files.values()))
     if size > MAX_BUNDLE_BYTES:
-        raise UserError(f"the model bundle at {path} is {size / 2**20:.0f} MiB: too big to "
-                        f"send to the Dask workers")
+        raise UserError(
+            f"the model bundle at {path} is {size / 2**20:.0f} MiB: too big to "
+            f"send to the Dask workers"
+        )
     return files, entry
 
 

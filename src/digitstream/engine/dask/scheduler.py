@@ -52,9 +52,15 @@ class SchedulerLink:
     hears of workers joining and leaving.
     """
 
-    def __init__(self, slots: _Slots, in_flight: int, task_prefix: str,
-                 send_model: Callable[[Client], Awaitable[None]],
-                 held_messages: Callable[[], int], metrics=None):
+    def __init__(
+        self,
+        slots: _Slots,
+        in_flight: int,
+        task_prefix: str,
+        send_model: Callable[[Client], Awaitable[None]],
+        held_messages: Callable[[], int],
+        metrics=None,
+    ):
         self.client: Client | None = None
         self.address = ""  # the scheduler's
         self.local = False  # a cluster this process started: not tried again once lost
@@ -96,13 +102,18 @@ class SchedulerLink:
         _, message = event
         action = message.get("action") if isinstance(message, dict) else None
         if action == "remove-worker":
-            ours = [k for k in message.get("processing-tasks", ())
-                    if str(k).startswith(self._task_prefix)]
+            ours = [
+                k
+                for k in message.get("processing-tasks", ())
+                if str(k).startswith(self._task_prefix)
+            ]
             if ours:
-                log.warning("worker %s lost with %d batches in progress: they are computed again "
-                            "on the other workers", self.workers.get(message.get("worker"),
-                                                                     message.get("worker")),
-                            len(ours))
+                log.warning(
+                    "worker %s lost with %d batches in progress: they are computed again "
+                    "on the other workers",
+                    self.workers.get(message.get("worker"), message.get("worker")),
+                    len(ours),
+                )
         if action in ("add-worker", "remove-worker"):
             task = asyncio.create_task(self._refresh())
             self._refreshes.add(task)
@@ -130,8 +141,10 @@ class SchedulerLink:
             info = await client.scheduler.identity(n_workers=-1)
             if client is not self.client or self.lost:
                 return  # an answer from a scheduler lost meanwhile
-            now = {address: worker_label(w.get("name"), address)
-                   for address, w in info.get("workers", {}).items()}
+            now = {
+                address: worker_label(w.get("name"), address)
+                for address, w in info.get("workers", {}).items()
+            }
             old = self.workers
             joined = [a for a in now if a not in old]
             gone = [a for a in old if a not in now]
@@ -149,9 +162,12 @@ class SchedulerLink:
                 if metrics is not None:
                     metrics.worker_event(old[address], "lost")
             if old and not now:
-                log.error("all Dask workers are gone: %d batches (%d messages) wait on the "
-                          "scheduler; no input is read until a worker joins",
-                          slots.used, self._held_messages())
+                log.error(
+                    "all Dask workers are gone: %d batches (%d messages) wait on the "
+                    "scheduler; no input is read until a worker joins",
+                    slots.used,
+                    self._held_messages(),
+                )
             elif now and waiting:
                 log.info("a Dask worker joined: the %d waiting batches go on", slots.used)
 
@@ -163,10 +179,15 @@ class SchedulerLink:
             return  # seen already
         self.lost = True
         self.losses += 1
-        log.error("Dask scheduler at %s lost, classifying in-process: the %d batches in flight "
-                  "and all that follow%s", self.address, self._slots.used,
-                  " (the local cluster is not restarted)" if self.local else
-                  ", until it is back (trying it again in the background)")
+        log.error(
+            "Dask scheduler at %s lost, classifying in-process: the %d batches in flight "
+            "and all that follow%s",
+            self.address,
+            self._slots.used,
+            " (the local cluster is not restarted)"
+            if self.local
+            else ", until it is back (trying it again in the background)",
+        )
         self._slots.resize(max(self._slots.size, self._in_flight))
         for waiter in list(self.waiters):
             waiter.cancel()
@@ -190,11 +211,13 @@ class SchedulerLink:
         the client's own reconnection go on for seconds, and it may meet the next
         scheduler at this address, with whatever it held back to send.
         """
+
         async def close() -> None:
             fast_close = getattr(client, "_close", None)
             try:
-                await asyncio.wait_for(fast_close(fast=True) if fast_close else client.close(),
-                                       CONNECT_TIMEOUT)
+                await asyncio.wait_for(
+                    fast_close(fast=True) if fast_close else client.close(), CONNECT_TIMEOUT
+                )
             except Exception as exc:
                 log.debug("closing the client of a lost scheduler: %s", _reason(exc))
 
@@ -221,8 +244,12 @@ class SchedulerLink:
                 if client is None:
                     if not await _accepts(self.address):
                         continue
-                    client = Client(self.address, asynchronous=True, timeout=CONNECT_TIMEOUT,
-                                    set_as_default=False)
+                    client = Client(
+                        self.address,
+                        asynchronous=True,
+                        timeout=CONNECT_TIMEOUT,
+                        set_as_default=False,
+                    )
                     try:
                         await asyncio.wait_for(client, CONNECT_TIMEOUT + 5)
                     except Exception as exc:
@@ -232,16 +259,20 @@ class SchedulerLink:
                         continue
                     delay = RECONNECT_FIRST
                 try:
-                    info = await asyncio.wait_for(client.scheduler.identity(n_workers=-1),
-                                                  CONNECT_TIMEOUT)
+                    info = await asyncio.wait_for(
+                        client.scheduler.identity(n_workers=-1), CONNECT_TIMEOUT
+                    )
                 except Exception as exc:
                     log.debug("the Dask scheduler at %s: %s", self.address, _reason(exc))
                     continue
                 if not info.get("workers"):
                     if not told_no_worker:
                         told_no_worker = True
-                        log.info("a Dask scheduler is back at %s without workers: classifying "
-                                 "in-process until one joins", self.address)
+                        log.info(
+                            "a Dask scheduler is back at %s without workers: classifying "
+                            "in-process until one joins",
+                            self.address,
+                        )
                     delay = min(delay, WORKER_POLL)
                     continue
                 try:
@@ -251,9 +282,12 @@ class SchedulerLink:
                         log.debug("the Dask scheduler at %s: %s", self.address, _reason(exc))
                     elif not told_no_model:
                         told_no_model = True
-                        log.error("the Dask workers at %s could not load the model: %s; "
-                                  "classifying in-process, trying again", self.address,
-                                  _reason(exc))
+                        log.error(
+                            "the Dask workers at %s could not load the model: %s; "
+                            "classifying in-process, trying again",
+                            self.address,
+                            _reason(exc),
+                        )
                     continue
                 await self._resume(client, len(info["workers"]))
                 client = None
@@ -274,8 +308,11 @@ class SchedulerLink:
             await self._refresh()
         except Exception as exc:  # the watcher tries again
             log.debug("could not ask the scheduler for its workers: %s", exc)
-        log.warning("Dask scheduler back at %s, %d worker(s): new batches go to the cluster",
-                    self.address, len(self.workers) or n_workers)
+        log.warning(
+            "Dask scheduler back at %s, %d worker(s): new batches go to the cluster",
+            self.address,
+            len(self.workers) or n_workers,
+        )
 
     # ------------------------------------------------------------ closing
     async def stop(self) -> None:

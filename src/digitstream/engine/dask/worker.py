@@ -39,16 +39,14 @@ class FlowSpec:
     @classmethod
     def of(cls, content_hash: str, options: FlowOptions) -> FlowSpec:
         """The spec of the run's flow ``options`` serving the model ``content_hash``."""
-        return cls(content_hash, options.input_format, options.output_format,
-                   options.compile_model)
+        return cls(content_hash, options.input_format, options.output_format, options.compile_model)
 
     def serving(self, content_hash: str) -> FlowSpec:
         """The same flow, serving another model."""
         return FlowSpec(content_hash, self.input_format, self.output_format, self.compile_model)
 
     def options(self, worker: str) -> FlowOptions:
-        return FlowOptions(self.input_format, self.output_format, self.compile_model,
-                           worker=worker)
+        return FlowOptions(self.input_format, self.output_format, self.compile_model, worker=worker)
 
 
 class _WorkerState:
@@ -128,8 +126,10 @@ class ModelPlugin(WorkerPlugin):
             os.replace(tmp, target)
         bundle = load_bundle(str(directory / self.entry) if self.entry else str(directory))
         if bundle.content_hash != self.content_hash:
-            raise ValueError(f"the model loaded on this worker has content hash "
-                             f"{bundle.content_hash}, the application's has {self.content_hash}")
+            raise ValueError(
+                f"the model loaded on this worker has content hash "
+                f"{bundle.content_hash}, the application's has {self.content_hash}"
+            )
         log.info("model %s loaded on this worker", _hex(self.content_hash)[:12])
         return bundle
 
@@ -147,8 +147,10 @@ def _worker_flow(spec: FlowSpec) -> Flow:
             bundle = _STATE.bundles.get(spec.content_hash)
             if bundle is None:
                 # the plugin's setup failed or has not run here: say so, the task is retried
-                raise RuntimeError(f"model {_hex(spec.content_hash)[:12]} is not loaded on worker "
-                                   f"{worker.address} (see that worker's log)")
+                raise RuntimeError(
+                    f"model {_hex(spec.content_hash)[:12]} is not loaded on worker "
+                    f"{worker.address} (see that worker's log)"
+                )
             label = worker_label(worker.name, worker.address)
             flow = Flow.build(bundle.pipeline, spec.options(label))
             _STATE.flows[spec] = flow
