@@ -15,6 +15,7 @@ import contextlib
 import logging
 import signal
 import time
+from typing import TYPE_CHECKING
 
 from digitstream.addresses import is_loopback
 from digitstream.codecs.inputs import smallest_payload
@@ -25,6 +26,11 @@ from digitstream.errors import UserError
 from digitstream.pipeline import BatchResult, Flow, FlowOptions, StreamId, failure_reason
 from digitstream.sinks import Sink
 from digitstream.sources import InputStream, Source
+
+if TYPE_CHECKING:
+    from digitstream.metrics.recorder import Metrics
+    from digitstream.metrics.server import MetricsServer
+    from digitstream.model.swap import ModelWatcher
 
 __all__ = ["AppConfig", "Application", "Serving", "run_app"]
 
@@ -82,9 +88,10 @@ class Application:
         self.engine: Engine | None = None
         self.source: Source | None = None
         self.sink: Sink | None = None
-        self.metrics = None
-        self.metrics_server = None
-        self.watcher = None  # swaps in a new model bundle written to the --model path
+        self.metrics: Metrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        # swaps in a new model bundle written to the --model path
+        self.watcher: ModelWatcher | None = None
         self.positions: dict[StreamId, int] = {}
         self.frames_in = 0  # complete frames received
         self.frames_out = 0  # result frames handed to the sink
@@ -172,13 +179,16 @@ class Application:
         from digitstream.metrics.server import MetricsServer
 
         cfg = self.config
-        if not is_loopback(cfg.metrics_addr.host):
+        metrics_addr = cfg.metrics_addr
+        assert metrics_addr is not None  # only called when the config asks for metrics
+        if not is_loopback(metrics_addr.host):
             log.warning(
                 "the metrics UI is bound to %s: anyone who can reach it can read it",
-                cfg.metrics_addr,
+                metrics_addr,
             )
         engine = self.engine
         serving = self.serving
+        assert serving is not None  # start() loaded the model first
 
         def info() -> dict:
             return {
@@ -190,12 +200,13 @@ class Application:
             }
 
         self.metrics_server = MetricsServer(
-            self.metrics, cfg.metrics_addr, info=info, card=lambda: serving.bundle.card
+            self.metrics, metrics_addr, info=info, card=lambda: serving.bundle.card
         )
         await self.metrics_server.start()
 
     # ---------------------------------------------------------- the stream
     async def _accept(self) -> None:
+        assert self.source is not None  # start() set it before accepting
         async for stream in self.source.streams():
             task = asyncio.create_task(self.serve_stream(stream), name=f"stream {stream.id}")
             self._streams.add(task)
@@ -205,6 +216,7 @@ class Application:
         """source -> engine -> sink, for one stream: every batch submitted in order, every
         result written in the same order, until the stream ends."""
         engine, serving, metrics = self.engine, self.serving, self.metrics
+        assert engine is not None and serving is not None  # streams come only after start()
         in_flight: asyncio.Queue = asyncio.Queue(
             maxsize=max(self.config.in_flight, engine.capacity)
         )
@@ -236,6 +248,7 @@ class Application:
         while (item := await in_flight.get()) is not None:
             batch, future, flow = item
             result = await answer(batch, future, flow)
+            result.meta = batch.meta
             await self._write(result)
             self.frames_out += result.count
             if metrics:
@@ -243,10 +256,12 @@ class Application:
 
     async def _write(self, result: BatchResult) -> None:
         """Hand ``result`` to the sink; a sink that raises is tried again, never skipped."""
+        sink = self.sink
+        assert sink is not None  # results come only after start() set the sink
         delay = 0.01
         while True:
             try:
-                await self.sink.write(result)
+                await sink.write(result)
                 return
             except asyncio.CancelledError:
                 raise
@@ -256,7 +271,7 @@ class Application:
                     log.error(
                         "the sink %s failed to take a result (%s); trying again "
                         "(%d failures so far)",
-                        self.sink.describe(),
+                        sink.describe(),
                         failure_reason(exc),
                         self._sink_faults,
                     )
@@ -329,6 +344,7 @@ async def _main(config: AppConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, app.request_stop)
+    assert app.watcher is not None  # start() made it
     loop.add_signal_handler(signal.SIGHUP, app.watcher.request_reload)
     return await app.serve_until_stopped()
 

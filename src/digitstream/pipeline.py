@@ -48,6 +48,9 @@ class Batch:
     first_seq: int
     payloads: Payloads
     received_ns: int = 0  # time.perf_counter_ns() when the last frame of the batch was complete
+    #: what the source knows of these frames and its sink needs (a broker's entry ids, say);
+    #: it stays in the application process and goes with the batch's result to the sink
+    meta: object = None
 
     def __len__(self) -> int:
         return len(self.payloads)
@@ -79,6 +82,8 @@ class BatchResult:
     labelled: int = 0  # inputs that carried a true label
     correct: int = 0  # ... of which were classified as labelled
     confusion: list[tuple[str, str]] | None = None  # (true, predicted) label texts
+    #: the batch's ``meta``, set by the application before the result goes to the sink
+    meta: object = None
 
     @property
     def end_seq(self) -> int:

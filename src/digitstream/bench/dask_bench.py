@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -185,7 +186,7 @@ def _measure(
         session.running[key] = proc
         session.sampler.watch(key, proc.pid)
     live = list(systems)
-    out = {
+    out: dict[str, dict[str, Any]] = {
         s.key: {
             "label": s.label,
             "args": " ".join(s.args),
@@ -219,10 +220,10 @@ def _measure(
                         f"{result['msg_per_s']:>12,.0f} msg/s"
                     )
         for key in latency:
-            system = next((s for s in live if s.key == key), None)
-            if system is not None:
+            found = next((s for s in live if s.key == key), None)
+            if found is not None:
                 result = attempt(
-                    system,
+                    found,
                     "latency",
                     functools.partial(session.latency, key, LATENCY_RATE, latency_seconds),
                 )

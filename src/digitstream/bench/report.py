@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
 
 
 def _num(value, fmt: str = ",.0f", missing: str = "—") -> str:
@@ -41,14 +45,15 @@ def print_report(figures: dict, console: Console) -> None:
     settings = figures["settings"]
 
     table = Table(title=f"Throughput, end to end (median of {settings['runs']} runs)")
-    for name, justify in [
+    columns: list[tuple[str, JustifyMethod]] = [
         ("system", "left"),
         ("input", "left"),
         ("messages/run", "right"),
         ("median msg/s", "right"),
         ("min – max msg/s", "right"),
         ("peak RSS", "right"),
-    ]:
+    ]
+    for name, justify in columns:
         table.add_column(name, justify=justify)
     for fig in figures["throughput"].values():
         table.add_row(

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -91,6 +92,7 @@ class WorkerProcess:
             stderr=self._log,
             bufsize=0,
         )
+        assert self.proc.stdout is not None and self.proc.stdin is not None  # both are pipes
         self.channel = JsonLines(self.proc.stdout.fileno(), self.proc.stdin.fileno())
 
     def request(self, obj: dict) -> None:
@@ -133,7 +135,7 @@ class Session:
     engine-specific benchmark (``--engine dask``) uses the same calls.
     """
 
-    def __init__(self, log=None):
+    def __init__(self, log: Callable[[str], None] | None = None) -> None:
         self.log = log or (lambda text: None)
         self._tmp = tempfile.TemporaryDirectory(prefix="digitstream-bench-")
         self.directory = Path(self._tmp.name)
@@ -169,6 +171,7 @@ class Session:
 
     def start(self, systems: list[System]) -> None:
         """Start systems, all at once, and wait until each one listens."""
+        assert self.listen_addr is not None, "open() the session first"
         started = start_all(systems, self.listen_addr, self.model_dir, self.directory)
         for key, proc in started.items():
             self.running[key] = proc
@@ -233,15 +236,17 @@ class Session:
         return {"rate_target": rate, "rate_sent": messages / send_seconds, **latency_summary(lat)}
 
     def _run(self, key: str, messages: int, rate: float | None, timeline: bool):
+        listener, sender = self.listener, self.sender
+        assert listener is not None and sender is not None, "open() the session first"
         proc = self.running[key]
         slowest = min(_SLOWEST[proc.system.kind], rate or float("inf"))
         deadline = 60 + messages / slowest
-        self.listener.request(
+        listener.request(
             {"cmd": "expect", "messages": messages, "timeout": deadline, "timeline": timeline}
         )
-        if self.listener.reply(30) is None:
+        if listener.reply(30) is None:
             raise BenchError("the benchmark's listener does not answer")
-        self.sender.request(
+        sender.request(
             {
                 "cmd": "send",
                 "to": str(proc.in_addr),
@@ -255,9 +260,9 @@ class Session:
         problem = None
         until = time.monotonic() + deadline
         while received is None:
-            received = self.listener.reply(0.1)
+            received = listener.reply(0.1)
             if sent is None:
-                sent = self.sender.reply(0)
+                sent = sender.reply(0)
             if sent is not None and "error" in sent:
                 problem = proc.failure(f"the sender failed: {sent['error']}")
             elif not proc.alive():
@@ -265,15 +270,15 @@ class Session:
             elif received is None and time.monotonic() > until:
                 problem = proc.failure(f"{messages:,} results not in after {deadline:.0f} s")
             if problem is not None and received is None:
-                self.listener.request({"cmd": "cancel"})
-                self.listener.reply(30)
+                listener.request({"cmd": "cancel"})
+                listener.reply(30)
                 if sent is None:
                     self.stop(key)  # unblocks a sender stuck on a full socket
-                    self.sender.reply(60)
+                    sender.reply(60)
                 self.stop(key)
                 raise problem
         if sent is None:
-            sent = self.sender.reply(120)
+            sent = sender.reply(120)
             if sent is None:
                 raise BenchError("the benchmark's sender does not answer")
         if "error" in sent:
@@ -365,18 +370,18 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
 
     latency = {}
     for key in LATENCY_SYSTEMS:
-        system = next((s for s in live if s.key == key), None)
-        if system is None:
+        found = next((s for s in live if s.key == key), None)
+        if found is None:
             continue
         result = attempt(
-            system,
+            found,
             "latency",
             partial(session.latency, key, settings.latency_rate, settings.latency_seconds),
         )
         if result is not None:
-            latency[key] = {"label": system.label, **result}
+            latency[key] = {"label": found.label, **result}
             log(
-                f"latency at {settings.latency_rate:,.0f} msg/s  {system.label:20s} "
+                f"latency at {settings.latency_rate:,.0f} msg/s  {found.label:20s} "
                 f"p50 {result['p50']:.3f} ms  p99 {result['p99']:.3f} ms  "
                 f"p99.9 {result['p99_9']:.3f} ms"
             )

@@ -116,7 +116,7 @@ def machine_info() -> dict:
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
+    out: dict[str, str | None] = {"python": platform.python_version()}
     for name in ("digitstream", "numpy", "scikit-learn", "skops"):
         try:
             out[name] = version(name)

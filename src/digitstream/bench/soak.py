@@ -10,6 +10,7 @@ falling throughput line.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from digitstream.bench.settings import Settings, new_figures
 from digitstream.bench.systems import BenchError, System
@@ -32,7 +33,13 @@ def run_soak(session, minutes: float) -> dict:
     key = SOAK_SYSTEM.key
     session.start([SOAK_SYSTEM])
     sampler_start = session.sampler.now()
-    soak = {"minutes": minutes, "system": key, "timeline": [], "messages": 0, "seconds": 0.0}
+    soak: dict[str, Any] = {
+        "minutes": minutes,
+        "system": key,
+        "timeline": [],
+        "messages": 0,
+        "seconds": 0.0,
+    }
     figures["soak"] = soak
     try:
         chunk = _chunk_for(session.throughput(key, 500_000)["msg_per_s"])

@@ -19,8 +19,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from digitstream.addresses import Address
+
+if TYPE_CHECKING:
+    import psutil
 
 HOST = "127.0.0.1"
 
@@ -190,7 +194,7 @@ class MemorySampler:
         self._psutil = psutil
         self.interval = interval
         self.series: dict[str, list[tuple[float, int]]] = {}
-        self._procs: dict[str, object] = {}
+        self._procs: dict[str, psutil.Process] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._t0 = time.monotonic()

@@ -30,6 +30,7 @@ import select
 import sys
 import time
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 
@@ -51,6 +52,10 @@ class JsonLines:
         while data:
             data = data[os.write(self.write_fd, data) :]
 
+    @overload
+    def read(self, timeout: None = None) -> dict: ...
+    @overload
+    def read(self, timeout: float | None) -> dict | None: ...
     def read(self, timeout: float | None = None) -> dict | None:
         """The next object; None if none came within ``timeout``. EOFError at end of stream."""
         deadline = None if timeout is None else time.monotonic() + timeout

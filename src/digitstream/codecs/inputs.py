@@ -296,8 +296,8 @@ class Decoder:
     def _reject_non_finite(X: np.ndarray, errors: dict[int, str]) -> None:
         finite = np.isfinite(X).all(axis=1)
         if not finite.all():
-            for i in np.flatnonzero(~finite):
-                i = int(i)
+            for index in np.flatnonzero(~finite):
+                i = int(index)
                 if i not in errors:
                     errors[i] = "image holds NaN or infinity"
                 X[i] = 0.0

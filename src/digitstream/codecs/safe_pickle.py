@@ -105,7 +105,8 @@ def _build_dtype(dtype: np.dtype, state) -> None:
         or (len(state) == 9 and state[8] is not None)
     ):
         raise UnsafePickle(f"dtype state {state!r:.80} is not that of a plain number type")
-    dtype.__setstate__(state)
+    # dtype.__setstate__ exists at runtime; numpy's stubs leave it out
+    dtype.__setstate__(state)  # type: ignore[attr-defined]
     if dtype.kind not in NUMERIC_KINDS:
         raise UnsafePickle(f"dtype {dtype} is not a plain numeric type")
 
@@ -130,7 +131,8 @@ def _build_array(array: np.ndarray, state) -> None:
             f"array data holds {len(raw)} bytes, shape {shape} of {dtype} "
             f"needs {count * dtype.itemsize}"
         )
-    array.__setstate__((1, shape, dtype, bool(fortran), bytes(raw)))
+    # the stubs ask for a numpy.bool order flag; NumPy itself pickles a Python bool
+    array.__setstate__((1, shape, dtype, bool(fortran), bytes(raw)))  # type: ignore[arg-type]
 
 
 _ALLOWED = {
@@ -154,7 +156,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
     objects are refused outright.
     """
 
-    dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)
+    #: the size of the whole pickle, bounding every size it declares; set before load()
+    payload_size: int
 
     def find_class(self, module, name):
         try:

@@ -8,8 +8,8 @@ open at once (one more is closed on arrival, with a log line), and
 ``max_buffered`` bytes held for all connections together: past it, reading
 pauses on the connection that went over, and if what is held is not complete
 frames waiting for the engine but partial frames, the connection holding the
-largest is closed, with a log line. Buffers are mapped memory of their own, so
-what a closed connection held goes back to the system at once.
+largest is closed, with a log line. What closed connections held goes back to the
+system within a second (glibc's ``malloc_trim``).
 
 **Sink.** One client connection to the listener; it waits for the listener to
 appear, reconnects with backoff when a write fails, and keeps results that
@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import logging
-import mmap
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -69,9 +69,37 @@ def tcp_address(location: str | Address) -> Address:
 
 
 def _buffer(size: int) -> np.ndarray:
-    # Mapped memory of its own: freed to the system as soon as nothing refers to it. A
-    # malloc'd buffer of this size may stay in the allocator's heap after it is freed.
-    return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
+    # From the allocator's heap, where a buffer let go of is reused warm: fresh mapped pages
+    # would cost a page fault and a zeroed page per 4 KiB each time (measured: u8 throughput
+    # 0.35 of the relay against 0.8). What closed connections held is given back by _trim.
+    return np.empty(size, dtype=np.uint8)
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, which hands the heap's free pages back to the system; None elsewhere."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+class _Trim:
+    """Gives free heap memory back to the system a little after connections close (at most
+    once per ``delay`` seconds, so that a burst of closes costs one call)."""
+
+    def __init__(self, delay: float = 0.5):
+        self.delay = delay
+        self._trim = _malloc_trim()
+        self._pending: asyncio.TimerHandle | None = None
+
+    def soon(self) -> None:
+        if self._trim is None or self._pending is not None:
+            return
+        self._pending = asyncio.get_running_loop().call_later(self.delay, self._run)
+
+    def _run(self) -> None:
+        self._pending = None
+        self._trim(0)
 
 
 class BufferBudget:
@@ -135,7 +163,8 @@ class FrameReader(asyncio.BufferedProtocol):
         #: below this much free space at the end, the next take moves to a fresh buffer
         self._low = max(self._size // 4, max_frame + HEADER_SIZE)
         self._buf = _buffer(self._size)
-        self._view = memoryview(self._buf)
+        # numpy's stubs declare ndarray.__buffer__ only for Python 3.12 and later
+        self._view = memoryview(self._buf)  # type: ignore[arg-type]
         self._start = 0  # first byte not yet handed out
         self._end = 0  # end of received bytes
         self._eof = False
@@ -278,7 +307,7 @@ class FrameReader(asyncio.BufferedProtocol):
             tail = self._end - self._start
             fresh = _buffer(self._size)
             fresh[:tail] = self._buf[self._start : self._end]
-            self._buf, self._view = fresh, memoryview(fresh)
+            self._buf, self._view = fresh, memoryview(fresh)  # type: ignore[arg-type]
             self._start, self._end = 0, tail
             self._full = False
         self._update_reading()
@@ -391,6 +420,7 @@ class TcpSource:
         self._draining = False
         self._refused = 0
         self._refused_logged = 0.0
+        self._trim = _Trim()
 
     @classmethod
     def from_config(cls, location: str, config, metrics=None) -> TcpSource:
@@ -459,6 +489,7 @@ class TcpSource:
 
     def _closed(self, stream: TcpStream) -> None:
         self._open.pop(stream.id, None)
+        self._trim.soon()
 
     async def drain(self) -> None:
         self._draining = True

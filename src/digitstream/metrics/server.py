@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
 
@@ -31,6 +32,10 @@ from digitstream.addresses import Address
 from digitstream.errors import UserError
 from digitstream.metrics import prometheus
 from digitstream.metrics.stats import stats_document
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("digitstream.metrics")
 
@@ -73,7 +78,7 @@ class MetricsServer:
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task | None = None
-        self._registry = None
+        self._registry: CollectorRegistry | None = None
 
     @property
     def url(self) -> str:
@@ -97,7 +102,7 @@ class MetricsServer:
         except OSError as exc:
             await self._runner.cleanup()
             raise UserError(f"cannot serve metrics on {self.addr}: {exc.strerror or exc}") from None
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self._runner.addresses[0][1]
         self.metrics.sample()  # the first interval of the throughput history starts now
         self._ticker = asyncio.create_task(self._tick())
 
@@ -124,7 +129,8 @@ class MetricsServer:
             return card
         from dataclasses import asdict, is_dataclass
 
-        return asdict(card) if is_dataclass(card) else dict(vars(card))
+        # is_dataclass is true of a dataclass class too; asdict refuses that with a TypeError
+        return asdict(cast("DataclassInstance", card)) if is_dataclass(card) else dict(vars(card))
 
     def _info(self) -> dict:
         info = dict(self._info_of_run())

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.special import expit
@@ -83,7 +84,7 @@ class Prediction:
     stage_seconds: list[tuple[str, float]]  # wall time of each stage on this batch, in order
 
 
-def pipeline_steps(estimator) -> list[tuple[str, object]]:
+def pipeline_steps(estimator) -> list[tuple[str, Any]]:
     """The steps that run, as (name, estimator); a bare classifier is one step
     named after its class. ``None`` and ``"passthrough"`` steps are skipped, as
     the Pipeline skips them."""
@@ -370,9 +371,10 @@ def make_runner(pipeline, compile: bool = True) -> Runner:
         steps = pipeline_steps(pipeline)
         classifier = _linear_classifier(steps[-1][1])
         transformers = [_affine_transformer(step) for _, step in steps[:-1]]
-        if classifier is not None and all(t is not None for t in transformers):
+        fusable = [t for t in transformers if t is not None]
+        if classifier is not None and len(fusable) == len(transformers):
             affine = classifier
-            for transformer in reversed(transformers):
+            for transformer in reversed(fusable):
                 affine = transformer.then(affine)
             return _FusedRunner(pipeline, steps, affine)
     return _StepwiseRunner(pipeline)

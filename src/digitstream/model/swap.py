@@ -58,6 +58,10 @@ log = logging.getLogger("digitstream.swap")
 POLL_SECONDS = 0.5
 SETTLE_SECONDS = 2.0
 
+# per file: (inode, size, mtime in ns), or None if it cannot be stat'ed
+_FileStat = tuple[int, int, int] | None
+_Signature = tuple[_FileStat, ...]
+
 
 class ModelWatcher:
     """Watches ``path`` (run's ``--model``) and swaps a new bundle found there into ``serving``.
@@ -85,8 +89,8 @@ class ModelWatcher:
         self.settle = settle
         self._clock = clock
         # None at first: the files may have changed between the app's load and now
-        self._acted_on = None  # the files' signature last loaded (or found unchanged)
-        self._seen = None  # the files' signature at the last look ...
+        self._acted_on: _Signature | None = None  # the signature last loaded (or found unchanged)
+        self._seen: _Signature | None = None  # the files' signature at the last look ...
         self._seen_since = 0.0  # ... and since when they have looked like that
         self._reload = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -139,13 +143,13 @@ class ModelWatcher:
         self._acted_on = self._seen = signature
         await self._swap("SIGHUP" if forced else "new files")
 
-    def _signature(self) -> tuple:
+    def _signature(self) -> _Signature:
         files = (
             [self.path / CARD_FILE, self.path / PIPELINE_FILE]
             if self.path.is_dir()
             else [self.path]
         )
-        signature = []
+        signature: list[_FileStat] = []
         for file in files:
             try:
                 stat = file.stat()

@@ -15,12 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from digitstream.datasets import Dataset, load_dataset
 from digitstream.errors import UserError
 from digitstream.model.zoo import RECIPES, GridContext, ModelRecipe, get_recipe
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 CV_FOLDS = 5
 
@@ -42,7 +46,7 @@ class Split:
 
 @dataclass
 class TrainResult:
-    pipeline: object  # the fitted sklearn Pipeline
+    pipeline: Pipeline  # fitted
     card: dict  # everything model.json records except what save_bundle adds
     split: Split
     y_pred: np.ndarray  # the pipeline's predictions on split.X_test

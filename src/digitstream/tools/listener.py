@@ -147,6 +147,7 @@ class Listener:
     @property
     def address(self) -> Address:
         """The bound address (the real port when 0 was asked for)."""
+        assert self._address is not None, "the listener has not been started"
         return self._address
 
     @property
@@ -215,6 +216,7 @@ class Listener:
             self._close()
 
     def _accept(self) -> None:
+        assert self._lsock is not None  # served only after start() bound it
         try:
             sock, peer = self._lsock.accept()
         except BlockingIOError:
@@ -311,6 +313,7 @@ class Listener:
             conn.sock.close()
         self._conns.clear()
         self._sel.close()
+        assert self._lsock is not None  # served only after start() bound it
         self._lsock.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -329,7 +332,7 @@ class Listener:
 
 def _first_frames(groups: list[Payloads], k: int) -> list[Payloads]:
     """The first ``k`` frames of ``groups``."""
-    out = []
+    out: list[Payloads] = []
     for group in groups:
         if k <= 0:
             break
@@ -338,6 +341,7 @@ def _first_frames(groups: list[Payloads], k: int) -> list[Payloads]:
         elif group.fixed is not None:
             out.append(Payloads(fixed=group.fixed[:k]))
         else:
+            assert group.items is not None
             out.append(Payloads(items=group.items[:k]))
         k -= len(group)
     return out
@@ -389,6 +393,7 @@ def _summary(listener: Listener, output: str | None) -> str:
     plural = "" if listener.connections == 1 else "s"
     text = f"received {listener.frames:,} results over {listener.connections} connection{plural}"
     if listener.frames > 1:
+        assert listener.first_frame_ns is not None and listener.last_frame_ns is not None
         seconds = (listener.last_frame_ns - listener.first_frame_ns) / 1e9
         rate = f", {listener.frames / seconds:,.0f} results/s" if seconds > 0 else ""
         text += f" in {seconds:.3f} s from first to last{rate}"
@@ -401,9 +406,9 @@ def _raise_interrupt(signum, frame):
 
 def _progress_bar(count: int | None):
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 
-    columns = [TextColumn("received")]
+    columns: list[ProgressColumn] = [TextColumn("received")]
     columns += (
         [BarColumn(), MofNCompleteColumn()] if count else [TextColumn("{task.completed:,} results")]
     )

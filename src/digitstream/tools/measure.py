@@ -15,6 +15,7 @@ passes ``i``: the difference is that message's latency.
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 import numpy as np
 
@@ -61,7 +62,7 @@ def latency_summary(lat_ns: np.ndarray) -> dict:
             "cdf": [],
         }
     ms = np.sort(lat_ns) / 1e6
-    out = {"messages": int(ms.size)}
+    out: dict[str, Any] = {"messages": int(ms.size)}
     for name, q in PERCENTILES.items():
         out[name] = float(np.percentile(ms, q))
     out["mean"] = float(ms.mean())

@@ -79,7 +79,7 @@ def iter_results(f: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Iterator[Payloads
 
 def _frames_before_bad_header(data: bytes, offset: int) -> Iterator[Payloads]:
     pos = 0
-    items = []
+    items: list[bytes] = []
     while pos + HEADER_SIZE <= len(data):
         (length,) = HEADER.unpack_from(data, pos)
         if length > MAX_RESULT_FRAME:
@@ -101,6 +101,7 @@ def write_lines(groups: Iterable[Payloads], out: BinaryIO) -> int:
             lines[:, -1] = ord("\n")
             block = lines.tobytes()
         else:
+            assert group.items is not None
             block = b"\n".join(group.items) + b"\n"
         try:
             block.decode("utf-8")

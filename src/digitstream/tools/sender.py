@@ -66,6 +66,7 @@ class Framed:
                     np.full(len(group), group.fixed.shape[1] + HEADER_SIZE, dtype=np.int64)
                 )
             else:
+                assert group.items is not None
                 sizes.append(
                     np.fromiter((len(p) + HEADER_SIZE for p in group.items), dtype=np.int64)
                 )
@@ -247,23 +248,25 @@ def send_frames(
     if a connection cannot be opened or is lost; on KeyboardInterrupt, stops
     every connection and re-raises.
     """
-    plans = [_as_plan(p) for p in plans]
-    total = sum(p.messages for p in plans)
-    socks = _connect_all(addr, len(plans), connect_timeout)
-    sent = [0] * len(plans)
-    timelines: list[list[tuple[int, int]]] | None = [[] for _ in plans] if record_times else None
+    conn_plans: list[Plan] = [_as_plan(p) for p in plans]
+    total = sum(p.messages for p in conn_plans)
+    socks = _connect_all(addr, len(conn_plans), connect_timeout)
+    sent = [0] * len(conn_plans)
+    timelines: list[list[tuple[int, int]]] | None = (
+        [[] for _ in conn_plans] if record_times else None
+    )
     errors: list[tuple[int, OSError]] = []
     stop = threading.Event()
     tiles: dict = {}
     start = time.perf_counter()
 
     def work(i: int) -> None:
-        share = rate * plans[i].messages / total if rate and total else None
+        share = rate * conn_plans[i].messages / total if rate and total else None
         try:
             _write_plan(
                 socks[i],
-                _Cursor(plans[i], tiles),
-                plans[i].messages,
+                _Cursor(conn_plans[i], tiles),
+                conn_plans[i].messages,
                 share,
                 start,
                 sent,
@@ -277,7 +280,7 @@ def send_frames(
 
     threads = [
         threading.Thread(target=work, args=(i,), name=f"sender-{i}", daemon=True)
-        for i in range(len(plans))
+        for i in range(len(conn_plans))
     ]
     bar = _progress_bar(total) if progress else None
     try:
@@ -311,9 +314,9 @@ def send_frames(
         )
     return SendStats(
         messages=sum(sent),
-        bytes=sum(p.nbytes for p in plans),
+        bytes=sum(p.nbytes for p in conn_plans),
         seconds=seconds,
-        connections=len(plans),
+        connections=len(conn_plans),
         timelines=timelines,
     )
 
@@ -368,7 +371,10 @@ def _write_plan(
         else:
             due = total
         while done < due:
-            view, count = cursor.take(due - done)
+            # the cursor holds exactly ``total`` frames, so it never runs out before ``due``
+            piece = cursor.take(due - done)
+            assert piece is not None
+            view, count = piece
             if timeline is not None:
                 timeline.append((time.perf_counter_ns(), done + count))
             sock.sendall(view)

@@ -49,22 +49,28 @@ class Payloads:
     items: list[bytes] | None = None
 
     def __len__(self) -> int:
-        return len(self.fixed) if self.fixed is not None else len(self.items)
+        if self.fixed is not None:
+            return len(self.fixed)
+        assert self.items is not None
+        return len(self.items)
 
     def __getitem__(self, index: int) -> bytes:
         if self.fixed is not None:
             return self.fixed[index].tobytes()
+        assert self.items is not None
         return self.items[index]
 
     def to_list(self) -> list[bytes]:
         if self.fixed is not None:
             return [row.tobytes() for row in self.fixed]
+        assert self.items is not None
         return list(self.items)
 
     @property
     def nbytes(self) -> int:
         if self.fixed is not None:
             return self.fixed.size + HEADER_SIZE * len(self.fixed)
+        assert self.items is not None
         return sum(map(len, self.items)) + HEADER_SIZE * len(self.items)
 
     def slice(self, start: int, stop: int) -> Payloads:
@@ -73,6 +79,7 @@ class Payloads:
             return self
         if self.fixed is not None:
             return Payloads(fixed=self.fixed[start:stop])
+        assert self.items is not None
         return Payloads(items=self.items[start:stop])
 
     @staticmethod
@@ -212,7 +219,7 @@ class FrameSplitter:
         """Bytes of an incomplete frame held back."""
         return len(self._rest)
 
-    def feed(self, data: bytes) -> list[Payloads]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Payloads]:
         buf = self._rest + data if self._rest else bytes(data)
         try:
             groups, pos = split_frames(buf, 0, len(buf), self.max_frame)
