@@ -1,7 +1,8 @@
 """What the application measures, recorded once per batch.
 
-Engines call :meth:`Metrics.batch_done` once per batch and the source calls
-:meth:`Metrics.frames_received` once per read; a batch's latency is attributed
+The application's wiring calls :meth:`Metrics.frames_received` once per batch as it
+comes from the source and :meth:`Metrics.batch_done` once per batch as its results go
+to the sink (the TCP source adds the connection counts); a batch's latency is attributed
 to every message in it (``n`` observations at once), so the cost does not grow
 with the number of messages. Readers (the metrics server, the Prometheus
 collector) take a :meth:`Metrics.snapshot`, a consistent copy, once per request.
