@@ -28,6 +28,7 @@ from digitstream.engine.base import EngineOptions
 from digitstream.pipeline import FlowOptions
 from digitstream.wire.framing import Payloads, frame_fixed, frame_many
 from helpers import HOST, Collector, HeldPort, app_counts, send_bytes, wait_for
+from streams import CHUNK, Gaps, Stream
 
 distributed = pytest.importorskip("distributed")
 
@@ -283,6 +284,52 @@ def test_worker_killed_mid_stream_loses_and_duplicates_nothing(two_workers, star
         assert texts == expected_texts * repeat
     finally:
         sink.close()
+
+
+def test_a_frozen_worker_holds_the_stream_up_to_the_deadline_then_takes_batches_again(
+        two_workers, start_app, digits, expected_texts):
+    # SIGSTOP: the worker's connections stay open and go quiet, as those of a host off the
+    # network do; its kernel still acknowledges, so Dask waits for worker-ttl (5 minutes)
+    sink = Collector()
+    stream = None
+    try:
+        app = start_app(sink.port, "--engine", "dask", "--scheduler", two_workers.address,
+                        "--input-format", "u8", "--output-format", "json", "--max-batch",
+                        str(CHUNK), "--name", "runner")
+        stream = Stream(app.in_port, digits.X.astype(np.uint8))
+
+        def messages_by(name: str) -> int:
+            return sum(w["messages"] for w in app.stats()["workers"] if w["name"] == name)
+
+        wait_for(lambda: messages_by("w2") >= 5 * CHUNK, 40, interval=0.05,
+                 what="batches classified by w2")
+        gaps = Gaps(sink).start()
+        os.killpg(two_workers.workers["w2"].pid, signal.SIGSTOP)
+        at_stop = sink.count()
+        wait_for(lambda: sink.count() >= at_stop + 40 * CHUNK, 40, interval=0.05,
+                 what="the stream going on without w2")
+        stall = gaps.stop()
+        by_w2 = messages_by("w2")
+        os.killpg(two_workers.workers["w2"].pid, signal.SIGCONT)
+        wait_for(lambda: messages_by("w2") > by_w2, 30, interval=0.05,
+                 what="batches classified by w2 once it runs again")
+        total = stream.stop()
+        stream = None
+        frames = sink.wait_count(total, timeout=40)
+        log_text = app.log()
+        _stop_and_drain(app, sink)
+        assert sink.count() == total, "more results than inputs"
+    finally:
+        if stream is not None:
+            stream.stop()
+        sink.close()
+    results = [json.loads(f) for f in frames]
+    assert [r["seq"] for r in results] == list(range(total))
+    labels = [int(t.strip("[]")) for t in expected_texts]
+    assert [r["label"] for r in results] == [labels[i % len(labels)] for i in range(total)]
+    assert stall < 5.0, f"the stream waited {stall:.1f} s for a result"
+    assert "Dask worker w2 held a batch past its deadline" in log_text
+    assert "Dask worker w2 answered its late batch: it takes batches again" in log_text
 
 
 def test_scheduler_lost_mid_stream_the_rest_is_answered_here(cluster, start_app, digits,
@@ -647,3 +694,17 @@ def test_worker_labels():
     assert dask_engine.worker_label(0, "tcp://10.0.0.5:4000") == "tcp://10.0.0.5:4000"
     assert dask_engine.worker_label("tcp://10.0.0.5:4000", "tcp://10.0.0.5:4000") == \
         "tcp://10.0.0.5:4000"
+
+
+def test_tls_settings_are_checked_before_connecting(tmp_path):
+    from digitstream.engine.dask.engine import _security
+    from digitstream.errors import UserError
+
+    assert dask_engine.scheduler_address("sched:8786") == "tcp://sched:8786"
+    assert dask_engine.scheduler_address("sched:8786", tls=True) == "tls://sched:8786"
+    assert dask_engine.scheduler_address("tls://sched:8786") == "tls://sched:8786"
+    with pytest.raises(UserError, match=f"TLS file {tmp_path}/ca.pem not found"):
+        _security(EngineOptions(scheduler="tls://sched:8786", tls_ca_file=str(tmp_path / "ca.pem")))
+    with pytest.raises(UserError, match="needs a certificate: --tls-ca-file"):
+        _security(EngineOptions(scheduler="tls://sched:8786"))
+    assert _security(EngineOptions(scheduler="tcp://sched:8786")).require_encryption is False

@@ -270,7 +270,8 @@ def json_flow():
     return Flow.build(model, FlowOptions("json", "json"))
 
 
-@FUZZ
+@settings(FUZZ, max_examples=max(1, EXAMPLES // 5),
+          suppress_health_check=[*FUZZ.suppress_health_check, HealthCheck.function_scoped_fixture])
 @given(tapes=st.lists(st.binary(max_size=64), min_size=1, max_size=6))
 def test_every_json_output_frame_is_strict_json(json_flow, tapes):
     """Fuzzed JSON payloads (odd values for pixels, labels and ids: NaN, infinities, huge

@@ -146,8 +146,20 @@ class Application:
             self.metrics = Metrics(cfg.name, serving.flow.stage_names, serving.flow.runner.classes)
         source = self._given[0] or make_source(cfg.in_addr, cfg, self.metrics)
         sink = self._given[1] or make_sink(cfg.out_addr, cfg)
+        if self.metrics is not None:
+            for role, part in (("source", source), ("sink", sink)):
+                counters = getattr(part, "counters", None)
+                if counters is not None:  # a connector that counts its entries (Redis)
+                    self.metrics.connectors[role] = counters
         options = EngineOptions(
-            self.flow_options, scheduler=cfg.scheduler, workers=cfg.workers, in_flight=cfg.in_flight
+            self.flow_options,
+            scheduler=cfg.scheduler,
+            workers=cfg.workers,
+            in_flight=cfg.in_flight,
+            batch_deadline=cfg.batch_deadline,
+            tls_ca_file=cfg.tls_ca_file,
+            tls_cert=cfg.tls_cert,
+            tls_key=cfg.tls_key,
         )
         self.engine = serving.engine = make_engine(
             cfg.engine, serving.flow, serving.bundle, options, metrics=self.metrics
@@ -157,6 +169,9 @@ class Application:
             await self._serve_metrics(source, sink)
         self.sink = sink
         sink.on_delivered = source.acknowledge
+        pair_with = getattr(source, "pair_with", None)
+        if pair_with is not None:  # a source that asks its sink where a stream stands (--acked)
+            pair_with(sink)
         await sink.start()
         self.source = source
         await source.start()

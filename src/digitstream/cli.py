@@ -51,9 +51,32 @@ class EndpointType(click.ParamType):
             endpoint = connectors.parse_endpoint(value, getattr(connectors, self.table))
             if endpoint.scheme == connectors.DEFAULT_SCHEME:
                 parse_address(endpoint.location)
+            elif endpoint.scheme in ("redis", "rediss"):
+                from digitstream.connectors.redis import RedisURL
+
+                RedisURL.parse(endpoint.location, tls=endpoint.scheme == "rediss")
         except (UserError, ValueError) as exc:
             self.fail(str(exc), param, ctx)
         return endpoint
+
+
+class AddressOrRedisType(click.ParamType):
+    """``HOST:PORT`` (an :class:`Address`), or a ``redis://`` / ``rediss://`` URL (an
+    :class:`~digitstream.connectors.Endpoint`) for the tools that also speak Redis Streams."""
+
+    name = "HOST:PORT|redis://HOST:PORT/STREAM"
+
+    def convert(self, value, param, ctx):
+        from digitstream import connectors
+
+        if isinstance(value, (Address, connectors.Endpoint)):
+            return value
+        if str(value).lower().startswith(("redis://", "rediss://")):
+            return connectors.parse_endpoint(value, connectors.SINKS)
+        return ADDRESS.convert(value, param, ctx)
+
+
+ADDRESS_OR_REDIS = AddressOrRedisType()
 
 
 class _Group(click.Group):
@@ -162,7 +185,8 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     show_default=True,
     type=EndpointType("SOURCES"),
     help="Where input comes from: HOST:PORT (or tcp://HOST:PORT), the address the TCP "
-    "source listens on for input frames.",
+    "source listens on for input frames; or redis://[:PASSWORD@]HOST:PORT/STREAM (rediss:// "
+    "for TLS), read as consumer --name of consumer group --group.",
 )
 @click.option(
     "--out",
@@ -170,7 +194,8 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     default=default("out_addr"),
     show_default=True,
     type=EndpointType("SINKS"),
-    help="Where results go: HOST:PORT (or tcp://HOST:PORT), the listener the TCP sink connects to.",
+    help="Where results go: HOST:PORT (or tcp://HOST:PORT), the listener the TCP sink connects "
+    "to; or redis://[:PASSWORD@]HOST:PORT/STREAM, one result entry per input.",
 )
 @click.option(
     "--metrics",
@@ -219,13 +244,52 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
 @click.option(
     "--scheduler",
     default=None,
-    help="With --engine dask: address of a running scheduler, e.g. tcp://sched-host:8786.",
+    help="With --engine dask: address of a running scheduler, e.g. tcp://sched-host:8786 "
+    "(tls://sched-host:8786 with the --tls-* files).",
+)
+@click.option(
+    "--tls-ca-file",
+    type=click.Path(dir_okay=False),
+    help="With --scheduler: CA certificate (PEM) the scheduler's certificate is checked against.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False),
+    help="With --scheduler: this client's certificate (PEM), signed by that CA.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False),
+    help="With --scheduler: this client's private key (PEM).",
+)
+@click.option(
+    "--batch-deadline",
+    default=default("batch_deadline"),
+    show_default=True,
+    type=click.FloatRange(0, 3600),
+    help="With --engine dask: seconds a batch may take on the cluster (at least 4 recent "
+    "round trips) before it is computed here and its worker gets no more until it "
+    "answers (0: wait for Dask).",
 )
 @click.option(
     "--name",
     default=default("name"),
     show_default=True,
-    help="Name of this application process in metrics and logs.",
+    help="Name of this application process in metrics and logs, and its consumer name in a "
+    "Redis consumer group (unique per process of the group).",
+)
+@click.option(
+    "--group",
+    default=default("group"),
+    show_default=True,
+    help="With --in redis://...: the consumer group to read as (created if missing).",
+)
+@click.option(
+    "--claim-idle-ms",
+    default=default("claim_idle_ms"),
+    show_default=True,
+    type=click.IntRange(1, 86_400_000),
+    help="With --in redis://...: take over entries another consumer has held this long.",
 )
 @click.option(
     "--max-batch",
@@ -285,6 +349,12 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     help="On SIGINT or SIGTERM, seconds to wait for the listener to take the last results "
     "(after up to 5 s of reading what senders still send).",
 )
+@click.option(
+    "--acked",
+    is_flag=True,
+    help="Acknowledged, exactly-once delivery: input from `send --acked`, results to "
+    "`listen --acked` (see the README).",
+)
 def run(
     in_addr,
     out_addr,
@@ -296,7 +366,13 @@ def run(
     engine,
     workers,
     scheduler,
+    tls_ca_file,
+    tls_cert,
+    tls_key,
+    batch_deadline,
     name,
+    group,
+    claim_idle_ms,
     max_batch,
     max_delay_ms,
     max_frame,
@@ -305,6 +381,7 @@ def run(
     compile_model,
     in_flight,
     flush_timeout,
+    acked,
 ):
     """The streaming application: read --in, classify, write results to --out.
 
@@ -321,6 +398,8 @@ def run(
         raise click.UsageError(
             "--workers starts a local cluster, --scheduler uses a running one: give one of them"
         )
+    if (tls_ca_file or tls_cert or tls_key) and not scheduler:
+        raise click.UsageError("--tls-ca-file, --tls-cert and --tls-key go with --scheduler")
     config = AppConfig(
         in_addr=in_addr,
         out_addr=out_addr,
@@ -331,7 +410,13 @@ def run(
         engine=engine,
         workers=workers,
         scheduler=scheduler,
+        tls_ca_file=tls_ca_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        batch_deadline=batch_deadline,
         name=name,
+        group=group,
+        claim_idle_ms=claim_idle_ms,
         max_batch=max_batch,
         max_delay=max_delay_ms / 1000.0,
         max_frame=max_frame,
@@ -340,6 +425,7 @@ def run(
         compile_model=compile_model,
         in_flight=in_flight,
         flush_timeout=flush_timeout,
+        acked=acked,
     )
     sys.exit(run_app(config))
 
@@ -351,8 +437,9 @@ def run(
     "to_addr",
     default="127.0.0.1:8002",
     show_default=True,
-    type=ADDRESS,
-    help="Address of the application's input.",
+    type=ADDRESS_OR_REDIS,
+    help="Address of the application's input, or redis://[:PASSWORD@]HOST:PORT/STREAM: one "
+    "entry per image (fields data, label, id).",
 )
 @click.option(
     "--format",
@@ -393,8 +480,36 @@ def run(
     default=None,
     help="Show a progress bar (default: when stderr is a terminal).",
 )
-def send(to_addr, fmt, dataset, repeat, rate, connections, progress):
+@click.option(
+    "--acked",
+    is_flag=True,
+    help="Acknowledged delivery to `run --acked`: resumes where the stream stands, "
+    "ends once every message is stored.",
+)
+@click.option("--stream", default=None, help="With --acked: the stream's name (required).")
+@click.option(
+    "--window",
+    default=1 << 17,
+    show_default=True,
+    type=click.IntRange(1),
+    help="With --acked: most messages sent and not yet acknowledged.",
+)
+def send(to_addr, fmt, dataset, repeat, rate, connections, progress, acked, stream, window):
     """Send a data set to the application, one framed image per message."""
+    if not isinstance(to_addr, Address):
+        from digitstream.tools import redis_streams
+
+        if acked or stream or connections != 1:
+            raise click.UsageError("--acked, --stream and --connections are for TCP, not redis://")
+        sys.exit(redis_streams.send_main(to_addr, fmt, dataset, repeat, rate))
+    if acked:
+        from digitstream.tools import acked_sender
+
+        if not stream or connections != 1:
+            raise click.UsageError("--acked needs --stream NAME, and one connection")
+        sys.exit(acked_sender.main(to_addr, stream, fmt, dataset, repeat, rate, window))
+    if stream:
+        raise click.UsageError("--stream needs --acked")
     from digitstream.tools import sender
 
     sys.exit(
@@ -412,7 +527,7 @@ def send(to_addr, fmt, dataset, repeat, rate, connections, progress):
 
 # -------------------------------------------------------------------- listen
 @main.command()
-@click.argument("addr", default="127.0.0.1:7002", type=ADDRESS, required=False)
+@click.argument("addr", default="127.0.0.1:7002", type=ADDRESS_OR_REDIS, required=False)
 @click.option(
     "-o",
     "--output",
@@ -429,9 +544,31 @@ def send(to_addr, fmt, dataset, repeat, rate, connections, progress):
     default=None,
     help="Show a live count (default: when stderr is a terminal and -o is given).",
 )
-def listen(addr, output, count, progress):
+@click.option(
+    "--acked",
+    is_flag=True,
+    help="From `run --acked`: store each result exactly once in -o FILE, continued across "
+    "restarts, and acknowledge it once stored.",
+)
+@click.option("--fsync", is_flag=True, help="With --acked: fsync FILE before acknowledging.")
+def listen(addr, output, count, progress, acked, fsync):
     """Accept the application's connection and store or print its results
-    (what `nc -l 127.0.0.1 7002 > digits.out` was)."""
+    (what `nc -l 127.0.0.1 7002 > digits.out` was); or read the result stream ADDR =
+    redis://[:PASSWORD@]HOST:PORT/STREAM from its start, in its order."""
+    if not isinstance(addr, Address):
+        from digitstream.tools import redis_streams
+
+        if acked or fsync:
+            raise click.UsageError("--acked and --fsync are for TCP, not redis://")
+        sys.exit(redis_streams.listen_main(addr, output, count))
+    if acked:
+        from digitstream.tools import acked_listener
+
+        if not output or count:
+            raise click.UsageError("--acked needs -o FILE, and takes no --count")
+        sys.exit(acked_listener.main(addr, output, fsync=fsync))
+    if fsync:
+        raise click.UsageError("--fsync needs --acked")
     from digitstream.tools import listener
 
     sys.exit(listener.main(addr=addr, output=output, count=count, progress=progress))
@@ -440,11 +577,15 @@ def listen(addr, output, count, progress):
 # ---------------------------------------------------------------------- read
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-def read(file):
-    """Print each result frame of FILE, one per line (files from `listen -o` or `nc -l`)."""
+@click.option(
+    "--stream", default=None, help="Of a file of `listen --acked`: only this stream's results."
+)
+def read(file, stream):
+    """Print each result frame of FILE, one per line (files from `listen -o` or `nc -l`,
+    and from `listen --acked -o`: each result once, in order per stream)."""
     from digitstream.tools import reader
 
-    sys.exit(reader.main(file))
+    sys.exit(reader.main(file, stream=stream))
 
 
 # ---------------------------------------------------------------------- demo
@@ -475,9 +616,22 @@ def read(file):
     is_flag=True,
     help="Keep the application and its dashboard up after the summary, until Ctrl-C.",
 )
-def demo(model_path, output, repeat, keep_running):
+@click.option(
+    "--redis",
+    "through_redis",
+    is_flag=True,
+    help="Through Redis Streams instead: a local redis-server, three consumers in one group, "
+    "one killed half-way; ends with duplicates and missing (both 0).",
+)
+def demo(model_path, output, repeat, keep_running, through_redis):
     """The seed's whole flow on this machine: train (if needed), run, listen,
     send, then a summary."""
+    if through_redis:
+        from digitstream.tools import redis_demo
+
+        if keep_running:
+            raise click.UsageError("--keep-running is for the TCP demo")
+        sys.exit(redis_demo.main(model_path=model_path, output=output, repeat=repeat))
     from digitstream.tools import demo as demo_mod
 
     sys.exit(
@@ -524,8 +678,19 @@ def demo(model_path, output, repeat, keep_running):
     type=click.IntRange(1, 50),
     help="Throughput runs per system (median reported).",
 )
-def bench(quick, json_path, plot_path, engine, soak_minutes, runs):
+@click.option(
+    "--redis",
+    "through_redis",
+    is_flag=True,
+    help="Instead: the Redis Streams connector (one and three consumers) against a bare relay "
+    "through the same local redis-server.",
+)
+def bench(quick, json_path, plot_path, engine, soak_minutes, runs, through_redis):
     """Benchmark digitstream against the seed's per-message design and a bare relay."""
+    if through_redis:
+        from digitstream.bench import redis_bench
+
+        sys.exit(redis_bench.main(quick=quick, json_path=json_path, runs=runs))
     from digitstream.bench import runner
 
     sys.exit(

@@ -28,7 +28,18 @@ class AppConfig:
     engine: str = "local"
     workers: int | None = None
     scheduler: str | None = None
+    #: seconds a batch may take on the Dask cluster before it is computed here (0: no limit)
+    batch_deadline: float = 2.0
+    #: TLS to the Dask scheduler: CA file, this client's certificate and key (PEM files)
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: also the consumer's name in a Redis consumer group: unique per process of a group
     name: str = "worker-1"
+    #: the Redis consumer group a redis:// source reads as
+    group: str = "digitstream"
+    #: a redis:// source takes over entries another consumer has held this long (ms)
+    claim_idle_ms: int = 10_000
     #: measured best for 64-pixel images: smaller adds per-batch overhead, larger leaves the cache
     max_batch: int = 8192
     #: seconds a batch may wait to fill (0: never wait)
@@ -50,6 +61,8 @@ class AppConfig:
     drain_grace: float = 5.0
     #: how long to wait for the listener to take the last results on a stop signal
     flush_timeout: float = 30.0
+    #: acknowledged, exactly-once delivery: ``send --acked`` in, ``listen --acked`` out
+    acked: bool = False
 
 
 DEFAULTS = AppConfig()

@@ -8,6 +8,11 @@ what a crash of each process costs (its delivery guarantee), and lives in
 :mod:`digitstream.connectors` under the URL scheme that names it.
 
 An in-memory source for tests is :class:`digitstream.testing.MemorySource`.
+
+A connector that counts its entries (a broker's) may also have ``counters()``,
+returning ``{connector, where, counters: {event: total}, gauges: {name: now}}``;
+the application shows it in the metrics (``/api/stats`` ``connectors``, Prometheus
+``digitstream_connector_*``, the dashboard's source and sink cards).
 """
 
 from __future__ import annotations

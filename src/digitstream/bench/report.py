@@ -124,6 +124,10 @@ def print_report(figures: dict, console: Console) -> None:
         from digitstream.bench.dask_bench import print_report as print_dask
 
         print_dask(figures["dask"], console)
+    if "acked" in figures:
+        from digitstream.bench.acked_bench import print_report as print_acked
+
+        print_acked(figures["acked"], console)
     for error in figures["errors"]:
         console.print(f"[red]error:[/red] {error}")
 

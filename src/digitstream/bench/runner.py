@@ -593,6 +593,9 @@ def _measure(quick: bool, engine: str, soak_minutes: float | None, runs: int | N
         settings = replace(settings, runs=runs)
     with Session(log) as session:
         figures = run_suite(settings, session)
+        from digitstream.bench.acked_bench import run as run_acked
+
+        figures["acked"] = run_acked(session, settings, figures)
         if engine == "dask":
             from digitstream.bench.dask_bench import run as run_dask
 

@@ -19,13 +19,20 @@ from digitstream.errors import UserError
 #: URL scheme -> "module:class" of its source
 SOURCES = {
     "tcp": "digitstream.connectors.tcp:TcpSource",
+    "redis": "digitstream.connectors.redis:RedisSource",
+    "rediss": "digitstream.connectors.redis:RedisTlsSource",
 }
 #: URL scheme -> "module:class" of its sink
 SINKS = {
     "tcp": "digitstream.connectors.tcp:TcpSink",
+    "redis": "digitstream.connectors.redis:RedisSink",
+    "rediss": "digitstream.connectors.redis:RedisTlsSink",
 }
 #: the scheme of an endpoint written without one
 DEFAULT_SCHEME = "tcp"
+#: ``run --acked``: URL scheme -> "module:class" of its acknowledged source and sink
+ACKED_SOURCES = {"tcp": "digitstream.connectors.acked:AckedTcpSource"}
+ACKED_SINKS = {"tcp": "digitstream.connectors.acked:AckedTcpSink"}
 
 
 @dataclass(frozen=True)
@@ -36,9 +43,13 @@ class Endpoint:
     location: str
 
     def __str__(self) -> str:
-        return (
-            self.location if self.scheme == DEFAULT_SCHEME else f"{self.scheme}://{self.location}"
-        )
+        if self.scheme == DEFAULT_SCHEME:
+            return self.location
+        # what logs and error messages show: a password in the URL is masked
+        head, at, tail = self.location.rpartition("@")
+        user, colon, _ = head.partition(":")
+        location = f"{user}:***@{tail}" if at and colon else self.location
+        return f"{self.scheme}://{location}"
 
 
 def parse_endpoint(value: str | Address | Endpoint, table: dict[str, str] = SOURCES) -> Endpoint:
@@ -65,11 +76,20 @@ def _load(path: str):
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def _class_for(endpoint: Endpoint, table: dict[str, str], acked_table: dict[str, str], config):
+    if not getattr(config, "acked", False):
+        return _load(table[endpoint.scheme])
+    if endpoint.scheme not in acked_table:
+        raise UserError(f"--acked works with {', '.join(acked_table)} endpoints, not {endpoint}")
+    return _load(acked_table[endpoint.scheme])
+
+
 def make_source(value, config, metrics=None):
     endpoint = parse_endpoint(value, SOURCES)
-    return _load(SOURCES[endpoint.scheme]).from_config(endpoint.location, config, metrics)
+    cls = _class_for(endpoint, SOURCES, ACKED_SOURCES, config)
+    return cls.from_config(endpoint.location, config, metrics)
 
 
 def make_sink(value, config):
     endpoint = parse_endpoint(value, SINKS)
-    return _load(SINKS[endpoint.scheme]).from_config(endpoint.location, config)
+    return _class_for(endpoint, SINKS, ACKED_SINKS, config).from_config(endpoint.location, config)

@@ -38,6 +38,7 @@ import collections
 import ctypes
 import logging
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -287,16 +288,21 @@ class FrameReader(asyncio.BufferedProtocol):
             budget.held -= self._end - self._start
             self.partial = 0
 
-    def _take(self) -> list[Payloads]:
-        if self._end == self._start:
-            return []
+    def _cut(self, start: int, end: int) -> tuple[list[Payloads], int]:
+        """The complete frames in ``self._view[start:end]`` and where the rest begins (a
+        reader of another wire cuts its own messages here)."""
         try:
-            groups, pos = split_frames(self._view, self._start, self._end, self.max_frame)
+            return split_frames(self._view, start, end, self.max_frame)
         except FrameTooLarge as exc:
             if not exc.groups:
                 raise
             # the frames before the bad header are answered first; the next take raises
-            groups, pos = exc.groups, exc.offset
+            return exc.groups, exc.offset
+
+    def _take(self) -> list[Payloads]:
+        if self._end == self._start:
+            return []
+        groups, pos = self._cut(self._start, self._end)
         if self in self.budget.readers:
             self.budget.held -= pos - self._start
         self._start = pos
@@ -335,7 +341,12 @@ class TcpStream:
     """One connection of a :class:`TcpSource`: its frames as batches."""
 
     def __init__(
-        self, stream_id: int, reader: FrameReader, policy: BatchPolicy, metrics=None, on_close=None
+        self,
+        stream_id: StreamId,
+        reader: FrameReader,
+        policy: BatchPolicy,
+        metrics=None,
+        on_close=None,
     ):
         self.id = stream_id
         self.reader = reader
@@ -345,7 +356,7 @@ class TcpStream:
         reader.id = stream_id
         if metrics is not None:
             metrics.connection_opened()
-        log.debug("connection %d from %s", stream_id, reader.peer)
+        log.debug("connection %s from %s", stream_id, reader.peer)
 
     async def batches(self) -> AsyncIterator[Batch]:
         reader = self.reader
@@ -379,7 +390,7 @@ class TcpStream:
             self._on_close(self)
         if self.metrics is not None:
             self.metrics.connection_closed()
-        log.debug("connection %d from %s closed", self.id, self.reader.peer)
+        log.debug("connection %s from %s closed", self.id, self.reader.peer)
 
 
 class TcpSource:
@@ -415,7 +426,7 @@ class TcpSource:
         self.bound: Address | None = None
         self._server: asyncio.base_events.Server | None = None
         self._new: asyncio.Queue[TcpStream | None] = asyncio.Queue()
-        self._open: dict[int, TcpStream] = {}
+        self._open: dict[StreamId, TcpStream] = {}
         self._ids = 0
         self._draining = False
         self._refused = 0
@@ -442,7 +453,7 @@ class TcpSource:
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(
-                lambda: FrameReader(self._accepted, self.max_frame, self.budget),
+                self._new_reader,
                 self.addr.host,
                 self.addr.port,
                 backlog=1024,
@@ -451,6 +462,9 @@ class TcpSource:
             raise UserError(f"cannot listen on {self.addr}: {exc.strerror or exc}") from None
         port = self._server.sockets[0].getsockname()[1]
         self.bound = Address(self.addr.host, port)
+
+    def _new_reader(self) -> FrameReader:
+        return FrameReader(self._accepted, self.max_frame, self.budget)
 
     def _accepted(self, reader: FrameReader) -> None:
         if self._draining:
@@ -539,7 +553,7 @@ async def _acknowledged(writer: asyncio.StreamWriter, timeout: float = 2.0) -> b
             return not writer.transport.is_closing()
         if info[0] == _TCP_CLOSE:
             return False
-        if int.from_bytes(info[_TCP_INFO_UNACKED : _TCP_INFO_UNACKED + 4], "little") == 0:
+        if int.from_bytes(info[_TCP_INFO_UNACKED : _TCP_INFO_UNACKED + 4], sys.byteorder) == 0:
             return True
         await asyncio.sleep(0.001)
     return True

@@ -57,6 +57,13 @@ class EngineOptions:
     workers: int | None = None
     #: batches in flight per worker
     in_flight: int = 4
+    #: seconds a batch may take on the cluster before it is computed here instead (0: no
+    #: limit); see :mod:`digitstream.engine.dask`
+    batch_deadline: float = 2.0
+    #: TLS to the scheduler: the CA file, and this client's certificate and key (PEM)
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 class Engine(Protocol):

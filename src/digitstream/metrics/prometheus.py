@@ -30,6 +30,11 @@ name                                        type       labels
 ``digitstream_model_held_out_accuracy``     gauge
 ``digitstream_model_swaps_total``           counter    (models swapped in while running)
 ``digitstream_model_swaps_refused_total``   counter    (bundles refused: the old model serves on)
+``digitstream_connector_entries_total``     counter    ``role`` (``source``, ``sink``),
+                                                       ``connector``, ``event`` (``read``,
+                                                       ``claimed``, ``committed``, ...)
+``digitstream_connector_pending_entries``   gauge      ``role``, ``connector``, ``state``
+                                                       (``pending``, ``group_pending``)
 ==========================================  =========  ======================================
 
 plus ``process_*`` and ``python_*`` from ``prometheus_client``'s own collectors.
@@ -205,6 +210,24 @@ class StreamCollector:
             "Bundles not swapped in (they failed to load or check).",
             value=s.model_swaps_refused,
         )
+        entries = CounterMetricFamily(
+            "digitstream_connector_entries",
+            "Entries of a connector that counts them (Redis Streams), by what happened to them.",
+            labels=["role", "connector", "event"],
+        )
+        now = GaugeMetricFamily(
+            "digitstream_connector_pending_entries",
+            "Entries of a connector held now: by this process, or by its consumer group.",
+            labels=["role", "connector", "state"],
+        )
+        for role, report in sorted(s.connectors.items()):
+            for event, count in sorted(report.get("counters", {}).items()):
+                entries.add_metric([role, report.get("connector", ""), event], count)
+            for state, value in sorted(report.get("gauges", {}).items()):
+                now.add_metric([role, report.get("connector", ""), state], value)
+        if s.connectors:
+            yield entries
+            yield now
         card = self.card() if callable(self.card) else self.card
         if card:
             info = InfoMetricFamily("digitstream_model", "The model being served.")

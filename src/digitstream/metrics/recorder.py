@@ -18,6 +18,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -205,6 +206,9 @@ class Snapshot:
     model_swaps_total: int = 0
     model_swaps_refused: int = 0
     swap_refusals: list[dict] = field(default_factory=list)
+    #: role (``source``, ``sink``) -> what a connector that counts reports (see
+    #: :attr:`Metrics.connectors`)
+    connectors: dict[str, dict] = field(default_factory=dict)
 
     @property
     def last_swap_refused(self) -> dict | None:
@@ -272,6 +276,9 @@ class Metrics:
         self._refusals: deque = deque(maxlen=100)
         self._history: deque[Sample] = deque(maxlen=HISTORY_SECONDS)
         self._last_sample: tuple | None = None
+        #: role (``source``, ``sink``) -> a connector's ``counters()``: ``{connector, where,
+        #: counters: {event: total}, gauges: {name: now}}``, read at each snapshot
+        self.connectors: dict[str, Callable[[], dict]] = {}
 
     # ------------------------------------------------ called by the application
     @property
@@ -473,4 +480,5 @@ class Metrics:
                 model_swaps_total=self._swaps_total,
                 model_swaps_refused=self._refused_total,
                 swap_refusals=[dict(r) for r in self._refusals],
+                connectors={role: counters() for role, counters in self.connectors.items()},
             )

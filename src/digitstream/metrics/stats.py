@@ -37,6 +37,18 @@ def stats_document(
       powers of two; the last bucket's ``le`` is null, larger than every edge).
     - ``rejected``: reason -> count.
     - ``connections``: ``open``, ``total`` (accepted), ``errors`` (kind -> count).
+    - ``connectors``: ``source`` and ``sink``, each present when its connector counts its
+      entries (Redis Streams): ``{connector, where, counters, gauges}``, ``where`` as in
+      ``addresses`` (password masked). A Redis source's ``counters``: ``read`` (new entries),
+      ``redelivered`` (its own pending entries read again at start), ``claimed`` (taken over
+      from idle consumers), ``acknowledged`` (by the source, for a sink other than Redis's),
+      ``lost`` (not acknowledged: another consumer had taken them over), ``reconnects``; its
+      ``gauges``: ``pending`` (read by this process, results not yet delivered) and
+      ``group_pending`` (the whole group's pending entries, as XPENDING said within the
+      last second). A Redis sink's ``counters``: ``committed`` (result entries added),
+      ``acknowledged`` (input entries acknowledged with them), ``skipped`` (results not added:
+      their entries had been taken over), ``reconnects``; ``gauges``: ``pending`` (results
+      taken, not yet committed).
     - ``workers``: a list of ``{name, state ("active"|"lost"), joined_at, lost_at, messages,
       batches, out_per_s, latency: {end_to_end, stages}}``; ``worker_events``: the last
       100 ``{time, worker, event}``.
@@ -130,6 +142,7 @@ def stats_document(
             "total": s.connections_total,
             "errors": dict(sorted(s.connection_errors.items())),
         },
+        "connectors": s.connectors,
         "workers": [
             {
                 "name": w.name,

@@ -79,14 +79,8 @@ def _stop(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
-def main(
-    model_path: str = "models",
-    output: str = "digits.out",
-    repeat: int = 1,
-    keep_running: bool = False,
-) -> int:
-    console = Console(stderr=True)
-    model = Path(model_path)
+def ensure_model(console: Console, model: Path) -> Path:
+    """``model``, the seed's model trained into it first if it holds no bundle."""
     if not (model / "model.json").exists():
         from digitstream.model import train
 
@@ -101,7 +95,17 @@ def main(
         )
     else:
         console.print(f"using the model bundle in {model}/")
+    return model
 
+
+def main(
+    model_path: str = "models",
+    output: str = "digits.out",
+    repeat: int = 1,
+    keep_running: bool = False,
+) -> int:
+    console = Console(stderr=True)
+    model = ensure_model(console, Path(model_path))
     ports = {name: _port(port) for name, port in SEED_PORTS.items()}
     dataset = load_dataset("digits")
     frames = build_frames(dataset, "pickle")

@@ -113,11 +113,20 @@ def write_lines(groups: Iterable[Payloads], out: BinaryIO) -> int:
     return count
 
 
-def main(file: str) -> int:
+def main(file: str, stream: str | None = None) -> int:
     """``digitstream read FILE``: returns the exit status."""
+    from digitstream.wire import acked
+
     out = sys.stdout.buffer
     try:
         with open(file, "rb") as f:
+            if acked.is_acked_file(f):
+                for frames in acked.iter_file(f, stream):
+                    write_lines(FrameSplitter(MAX_RESULT_FRAME).feed(frames), out)
+                out.flush()
+                return 0
+            if stream is not None:
+                raise UserError(f"{file} is not a file of `listen --acked`: it has no streams")
             try:
                 write_lines(iter_results(f), out)
             except (TruncatedFrame, NotResultFrames) as exc:

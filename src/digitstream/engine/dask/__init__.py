@@ -33,8 +33,29 @@ worker finishes first.
 **Back-pressure.** :meth:`DaskEngine.submit` waits while ``in_flight x
 workers`` batches are out; the application's read loop waits on it, so the
 source stops reading when the cluster falls behind. The limit follows the
-workers as they join and leave; with no worker left it is zero: the batches
-already sent wait on the scheduler and reading stops until a worker joins.
+workers as they join and leave; with no worker left it is zero: reading stops
+until a worker joins (the batches already sent wait their deadline, below, and
+are then computed here).
+
+**A batch late.** A worker killed is noticed by the scheduler at once; a
+worker whose host drops off the network is not: its connections go quiet, and
+Dask waits for TCP to give up (30 s by default, 11 s at the least) or for the
+worker's heartbeats to be missed (``worker-ttl``, 5 s at the least, checked
+that often), while the stream, kept in order, waits for that worker's batch.
+So every batch has a deadline: ``batch_deadline`` (2 s by default), or four
+times the recent round trip of a batch if that is longer, so that a cluster
+slow for every batch raises no alarm. A batch past it is looked for on the
+scheduler. If a worker holds it, the batch is computed in this process at once
+(the one place sure to answer), that worker is *suspect*, and new batches go
+only to the other workers (Dask's worker restrictions) until the suspect
+answers its late batch (its answer is dropped: the first answer won) or leaves
+the cluster (its late batch is released, not recomputed elsewhere). With every
+worker suspect, batches are computed here. A batch on no worker (queued behind
+others) gets one more deadline, then is computed here. A scheduler that does
+not answer the question within 2 s is taken for lost, as below. The cost: a
+late batch is computed twice (here, and on its worker if that comes back), and
+a worker merely slow (a long pause, a batch much heavier than the others) sits
+out until it answers.
 
 **The scheduler lost.** The scheduler forgets the tasks it held, and the
 client's futures with them: every batch out, and every later one, is computed
@@ -47,6 +68,11 @@ registered on it again (a new scheduler knows no plugin) and the batches
 submitted from then on go to the cluster. A local cluster (``--workers``) is
 not restarted: it ran in this process, so losing it means something broke
 here; the batches stay in this process.
+
+**TLS.** ``tls://`` addresses, with the CA, certificate and key files Dask's
+``Security`` takes (``tls_ca_file``, ``tls_cert``, ``tls_key``), else those
+of Dask's own configuration (``distributed.comm.tls``); a reconnection uses
+the same.
 
 **Where it is.** :mod:`~digitstream.engine.dask.engine`: :class:`DaskEngine`,
 its start and close, batches and models; :mod:`~digitstream.engine.dask.scheduler`:

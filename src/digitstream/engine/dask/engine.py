@@ -15,6 +15,7 @@ from digitstream.engine.dask.logs import _quiet_abandoned_clients, _reason, log
 from digitstream.engine.dask.packing import pack
 from digitstream.engine.dask.scheduler import (
     CONNECT_TIMEOUT,
+    PROBE_TIMEOUT,
     SchedulerLink,
     SchedulerLost,
 )
@@ -44,11 +45,42 @@ LOCAL_CLUSTER_CONFIG = {
 }
 #: the module the local cluster's workers preload: it defines ``dask_setup``
 WORKER_PRELOAD = "digitstream.engine.dask.worker"
+#: a batch's deadline is at least this many times the recent round trip of a batch, so
+#: that a cluster slow for every batch (a heavy model, a long queue) raises no false alarm
+DEADLINE_ROUND_TRIPS = 4
 
 
-def scheduler_address(text: str) -> str:
-    """``HOST:PORT`` or ``tcp://HOST:PORT`` as Dask's address (``tcp://`` by default)."""
-    return text if "://" in text else f"tcp://{text}"
+def scheduler_address(text: str, tls: bool = False) -> str:
+    """``HOST:PORT`` or ``SCHEME://HOST:PORT`` as Dask's address (``tcp://`` by default,
+    ``tls://`` when ``tls``)."""
+    return text if "://" in text else f"{'tls' if tls else 'tcp'}://{text}"
+
+
+def _security(options: EngineOptions) -> Any:
+    """Dask's ``Security`` for the scheduler: the files given, else Dask's configuration
+    (``distributed.comm.tls.*``); UserError for a file that is not there, or for a
+    ``tls://`` address with no certificate from either."""
+    import dask
+    from distributed.security import Security
+
+    given = {
+        "tls_ca_file": options.tls_ca_file,
+        "tls_client_cert": options.tls_cert,
+        "tls_client_key": options.tls_key,
+    }
+    files = {k: v for k, v in given.items() if v}
+    for path in files.values():
+        if not Path(path).is_file():
+            raise UserError(f"TLS file {path} not found")
+    if files:
+        return Security(require_encryption=True, **files)
+    address = options.scheduler or ""
+    if address.startswith("tls://") and not dask.config.get("distributed.comm.tls.ca-file"):
+        raise UserError(
+            f"{address} needs a certificate: --tls-ca-file, --tls-cert and --tls-key (or "
+            "Dask's distributed.comm.tls configuration)"
+        )
+    return Security()
 
 
 class DaskEngine:
@@ -78,6 +110,7 @@ class DaskEngine:
         self._slots = _Slots()
         self._held_messages = 0  # messages of the batches in flight
         self._attempts = 0
+        self._round_trip = 0.0  # seconds, a moving average over batches answered in time
         self.link = SchedulerLink(
             self._slots,
             self.in_flight,
@@ -143,11 +176,16 @@ class DaskEngine:
             logging.getLogger("distributed").setLevel(logging.WARNING)
         _quiet_abandoned_clients()
         if options.scheduler:
-            address = scheduler_address(options.scheduler)
+            security = _security(options)
+            address = scheduler_address(options.scheduler, tls=security.require_encryption)
             try:
                 client = await asyncio.wait_for(
                     Client(
-                        address, asynchronous=True, timeout=CONNECT_TIMEOUT, set_as_default=False
+                        address,
+                        asynchronous=True,
+                        timeout=CONNECT_TIMEOUT,
+                        set_as_default=False,
+                        security=security,
                     ),
                     CONNECT_TIMEOUT + 5,
                 )
@@ -156,7 +194,7 @@ class DaskEngine:
                     f"cannot reach the Dask scheduler at {address} within "
                     f"{CONNECT_TIMEOUT:.0f} s: {_reason(exc)}"
                 ) from None
-            self.link.connected(client, address, local=False)
+            self.link.connected(client, address, local=False, security=security)
             where = f"the Dask scheduler at {address}"
         else:
             import dask
@@ -236,7 +274,7 @@ class DaskEngine:
             if self.link.lost:
                 self.local_fallbacks += 1
                 return flow.process(batch)
-            return await self._on_cluster(batch, spec)
+            return await self._on_cluster(batch, spec, flow)
         except asyncio.CancelledError:
             raise
         except SchedulerLost:
@@ -253,12 +291,21 @@ class DaskEngine:
             self._slots.release()
             self._spec_done(spec)
 
-    async def _on_cluster(self, batch: Batch, spec: FlowSpec) -> BatchResult:
+    async def _on_cluster(self, batch: Batch, spec: FlowSpec, flow: Flow) -> BatchResult:
         link = self.link
         client, losses = link.client, link.losses
         assert client is not None  # connected, or the batch is computed here
+        where = {}
+        if link.suspects:
+            healthy = link.healthy()
+            if not healthy:
+                # every worker is late: here, until one answers
+                self.local_fallbacks += 1
+                return flow.process(batch)
+            where = {"workers": healthy, "allow_other_workers": False}
         self._attempts += 1
         key = f"digitstream-{self._run_id}-{batch.stream}-{batch.first_seq}-{self._attempts}"
+        sent = time.monotonic()
         future = client.submit(
             classify,
             spec,
@@ -268,14 +315,30 @@ class DaskEngine:
             key=key,
             retries=TASK_RETRIES,
             pure=False,
+            **where,
         )
         # awaited through a task of our own, which the link cancels if the scheduler is
         # lost: a Dask future caught in a gather at that moment may never resolve
-        result = cast("Awaitable[BatchResult]", future.result())  # a coroutine: async client
-        waiter = asyncio.ensure_future(result)
+        waiter = asyncio.ensure_future(_result(client, future))
         link.waiters.add(waiter)
+        kept = False  # the await outlives the batch: the link holds it (a suspect's batch)
         try:
-            return await waiter
+            if self.options.batch_deadline > 0:
+                for round_ in (1, 2):
+                    await asyncio.wait({waiter}, timeout=self._deadline())
+                    if waiter.done():
+                        break
+                    holder = await self._holder(client, future, losses)
+                    if holder is None and round_ == 1:
+                        continue  # on no worker: queued behind others, given one more deadline
+                    if holder is not None:
+                        link.suspect(holder, future, waiter)
+                        kept = True
+                    self.local_fallbacks += 1
+                    return flow.process(batch)
+            answer = await waiter
+            self._round_trip += 0.1 * (time.monotonic() - sent - self._round_trip)
+            return answer
         except asyncio.CancelledError:
             if link.losses != losses and waiter.cancelled():
                 raise SchedulerLost(link.address) from None
@@ -299,7 +362,40 @@ class DaskEngine:
             raise
         finally:
             link.waiters.discard(waiter)
-            future.release()
+            if not kept:
+                waiter.cancel()
+                future.release()
+
+    def _deadline(self) -> float:
+        """Seconds a batch may take on the cluster before the engine looks for it."""
+        return max(self.options.batch_deadline, DEADLINE_ROUND_TRIPS * self._round_trip)
+
+    async def _holder(self, client: Client, future, losses: int) -> str | None:
+        """The worker that holds ``future``'s late batch (computing it, or holding its
+        result), as the scheduler says; None for none. A scheduler that does not answer
+        within PROBE_TIMEOUT is taken for lost: SchedulerLost."""
+        link = self.link
+        try:
+            if future.status == "finished":
+                found = await asyncio.wait_for(
+                    client.scheduler.who_has(keys=[future.key]), PROBE_TIMEOUT
+                )
+                holders = list(found.get(future.key) or ())
+            else:
+                found = await asyncio.wait_for(
+                    client.scheduler.processing(workers=None), PROBE_TIMEOUT
+                )
+                holders = [w for w, keys in found.items() if future.key in keys]
+        except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
+            if link.losses == losses and client is link.client:
+                log.warning(
+                    "a batch is late and the Dask scheduler at %s does not answer (%s)",
+                    link.address,
+                    _reason(exc) if str(exc) else f"nothing in {PROBE_TIMEOUT:.0f} s",
+                )
+                link.lose(client)
+            raise SchedulerLost(link.address) from None
+        return holders[0] if holders else None
 
     def _fell_back(self, batch: Batch, exc: Exception) -> None:
         self.local_fallbacks += 1
@@ -410,6 +506,22 @@ class DaskEngine:
                 return
             # swapped meanwhile: the model serving now goes instead
             await self._unregister(name, client)
+
+
+async def _result(client: Client, future) -> BatchResult:
+    """``future``'s result, gathered for its key alone.
+
+    The client's own gather (``future.result()``) joins the keys asked for while
+    one is pending into one request: a worker out of reach would hold the
+    results of every other worker asked for with its own.
+    """
+    await cast("Awaitable[Any]", future.exception())  # waits for the task, gathers nothing
+    if future.status == "finished":
+        response = await client.scheduler.gather(keys=[future.key])
+        if response["status"] == "OK":
+            return response["data"][future.key]
+    # an error raised, a cancellation, a result lost with its worker: as Dask says it
+    return await cast("Awaitable[BatchResult]", future.result())
 
 
 def _bundle_files(path: Path) -> tuple[dict[str, bytes], str]:

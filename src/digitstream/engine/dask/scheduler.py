@@ -2,7 +2,8 @@
 
 ::
 
-    connected --(the client stops running, or cancels a batch's future)--> lost
+    connected --(the client stops running, or cancels a batch's future, or the
+                 scheduler is silent for PROBE_TIMEOUT about a late batch)--> lost
     lost, local cluster (--workers): so until the engine closes
     lost, a scheduler of your own: its address tried in the background
         --(a scheduler with a worker answers there and takes the model)--> connected
@@ -10,7 +11,9 @@
 While lost, the engine computes every batch in this process. The link keeps
 the in-flight limit (:class:`~digitstream.engine.dask.slots._Slots`) at
 ``in_flight`` per worker while connected, and at no less than ``in_flight``
-while lost.
+while lost. While connected it also keeps the *suspects*: workers that held a
+batch past its deadline, to which no new batch goes until they answer it or
+leave.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from digitstream.engine.dask.logs import _reason, log
 from digitstream.engine.dask.slots import _Slots
@@ -36,6 +39,9 @@ WORKER_POLL = 2.0
 RECONNECT_FIRST = 0.5
 #: ... up to this
 RECONNECT_MAX = 10.0
+#: how long a question to the scheduler about a late batch may take before the scheduler
+#: is taken for lost: it answers in milliseconds when it is there
+PROBE_TIMEOUT = 2.0
 
 
 class SchedulerLost(ConnectionError):
@@ -70,6 +76,14 @@ class SchedulerLink:
         self.reconnects = 0  # ... and made again
         #: awaits of results from the cluster, cancelled when the scheduler is lost
         self.waiters: set[asyncio.Future] = set()
+        #: workers that held a batch past its deadline: no new batch goes to them until
+        #: they answer one, or leave the cluster
+        self.suspects: set[str] = set()
+        #: TLS settings for connections to the scheduler (Dask's ``Security``), or None
+        self.security: Any = None
+        #: late batches' awaits, kept after the batch was computed here: the answer
+        #: clears its worker of suspicion; the worker leaving drops the task
+        self._strays: dict[asyncio.Future, tuple[Any, str]] = {}
         self.metrics = metrics
         self._slots = slots
         self._in_flight = in_flight
@@ -83,9 +97,55 @@ class SchedulerLink:
         self._reconnector: asyncio.Task | None = None
         self._dropping: set[asyncio.Task] = set()  # clients of lost schedulers, closing
 
-    def connected(self, client: Client, address: str, local: bool) -> None:
-        """``client`` is connected to the scheduler at ``address``."""
+    def connected(self, client: Client, address: str, local: bool, security: Any = None) -> None:
+        """``client`` is connected to the scheduler at ``address`` (with ``security``, which
+        a reconnection uses too)."""
         self.client, self.address, self.local = client, address, local
+        self.security = security
+
+    # ------------------------------------------------------- late batches
+    def healthy(self) -> list[str]:
+        """The workers new batches may go to: all but the suspects."""
+        return [a for a in self.workers if a not in self.suspects]
+
+    def suspect(self, worker: str, future: Any, waiter: asyncio.Future) -> None:
+        """``worker`` held ``future``'s batch past its deadline; the batch was answered
+        elsewhere, and ``waiter`` (the await of ``future``) is kept to hear it answer."""
+        if worker not in self.suspects:
+            self.suspects.add(worker)
+            log.warning(
+                "Dask worker %s held a batch past its deadline: the batch is computed in "
+                "this process, and no new batch goes to that worker until it answers",
+                self.workers.get(worker, worker),
+            )
+        self._strays[waiter] = (future, worker)
+        waiter.add_done_callback(self._stray_done)
+
+    def _stray_done(self, waiter: asyncio.Future) -> None:
+        future, worker = self._strays.pop(waiter, (None, ""))
+        if future is None:
+            return
+        future.release()
+        if waiter.cancelled() or waiter.exception() is not None:
+            return
+        if worker in self.suspects:
+            self.suspects.discard(worker)
+            log.warning(
+                "Dask worker %s answered its late batch: it takes batches again",
+                self.workers.get(worker, worker),
+            )
+
+    def _late_workers(self) -> set[str]:
+        """The suspects, and the workers of late batches still kept."""
+        return self.suspects | {w for _, w in self._strays.values()}
+
+    def _forget(self, workers) -> None:
+        """``workers`` left: their late batches are dropped, not computed again elsewhere."""
+        gone = set(workers)
+        self.suspects -= gone
+        for waiter, (_, worker) in list(self._strays.items()):
+            if worker in gone:
+                waiter.cancel()
 
     async def follow(self) -> None:
         """Learn of workers joining and leaving, and of the scheduler's loss."""
@@ -149,6 +209,7 @@ class SchedulerLink:
             joined = [a for a in now if a not in old]
             gone = [a for a in old if a not in now]
             self.workers = now
+            self._forget(a for a in self._late_workers() if a not in now)
             slots = self._slots
             waiting = slots.size == 0 and slots.used
             slots.resize(self._in_flight * len(now))
@@ -191,6 +252,7 @@ class SchedulerLink:
         self._slots.resize(max(self._slots.size, self._in_flight))
         for waiter in list(self.waiters):
             waiter.cancel()
+        self._forget(self._late_workers())
         # out of reach now, whatever became of them
         gone, self.workers = self.workers, {}
         if self.metrics is not None:
@@ -249,6 +311,7 @@ class SchedulerLink:
                         asynchronous=True,
                         timeout=CONNECT_TIMEOUT,
                         set_as_default=False,
+                        security=self.security,
                     )
                     try:
                         await asyncio.wait_for(client, CONNECT_TIMEOUT + 5)
@@ -320,6 +383,7 @@ class SchedulerLink:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+        self._forget(self._late_workers())
         if self._reconnector is not None:
             self._reconnector.cancel()
             try:
@@ -348,12 +412,13 @@ class SchedulerLink:
 
 
 async def _accepts(address: str) -> bool:
-    """Whether a TCP connect to ``address`` succeeds (other schemes: assumed so)."""
+    """Whether a TCP connect to ``address`` succeeds (TLS runs over TCP; other schemes:
+    assumed so)."""
     from distributed.comm import parse_address
     from distributed.comm.addressing import parse_host_port
 
     scheme, location = parse_address(address)
-    if scheme != "tcp":
+    if scheme not in ("tcp", "tls"):
         return True
     host, port = parse_host_port(location)
     try:

@@ -181,12 +181,13 @@ function drawPipeline(s) {
   if (box.dataset.key !== key) {
     box.dataset.key = key;
     box.replaceChildren();
-    const parts = [["source", "tcp source", s.addresses.in, "io"]];
+    const conn = s.connectors || {};
+    const parts = [["source", `${(conn.source || {}).connector || "tcp"} source`, s.addresses.in, "io"]];
     for (const name of s.pipeline) {
       const kind = name === "decode" || name === "encode" ? "codec" : "model step";
       parts.push([name, kind, null, kind === "model step" ? "model" : ""]);
     }
-    parts.push(["sink", "tcp sink", s.addresses.out, "io"]);
+    parts.push(["sink", `${(conn.sink || {}).connector || "tcp"} sink`, s.addresses.out, "io"]);
     parts.forEach(([name, kind, where, cls], i) => {
       if (i) box.append(el("div", { class: "arrow" }, "→"));
       box.append(el("div", { class: "stage " + cls, "data-stage": name },
@@ -202,11 +203,20 @@ function drawPipeline(s) {
       const st = stages[name];
       fig.replaceChildren("p99 ", el("b", {}, fmtDur(st.p99)), el("br"), fmtCount(st.count) + " msgs");
     } else if (name === "source") {
-      fig.replaceChildren(s.addresses.in, el("br"), fmtRate(s.throughput.in_per_s) + " msg/s in");
+      fig.replaceChildren(s.addresses.in, el("br"), fmtRate(s.throughput.in_per_s) + " msg/s in",
+        ...connectorLines((s.connectors || {}).source));
     } else if (name === "sink") {
-      fig.replaceChildren(s.addresses.out, el("br"), fmtRate(s.throughput.out_per_s) + " msg/s out");
+      fig.replaceChildren(s.addresses.out, el("br"), fmtRate(s.throughput.out_per_s) + " msg/s out",
+        ...connectorLines((s.connectors || {}).sink));
     }
   }
+}
+
+// A connector that counts its entries (Redis Streams): one line of totals, one of what is pending.
+function connectorLines(report) {
+  if (!report) return [];
+  const join = (o) => Object.entries(o || {}).map(([k, v]) => `${k.replace("_", " ")} ${fmtCount(v)}`).join(" · ");
+  return [el("br"), join(report.counters), el("br"), join(report.gauges)];
 }
 
 function drawTiles(s) {

@@ -1,0 +1,442 @@
+"""The acknowledged TCP connector, chosen by ``run --acked`` (wire: :mod:`digitstream.wire.acked`).
+
+**Source** (:class:`AckedTcpSource`): each connection is one named stream of a
+``send --acked --stream NAME``. Its HELLO is passed on to the sink, which asks the
+listener where the stream stands; the sender is told (RESUME) and sends from
+there, in DATA messages read into the buffer and cut in place as on the plain
+wire (:class:`AckedReader` is a :class:`~digitstream.connectors.tcp.FrameReader`
+that cuts messages). The source acknowledges to the sender what the sink says the
+listener acknowledged, and nothing sooner: ``run`` holds nothing that cannot be
+rebuilt.
+
+**Sink** (:class:`AckedTcpSink`): one connection to ``listen --acked``; it keeps
+every result until the listener acknowledges it (at most ``high_water`` bytes:
+then ``write`` waits, which stops the source reading and, through the sender's
+window, the sender), and after a reconnection says HELLO again for every stream
+and sends again what was not acknowledged; the listener drops what it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from digitstream.addresses import Address
+from digitstream.batching import BatchPolicy, batches
+from digitstream.connectors.tcp import FrameReader, TcpSource, TcpStream, tcp_address
+from digitstream.pipeline import Batch, BatchResult, StreamId
+from digitstream.sinks import DeliveredCallback
+from digitstream.wire import acked
+from digitstream.wire.framing import HEADER, HEADER_SIZE, FrameTooLarge, Payloads, split_frames
+
+log = logging.getLogger("digitstream.acked")
+
+#: a sender has this long after connecting to say HELLO
+HELLO_TIMEOUT = 10.0
+#: the sender's DATA messages hold at most this many bytes of frames (or one larger frame)
+MAX_DATA = 1 << 20
+
+
+class StreamRefused(Exception):
+    """The listener refused a stream (its name is taken by other data); the text says why."""
+
+
+class AckedReader(FrameReader):
+    """One acked input connection: its HELLO, then the frames of its DATA messages, cut in
+    place from the buffer (fixed-width payloads are views of it, as on the plain wire)."""
+
+    def __init__(self, on_connect, max_frame: int, budget=None):
+        super().__init__(on_connect, max_frame + acked.DATA_OVERHEAD + MAX_DATA, budget)
+        self.frame_limit = max_frame
+        self.name: str | None = None
+        self.fingerprint: str | None = None
+        #: the sequence number the next DATA message must start at (set once resumed)
+        self.expected: int | None = None
+
+    def _cut(self, start: int, end: int) -> tuple[list[Payloads], int]:
+        view = self._view
+        groups: list[Payloads] = []
+        pos = start
+        while pos + HEADER_SIZE <= end:
+            (length,) = HEADER.unpack_from(view, pos)
+            if length > self.max_frame:
+                raise FrameTooLarge(length, self.max_frame, groups, pos)
+            stop = pos + HEADER_SIZE + length
+            if stop > end:
+                break
+            message = acked.parse(view[pos + HEADER_SIZE : stop])
+            if self.name is None:
+                if message.kind != acked.HELLO:
+                    raise acked.ProtocolError("the first message is not HELLO")
+                self.fingerprint = str(message.hello()["fingerprint"])
+                self.name = message.stream
+                return groups, stop  # the rest waits for the RESUME
+            if message.kind != acked.DATA or message.stream != self.name:
+                raise acked.ProtocolError(
+                    f"stream {self.name!r}: a {message.kind!r} message of {message.stream!r} "
+                    "where DATA was expected"
+                )
+            if message.seq != self.expected:
+                raise acked.ProtocolError(
+                    f"stream {self.name!r}: DATA from {message.seq} where {self.expected} was due"
+                )
+            first = stop - len(message.frames)
+            cut, at = split_frames(view, first, stop, self.frame_limit)
+            if at != stop or sum(map(len, cut)) != message.count:
+                raise acked.ProtocolError(
+                    f"stream {self.name!r}: a DATA message's {message.count} frames do not fill it"
+                )
+            groups.extend(cut)
+            self.expected += message.count
+            pos = stop
+        return groups, pos
+
+    async def read_hello(self) -> bool:
+        """Wait for the HELLO; False if the connection ends first. Raises ProtocolError."""
+        while self.name is None:
+            self._take()
+            if self.name is not None:
+                break
+            if self._eof:
+                return False
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return True
+
+    def send(self, message: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(message)
+
+    def abort(self) -> None:
+        """End the connection now: its sender is gone (another connection took its stream)."""
+        self.finish()
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class AckedStream(TcpStream):
+    """One acked connection of an :class:`AckedTcpSource`: its frames as batches, numbered
+    from where the stream was resumed."""
+
+    def __init__(self, reader: AckedReader, first_seq: int, policy: BatchPolicy, **kwargs):
+        assert reader.name is not None  # streams are made after the HELLO
+        super().__init__(reader.name, reader, policy, **kwargs)
+        self.first_seq = first_seq
+
+    async def batches(self) -> AsyncIterator[Batch]:
+        try:
+            async for batch in batches(
+                self.id, self.reader.read_groups, self.policy, self.first_seq
+            ):
+                yield batch
+        except (acked.ProtocolError, FrameTooLarge) as exc:
+            log.warning("stream %r from %s closed: %s", self.id, self.reader.peer, exc)
+            self._error("protocol")
+
+
+class AckedTcpSource(TcpSource):
+    """Acked TCP source, exactly once with ``send --acked`` and an acked sink: a crash of
+    ``run`` or of the sender costs nothing (the sender resends from where the listener stands).
+
+    Listens on ``addr`` for ``send --acked`` connections, one named stream each; see the
+    module doc. The bounds of :class:`~digitstream.connectors.tcp.TcpSource` apply.
+    """
+
+    guarantee = "exactly once: a crash of the sender or of run is resumed from the listener"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sink: AckedTcpSink | None = None
+        self._handshakes: set[asyncio.Task] = set()
+
+    def pair_with(self, sink) -> None:
+        """The sink that says where a stream stands; it must be an :class:`AckedTcpSink`."""
+        if not isinstance(sink, AckedTcpSink):
+            raise TypeError("an acked source needs an acked sink (run --acked)")
+        self.sink = sink
+
+    def _new_reader(self) -> FrameReader:
+        return AckedReader(self._accepted, self.max_frame, self.budget)
+
+    def _accepted(self, reader: FrameReader) -> None:
+        if self._draining:
+            reader.close()
+            return
+        if len(self._open) + len(self._handshakes) >= self.max_connections:
+            self._refuse(reader)
+            return
+        assert isinstance(reader, AckedReader)
+        task = asyncio.ensure_future(self._handshake(reader))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, reader: AckedReader) -> None:
+        assert self.sink is not None, "pair_with(sink) first"
+        try:
+            said_hello = await asyncio.wait_for(reader.read_hello(), HELLO_TIMEOUT)
+        except (asyncio.TimeoutError, acked.ProtocolError, FrameTooLarge) as exc:
+            log.warning("connection from %s closed: no valid HELLO (%s)", reader.peer, exc)
+            reader.close()
+            return
+        if not said_hello:
+            reader.close()
+            return
+        assert reader.name is not None and reader.fingerprint is not None
+        name = reader.name
+        try:
+            seq = await self.sink.open_stream(name, reader.fingerprint)
+        except StreamRefused as exc:
+            log.warning("stream %r from %s refused: %s", name, reader.peer, exc)
+            reader.send(acked.refused(name, str(exc)))
+            reader.close()
+            return
+        if self._draining or reader.transport is None or reader.transport.is_closing():
+            reader.close()
+            return
+        old = self._open.get(name)
+        if old is not None:
+            log.info("stream %r: a new connection from %s replaces the old one", name, reader.peer)
+            assert isinstance(old.reader, AckedReader)
+            old.reader.abort()
+        reader.expected = seq
+        reader.send(acked.resume(name, seq))
+        log.info("stream %r from %s resumes at %d", name, reader.peer, seq)
+        stream = AckedStream(reader, seq, self.policy, metrics=self.metrics, on_close=self._closed)
+        self._open[name] = stream
+        self._new.put_nowait(stream)
+
+    def _closed(self, stream: TcpStream) -> None:
+        if self._open.get(stream.id) is stream:  # not a newer connection of the same stream
+            self._open.pop(stream.id)
+        self._trim.soon()
+
+    def acknowledge(self, stream: StreamId, seq: int) -> None:
+        open_stream = self._open.get(stream)
+        if open_stream is not None:
+            assert isinstance(open_stream.reader, AckedReader)
+            open_stream.reader.send(acked.ack(str(stream), seq))
+
+    async def close(self) -> None:
+        for task in list(self._handshakes):
+            task.cancel()
+        await super().close()
+
+
+@dataclass
+class _SinkStream:
+    fingerprint: str
+    acked: int = 0
+    #: (end seq, frames, DATA message) of each result not yet acknowledged, in order
+    kept: collections.deque = field(default_factory=collections.deque)
+    waiters: list[asyncio.Future] = field(default_factory=list)
+
+
+class AckedTcpSink:
+    """Acked TCP sink, exactly once with ``listen --acked``: a crash of the listener costs
+    nothing (unacknowledged results are kept here and sent again).
+
+    See the module doc. A result counts as delivered once the listener acknowledges it.
+    """
+
+    guarantee = "exactly once: results are kept until the listener has stored them"
+
+    def __init__(self, addr: Address, high_water: int = 8 << 20, backoff_max: float = 1.0):
+        self.addr = addr
+        self.high_water = high_water
+        self.backoff_max = backoff_max
+        self.on_delivered: DeliveredCallback | None = None
+        self._streams: dict[str, _SinkStream] = {}
+        self._kept_bytes = 0
+        self._kept_results = 0
+        self._space = asyncio.Event()
+        self._space.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task | None = None
+        self.connects = 0
+        self.closed = False
+
+    @classmethod
+    def from_config(cls, location: str, config) -> AckedTcpSink:
+        return cls(tcp_address(location))
+
+    def describe(self) -> str:
+        return str(self.addr)
+
+    @property
+    def undelivered(self) -> int:
+        return self._kept_results
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._kept_bytes
+
+    def delivered(self, stream: StreamId) -> int:
+        state = self._streams.get(str(stream))
+        return state.acked if state else 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="acked sink")
+
+    async def open_stream(self, name: str, fingerprint: str) -> int:
+        """Where ``name`` stands at the listener (waits for the listener); StreamRefused if
+        the listener holds other data under that name."""
+        state = self._streams.get(name)
+        if state is None or state.fingerprint != fingerprint:
+            if state is not None and state.kept:
+                raise StreamRefused(f"stream {name!r} is in use with other data")
+            state = self._streams[name] = _SinkStream(fingerprint)
+        waiter = asyncio.get_running_loop().create_future()
+        state.waiters.append(waiter)
+        if self._writer is not None:
+            self._writer.write(acked.hello(name, fingerprint))
+        return await waiter
+
+    async def write(self, result: BatchResult) -> None:
+        if not result.count:
+            return
+        while self._kept_bytes >= self.high_water:
+            self._space.clear()
+            await self._space.wait()
+        name = str(result.stream)
+        state = self._streams[name]
+        if result.end_seq <= state.acked:
+            return  # the listener holds these already (a resent batch)
+        message = acked.data(name, result.first_seq, result.count, result.output)
+        state.kept.append((result.end_seq, result.count, message))
+        self._kept_bytes += len(message)
+        self._kept_results += result.count
+        self._idle.clear()
+        if self._writer is not None:
+            self._writer.write(message)
+
+    async def flush(self) -> None:
+        """Wait until the listener has acknowledged everything written so far."""
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._writer is not None:
+            self._writer.close()
+
+    def _acked(self, name: str, seq: int) -> None:
+        state = self._streams.get(name)
+        if state is None or seq <= state.acked:
+            return
+        state.acked = seq
+        while state.kept and state.kept[0][0] <= seq:
+            _, count, message = state.kept.popleft()
+            self._kept_bytes -= len(message)
+            self._kept_results -= count
+        if self._kept_bytes < self.high_water:
+            self._space.set()
+        if not self._kept_results:
+            self._idle.set()
+        if self.on_delivered is not None:
+            self.on_delivered(name, seq)
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        delay = 0.02
+        warned = False
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(
+                    self.addr.host, self.addr.port, limit=1 << 20
+                )
+            except OSError as exc:
+                if not warned:
+                    log.info(
+                        "waiting for the listener at %s (%s); start it with "
+                        "`digitstream listen --acked -o FILE %s`",
+                        self.addr,
+                        exc.strerror or exc,
+                        self.addr,
+                    )
+                    warned = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff_max)
+                continue
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return reader, writer
+
+    async def _run(self) -> None:
+        while not self.closed:
+            reader, writer = await self._connect()
+            self.connects += 1
+            # every stream again, then what the listener has not acknowledged: it answers
+            # each HELLO with where the stream stands and drops what it already holds
+            for name, state in self._streams.items():
+                writer.write(acked.hello(name, state.fingerprint))
+                for _, _, message in state.kept:
+                    writer.write(message)
+            self._writer = writer
+            log.info(
+                "connected to the acked listener at %s%s; %d results to send again",
+                self.addr,
+                "" if self.connects == 1 else f" (reconnection {self.connects - 1})",
+                self._kept_results,
+            )
+            try:
+                await self._read_replies(reader)
+                reason = "it closed the connection"
+            except (
+                ConnectionError,
+                OSError,
+                acked.ProtocolError,
+                asyncio.IncompleteReadError,
+            ) as exc:
+                reason = str(exc) or type(exc).__name__
+            finally:
+                self._writer = None
+                writer.close()
+            log.warning(
+                "acked listener at %s went away (%s); %d results kept, reconnecting",
+                self.addr,
+                reason,
+                self._kept_results,
+            )
+
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            head = await reader.readexactly(HEADER_SIZE)
+            (length,) = HEADER.unpack(head)
+            message = acked.parse(await reader.readexactly(length))
+            name = message.stream
+            if message.kind == acked.ACK:
+                self._acked(name, message.seq)
+            elif message.kind == acked.RESUME:
+                self._acked(name, message.seq)
+                state = self._streams.get(name)
+                if state is not None:
+                    for waiter in state.waiters:
+                        if not waiter.done():
+                            waiter.set_result(message.seq)
+                    state.waiters.clear()
+            elif message.kind == acked.REFUSED:
+                state = self._streams.get(name)
+                if state is not None:
+                    for waiter in state.waiters:
+                        if not waiter.done():
+                            waiter.set_exception(StreamRefused(message.reason))
+                    state.waiters.clear()
+                    if not state.kept:
+                        del self._streams[name]
+            else:
+                raise acked.ProtocolError(f"unexpected {message.kind!r} message from the listener")

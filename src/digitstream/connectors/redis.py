@@ -1,0 +1,804 @@
+"""The Redis Streams connector: ``redis://[[USER]:PASSWORD@]HOST:PORT/STREAM`` for ``--in`` and
+``--out`` (``rediss://`` for TLS).
+
+**Source.** Consumer ``--name`` of consumer group ``--group`` on STREAM (the group
+is created, with the stream, if missing, reading the stream from its start). On
+start it first re-reads its own pending entries (those it had read and not
+answered before it stopped), then reads new ones with ``XREADGROUP COUNT`` of up
+to ``--max-batch`` entries, and every half ``--claim-idle-ms`` takes over, with
+``XAUTOCLAIM``, entries that any consumer of the group has held for longer than
+that (a consumer that died or stalls). The whole group is one stream of the
+application, numbered from 0 in the order entries are read; each batch carries
+its entry ids (:class:`EntryBatch`). An entry's field ``data`` is the payload, the
+same bytes a TCP frame carries; an entry without it is answered as an empty
+payload. Redis bounds an entry (512 MB); ``--max-frame`` does not apply, the
+decoder refuses a payload of the wrong size. A read that brings large entries
+makes the next read ask for fewer.
+
+**Sink.** One result entry per input entry: field ``data`` the result payload,
+field ``in`` the input entry's id. When the input entries come from a Redis
+source on the same server (the same ``HOST:PORT`` and ``db`` written in both
+URLs), a batch's result entries and the acknowledgement of its input entries
+are one server-side script (:data:`COMMIT_SCRIPT`), which first asks
+``XPENDING`` which of the batch's entries this consumer still owns and adds and
+acknowledges only those: an entry taken over by another consumer is that
+consumer's to answer. A commit that fails with the connection is sent again
+after reconnecting, and since acknowledged entries are no longer pending, a
+commit that had in fact been applied adds nothing the second time. Results of
+another source (TCP: ``in`` is then ``STREAM:SEQ``, the connection's number and
+the frame's sequence number in it) or of a Redis source on another server are
+added with ``XADD`` in a transaction and, for Redis input, acknowledged by the
+source afterwards.
+
+With any other sink, the source acknowledges entries once the sink says their
+results are delivered, by the same script without the results: only entries
+it still owns.
+
+The password is taken from the URL or, if the URL has none, from the
+environment variable ``DIGITSTREAM_REDIS_PASSWORD`` (which keeps it out of
+``ps``); :meth:`RedisURL.masked` is what logs and the metrics UI show.
+A lost connection is retried with backoff, for ever; at start, a server that
+cannot be reached or refuses the password is a :class:`UserError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+import urllib.parse
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from digitstream.batching import BatchPolicy, batches
+from digitstream.connectors import Endpoint
+from digitstream.errors import UserError
+from digitstream.pipeline import Batch, BatchResult, StreamId
+from digitstream.sinks import DeliveredCallback
+from digitstream.wire.framing import Payloads, iter_frames
+
+log = logging.getLogger("digitstream.redis")
+
+#: where the password comes from when the URL has none
+PASSWORD_ENV = "DIGITSTREAM_REDIS_PASSWORD"
+#: the longest a blocking read waits before looking again (for a drain, a claim)
+BLOCK_MS = 500
+#: bytes one read may bring, as best as can be told from the entries read before
+READ_BYTES = 64 << 20
+#: most entries in one commit (one script call)
+COMMIT_ENTRIES = 8192
+
+#: KEYS[1] the input stream, KEYS[2] the result stream (absent: acknowledge only);
+#: ARGV: group, consumer, the entry ids joined by spaces, then (with a result stream) the
+#: results as frames (4-byte big-endian length, payload), one per id in order: two long
+#: arguments rather than two per entry, which the client would encode one by one. Adds a
+#: result entry (``data``, ``in``) and acknowledges the input entry for each id this
+#: consumer still owns; returns {owned, not owned}.
+COMMIT_SCRIPT = """
+local group, consumer, results = ARGV[1], ARGV[2], ARGV[4]
+local ids = {}
+for id in string.gmatch(ARGV[3], '%S+') do ids[#ids + 1] = id end
+local n = #ids
+if n == 0 then return {0, 0} end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+-- one XPENDING over the range the ids span, rather than one per id
+local lo, hi = ids[1], ids[1]
+local lo_ms, lo_seq = parse(lo)
+local hi_ms, hi_seq = lo_ms, lo_seq
+for i = 2, n do
+  local ms, seq = parse(ids[i])
+  if ms < lo_ms or (ms == lo_ms and seq < lo_seq) then lo, lo_ms, lo_seq = ids[i], ms, seq end
+  if ms > hi_ms or (ms == hi_ms and seq > hi_seq) then hi, hi_ms, hi_seq = ids[i], ms, seq end
+end
+local owned = {}
+local pending = redis.call('XPENDING', KEYS[1], group, lo, hi, 1000000000, consumer)
+for _, entry in ipairs(pending) do owned[entry[1]] = true end
+local ack, done, pos = {}, 0, 1
+for i = 1, n do
+  local id = ids[i]
+  local data
+  if results then
+    local length, start = struct.unpack('>I4', results, pos)
+    data = string.sub(results, start, start + length - 1)
+    pos = start + length
+  end
+  if owned[id] then
+    owned[id] = nil
+    if results then
+      redis.call('XADD', KEYS[2], '*', 'data', data, 'in', id)
+    end
+    ack[#ack + 1] = id
+    -- unpack() is bounded by Lua's C stack: acknowledge in slices
+    if #ack == 1000 then
+      redis.call('XACK', KEYS[1], group, unpack(ack))
+      done = done + #ack
+      ack = {}
+    end
+  end
+end
+if #ack > 0 then
+  redis.call('XACK', KEYS[1], group, unpack(ack))
+  done = done + #ack
+end
+return {done, n - done}
+"""
+
+
+def _retried_errors() -> tuple[type[BaseException], ...]:
+    """A lost connection, and any error the server answers: logged and tried again with
+    backoff, never skipped, since what is refused now (out of memory, a busy script, a
+    server loading its data) may be taken later."""
+    from redis.exceptions import RedisError
+
+    return (RedisError, OSError)
+
+
+@dataclass(frozen=True)
+class RedisURL:
+    """A parsed ``redis://`` or ``rediss://`` endpoint. ``password`` is never in ``str()``."""
+
+    host: str
+    port: int
+    stream: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    db: int = 0
+    #: TLS: a CA bundle to trust instead of the system's, and a client certificate and key
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    @classmethod
+    def parse(cls, location: str, tls: bool = False, environ=os.environ) -> RedisURL:
+        """``[[USER]:PASSWORD@]HOST:PORT/STREAM[?db=N&ca=FILE&cert=FILE&key=FILE]``, what
+        follows ``redis://``; UserError (with the password masked) if malformed."""
+        scheme = "rediss" if tls else "redis"
+        parts = urllib.parse.urlsplit(f"{scheme}://{location}")
+        shown = str(Endpoint(scheme, location))  # the password masked
+        try:
+            port = parts.port
+        except ValueError:
+            raise UserError(f"the port of {shown} is not a number in 0..65535") from None
+        if not parts.hostname or port is None:
+            raise UserError(f"expected {scheme}://HOST:PORT/STREAM, got {shown}")
+        stream = urllib.parse.unquote(parts.path.lstrip("/"))
+        if not stream:
+            raise UserError(f"no stream named in {shown}: expected {scheme}://HOST:PORT/STREAM")
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        unknown = set(query) - {"db", "ca", "cert", "key"}
+        if unknown:
+            raise UserError(
+                f"unknown option {sorted(unknown)[0]!r} in {shown}; known: db, ca, cert, key"
+            )
+        try:
+            db = int(query.get("db", "0"))
+        except ValueError:
+            raise UserError(f"db must be a number in {shown}") from None
+        password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+        if not password:
+            password = environ.get(PASSWORD_ENV) or None
+        username = urllib.parse.unquote(parts.username) if parts.username else None
+        return cls(
+            parts.hostname,
+            port,
+            stream,
+            username,
+            password,
+            tls,
+            db,
+            query.get("ca"),
+            query.get("cert"),
+            query.get("key"),
+        )
+
+    @property
+    def server(self) -> str:
+        """Which server and database, as written: two endpoints are one server when equal."""
+        return f"{self.host}:{self.port}/{self.db}"
+
+    def masked(self) -> str:
+        """The URL for logs and the metrics UI: the password, if any, as ``***``."""
+        scheme = "rediss" if self.tls else "redis"
+        user = self.username or ""
+        auth = f"{user}:***@" if self.password else (f"{user}@" if user else "")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        db = f"?db={self.db}" if self.db else ""
+        return f"{scheme}://{auth}{host}:{self.port}/{self.stream}{db}"
+
+    def __str__(self) -> str:
+        return self.masked()
+
+    def client(self, sync: bool = False, **options):
+        """A ``redis.asyncio`` client (``redis.Redis`` with ``sync``; hiredis parses replies
+        when it is installed); it does not retry by itself: the connector does, with its own
+        backoff and log lines."""
+        import redis
+        import redis.asyncio
+        import redis.asyncio.retry
+        import redis.retry
+        from redis.backoff import NoBackoff
+
+        kwargs: dict = {}
+        if self.tls:
+            kwargs.update(
+                ssl=True, ssl_ca_certs=self.ca, ssl_certfile=self.cert, ssl_keyfile=self.key
+            )
+        kwargs["retry"] = (redis.retry.Retry if sync else redis.asyncio.retry.Retry)(NoBackoff(), 0)
+        client_class: Any = redis.Redis if sync else redis.asyncio.Redis
+        return client_class(
+            host=self.host,
+            port=self.port,
+            db=self.db,
+            username=self.username,
+            password=self.password,
+            socket_connect_timeout=5.0,
+            socket_timeout=10.0,
+            protocol=2,
+            **kwargs,
+            **options,
+        )
+
+
+async def check_server(url: RedisURL, client) -> None:
+    """PING ``client``: :func:`server_error` if that fails."""
+    try:
+        await client.ping()
+    except Exception as exc:
+        raise server_error(url, exc) from None
+
+
+def server_error(url: RedisURL, exc: BaseException) -> UserError:
+    """What a user reads, in one line and without the password, when a first PING failed: the
+    server cannot be reached, or refuses the credentials."""
+    from redis.exceptions import AuthenticationError, RedisError, ResponseError
+
+    where = f"redis at {url.host}:{url.port}"
+    text = str(exc) or type(exc).__name__
+    refused = isinstance(exc, AuthenticationError) or (
+        isinstance(exc, ResponseError) and ("AUTH" in text or "WRONGPASS" in text)
+    )
+    if refused and not url.password:
+        return UserError(
+            f"{where} needs a password: give it in the URL (redis://:PASSWORD@HOST:PORT/STREAM) "
+            f"or in ${PASSWORD_ENV}"
+        )
+    if refused:
+        return UserError(f"{where} refused the password: {text}")
+    if isinstance(exc, (RedisError, OSError)):
+        return UserError(f"cannot reach {where}: {text}")
+    return UserError(f"{where}: {text}")
+
+
+class _Backoff:
+    """Waits between attempts on a lost connection: 50 ms doubling to 2 s; one log line per
+    outage, and one when it ends."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.delay = 0.05
+        self.failing_since: float | None = None
+
+    async def failed(self, exc: BaseException) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            log.warning("%s: %s; retrying with backoff", self.what, exc or type(exc).__name__)
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, 2.0)
+
+    def succeeded(self) -> None:
+        if self.failing_since is not None:
+            log.info("%s: back after %.1f s", self.what, time.monotonic() - self.failing_since)
+        self.failing_since = None
+        self.delay = 0.05
+
+
+@dataclass
+class EntryBatch:
+    """The Redis entries of one batch, in the batch's order: what the sink needs to commit
+    their results and acknowledge them. ``acknowledged`` is set by a sink that did."""
+
+    server: str
+    stream: str
+    group: str
+    consumer: str
+    ids: list[bytes]
+    acknowledged: bool = False
+
+
+class RedisStream:
+    """What this consumer reads from the group: the one stream of a :class:`RedisSource`."""
+
+    def __init__(self, source: RedisSource):
+        self.source = source
+        self.id: StreamId = source.url.stream
+
+    async def batches(self) -> AsyncIterator[Batch]:
+        source = self.source
+        async for batch in batches(self.id, source.read, source.policy):
+            batch.meta = source.entries_of(batch)
+            yield batch
+
+    def close(self) -> None:
+        pass
+
+
+class RedisSource:
+    """Redis Streams source, at least once: a crash of ``run`` costs nothing (its entries stay
+    pending and are read again, by it on restart or by another consumer after
+    ``--claim-idle-ms``); with the Redis sink on the same server, exactly once into the result
+    stream; a crash of Redis loses what it had not persisted.
+
+    See the module doc.
+    """
+
+    guarantee = (
+        "at least once (exactly once with the Redis sink): a crash of run leaves its entries "
+        "pending, to be read again"
+    )
+    #: rediss://
+    tls = False
+
+    def __init__(
+        self,
+        url: RedisURL,
+        group: str,
+        consumer: str,
+        policy: BatchPolicy,
+        claim_idle_ms: int = 10_000,
+    ):
+        self.url = url
+        self.group = group
+        self.consumer = consumer
+        self.policy = policy
+        self.claim_idle_ms = claim_idle_ms
+        self.client: Any = None
+        self._ack_script: Any = None
+        self._stream: RedisStream | None = None
+        self._drained = asyncio.Event()
+        self._draining = False
+        self._reading_own = True  # re-reading this consumer's own pending entries
+        self._own_cursor = b"0"
+        self._claim_cursor = b"0-0"
+        self._next_claim = 0.0
+        self._count = policy.max_batch
+        # ids of entries read and not yet in a batch, one list per read
+        self._unbatched: collections.deque[list[bytes]] = collections.deque()
+        # (end seq, entries) of batches whose results are not yet delivered
+        self._unacknowledged: collections.deque[tuple[int, EntryBatch]] = collections.deque()
+        self._to_ack: list[bytes] = []
+        self._ack_wanted = asyncio.Event()
+        self._ack_idle = asyncio.Event()
+        self._ack_idle.set()
+        self._tasks: list[asyncio.Task] = []
+        self._read_backoff = _Backoff(f"reading {url}")
+        self.counts = collections.Counter(
+            read=0, redelivered=0, claimed=0, acknowledged=0, lost=0, reconnects=0
+        )
+        self.pending = 0  # entries read and not yet acknowledged, by this process
+        self.group_pending: int | None = None  # the whole group's, as XPENDING last said
+
+    @classmethod
+    def from_config(cls, location: str, config, metrics=None) -> RedisSource:
+        # what it counts, the application reads from counters(): metrics is not needed
+        return cls(
+            RedisURL.parse(location, tls=cls.tls),
+            config.group,
+            config.name,
+            BatchPolicy(config.max_batch, config.max_delay),
+            claim_idle_ms=config.claim_idle_ms,
+        )
+
+    def describe(self) -> str:
+        return f"{self.url.masked()} (group {self.group}, consumer {self.consumer})"
+
+    async def start(self) -> None:
+        from redis.exceptions import ResponseError
+
+        self.client = self.url.client()
+        await check_server(self.url, self.client)
+        try:
+            await self._create_group()
+        except ResponseError as exc:
+            raise UserError(f"cannot read {self.url}: {exc}") from None
+        self._ack_script = self.client.register_script(COMMIT_SCRIPT)
+        # the raw replies: turning each entry's fields into a dict costs more than the rest
+        # of reading it (see _payload)
+        for command in ("XREADGROUP", "XAUTOCLAIM"):
+            self.client.set_response_callback(command, _raw_reply)
+        self._stream = RedisStream(self)
+        self._tasks = [
+            asyncio.create_task(self._acknowledging(), name="redis acknowledgements"),
+            asyncio.create_task(self._watch_group(), name="redis group"),
+        ]
+
+    async def _create_group(self) -> None:
+        from redis.exceptions import ResponseError
+
+        try:
+            await self.client.xgroup_create(self.url.stream, self.group, id="0", mkstream=True)
+            log.info("created consumer group %s on %s", self.group, self.url)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def streams(self) -> AsyncIterator[RedisStream]:
+        if self._stream is not None and not self._draining:
+            yield self._stream
+        await self._drained.wait()
+
+    async def drain(self) -> None:
+        self._draining = True
+        self._drained.set()
+
+    # ------------------------------------------------------------------ reading
+    async def read(self, timeout: float | None) -> list[Payloads] | None:
+        """The next entries' payloads (one group); ``[]`` when ``timeout`` passes first, None
+        once draining. Waits out a lost connection."""
+        from redis.exceptions import ResponseError
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._draining:
+            block = BLOCK_MS
+            if deadline is not None:
+                block = int((deadline - time.monotonic()) * 1000)
+                if block <= 0:
+                    return []
+            try:
+                entries, kind = await self._next_entries(min(block, BLOCK_MS))
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    await self._read_backoff.failed(exc)
+                    continue
+                log.warning(
+                    "the group %s of %s is gone (did Redis lose its data?); creating it again "
+                    "from the stream's start",
+                    self.group,
+                    self.url,
+                )
+                await self._create_group_retrying()
+                continue
+            except _retried_errors() as exc:
+                if self._read_backoff.failing_since is None:
+                    self.counts["reconnects"] += 1
+                await self._read_backoff.failed(exc)
+                continue
+            self._read_backoff.succeeded()
+            if entries:
+                return [self._take(entries, kind)]
+        return None
+
+    async def _create_group_retrying(self) -> None:
+        while True:
+            try:
+                await self._create_group()
+                return
+            except _retried_errors() as exc:
+                await self._read_backoff.failed(exc)
+
+    async def _next_entries(self, block_ms: int) -> tuple[list, str]:
+        client, key = self.client, self.url.stream
+        if self._reading_own:
+            reply = await client.xreadgroup(
+                self.group, self.consumer, {key: self._own_cursor}, count=self._count
+            )
+            entries = reply[0][1] if reply else []
+            if entries:
+                self._own_cursor = entries[-1][0]
+                return entries, "redelivered"
+            self._reading_own = False
+        now = time.monotonic()
+        if now >= self._next_claim:
+            cursor, entries, *_ = await client.xautoclaim(
+                key, self.group, self.consumer, self.claim_idle_ms, self._claim_cursor, self._count
+            )
+            self._claim_cursor = cursor
+            if cursor in (b"0-0", "0-0"):
+                self._next_claim = now + self.claim_idle_ms / 2000
+            if entries:
+                return entries, "claimed"
+        reply = await client.xreadgroup(
+            self.group, self.consumer, {key: ">"}, count=self._count, block=max(block_ms, 1)
+        )
+        return (reply[0][1] if reply else []), "read"
+
+    def _take(self, entries: list, kind: str) -> Payloads:
+        ids = [entry_id for entry_id, _ in entries]
+        payloads = [_payload(fields) for _, fields in entries]
+        size = sum(map(len, payloads))
+        if size > READ_BYTES // 2 or self._count < self.policy.max_batch:
+            per_entry = max(1, size // len(entries))
+            self._count = max(1, min(self.policy.max_batch, READ_BYTES // per_entry))
+        self.counts[kind] += len(ids)
+        self.pending += len(ids)
+        self._unbatched.append(ids)
+        if kind == "claimed":
+            log.info("took over %d entries idle for over %d ms", len(ids), self.claim_idle_ms)
+        return Payloads.from_list(payloads)
+
+    def entries_of(self, batch: Batch) -> EntryBatch:
+        """The entries of ``batch``, the next one made of what was read; kept until its results
+        are delivered."""
+        ids: list[bytes] = []
+        need = len(batch)
+        while len(ids) < need:
+            chunk = self._unbatched[0]
+            take = need - len(ids)
+            if len(chunk) <= take:
+                ids.extend(chunk)
+                self._unbatched.popleft()
+            else:
+                ids.extend(chunk[:take])
+                self._unbatched[0] = chunk[take:]
+        entries = EntryBatch(self.url.server, self.url.stream, self.group, self.consumer, ids)
+        self._unacknowledged.append((batch.end_seq, entries))
+        return entries
+
+    # ------------------------------------------------------------ acknowledging
+    def acknowledge(self, stream: StreamId, seq: int) -> None:
+        queue = self._unacknowledged
+        while queue and queue[0][0] <= seq:
+            _, entries = queue.popleft()
+            self.pending -= len(entries.ids)
+            if not entries.acknowledged:  # the Redis sink's commit acknowledged them already
+                self._to_ack.extend(entries.ids)
+        if self._to_ack:
+            self._ack_idle.clear()
+            self._ack_wanted.set()
+
+    async def _acknowledging(self) -> None:
+        backoff = _Backoff(f"acknowledging on {self.url}")
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted.clear()
+            while self._to_ack:
+                ids = self._to_ack[:COMMIT_ENTRIES]
+                try:
+                    done, lost = await self._ack_script(
+                        keys=[self.url.stream], args=[self.group, self.consumer, b" ".join(ids)]
+                    )
+                except _retried_errors() as exc:
+                    await backoff.failed(exc)
+                    continue
+                backoff.succeeded()
+                del self._to_ack[: len(ids)]
+                self.counts["acknowledged"] += done
+                self.counts["lost"] += lost
+            self._ack_idle.set()
+
+    async def _watch_group(self) -> None:
+        """Keeps :attr:`group_pending` current, for the metrics."""
+        while True:
+            try:
+                summary = await self.client.xpending(self.url.stream, self.group)
+                self.group_pending = int(summary["pending"])
+            except Exception:  # the reader reports a lost connection; this only skips a beat
+                pass
+            await asyncio.sleep(1.0)
+
+    def counters(self) -> dict:
+        """What the metrics show of it: entries by what happened to them, and pending now."""
+        return {
+            "connector": "redis",
+            "where": self.describe(),
+            "counters": dict(self.counts),
+            "gauges": {"pending": self.pending, "group_pending": self.group_pending or 0},
+        }
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self._ack_idle.wait(), 10.0)
+        except asyncio.TimeoutError:
+            log.error("%d entries left unacknowledged: redis did not answer", len(self._to_ack))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.client is not None:
+            await self.client.aclose()
+
+
+class RedisTlsSource(RedisSource):
+    """The Redis Streams source over TLS (``rediss://``); see :class:`RedisSource`."""
+
+    tls = True
+
+
+class RedisSink:
+    """Redis Streams sink, exactly once for entries of a Redis source on the same server (each
+    result committed with its input's acknowledgement, only by the consumer that owns the
+    entry), at least once otherwise: a crash of ``run`` loses nothing; a lost connection
+    during a transaction of other results can add them twice.
+
+    See the module doc. ``write`` waits while ``high_water`` results are queued: that is the
+    back-pressure that stops the source reading when Redis is slow or gone.
+    """
+
+    guarantee = (
+        "exactly once for entries of a Redis source on the same server, at least once "
+        "otherwise: a crash of run loses nothing"
+    )
+    tls = False
+
+    def __init__(self, url: RedisURL, high_water: int = 4 * COMMIT_ENTRIES):
+        self.url = url
+        self.high_water = high_water
+        self.on_delivered: DeliveredCallback | None = None
+        self.client: Any = None
+        self._script: Any = None
+        self._queue: collections.deque[BatchResult] = collections.deque()
+        self._queued = 0
+        self._delivered: dict[StreamId, int] = {}
+        self._has_data = asyncio.Event()
+        self._has_space = asyncio.Event()
+        self._has_space.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task | None = None
+        self._backoff = _Backoff(f"writing {url}")
+        self.counts = collections.Counter(committed=0, acknowledged=0, skipped=0, reconnects=0)
+
+    @classmethod
+    def from_config(cls, location: str, config) -> RedisSink:
+        return cls(RedisURL.parse(location, tls=cls.tls))
+
+    def describe(self) -> str:
+        return self.url.masked()
+
+    async def start(self) -> None:
+        self.client = self.url.client()
+        await check_server(self.url, self.client)
+        self._script = self.client.register_script(COMMIT_SCRIPT)
+        self._task = asyncio.create_task(self._run(), name="redis sink")
+
+    @property
+    def undelivered(self) -> int:
+        return self._queued
+
+    def delivered(self, stream: StreamId) -> int:
+        return self._delivered.get(stream, 0)
+
+    async def write(self, result: BatchResult) -> None:
+        if not result.count:
+            return
+        while self._queued >= self.high_water:
+            self._has_space.clear()
+            await self._has_space.wait()
+        self._queue.append(result)
+        self._queued += result.count
+        self._idle.clear()
+        self._has_data.set()
+
+    async def flush(self) -> None:
+        await self._idle.wait()
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._has_data.clear()
+                await self._has_data.wait()
+                continue
+            group = self._next_commit()
+            while True:
+                try:
+                    await self._commit(group)
+                    break
+                except _retried_errors() as exc:
+                    if self._backoff.failing_since is None:
+                        self.counts["reconnects"] += 1
+                    await self._backoff.failed(exc)
+            self._backoff.succeeded()
+            for result in group:
+                self._queue.popleft()
+                self._queued -= result.count
+                self._delivered[result.stream] = result.end_seq
+                if self.on_delivered is not None:
+                    self.on_delivered(result.stream, result.end_seq)
+            if self._queued < self.high_water:
+                self._has_space.set()
+
+    def _next_commit(self) -> list[BatchResult]:
+        """The results at the head of the queue that one commit can take together."""
+        first = self._queue[0]
+        group = [first]
+        size = first.count
+        kind = self._kind(first)
+        for result in list(self._queue)[1:]:
+            if size + result.count > COMMIT_ENTRIES or self._kind(result) != kind:
+                break
+            group.append(result)
+            size += result.count
+        return group
+
+    def _kind(self, result: BatchResult):
+        meta = result.meta
+        if isinstance(meta, EntryBatch) and meta.server == self.url.server:
+            return (meta.stream, meta.group, meta.consumer)
+        return None
+
+    async def _commit(self, group: list[BatchResult]) -> None:
+        first = group[0]
+        if self._kind(first) is not None:
+            meta = first.meta
+            assert isinstance(meta, EntryBatch)
+            ids = b" ".join(i for result in group for i in _entries(result).ids)
+            # the results' framed bytes are what the script takes: no need to split them here
+            results = first.output if len(group) == 1 else b"".join(r.output for r in group)
+            done, skipped = await self._script(
+                keys=[meta.stream, self.url.stream], args=[meta.group, meta.consumer, ids, results]
+            )
+            for result in group:
+                _entries(result).acknowledged = True
+            self.counts["committed"] += done
+            self.counts["acknowledged"] += done
+            if skipped:
+                self.counts["skipped"] += skipped
+                log.info(
+                    "%d results not written: their entries were taken over by another "
+                    "consumer, whose results they are",
+                    skipped,
+                )
+            return
+        payloads = [p for result in group for p in iter_frames(result.output)]
+        sources: list = []
+        for result in group:
+            meta = result.meta
+            if isinstance(meta, EntryBatch):
+                sources.extend(meta.ids)
+            else:
+                stream = result.stream
+                sources.extend(f"{stream}:{seq}" for seq in range(result.first_seq, result.end_seq))
+        pipe = self.client.pipeline(transaction=True)
+        for source_id, payload in zip(sources, payloads):
+            pipe.xadd(self.url.stream, {"data": payload, "in": source_id})
+        await pipe.execute()
+        self.counts["committed"] += len(payloads)
+
+    def counters(self) -> dict:
+        return {
+            "connector": "redis",
+            "where": self.describe(),
+            "counters": dict(self.counts),
+            "gauges": {"pending": self._queued},
+        }
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.client is not None:
+            await self.client.aclose()
+
+
+def _raw_reply(response, **options):
+    return response
+
+
+def _payload(fields: list | None) -> bytes:
+    """The ``data`` of an entry's raw fields (``[name, value, ...]``), first where the sender
+    puts it; empty when absent, or when the entry was deleted while pending (no fields)."""
+    if not fields:
+        return b""
+    if fields[0] == b"data":
+        return fields[1]
+    for i in range(2, len(fields) - 1, 2):
+        if fields[i] == b"data":
+            return fields[i + 1]
+    return b""
+
+
+def _entries(result: BatchResult) -> EntryBatch:
+    assert isinstance(result.meta, EntryBatch)
+    return result.meta
+
+
+class RedisTlsSink(RedisSink):
+    """The Redis Streams sink over TLS (``rediss://``); see :class:`RedisSink`."""
+
+    tls = True
