@@ -403,7 +403,10 @@ def test_sigkill_of_run_in_plain_mode_loses_only_what_it_held(seed, start_app, c
         sock.close()
     assert killed, f"seed {seed}: the stream ended before the kill at {kill_at:.2f} s"
     app.proc.wait(timeout=TIMEOUT)
-    time.sleep(0.5)  # what the dead application's socket held is at the collector by now
+    # the dead application's socket is closed by the kernel: once the collector has read to
+    # its end, everything that reached the listener is in hand
+    wait_for(lambda: collector.connections >= 1 and collector._conn is None,
+             what="the collector to read the dead application's connection to its end")
     got = collector.texts()
     expected = [expected_texts[i % len(digits.X)] for i in range(len(got))]
     assert got == expected, f"seed {seed}: the results are not a prefix of the stream"
