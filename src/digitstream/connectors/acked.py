@@ -21,13 +21,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from digitstream.addresses import Address
 from digitstream.batching import BatchPolicy, batches
-from digitstream.connectors.tcp import FrameReader, TcpSource, TcpStream, tcp_address
+from digitstream.connectors.tcp import (
+    FrameReader,
+    TcpSource,
+    TcpStream,
+    connect_to_listener,
+    tcp_address,
+)
 from digitstream.pipeline import Batch, BatchResult, StreamId
 from digitstream.sinks import DeliveredCallback
 from digitstream.wire import acked
@@ -351,30 +356,13 @@ class AckedTcpSink:
             self.on_delivered(name, seq)
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        delay = 0.02
-        warned = False
-        while True:
-            try:
-                reader, writer = await asyncio.open_connection(
-                    self.addr.host, self.addr.port, limit=1 << 20
-                )
-            except OSError as exc:
-                if not warned:
-                    log.info(
-                        "waiting for the listener at %s (%s); start it with "
-                        "`digitstream listen --acked -o FILE %s`",
-                        self.addr,
-                        exc.strerror or exc,
-                        self.addr,
-                    )
-                    warned = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.backoff_max)
-                continue
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return reader, writer
+        return await connect_to_listener(
+            self.addr,
+            f"digitstream listen --acked -o FILE {self.addr}",
+            first_delay=0.02,
+            backoff_max=self.backoff_max,
+            limit=1 << 20,
+        )
 
     async def _run(self) -> None:
         while not self.closed:

@@ -559,6 +559,35 @@ async def _acknowledged(writer: asyncio.StreamWriter, timeout: float = 2.0) -> b
     return True
 
 
+async def connect_to_listener(
+    addr: Address, start_it: str, first_delay: float, backoff_max: float, limit: int = 1 << 16
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the listener at ``addr``, with TCP_NODELAY; until it answers, tries
+    again after ``first_delay`` seconds, doubled each time up to ``backoff_max``, and says
+    once in the log how to start it (the command ``start_it``)."""
+    delay = first_delay
+    warned = False
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(addr.host, addr.port, limit=limit)
+        except OSError as exc:
+            if not warned:
+                log.info(
+                    "waiting for the listener at %s (%s); start it with `%s`",
+                    addr,
+                    exc.strerror or exc,
+                    start_it,
+                )
+                warned = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, backoff_max)
+            continue
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return reader, writer
+
+
 class TcpSink:
     """TCP sink, at most once: results handed to the socket when the listener crashes
     are lost (never written twice); results still queued here wait for it to return.
@@ -643,29 +672,14 @@ class TcpSink:
             self._writer.close()
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        delay = 0.05
-        warned = False
-        while True:
-            try:
-                reader, writer = await asyncio.open_connection(self.addr.host, self.addr.port)
-            except OSError as exc:
-                if not warned:
-                    log.info(
-                        "waiting for the listener at %s (%s); start it with "
-                        "`digitstream listen %s`",
-                        self.addr,
-                        exc.strerror or exc,
-                        self.addr,
-                    )
-                    warned = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.backoff_max)
-                continue
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            writer.transport.set_write_buffer_limits(high=1 << 20)
-            return reader, writer
+        reader, writer = await connect_to_listener(
+            self.addr,
+            f"digitstream listen {self.addr}",
+            first_delay=0.05,
+            backoff_max=self.backoff_max,
+        )
+        writer.transport.set_write_buffer_limits(high=1 << 20)
+        return reader, writer
 
     async def _run(self) -> None:
         while not self.closed:
