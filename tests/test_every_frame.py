@@ -259,11 +259,16 @@ def test_many_clients_holding_partial_frames_are_bounded_and_let_go(start_app, c
         fit = (limit_mb << 20) // (len(partial) - HEADER.size)
         wait_for(lambda: app_counts(app.stats())["connection_errors"].get("buffer_limit", 0)
                  >= 150 - fit - 1, what="connections over the budget closed")
-        held_rss, _ = memory_of(app.proc.pid)
+        # what the closed ones held goes back within a second (malloc_trim after the close);
+        # the ones still open hold no more than the budget
+        peak_rss = memory_of(app.proc.pid)[0]
+        held_rss = wait_for(lambda: (rss := memory_of(app.proc.pid)[0]) - base_rss
+                            < (limit_mb + 48) << 20 and rss, timeout=10,
+                            what="memory within the budget while the partial frames are held")
         closed = app_counts(app.stats())["connection_errors"]["buffer_limit"]
-        print(f"RSS {base_rss >> 20} MiB idle, {held_rss >> 20} MiB with 150 partial frames "
-              f"of 0.5 MB held against {limit_mb} MiB; {closed} connections closed")
-        assert held_rss - base_rss < (limit_mb + 48) << 20, (held_rss - base_rss) >> 20
+        print(f"RSS {base_rss >> 20} MiB idle, {peak_rss >> 20} MiB just after the closes, "
+              f"{held_rss >> 20} MiB with the rest of the 150 partial frames of 0.5 MB held "
+              f"against {limit_mb} MiB; {closed} connections closed")
         assert "over the limit of 32 MiB" in app.log()
         # the application still serves while they are held
         assert exchange(app, collector, encode_images(digits.X[:20], "json")) == expected_texts[:20]

@@ -279,6 +279,10 @@ class FrameReader(asyncio.BufferedProtocol):
             self.transport.close()
         self._leave_budget()
         self._start = self._end
+        # nothing more is read into it: the buffer goes now (payloads handed out keep theirs)
+        self._buf = np.empty(0, dtype=np.uint8)
+        self._view = memoryview(self._buf)  # type: ignore[arg-type]
+        self._start = self._end = 0
 
     def _leave_budget(self) -> None:
         budget = self.budget
