@@ -263,7 +263,7 @@ def test_many_clients_holding_partial_frames_are_bounded_and_let_go(start_app, c
         # the ones still open hold no more than the budget
         peak_rss = memory_of(app.proc.pid)[0]
         held_rss = wait_for(lambda: (rss := memory_of(app.proc.pid)[0]) - base_rss
-                            < (limit_mb + 48) << 20 and rss, timeout=10,
+                            < (limit_mb + 12) << 20 and rss, timeout=10,
                             what="memory within the budget while the partial frames are held")
         closed = app_counts(app.stats())["connection_errors"]["buffer_limit"]
         print(f"RSS {base_rss >> 20} MiB idle, {peak_rss >> 20} MiB just after the closes, "
