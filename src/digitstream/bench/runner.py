@@ -53,6 +53,13 @@ SYSTEMS = [
     ),
     System("digitstream_pickle", "digitstream pickle", "digitstream", "pickle"),
     System("digitstream_f32", "digitstream f32", "digitstream", "f32"),
+    System(
+        "digitstream_json",
+        "digitstream json, labelled",
+        "digitstream",
+        "json",
+        args=("--output-format", "json"),
+    ),
     System("baseline", "seed design (baseline)", "baseline", "pickle"),
     System("relay_u8", "relay u8", "relay", "u8"),
     System("relay_pickle", "relay pickle", "relay", "pickle"),
@@ -67,10 +74,13 @@ _SLOWEST = {"digitstream": 20_000, "baseline": 100, "relay": 50_000}
 
 TARGETS = {
     "u8_msg_per_s": 3_000_000,
-    "u8_vs_relay": 0.5,
+    "u8_vs_relay": 0.7,
     "pickle_msg_per_s": 1_000_000,
+    "json_msg_per_s": 500_000,
     "vs_baseline": 500,
     "p99_ms": 2.0,
+    "u8_p99_9_ms": 2.0,
+    "pickle_p99_ms": 1.0,
     "peak_rss_mb": 300,
     "memory_messages": 20_000_000,
     "metrics_on_vs_off": 0.95,
@@ -455,6 +465,9 @@ def evaluate_targets(figures: dict) -> list[dict]:
     t = TARGETS
     ratios = figures["ratios"]
     p99 = figures["latency"].get("digitstream_u8", {}).get("p99")
+    u8_p99_9 = figures["latency"].get("digitstream_u8", {}).get("p99_9")
+    pickle_p99 = figures["latency"].get("digitstream_pickle", {}).get("p99")
+    json_rate = _median(figures, "digitstream_json")
     memory = figures["memory"]
 
     def row(name, target_text, measured, met, unit=""):
@@ -502,6 +515,13 @@ def evaluate_targets(figures: dict) -> list[dict]:
             "msg/s",
         ),
         row(
+            "digitstream json (labelled, json out) throughput",
+            f">= {t['json_msg_per_s']:,} msg/s",
+            json_rate,
+            json_rate is not None and json_rate >= t["json_msg_per_s"],
+            "msg/s",
+        ),
+        row(
             "digitstream u8 / baseline",
             f">= {t['vs_baseline']}",
             ratios["u8_vs_baseline"],
@@ -520,6 +540,20 @@ def evaluate_targets(figures: dict) -> list[dict]:
             f"<= {t['p99_ms']} ms",
             p99,
             p99 is not None and p99 <= t["p99_ms"],
+            "ms",
+        ),
+        row(
+            "digitstream u8 p99.9 latency, paced",
+            f"<= {t['u8_p99_9_ms']} ms",
+            u8_p99_9,
+            u8_p99_9 is not None and u8_p99_9 <= t["u8_p99_9_ms"],
+            "ms",
+        ),
+        row(
+            "digitstream pickle p99 latency, paced",
+            f"<= {t['pickle_p99_ms']} ms",
+            pickle_p99,
+            pickle_p99 is not None and pickle_p99 <= t["pickle_p99_ms"],
             "ms",
         ),
         memory_row,
