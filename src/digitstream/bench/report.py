@@ -81,6 +81,19 @@ def print_report(figures: dict, console: Console) -> None:
         )
     console.print(table)
 
+    startup = figures.get("startup") or {}
+    if startup:
+        table = Table(title="Start-up: exec to listening, model loaded (s)")
+        for name in ["system", "starts", "median", "min", "max"]:
+            table.add_column(name, justify="left" if name == "system" else "right")
+        for fig in startup.values():
+            table.add_row(
+                fig["label"],
+                str(len(fig["runs"])),
+                *(_num(fig[k], ".3f") for k in ("median", "min", "max")),
+            )
+        console.print(table)
+
     table = Table(title="Ratios, this run")
     table.add_column("ratio")
     table.add_column("of medians", justify="right")
@@ -109,7 +122,7 @@ def print_report(figures: dict, console: Console) -> None:
             else f"{measured:,.0f} {unit}"
             if unit == "msg/s"
             else f"{measured:,.3f} {unit}"
-            if unit == "ms"
+            if unit in ("ms", "s")
             else f"{measured:,.0f} {unit}"
             if unit == "MB"
             else f"{measured:,.2f}{unit}"

@@ -32,7 +32,14 @@ import numpy as np
 from digitstream.addresses import Address
 from digitstream.bench.settings import Settings, new_figures
 from digitstream.bench.soak import run_soak
-from digitstream.bench.systems import HOST, BenchError, MemorySampler, Running, System, start_all
+from digitstream.bench.systems import (
+    HOST,
+    BenchError,
+    MemorySampler,
+    Running,
+    System,
+    start_all,
+)
 from digitstream.bench.worker import JsonLines
 from digitstream.tools.measure import (
     as_timeline,
@@ -69,6 +76,9 @@ LATENCY_SYSTEMS = ["digitstream_u8", "digitstream_pickle", "relay_u8"]
 #: the system the memory target is about
 MEMORY_SYSTEM = "digitstream_u8"
 
+#: the systems whose start-up is measured (each started alone, one after another)
+STARTUP_SYSTEMS = ["digitstream_u8", "baseline", "relay_u8"]
+
 #: the slowest plausible rate of each kind (messages/s), for a run's deadline
 _SLOWEST = {"digitstream": 20_000, "baseline": 100, "relay": 50_000}
 
@@ -84,6 +94,7 @@ TARGETS = {
     "peak_rss_mb": 300,
     "memory_messages": 20_000_000,
     "metrics_on_vs_off": 0.95,
+    "startup_s": 1.0,
 }
 
 
@@ -420,10 +431,38 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
     }
     session.stop_all([system.key for system in systems])
     log(f"stopped the {len(systems)} systems under test")
+    figures["startup"] = measure_startup(
+        session, [s for s in systems if s.key in STARTUP_SYSTEMS], settings.startup_runs, errors
+    )
     figures["ratios"] = compute_ratios(figures)
     figures["ratios_paired"] = compute_paired_ratios(figures)
     figures["targets"] = evaluate_targets(figures)
     return figures
+
+
+def measure_startup(session: Session, systems: list[System], runs: int, errors: list[str]) -> dict:
+    """Seconds from exec to listening on the input port (the model loaded), per system: each
+    started alone, with the machine otherwise as quiet as the benchmark leaves it."""
+    out = {}
+    for system in systems:
+        times = []
+        for _ in range(runs):
+            assert session.listen_addr is not None  # open() started the listener
+            proc = Running(system, session.listen_addr, session.model_dir, session.directory)
+            try:
+                times.append(proc.wait_ready(60.0, interval=0.002))
+            except BenchError as exc:
+                errors.append(f"start-up: {exc}")
+                break
+            finally:
+                proc.stop()
+        if times:
+            out[system.key] = {"label": system.label, "runs": times, **rate_summary(times)}
+            session.log(
+                f"start-up  {system.label:28s} median {out[system.key]['median']:.3f} s "
+                f"(min {min(times):.3f}, max {max(times):.3f}; {len(times)} starts)"
+            )
+    return out
 
 
 def _median(figures: dict, key: str) -> float | None:
@@ -468,6 +507,7 @@ def evaluate_targets(figures: dict) -> list[dict]:
     u8_p99_9 = figures["latency"].get("digitstream_u8", {}).get("p99_9")
     pickle_p99 = figures["latency"].get("digitstream_pickle", {}).get("p99")
     json_rate = _median(figures, "digitstream_json")
+    startup = figures.get("startup", {}).get("digitstream_u8", {}).get("median")
     memory = figures["memory"]
 
     def row(name, target_text, measured, met, unit=""):
@@ -555,6 +595,13 @@ def evaluate_targets(figures: dict) -> list[dict]:
             pickle_p99,
             pickle_p99 is not None and pickle_p99 <= t["pickle_p99_ms"],
             "ms",
+        ),
+        row(
+            "digitstream run start-up (exec to listening)",
+            f"<= {t['startup_s']} s",
+            startup,
+            startup is not None and startup <= t["startup_s"],
+            "s",
         ),
         memory_row,
         row(

@@ -24,6 +24,7 @@ class Settings:
     latency_rate: float = 100_000
     latency_seconds: float = 10.0
     quick: bool = False
+    startup_runs: int = 5
 
     @classmethod
     def full(cls) -> Settings:
@@ -52,7 +53,12 @@ class Settings:
             "relay_pickle": 300_000,
         }
         return cls(
-            runs=3, messages=messages, warmup=_warmups(messages), latency_seconds=1.5, quick=True
+            runs=3,
+            messages=messages,
+            warmup=_warmups(messages),
+            latency_seconds=1.5,
+            quick=True,
+            startup_runs=3,
         )
 
 
@@ -72,6 +78,7 @@ def new_figures(settings: Settings) -> dict:
             "warmup_messages": settings.warmup,
             "latency_rate": settings.latency_rate,
             "latency_seconds": settings.latency_seconds,
+            "startup_runs": settings.startup_runs,
         },
         "machine": machine_info(),
         "versions": versions(),

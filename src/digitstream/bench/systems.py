@@ -104,6 +104,7 @@ class Running:
         self.in_addr = Address(HOST, free_port())
         self.log_path = log_dir / f"{system.key}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the process's life
+        self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
             command(system, self.in_addr, out_addr, model_dir),
             stdin=subprocess.DEVNULL,
@@ -129,8 +130,9 @@ class Running:
             f"{self.system.label}: {what}{status}; log {self.log_path}:\n{self.log_tail()}"
         )
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        """Wait until this process listens on its input port (the model is loaded by then).
+    def wait_ready(self, timeout: float = 120.0, interval: float = 0.05) -> float:
+        """Wait until this process listens on its input port (the model is loaded by then);
+        the seconds from its start (to within ``interval``).
 
         The socket is looked up among the process's own: a test connection could
         be answered by another process that holds the port, while this one failed
@@ -148,12 +150,12 @@ class Running:
                     c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.in_addr.port
                     for c in process.net_connections("tcp")
                 ):
-                    return
+                    return time.monotonic() - self.started_at
             except psutil.NoSuchProcess:
                 continue
             if time.monotonic() > deadline:
                 raise self.failure(f"not listening after {timeout:.0f} s")
-            time.sleep(0.05)
+            time.sleep(interval)
 
     def peak_rss(self) -> int | None:
         """The process's resident-memory high-water mark in bytes (VmHWM), if readable."""
