@@ -284,3 +284,74 @@ def test_the_inspect_command(bundle_dir, tmp_path):
     assert runner.invoke(cli, ["inspect", str(bundle_dir)]).exit_code == 0
     result = runner.invoke(cli, ["inspect", str(tmp_path / "nowhere")])
     assert result.exit_code == 1 and "no model bundle" in result.output
+
+
+# ------------------------------------------- skops imported with recorded trusted names
+def _fresh(code: str) -> str:
+    """The last line ``code`` prints, run in an interpreter that has not imported skops."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, timeout=120).stdout
+    return out.strip().splitlines()[-1]
+
+
+def test_the_recorded_trusted_names_are_skops_own():
+    from digitstream.model import _skops_defaults_data as data
+    from digitstream.model.skops_defaults import installed_versions
+    if installed_versions() != data.VERSIONS:
+        pytest.skip(f"names recorded for {data.VERSIONS}, installed {installed_versions()}: "
+                    "record them again with `python -m digitstream.model.skops_defaults`")
+    differences = _fresh("import json, skops.io._trusted_types as computed\n"
+                         "from digitstream.model.skops_defaults import differences\n"
+                         "print(json.dumps(differences(computed)))")
+    assert json.loads(differences) == []
+    used = _fresh("from digitstream.model.skops_defaults import import_skops_io, "
+                  "uses_recorded_names\nimport_skops_io()\nprint(uses_recorded_names())")
+    assert used == "True"
+
+
+def test_a_fresh_process_refuses_and_accepts_exactly_what_this_one_does(tmp_path, seed_pipeline):
+    # This process imported skops.io plainly (above); a fresh `digitstream run` imports it
+    # with the recorded names. Each file must get the same answer from both.
+    files = {}
+    evil = Pipeline([("Identity", FunctionTransformer()), ("LR", seed_pipeline[-1])])
+    evil.fit(seed_pipeline[0].transform(X), Y)
+    evil[0].func = os.system
+    files["system"] = _write_bundle_by_hand(tmp_path / "evil", evil)
+    sio.dump(KNeighborsClassifier(algorithm="kd_tree").fit(X, Y), tmp_path / "kd.skops")
+    files["kd"] = tmp_path / "kd.skops"
+    sio.dump(Pipeline([("Double", Doubler()), ("k-NN", KNeighborsClassifier(algorithm="brute"))])
+             .fit(X, Y), tmp_path / "custom.skops")
+    files["custom"] = tmp_path / "custom.skops"
+    sio.dump(RandomForestClassifier(n_estimators=2, random_state=0).fit(X, Y),
+             tmp_path / "forest.skops")
+    files["forest"] = tmp_path / "forest.skops"
+    sio.dump(Pipeline([("Scaler", StandardScaler()), ("SVM", SVC())]).fit(X, Y),
+             tmp_path / "svc.skops")
+    files["svc"] = tmp_path / "svc.skops"
+    files["seed"] = save_bundle(seed_pipeline, tmp_path / "seed", {})
+
+    def outcome(path):
+        try:
+            return "loaded " + " -> ".join(load_bundle(path).step_names)
+        except BundleError as exc:
+            return f"refused: {exc}"
+
+    here = {name: outcome(path) for name, path in files.items()}
+    there = json.loads(_fresh(
+        "import json, sys\n"
+        "sys.path.insert(0, %r)\n"  # Doubler's module, for the custom file's name only
+        "from digitstream.model.bundle import BundleError, load_bundle\n"
+        "def outcome(path):\n"
+        "    try:\n"
+        "        return 'loaded ' + ' -> '.join(load_bundle(path).step_names)\n"
+        "    except BundleError as exc:\n"
+        "        return f'refused: {exc}'\n"
+        "print(json.dumps({name: outcome(path) for name, path in %r.items()}))"
+        % (os.path.dirname(__file__), {k: str(v) for k, v in files.items()})))
+    assert there == here
+    assert here["system"].startswith("refused") and "system" in here["system"]
+    assert here["kd"].startswith("refused") and here["custom"].startswith("refused")
+    assert here["forest"].startswith("loaded") and here["svc"].startswith("loaded")
+    assert here["seed"] == "loaded PCA -> Logistic Regression"

@@ -11,7 +11,9 @@ pipeline itself.
 Loading never unpickles. skops rebuilds only the types it trusts by default
 (scikit-learn estimators, NumPy and SciPy types and functions) plus those in
 ``TRUSTED_TYPES``; any other type in the file is refused, by name, before
-anything is built.
+anything is built. skops is imported through
+:func:`~digitstream.model.skops_defaults.import_skops_io`, which spares it
+importing every scikit-learn estimator to list the ones it trusts.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 
 from digitstream.errors import UserError
 from digitstream.model.runner import n_features_of, pipeline_steps
+from digitstream.model.skops_defaults import import_skops_io
 
 PIPELINE_FILE = "pipeline.skops"
 CARD_FILE = "model.json"
@@ -85,7 +88,7 @@ def save_bundle(pipeline, directory, card: dict) -> Path:
     ``model.json`` last, so a reader never sees half a file and a bundle is
     complete once its ``model.json`` is new. Returns the directory.
     """
-    import skops.io as sio
+    sio = import_skops_io()
 
     _check_classifier(pipeline, "the pipeline to save")
     directory = Path(directory)
@@ -297,7 +300,7 @@ def _try_read_card(path: Path) -> dict | None:
 
 
 def _load_trusted(data: bytes, source: Path):
-    import skops.io as sio
+    sio = import_skops_io()
 
     try:
         untrusted = sio.get_untrusted_types(data=data)
