@@ -21,8 +21,10 @@ import io
 import json
 import math
 import pickle
+import secrets
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 from numpy.lib import format as npy_format
 
@@ -146,9 +148,11 @@ class Decoder:
                 return out
         X = np.zeros((n, self.n_features), dtype=np.float64)
         out = Decoded(X)
-        todo: np.ndarray | range = (
+        todo: np.ndarray | range | list[int] = (
             self._decode_fixed(payloads.fixed, X) if payloads.fixed is not None else range(n)
         )
+        if self.fmt in ("json", AUTO) and len(todo):
+            todo = self._decode_json_batch(payloads, todo, out)
         for i in todo:
             try:
                 X[i] = self._decode_one(payloads[i], out, int(i))
@@ -247,6 +251,69 @@ class Decoder:
             return np.frombuffer(payload, dtype=dtype, offset=header_len)
         return self._decode_json(payload, out, index)
 
+    def _decode_json_batch(self, payloads: Payloads, todo, out: Decoded) -> list[int]:
+        """The JSON payloads among ``todo`` in a few calls for all of them; returns the
+        rows left to :meth:`_decode_one`.
+
+        Only payloads that :meth:`_decode_json` would accept with the same values are
+        taken here: an object with a flat list of ``n_features`` plain numbers (no
+        exponent, at most 15 digits, so that the vectorised conversion is exact) and a
+        label and id that are strings or finite numbers, nothing else. Every other
+        payload, malformed or merely unusual, goes through :meth:`_decode_json` itself,
+        so its reason and its label and id are exactly what it alone gets.
+        """
+        if isinstance(todo, range) and len(todo) == len(payloads):
+            indices: list[int] = list(todo)
+            items = payloads.to_list()
+        else:
+            indices = [int(i) for i in todo]
+            items = [payloads[i] for i in indices]
+        rest: list[int] = []
+        if self.fmt == AUTO:
+            json_at = [k for k, p in enumerate(items) if p[:1] == b"{"]
+            if len(json_at) < len(items):
+                chosen = set(json_at)
+                rest = [i for k, i in enumerate(indices) if k not in chosen]
+                indices = [indices[k] for k in json_at]
+                items = [items[k] for k in json_at]
+        if not items:
+            return rest
+        images = _json_images(items)
+        taken = [k for k, image in enumerate(images) if image is not None]
+        rows = np.zeros((len(taken), self.n_features), dtype=np.float64)
+        ok = np.zeros(len(taken), dtype=bool)
+        raws = [images[k].pixels for k in taken]  # type: ignore[union-attr]
+        for start in range(0, len(raws), _JSON_CHUNK):
+            stop = start + _JSON_CHUNK
+            rows[start:stop], ok[start:stop] = _pixel_rows(raws[start:stop], self.n_features)
+        if ok.all():
+            done = taken
+        else:
+            done = [taken[j] for j in np.flatnonzero(ok).tolist()]
+            rows = rows[ok]
+        if done:
+            at = indices if len(done) == len(indices) else [indices[k] for k in done]
+            if at == list(range(len(out.X))):
+                out.X[:] = rows
+            else:
+                out.X[at] = rows
+            chosen_images: list = [images[k] for k in done]
+            labels = [image.label for image in chosen_images]
+            ids = [image.id for image in chosen_images]
+            if labels.count(None) < len(labels) or ids.count(None) < len(ids):
+                if out.labels is None or out.ids is None:
+                    out.labels, out.ids = [None] * len(out.X), [None] * len(out.X)
+                if len(at) == len(out.X):
+                    out.labels, out.ids = labels, ids
+                else:
+                    for i, label, ident in zip(at, labels, ids):
+                        out.labels[i] = label
+                        out.ids[i] = ident
+        if len(done) == len(items):
+            return rest
+        finished = set(done)
+        return sorted(rest + [i for k, i in enumerate(indices) if k not in finished])
+
     def _decode_json(self, payload: bytes, out: Decoded, index: int) -> np.ndarray:
         try:
             obj = json.loads(payload)
@@ -335,6 +402,225 @@ def _npy_layout(payload: bytes, n_features: int) -> tuple[int, np.dtype]:
     if fortran and len(shape) > 1:
         raise RejectedInput("fortran-ordered npy payloads are not supported")
     return stream.tell(), dtype
+
+
+class _JsonImage(msgspec.Struct, forbid_unknown_fields=True):
+    """The one shape of JSON image the batch path takes; anything else is decoded alone."""
+
+    pixels: msgspec.Raw
+    label: str | int | float | None = None
+    id: str | int | float | None = None
+
+
+#: numbers are converted this many lists at a time, so the work stays in the CPU cache
+_JSON_CHUNK = 256
+_JSON_BATCH = msgspec.json.Decoder(list[_JsonImage | str])
+_JSON_ONE = msgspec.json.Decoder(_JsonImage)
+
+
+def _json_images(items: list[bytes]) -> list[_JsonImage | None]:
+    """Each payload as a :class:`_JsonImage`, or None where it is not one.
+
+    The payloads are parsed as one JSON array, separated by a string no sender can
+    know (a fresh random one per batch). The array is taken only if it holds exactly
+    those separators, each on its own between two values: then every payload was
+    parsed on its own as one whole value, and none could reach into its neighbour.
+    Otherwise each payload is parsed alone.
+    """
+    n = len(items)
+    nonce = secrets.token_hex(16)
+    separator = b',"' + nonce.encode() + b'",'
+    try:
+        values = _JSON_BATCH.decode(b"[" + separator.join(items) + b"]")
+    except Exception:  # any failure: the payloads one by one say which
+        values = None
+    if values is not None and len(values) == 2 * n - 1 and values[1::2].count(nonce) == n - 1:
+        return [v if type(v) is _JsonImage else None for v in values[::2]]
+    out: list[_JsonImage | None] = []
+    for payload in items:
+        try:
+            out.append(_JSON_ONE.decode(payload))
+        except Exception:
+            out.append(None)
+    return out
+
+
+#: after ``[`` and JSON whitespace are dropped and ``]`` becomes ``;``, a flat list of
+#: plain numbers holds only these bytes
+_PLAIN = b"0123456789.-,;"
+_DROP = b"[ \t\n\r"
+_ENDS = bytes.maketrans(b"]", b";")
+_COMMA, _END, _MINUS, _DOT, _ZERO = (ord(c) for c in ",;-.0")
+#: the most digits a number may have for ``digits / 10**k`` to be exact before the division
+_MAX_DIGITS = 15
+_POW10 = 10.0 ** np.arange(_MAX_DIGITS + 1)
+
+
+_LISTED = b"0123456789.-,[]"
+_WHITESPACE = b" \t\n\r"
+_OPEN, _CLOSE = ord("["), ord("]")
+_BYTES_1 = np.uint64(0x0101010101010101)
+_LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+_HIGH_NIBBLES = np.uint64(0xF0F0F0F0F0F0F0F0)
+_ASCII_ZEROS = np.uint64(0x3030303030303030)
+#: the bytes above byte ``i`` of a word, for i = -1 .. 7
+_ABOVE = np.array(
+    [(0xFFFFFFFFFFFFFFFF << (8 * i)) & 0xFFFFFFFFFFFFFFFF for i in range(9)], dtype=np.uint64
+)
+_SWAR = (
+    (np.uint64(10), np.uint64(8), np.uint64(0x00FF00FF00FF00FF)),
+    (np.uint64(100), np.uint64(16), np.uint64(0x0000FFFF0000FFFF)),
+    (np.uint64(10000), np.uint64(32), np.uint64(0x00000000FFFFFFFF)),
+)
+
+
+def _fixed_layout(text: bytes, n: int, width: int) -> np.ndarray | None:
+    """The common layout in a few passes over the bytes: ``n`` flat lists (``text``
+    without whitespace) of ``width`` numbers each, every number with the same count of
+    decimals and at most 7 digits. None when the lists are laid out otherwise.
+
+    Each number is read as the 8-byte word that ends at its separator; its decimal
+    point is taken out, and its digits are converted with a few integer operations for
+    all numbers at once (SWAR: digits pairwise, then hundreds, then ten-thousands).
+    ``digits / 10**q`` is then exact to the last bit, as ``float()`` rounds it.
+    """
+    a = np.frombuffer(text, dtype=np.uint8)
+    ends = (a == _COMMA) | (a == _CLOSE)
+    dots = a == _DOT
+    decimals = 0
+    if dots.any():
+        decimals = int(ends.argmax()) - int(dots.argmax()) - 1
+        shift = decimals + 1
+        if not (
+            1 <= decimals <= 6
+            and np.array_equal(dots[:-shift], ends[shift:])
+            and not dots[-shift:].any()
+            and not ends[:shift].any()
+        ):
+            return None
+    at = np.flatnonzero(ends)
+    if len(at) != n * width or not (a[at[width - 1 :: width]] == _CLOSE).all():
+        return None
+    padded = np.frombuffer(bytes(8) + text, dtype=np.uint8)
+    # word i holds the 8 bytes before byte i of text, the last of them its highest byte
+    words = np.ndarray((len(a) + 1,), dtype="<u8", buffer=padded, strides=(1,))[at]
+    if decimals:
+        # the point is byte 7 - decimals: the bytes below it move up one, byte 0 is empty
+        upper = _ABOVE[8 - decimals]
+        words = (words & upper) | ((words << np.uint64(8)) & ~upper & ~np.uint64(0xFF))
+    flipped = words ^ _ASCII_ZEROS  # digits become 0..9, every other byte keeps a high bit
+    # 8 * (1 + the index of the highest byte that is not a digit): where the number starts
+    cut = (np.frexp((flipped & _HIGH_NIBBLES).astype(np.float64))[1] + 7) & ~7
+    # a number that may go on below the word (8 digits or more), or an empty one
+    if (cut < (16 if decimals else 8)).any() or (cut == 64).any():
+        return None
+    bits = cut.astype(np.uint64)
+    number = ((flipped >> bits) << bits) & _LOW_NIBBLES
+    for scale, step, mask in _SWAR:
+        number = (number * scale + (number >> step)) & mask
+    values = number.astype(np.float64)
+    if decimals:
+        values /= 10.0**decimals
+    if b"-" in text:
+        negative = ((words >> (bits - np.uint64(8))) & np.uint64(0xFF)) == _MINUS
+        values[negative] = (-values if decimals else 0.0 - values)[negative]
+    return values.reshape(n, width)
+
+
+def _flat_number_list(raw: bytes) -> bool:
+    return (
+        raw[:1] == b"["
+        and raw.count(b"[") == 1
+        and not raw.translate(_ENDS, _DROP).translate(None, _PLAIN)
+    )
+
+
+def _pixel_rows(raws: list, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The values of JSON arrays (each a valid JSON value) as an (n, width) float64 array,
+    and which rows are exact: a flat list of ``width`` numbers without exponent and with
+    at most 15 digits, converted to the nearest double as ``float()`` converts it (and an
+    integer ``-0`` to 0.0, as JSON's integers are). The other rows are zeros and False.
+    """
+    n = len(raws)
+    rows = np.zeros((n, width), dtype=np.float64)
+    ok = np.zeros(n, dtype=bool)
+    if n == 0:
+        return rows, ok
+    joined = b"".join(raws)
+    flat = spaced = False
+    if joined.count(b"[") == n:
+        rest = joined.translate(None, _LISTED)
+        if rest and not rest.translate(None, _WHITESPACE):
+            rest, spaced = b"", True
+        if not rest:
+            lengths = np.fromiter(map(len, raws), dtype=np.int64, count=n)
+            starts = np.cumsum(lengths) - lengths
+            flat = bool((np.frombuffer(joined, dtype=np.uint8)[starts] == _OPEN).all())
+    if flat:
+        compact = joined.translate(None, _WHITESPACE) if spaced else joined
+        values = _fixed_layout(compact, n, width)
+        if values is not None:
+            return values, ~ok
+        keep = np.arange(n)
+        text = compact.translate(_ENDS, b"[")
+    else:
+        keep = np.array(
+            [k for k, r in enumerate(raws) if _flat_number_list(bytes(r))], dtype=np.intp
+        )
+        if len(keep) == 0:
+            return rows, ok
+        text = b"".join([raws[k] for k in keep.tolist()]).translate(_ENDS, _DROP)
+    a = np.frombuffer(text, dtype=np.uint8)
+    ends = np.flatnonzero((a == _COMMA) | (a == _END))
+    last = np.flatnonzero(a[ends] == _END)  # the last number of each list
+    counts = np.diff(last, prepend=-1)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    size = ends - starts
+    negative = a[starts] == _MINUS
+    dots = np.flatnonzero(a == _DOT)
+    dotted = np.zeros(len(ends), dtype=bool)
+    decimals = np.zeros(len(ends), dtype=np.int64)
+    if len(dots) == len(ends) and (dots < ends).all() and (dots > starts).all():
+        dotted[:] = True
+        decimals = ends - dots - 1
+    elif len(dots):
+        at = np.searchsorted(ends, dots)
+        dotted[at] = True
+        decimals[at] = ends[at] - dots - 1
+    digits = size - negative - dotted
+    good = (digits >= 1) & (digits <= _MAX_DIGITS)
+    values = np.zeros(len(ends), dtype=np.float64)
+    # numbers of one layout (length, sign, decimals) are read as one block of digits
+    key = np.where(
+        good, (size * 2 + negative) * (_MAX_DIGITS + 2) + np.where(dotted, decimals + 1, 0), 0
+    )
+    for layout in np.flatnonzero(np.bincount(key)).tolist():
+        if layout == 0:
+            continue
+        signed, dot = divmod(layout, _MAX_DIGITS + 2)
+        length, neg = divmod(signed, 2)
+        at = np.flatnonzero(key == layout)
+        columns = np.arange(length)
+        if neg:
+            columns = columns[1:]
+        if dot:
+            columns = columns[columns != length - dot]
+        block = a[starts[at][:, None] + columns].astype(np.float64) - _ZERO
+        number = block @ _POW10[len(columns) - 1 :: -1]
+        if dot:
+            number /= _POW10[dot - 1]
+            values[at] = -number if neg else number
+        else:
+            values[at] = 0.0 - number if neg else number
+    listed = len(last)
+    bad = np.bincount(np.repeat(np.arange(listed), counts), weights=~good, minlength=listed)
+    whole = (counts == width) & (bad == 0)
+    first = last - counts + 1
+    rows[keep[whole]] = values[first[whole][:, None] + np.arange(width)]
+    ok[keep[whole]] = True
+    return rows, ok
 
 
 def _json_scalar(value) -> bool:

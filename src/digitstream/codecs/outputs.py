@@ -81,15 +81,65 @@ class JsonEncoder:
 
     def __init__(self, classes: np.ndarray):
         self._labels = [_json(c.item() if hasattr(c, "item") else c) for c in classes]
+        self._label_bytes = _Texts([label.encode() for label in self._labels])
 
     def encode(
         self, first_seq: int, class_index: np.ndarray, confidence, errors: dict[int, str], ids=None
     ) -> bytes:
+        """Every frame of the batch; runs of frames without errors are built at once."""
+        n = len(class_index)
+        if not errors:
+            return self._run(first_seq, 0, n, class_index, confidence, ids)
+        parts = []
+        start = 0
+        for i in sorted(errors):
+            if i > start:
+                parts.append(self._run(first_seq, start, i, class_index, confidence, ids))
+            parts.append(self._frames(first_seq, i, i + 1, class_index, confidence, errors, ids))
+            start = i + 1
+        if start < n:
+            parts.append(self._run(first_seq, start, n, class_index, confidence, ids))
+        return b"".join(parts)
+
+    def _run(self, first_seq: int, start: int, stop: int, class_index, confidence, ids) -> bytes:
+        """Frames ``start:stop``, none of them an error, built with a few NumPy operations
+        for all of them: the same bytes as :meth:`_frames` writes one by one."""
+        n = stop - start
+        seqs = _decimal_texts(first_seq + start, n)
+        id_texts = None if ids is None else _plain_strings(ids[start:stop])
+        if n < 16 or seqs is None or (ids is not None and id_texts is None):
+            return self._frames(first_seq, start, stop, class_index, confidence, {}, ids)
+        labels = self._label_bytes.take(class_index[start:stop])
+        if confidence is None:
+            probs = _Texts.constant(b"null", n)
+        else:
+            probs = _probability_texts(np.asarray(confidence[start:stop], dtype=np.float64))
+        pieces = [
+            _Texts.constant(b'{"seq":', n),
+            seqs,
+            _Texts.constant(b',"label":', n),
+            labels,
+            _Texts.constant(b',"probability":', n),
+            probs,
+        ]
+        if id_texts is not None:
+            pieces += [_Texts.constant(b',"id":"', n), id_texts, _Texts.constant(b'"}', n)]
+        else:
+            pieces.append(_Texts.constant(b"}", n))
+        sizes = sum(piece.lengths for piece in pieces)
+        header = _Texts(np.asarray(sizes, dtype=">u4").view(np.uint8).reshape(n, HEADER.size), None)
+        return _join_rows([header, *pieces])
+
+    def _frames(
+        self, first_seq: int, start: int, stop: int, class_index, confidence, errors, ids
+    ) -> bytes:
+        """Frames ``start:stop`` one by one (``errors`` indexed as the batch)."""
         labels = self._labels
         probs = confidence.tolist() if confidence is not None else None
         pack = HEADER.pack
         parts = []
-        for i, c in enumerate(class_index.tolist()):
+        for i in range(start, stop):
+            c = int(class_index[i])
             seq = first_seq + i
             if i in errors:
                 body = f'{{"seq":{seq},"error":{_json(errors[i])}'
@@ -121,6 +171,131 @@ class JsonEncoder:
 
 def _probability(p: float) -> str:
     return repr(round(p, 6)) if math.isfinite(p) else "null"
+
+
+class _Texts:
+    """One byte string per frame: row ``i`` of ``rows`` holds frame i's in its first
+    ``lengths[i]`` bytes (every byte of its row when ``lengths`` is None)."""
+
+    def __init__(self, rows, lengths=None):
+        if isinstance(rows, list):
+            width = max(map(len, rows), default=0)
+            lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+            rows = np.frombuffer(b"".join(r.ljust(width, b" ") for r in rows), dtype=np.uint8)
+            rows = rows.reshape(len(lengths), width)
+        self.rows = rows
+        self.lengths = (
+            np.full(len(rows), rows.shape[1], dtype=np.int64) if lengths is None else lengths
+        )
+        self.full = lengths is None
+
+    def used(self) -> np.ndarray:
+        if self.full:
+            return np.ones(self.rows.shape, dtype=bool)
+        return np.arange(self.rows.shape[1]) < self.lengths[:, None]
+
+    @classmethod
+    def constant(cls, text: bytes, n: int) -> _Texts:
+        row = np.frombuffer(text, dtype=np.uint8)
+        return cls(np.broadcast_to(row, (n, len(text))))
+
+    def take(self, index: np.ndarray) -> _Texts:
+        return _Texts(self.rows[index], self.lengths[index])
+
+
+def _join_rows(pieces: list[_Texts]) -> bytes:
+    """The rows' texts, each row's pieces in order, rows one after another: the pieces
+    side by side as one matrix, read row by row where each piece's bytes are in use."""
+    rows = np.concatenate([piece.rows for piece in pieces], axis=1)
+    used = np.concatenate([piece.used() for piece in pieces], axis=1)
+    return rows[used].tobytes()
+
+
+def _packed(data: bytes, lengths: np.ndarray) -> _Texts:
+    """Texts laid end to end in ``data``, text i ``lengths[i]`` bytes long."""
+    width = int(lengths.max(initial=0))
+    rows = np.zeros((len(lengths), width), dtype=np.uint8)
+    rows[np.arange(width) < lengths[:, None]] = np.frombuffer(data, dtype=np.uint8)
+    return _Texts(rows, lengths)
+
+
+_POWERS = 10 ** np.arange(1, 19, dtype=np.int64)
+
+
+def _decimal_texts(first: int, n: int) -> _Texts | None:
+    """``str(first + i)`` for i < n, or None past what int64 holds."""
+    if first < 0 or first + n >= 10**18:
+        return None
+    numbers = np.arange(first, first + n, dtype=np.int64)
+    lengths = 1 + np.searchsorted(_POWERS, numbers, side="right")
+    return _packed("".join(map(str, range(first, first + n))).encode(), lengths)
+
+
+#: bytes of a string that JSON (with ``ensure_ascii``, as :func:`json.dumps` writes it)
+#: leaves as they are: printable ASCII but the quote and the backslash
+_PLAIN_BYTES = np.zeros(256, dtype=bool)
+_PLAIN_BYTES[0x20:0x7F] = True
+_PLAIN_BYTES[[ord('"'), ord("\\")]] = False
+
+
+def _plain_strings(values) -> _Texts | None:
+    """Strings that are their own JSON text between quotes; None if any value is not one."""
+    if not all(type(v) is str for v in values):
+        return None
+    try:
+        data = "\x00".join(values).encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    codes = np.frombuffer(data, dtype=np.uint8)
+    separators = codes == 0
+    if int(separators.sum()) != len(values) - 1 or not _PLAIN_BYTES[codes[~separators]].all():
+        return None
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    return _packed(codes[~separators].tobytes(), lengths)
+
+
+_PLACES = 6
+_SCALE = 10.0**_PLACES
+_FRACTION = 10 ** np.arange(_PLACES - 1, -1, -1, dtype=np.int64)
+
+
+def _probability_texts(p: np.ndarray) -> _Texts:
+    """:func:`_probability` of every value: ``repr(round(p, 6))``, or ``null``.
+
+    For 0.0001 <= p <= 1 the rounded value is k / 10**6 with k the integer nearest to
+    p * 10**6 (computed exactly unless that product lies within 1e-6 of a half, which is
+    left to :func:`round`), and its ``repr`` is ``0.`` and k's six digits without the
+    trailing zeros (``1.0`` for k = 10**6). Every other value is written by
+    :func:`_probability` itself.
+    """
+    n = len(p)
+    with np.errstate(invalid="ignore", over="ignore"):
+        scaled = p * _SCALE
+        k = np.rint(scaled)
+        simple = (k >= 100) & (k <= _SCALE) & (np.abs(np.abs(scaled - k) - 0.5) > 1e-6)
+    k = np.where(simple, k, 0).astype(np.int64)
+    digits = (k[:, None] // _FRACTION) % 10
+    nonzero = digits != 0
+    # the digits up to the last non-zero one (k = 10**6 has none: "1.0")
+    kept = _PLACES - np.argmax(nonzero[:, ::-1], axis=1)
+    rows = np.empty((n, 2 + _PLACES), dtype=np.uint8)
+    rows[:, 0] = ord("0")
+    rows[:, 1] = ord(".")
+    rows[:, 2:] = digits + 48
+    lengths = 2 + kept
+    whole = k == 10**_PLACES
+    rows[whole, :3] = np.frombuffer(b"1.0", dtype=np.uint8)
+    lengths[whole] = 3
+    odd = np.flatnonzero(~simple)
+    if len(odd):
+        texts = [_probability(v).encode() for v in p[odd].tolist()]
+        width = max(rows.shape[1], *map(len, texts))
+        if width > rows.shape[1]:
+            rows = np.concatenate([rows, np.zeros((n, width - rows.shape[1]), np.uint8)], axis=1)
+        for i, text in zip(odd.tolist(), texts):
+            rows[i, : len(text)] = np.frombuffer(text, dtype=np.uint8)
+            lengths[i] = len(text)
+    return _Texts(rows, lengths)
 
 
 def make_encoder(fmt: str, classes: np.ndarray):

@@ -1,0 +1,121 @@
+"""The batch JSON paths against the one-payload-at-a-time paths they replace: same
+images, labels, ids and reasons for every input; the same output bytes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from digitstream.codecs.inputs import Decoded, Decoder, RejectedInput
+from digitstream.codecs.outputs import JsonEncoder
+from digitstream.wire.framing import Payloads
+
+N = 4
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([10**400, -0, 2**63, 4.9e-324]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+)
+pixel = st.one_of(
+    st.integers(min_value=-1000, max_value=1000),
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+    st.floats(),
+    st.sampled_from([0.5, 13.0, -0.0, 1e-5, 1e20, 10**400, "1", True, None, [1]]),
+)
+
+
+@st.composite
+def payloads(draw) -> bytes:
+    choice = draw(st.integers(0, 9))
+    if choice == 0:
+        return draw(st.binary(max_size=20))
+    size = N if choice > 2 else draw(st.integers(0, N + 1))
+    decimals = draw(st.integers(0, 3))
+    if draw(st.booleans()):
+        values = [round(draw(st.floats(-999, 999)), decimals) for _ in range(size)]
+    else:
+        values = [draw(pixel) for _ in range(size)]
+    obj: dict = {"pixels": values}
+    for key in ("label", "id", "other"):
+        if draw(st.integers(0, 3)) == 0:
+            obj[key] = draw(scalars)
+    if choice == 1:
+        obj.pop("pixels")
+    text = json.dumps(obj, separators=draw(st.sampled_from([(",", ":"), (", ", ": ")])))
+    if draw(st.integers(0, 9)) == 0:  # a duplicate key, an unusual spelling
+        text = text.replace('{"pixels"', '{"pixels": [], "pixels"', 1)
+    return text.encode()
+
+
+def one_by_one(decoder: Decoder, items: list[bytes]):
+    """What the per-payload path (``json.loads`` and its checks) gives each payload."""
+    out = Decoded(np.zeros((len(items), decoder.n_features)))
+    for i, payload in enumerate(items):
+        try:
+            out.X[i] = decoder._decode_one(payload, out, i)
+        except RejectedInput as exc:
+            out.errors[i] = str(exc)
+    decoder._reject_non_finite(out.X, out.errors)
+    labels = out.labels or [None] * len(items)
+    ids = out.ids or [None] * len(items)
+    return out.X, out.errors, labels, ids
+
+
+def same(a, b) -> bool:
+    return type(a) is type(b) and (a == b or (a != a and b != b))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(payloads(), min_size=1, max_size=40), st.sampled_from(["json", "auto"]))
+def test_batch_decode_equals_each_payload_alone(items, fmt):
+    decoder = Decoder(fmt, N)
+    X, errors, labels, ids = one_by_one(decoder, items)
+    for group in (Payloads(items=items), Payloads.from_list(items)):
+        out = decoder.decode(group)
+        assert np.array_equal(out.X, X)
+        assert np.array_equal(np.signbit(out.X), np.signbit(X))
+        assert out.errors == errors
+        got_labels = out.labels or [None] * len(items)
+        got_ids = out.ids or [None] * len(items)
+        assert all(map(same, got_labels, labels)) and all(map(same, got_ids, ids))
+        assert (out.labels is None) == all(v is None for v in labels + ids)
+
+
+def test_payloads_cannot_reach_into_each_other():
+    decoder = Decoder("json", 1)
+    items = [b'{"pixels":[1],"label":"x', b'"}', b'{"pixels":[2]},{"pixels":[3]}']
+    out = decoder.decode(Payloads(items=items))
+    assert sorted(out.errors) == [0, 1, 2]
+    assert all(reason.startswith("bad json") for reason in out.errors.values())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 60),
+    st.integers(0, 10**12),
+    st.one_of(st.none(), st.lists(st.floats(), min_size=60, max_size=60)),
+    st.one_of(
+        st.none(),
+        st.lists(st.one_of(st.none(), st.text(max_size=5), st.integers(), st.floats(-1e6, 1e6)),
+                 min_size=60, max_size=60),
+    ),
+    st.sets(st.integers(0, 59), max_size=3),
+)
+def test_batch_encode_equals_frame_by_frame(n, first, confidence, ids, errored):
+    encoder = JsonEncoder(np.array(["a", "b", "c"]))
+    index = np.arange(n) % 3
+    conf = None if confidence is None else np.array(confidence[:n])
+    errors = {i: "bad json: x" for i in errored if i < n}
+    id_list = None if ids is None else ids[:n]
+    try:
+        expected = encoder._frames(first, 0, n, index, conf, errors, id_list)
+    except (TypeError, ValueError):
+        return
+    assert encoder.encode(first, index, conf, errors, id_list) == expected
