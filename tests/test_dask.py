@@ -264,12 +264,14 @@ def test_worker_killed_mid_stream_loses_and_duplicates_nothing(two_workers, star
         prefix = "digitstream-"
 
         def busy_worker():
+            # a worker with batches out to it: a task on it, or batches sent to it directly
+            # (each worker has several of them at any moment of the stream)
             if sink.count() < total // 5:
                 return None
             for address, keys in two_workers.client.processing().items():
                 if any(str(k).startswith(prefix) for k in keys):
                     return address
-            return None
+            return two_workers.address_of("w2")
 
         victim = wait_for(busy_worker, 40, interval=0.002, what="a worker computing a batch")
         name = next(n for n in ("w1", "w2") if two_workers.address_of(n) == victim)

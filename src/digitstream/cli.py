@@ -7,7 +7,9 @@ inside the commands so that ``--help`` stays instant.
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import sys
 
 import click
@@ -390,8 +392,6 @@ def run(
     received, flushes and exits 0 (1, with the count in the log, if the
     listener did not take the last results within --flush-timeout).
     """
-    from digitstream.app import AppConfig, run_app
-
     if engine == "local" and (workers or scheduler):
         raise click.UsageError("--workers and --scheduler need --engine dask")
     if workers and scheduler:
@@ -400,6 +400,14 @@ def run(
         )
     if (tls_ca_file or tls_cert or tls_key) and not scheduler:
         raise click.UsageError("--tls-ca-file, --tls-cert and --tls-key go with --scheduler")
+    if engine == "local":
+        # The local engine runs BLAS on one thread (engine/local.py). Saying so before
+        # NumPy and SciPy load their OpenBLAS spares starting two thread pools whose
+        # threads spin for a while once started, taking a core from the start-up.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    _import_start_path(metrics=not no_metrics)
+    from digitstream.app import AppConfig, run_app
+
     config = AppConfig(
         in_addr=in_addr,
         out_addr=out_addr,
@@ -428,6 +436,36 @@ def run(
         acked=acked,
     )
     sys.exit(run_app(config))
+
+
+def _import_start_path(metrics: bool) -> None:
+    """Import the modules ``run`` needs before it listens, with the cyclic garbage
+    collector paused.
+
+    They are nearly all of its start-up time (scikit-learn and SciPy through skops,
+    aiohttp for the metrics UI). Importing them makes a great many objects that live as
+    long as the process and next to no garbage, so the collections that would run
+    meanwhile find nothing to free. ``run`` imports them again where it uses them; this
+    only does it sooner.
+    """
+    import importlib
+
+    modules = ["digitstream.app", "digitstream.model.bundle"]
+    if metrics:
+        modules += ["digitstream.metrics.recorder", "digitstream.metrics.server"]
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        from digitstream.model.skops_defaults import import_skops_io
+
+        import_skops_io()
+        for module in modules:
+            importlib.import_module(module)
+    except Exception:
+        pass  # imported again where it is used, it fails there as it always did
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # ---------------------------------------------------------------------- send
@@ -685,8 +723,21 @@ def demo(model_path, output, repeat, keep_running, through_redis):
     help="Instead: the Redis Streams connector (one and three consumers) against a bare relay "
     "through the same local redis-server.",
 )
-def bench(quick, json_path, plot_path, engine, soak_minutes, runs, through_redis):
+@click.option(
+    "--scheduler",
+    default=None,
+    help="With --engine dask: instead, only the Dask questions, against the running cluster "
+    "at this address (tcp://HOST:PORT), with whatever workers it has (their number is "
+    "reported): the cluster beside the local engine, in place of one and two local workers.",
+)
+def bench(quick, json_path, plot_path, engine, soak_minutes, runs, through_redis, scheduler):
     """Benchmark digitstream against the seed's per-message design and a bare relay."""
+    if scheduler:
+        if engine != "dask":
+            raise click.UsageError("--scheduler needs --engine dask")
+        from digitstream.bench import dask_bench
+
+        sys.exit(dask_bench.main(scheduler, quick=quick, json_path=json_path, runs=runs))
     if through_redis:
         from digitstream.bench import redis_bench
 

@@ -84,6 +84,74 @@ LINEAR = [
 ]
 
 
+def cluster_systems(scheduler: str) -> tuple[list[System], list[System]]:
+    """The systems of both questions against the running cluster at ``scheduler``: its
+    workers, whatever their number, in place of local clusters of one and two."""
+    on = ("--engine", "dask", "--scheduler", scheduler)
+    heavy = [
+        HEAVY[0],
+        System(
+            "heavy_dask",
+            "dask, the cluster",
+            "digitstream",
+            "u8",
+            args=(*on, "--max-batch", str(HEAVY_MAX_BATCH)),
+        ),
+    ]
+    linear = [
+        LINEAR[0],
+        System("linear_dask", "dask, the cluster", "digitstream", "u8", args=on),
+        System(
+            "linear_dask_if1",
+            "dask, the cluster, 1 in flight",
+            "digitstream",
+            "u8",
+            args=(*on, "--in-flight", "1"),
+        ),
+    ]
+    return heavy, linear
+
+
+def cluster_workers(scheduler: str) -> int:
+    """How many workers the scheduler at ``scheduler`` has now."""
+    from distributed import Client
+
+    with Client(scheduler, timeout=10, set_as_default=False) as client:
+        return len(client.scheduler_info(n_workers=-1)["workers"])
+
+
+def main(
+    scheduler: str, quick: bool = False, json_path: str | None = None, runs: int | None = None
+) -> int:
+    """``digitstream bench --engine dask --scheduler ADDR``: the Dask questions alone,
+    against a running cluster; the exit status."""
+    import sys
+    import time
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from digitstream.bench.runner import Session
+    from digitstream.bench.settings import Settings
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    started = time.monotonic()
+
+    def log(text: str) -> None:
+        console.print(f"[dim]{time.monotonic() - started:6.1f}s[/dim] {text}")
+
+    settings = Settings.quick_run() if quick else Settings.full()
+    if runs is not None:
+        settings = replace(settings, runs=runs)
+    with Session(log) as session:
+        figures = run(session, settings, console, scheduler=scheduler)
+    if json_path:
+        import json
+
+        Path(json_path).write_text(json.dumps(figures, indent=2, default=str))
+    return 1 if figures["errors"] else 0
+
+
 def heavy_model(directory: Path) -> dict:
     """Fit the compute-heavy model on the digits set and save it as a bundle."""
     from sklearn.pipeline import Pipeline
@@ -110,12 +178,23 @@ def heavy_model(directory: Path) -> dict:
     }
 
 
-def run(session, settings, console=None) -> dict:
-    """Measure both questions; the figures (and a table printed on ``console``)."""
+def run(session, settings, console=None, scheduler: str | None = None) -> dict:
+    """Measure both questions; the figures (and a table printed on ``console``).
+
+    With ``scheduler``, against that running cluster: its workers, however many,
+    beside the local engine (``workers`` says how many); the two-workers question
+    then compares the cluster with the local engine, not two workers with one.
+    """
     import os
 
     quick = settings.quick
     figures: dict = {"speedup_target": SPEEDUP_TARGET, "errors": [], "cores": os.cpu_count()}
+    heavy_systems, linear_systems = HEAVY, LINEAR
+    if scheduler:
+        heavy_systems, linear_systems = cluster_systems(scheduler)
+        figures["scheduler"] = scheduler
+        figures["workers"] = cluster_workers(scheduler)
+        session.log(f"dask: the cluster at {scheduler}, {figures['workers']} worker(s)")
     load_before = os.getloadavg()[0]
     heavy_dir = session.directory / "model-heavy"
     session.log("dask: fitting the compute-heavy model (scaler, RBF SVC)")
@@ -124,7 +203,7 @@ def run(session, settings, console=None) -> dict:
     # runs of the heavy model are short: a few more of them steady the median
     heavy = _measure(
         session,
-        HEAVY,
+        heavy_systems,
         heavy_dir,
         MESSAGES["heavy"][quick],
         max(settings.runs, HEAVY_MIN_RUNS),
@@ -134,9 +213,12 @@ def run(session, settings, console=None) -> dict:
     one, two = heavy.get("heavy_dask_1", {}), heavy.get("heavy_dask_2", {})
     figures["speedup_2_vs_1"] = ratio(two.get("median"), one.get("median"))
 
+    if scheduler:
+        figures["load_before"] = load_before
+        return _run_on_cluster(session, settings, console, figures, heavy, linear_systems)
     linear = _measure(
         session,
-        LINEAR,
+        linear_systems,
         session.model_dir,
         MESSAGES["linear"][quick],
         settings.runs,
@@ -162,6 +244,45 @@ def run(session, settings, console=None) -> dict:
     )
     if console is not None:
         print_report(figures, console)
+    return figures
+
+
+def _run_on_cluster(session, settings, console, figures, heavy, linear_systems) -> dict:
+    import os
+
+    quick = settings.quick
+    figures["heavy"] = heavy
+    figures["heavy_cluster_vs_local"] = ratio(
+        heavy.get("heavy_dask", {}).get("median"), heavy.get("heavy_local", {}).get("median")
+    )
+    linear = _measure(
+        session,
+        linear_systems,
+        session.model_dir,
+        MESSAGES["linear"][quick],
+        settings.runs,
+        figures["errors"],
+        latency=("linear_local", "linear_dask", "linear_dask_if1"),
+        latency_seconds=LATENCY_SECONDS[quick],
+    )
+    figures["linear"] = linear
+    figures["dask_cluster_vs_local"] = ratio(
+        linear.get("linear_dask", {}).get("median"), linear.get("linear_local", {}).get("median")
+    )
+    try:
+        figures["round_trip"] = round_trip(session.model_dir, quick, scheduler=figures["scheduler"])
+    except Exception as exc:
+        figures["errors"].append(f"round trip probe: {type(exc).__name__}: {exc}")
+    figures["load_average"] = [figures.pop("load_before"), os.getloadavg()[0]]
+    figures["met"] = None
+    if console is not None:
+        print_report(figures, console)
+        console.print(
+            f"the cluster at {figures['scheduler']}: {figures['workers']} worker(s); "
+            f"heavy model, cluster / local engine: "
+            f"{figures['heavy_cluster_vs_local'] or 0:.2f}; linear model, cluster / local "
+            f"engine: {figures['dask_cluster_vs_local'] or 0:.2f}"
+        )
     return figures
 
 
@@ -242,7 +363,9 @@ def _measure(
     return out
 
 
-def round_trip(model_dir: Path, quick: bool, batch_size: int = 1000) -> dict:
+def round_trip(
+    model_dir: Path, quick: bool, batch_size: int = 1000, scheduler: str | None = None
+) -> dict:
     """What the cluster adds to one batch, measured on the engine itself.
 
     One worker (a local cluster), the linear model, one batch at a time so
@@ -263,7 +386,11 @@ def round_trip(model_dir: Path, quick: bool, batch_size: int = 1000) -> dict:
     from digitstream.pipeline import Batch, Flow, FlowOptions
     from digitstream.wire.framing import Payloads
 
-    options = EngineOptions(flow=FlowOptions(input_format="u8"), workers=1)
+    options = EngineOptions(
+        flow=FlowOptions(input_format="u8"),
+        workers=None if scheduler else 1,
+        scheduler=scheduler,
+    )
     bundle = load_bundle(model_dir)
     flow = Flow(make_runner(bundle.pipeline), "u8", "text", worker="bench")
     X = load_dataset("digits").X.astype(np.uint8)
