@@ -214,8 +214,11 @@ def run(session, settings, console=None, scheduler: str | None = None) -> dict:
     figures["speedup_2_vs_1"] = ratio(two.get("median"), one.get("median"))
 
     if scheduler:
-        figures["load_before"] = load_before
-        return _run_on_cluster(session, settings, console, figures, heavy, linear_systems)
+        figures["heavy_cluster_vs_local"] = ratio(
+            heavy.get("heavy_dask", {}).get("median"), heavy.get("heavy_local", {}).get("median")
+        )
+    # against a running cluster, its workers; else the local cluster of two
+    linear_dask = "linear_dask" if scheduler else "linear_dask_2"
     linear = _measure(
         session,
         linear_systems,
@@ -223,66 +226,40 @@ def run(session, settings, console=None, scheduler: str | None = None) -> dict:
         MESSAGES["linear"][quick],
         settings.runs,
         figures["errors"],
-        latency=("linear_local", "linear_dask_2", "linear_dask_2_if1"),
+        latency=("linear_local", linear_dask, f"{linear_dask}_if1"),
         latency_seconds=LATENCY_SECONDS[quick],
     )
     figures["linear"] = linear
-    figures["dask_2_vs_local"] = ratio(
-        linear.get("linear_dask_2", {}).get("median"), linear.get("linear_local", {}).get("median")
+    vs_local = ratio(
+        linear.get(linear_dask, {}).get("median"), linear.get("linear_local", {}).get("median")
     )
-    local_p50 = linear.get("linear_local", {}).get("latency", {}).get("p50")
-    dask_p50 = linear.get("linear_dask_2", {}).get("latency", {}).get("p50")
-    figures["added_p50_ms"] = (dask_p50 - local_p50) if None not in (local_p50, dask_p50) else None
-    session.log("dask: round trip of one batch, in this process (one local worker)")
+    if scheduler:
+        figures["dask_cluster_vs_local"] = vs_local
+    else:
+        figures["dask_2_vs_local"] = vs_local
+        local_p50 = linear.get("linear_local", {}).get("latency", {}).get("p50")
+        dask_p50 = linear.get(linear_dask, {}).get("latency", {}).get("p50")
+        figures["added_p50_ms"] = (
+            (dask_p50 - local_p50) if None not in (local_p50, dask_p50) else None
+        )
+        session.log("dask: round trip of one batch, in this process (one local worker)")
     try:
-        figures["round_trip"] = round_trip(session.model_dir, quick)
+        figures["round_trip"] = round_trip(session.model_dir, quick, scheduler=scheduler)
     except Exception as exc:  # a figure missing, not the whole benchmark
         figures["errors"].append(f"round trip probe: {type(exc).__name__}: {exc}")
     figures["load_average"] = [load_before, os.getloadavg()[0]]
-    figures["met"] = (
-        None if figures["speedup_2_vs_1"] is None else figures["speedup_2_vs_1"] >= SPEEDUP_TARGET
-    )
+    speedup = figures["speedup_2_vs_1"]
+    # a running cluster has the workers it has: no two-against-one target
+    figures["met"] = None if scheduler or speedup is None else speedup >= SPEEDUP_TARGET
     if console is not None:
         print_report(figures, console)
-    return figures
-
-
-def _run_on_cluster(session, settings, console, figures, heavy, linear_systems) -> dict:
-    import os
-
-    quick = settings.quick
-    figures["heavy"] = heavy
-    figures["heavy_cluster_vs_local"] = ratio(
-        heavy.get("heavy_dask", {}).get("median"), heavy.get("heavy_local", {}).get("median")
-    )
-    linear = _measure(
-        session,
-        linear_systems,
-        session.model_dir,
-        MESSAGES["linear"][quick],
-        settings.runs,
-        figures["errors"],
-        latency=("linear_local", "linear_dask", "linear_dask_if1"),
-        latency_seconds=LATENCY_SECONDS[quick],
-    )
-    figures["linear"] = linear
-    figures["dask_cluster_vs_local"] = ratio(
-        linear.get("linear_dask", {}).get("median"), linear.get("linear_local", {}).get("median")
-    )
-    try:
-        figures["round_trip"] = round_trip(session.model_dir, quick, scheduler=figures["scheduler"])
-    except Exception as exc:
-        figures["errors"].append(f"round trip probe: {type(exc).__name__}: {exc}")
-    figures["load_average"] = [figures.pop("load_before"), os.getloadavg()[0]]
-    figures["met"] = None
-    if console is not None:
-        print_report(figures, console)
-        console.print(
-            f"the cluster at {figures['scheduler']}: {figures['workers']} worker(s); "
-            f"heavy model, cluster / local engine: "
-            f"{figures['heavy_cluster_vs_local'] or 0:.2f}; linear model, cluster / local "
-            f"engine: {figures['dask_cluster_vs_local'] or 0:.2f}"
-        )
+        if scheduler:
+            console.print(
+                f"the cluster at {scheduler}: {figures['workers']} worker(s); "
+                f"heavy model, cluster / local engine: "
+                f"{figures['heavy_cluster_vs_local'] or 0:.2f}; linear model, cluster / local "
+                f"engine: {figures['dask_cluster_vs_local'] or 0:.2f}"
+            )
     return figures
 
 
