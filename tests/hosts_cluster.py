@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        # a second Ctrl-C (or a SIGTERM beside it) must not cut the removal short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         net.close()
         print("hosts_cluster: removed", flush=True)
 
