@@ -367,15 +367,16 @@ class SchedulerLink:
         client.subscribe_topic("all", self._on_event)
         self._subscribed = True
         self._watcher = asyncio.create_task(self._watch(client))
+        # said before anything is awaited: batches go to the cluster from here on
+        log.warning(
+            "Dask scheduler back at %s, %d worker(s): new batches go to the cluster",
+            self.address,
+            n_workers,
+        )
         try:
             await self._refresh()
         except Exception as exc:  # the watcher tries again
             log.debug("could not ask the scheduler for its workers: %s", exc)
-        log.warning(
-            "Dask scheduler back at %s, %d worker(s): new batches go to the cluster",
-            self.address,
-            len(self.workers) or n_workers,
-        )
 
     # ------------------------------------------------------------ closing
     async def stop(self) -> None:
