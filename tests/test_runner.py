@@ -279,7 +279,7 @@ def test_a_near_tie_float32_cannot_resolve_is_settled_in_float64():
     expected = pipeline.predict(X)
     assert np.sum(expected == 5) > 150 and not np.any(expected == 3)
     runner = make_runner(pipeline)
-    single = runner._single[0] @ X.astype(np.float32).T + runner._single[1]
+    single = (X.astype(np.float32) @ runner._single[0]).T + runner._single[1]
     assert np.any(single[3] >= single[5])  # float32 alone would get some of them wrong
     np.testing.assert_array_equal(_labels(runner, X.astype(np.float32)), expected)
 
@@ -289,8 +289,10 @@ def test_the_float32_margin_covers_its_rounding():
     # 8 (d + 3) float32 roundings of the largest term, plus the float64 margin.
     assert runner.single_rtol == pytest.approx(8 * 67 * 2.0 ** -24 + TIE_RTOL)
     X = X_RANDOM_BYTES[:20_000]
-    WT, b, _ = runner._single
-    error = np.abs((WT @ X.T + b).astype(np.float64) - (runner._double[0] @ X.T.astype(np.float64)
-                                                         + runner._double[1]))
+    A, b, _ = runner._single
+    error = np.abs(
+        ((X @ A).T + b).astype(np.float64)
+        - ((X.astype(np.float64) @ runner._double[0]).T + runner._double[1])
+    )
     bound = 255.0 * runner._term_per_unit_x + runner._term_constant
     assert error.max() < runner.single_rtol * bound / 8

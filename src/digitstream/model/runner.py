@@ -274,11 +274,11 @@ class _FusedRunner(Runner):
         if self._binary:
             return np.ascontiguousarray(affine.A[:, 0], dtype=dtype), dtype(affine.c[0])
         k = len(affine.c)
-        # Scores come out (k, n); one product with (ones, 0..k-1) gives, per row, how
+        # Scores are used (k, n); one product with (ones, 0..k-1) gives, per row, how
         # many classes are near the top and (when that is one) which.
         count_and_index = np.vstack([np.ones(k), np.arange(k, dtype=np.float64)]).astype(dtype)
         return (
-            np.ascontiguousarray(affine.A.T, dtype=dtype),
+            np.ascontiguousarray(affine.A, dtype=dtype),
             affine.c[:, None].astype(dtype),
             count_and_index,
         )
@@ -302,8 +302,11 @@ class _FusedRunner(Runner):
             scores += b
             unsure = ~(np.abs(scores) > margin)  # nan included
             return scores, (scores > 0).astype(np.intp), np.flatnonzero(unsure)
-        WT, b, count_and_index = weights
-        scores = WT @ X.T
+        A, b, count_and_index = weights
+        # (X @ A) then a copy to (k, n): BLAS is at its fastest on the row-major product
+        # (twice the speed of A.T @ X.T on some CPUs), and the reductions below are
+        # fastest along rows of a (k, n) array
+        scores = np.ascontiguousarray((X @ A).T)
         scores += b
         top = scores.max(axis=0)
         count, index_sum = count_and_index @ (scores >= top - margin)
