@@ -90,10 +90,20 @@ def test_uniform_run_is_one_array_without_copy_per_frame():
 
 
 def test_mixed_lengths_come_out_in_order_as_groups():
-    payloads = [b"a" * 5] * 10 + [b"bb", b"c" * 9] + [b"d" * 3] * 10 + [b""]
+    payloads = [b"a" * 5] * 40 + [b"bb", b"c" * 9] + [b"d" * 3] * 40 + [b""]
     groups = FrameSplitter().feed(frame_many(payloads))
     assert [p for g in groups for p in g.to_list()] == payloads
-    assert any(g.fixed is not None for g in groups)
+    assert [len(g) for g in groups if g.fixed is not None] == [40, 40]
+
+
+def test_a_few_frames_of_one_length_stay_with_their_neighbours():
+    # Lengths that vary, with runs of up to 31 equal ones: one group of them all.
+    rng = np.random.default_rng(3)
+    lengths = np.repeat(np.arange(200) % 50 + 1, rng.integers(1, 32, 200))
+    payloads = [bytes([k % 256]) * int(n) for k, n in enumerate(lengths)]
+    groups = FrameSplitter().feed(frame_many(payloads))
+    assert len(groups) == 1 and groups[0].fixed is None
+    assert groups[0].to_list() == payloads
 
 
 def test_header_above_the_limit_raises():

@@ -147,7 +147,7 @@ def iter_frames(data: bytes) -> Iterator[bytes]:
 
 
 def split_frames(
-    buf, start: int, end: int, max_frame: int = DEFAULT_MAX_FRAME, min_run: int = 4
+    buf, start: int, end: int, max_frame: int = DEFAULT_MAX_FRAME, min_run: int = 32
 ) -> tuple[list[Payloads], int]:
     """Cut the complete frames out of ``buf[start:end]``.
 
@@ -156,6 +156,11 @@ def split_frames(
     overwritten while they are in use. Returns the :class:`Payloads` groups in
     stream order and the offset where the first incomplete frame begins. A
     header above ``max_frame`` raises :class:`FrameTooLarge`.
+
+    At least ``min_run`` frames of one length in a row are cut as one array; fewer
+    stay with their neighbours. Frames whose lengths vary (JSON) often have a few of
+    one length in a row by chance: cut out, each such run would split the frames
+    around it into batches of their own, a few frames each.
     """
     view = memoryview(buf).cast("B")
     groups: list[Payloads] = []
@@ -171,7 +176,8 @@ def split_frames(
         stride = HEADER_SIZE + length
         if (
             pos + min_run * stride <= end
-            and view[pos + stride : pos + stride + HEADER_SIZE] == view[pos : pos + HEADER_SIZE]
+            and unpack(view, pos + stride)[0] == length
+            and all(unpack(view, pos + k * stride)[0] == length for k in range(2, min_run))
         ):
             count = _uniform_run(view, pos, end, stride)
             if count >= min_run:
@@ -192,14 +198,25 @@ def split_frames(
 
 
 def _uniform_run(view: memoryview, pos: int, end: int, stride: int) -> int:
-    """How many whole frames from ``pos`` on carry the same header as the first."""
-    count = (end - pos) // stride
-    rows = np.frombuffer(view, dtype=np.uint8, count=count * stride, offset=pos).reshape(
-        count, stride
+    """How many whole frames from ``pos`` on carry the same header as the first.
+
+    The headers are compared in windows that double in size, so that a short run (two
+    frames of different images that happen to have one length) costs a few headers,
+    not a pass over the rest of the buffer."""
+    total = (end - pos) // stride
+    rows = np.frombuffer(view, dtype=np.uint8, count=total * stride, offset=pos).reshape(
+        total, stride
     )
     headers = rows[:, :HEADER_SIZE].view(np.uint32)[:, 0]
-    mismatch = np.flatnonzero(headers != headers[0])
-    return int(mismatch[0]) if mismatch.size else count
+    first = headers[0]
+    done, window = 1, 8
+    while done < total:
+        stop = min(total, done + window)
+        mismatch = np.flatnonzero(headers[done:stop] != first)
+        if mismatch.size:
+            return done + int(mismatch[0])
+        done, window = stop, window * 8
+    return total
 
 
 class FrameSplitter:
