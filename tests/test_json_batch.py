@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -119,3 +120,24 @@ def test_batch_encode_equals_frame_by_frame(n, first, confidence, ids, errored):
     except (TypeError, ValueError):
         return
     assert encoder.encode(first, index, conf, errors, id_list) == expected
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [None] * 40,
+        [None, 7, "a-1", None] * 10,
+        [3, -2, 10**30, 0] * 10,
+        ["x", "", "é", None] * 10,
+        ['q"uote', None] * 20,
+    ],
+)
+def test_batch_encode_of_the_usual_ids_equals_frame_by_frame(ids):
+    encoder = JsonEncoder(np.array([0, 1, 2]))
+    index = np.arange(len(ids)) % 3
+    conf = np.linspace(0.2, 1.0, len(ids))
+    expected = encoder._frames(5, 0, len(ids), index, conf, {}, ids)
+    assert encoder.encode(5, index, conf, {}, ids) == expected
+    assert encoder.encode(5, index, conf, {3: "bad json: x"}, ids) == encoder._frames(
+        5, 0, len(ids), index, conf, {3: "bad json: x"}, ids
+    )

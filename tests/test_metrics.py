@@ -43,7 +43,7 @@ def make_result(n, worker="", rejected=None, labels=None, predicted=None):
         pairs = [(str(t), str(p)) for t, p in zip(labels, predicted)]
         result.labelled = len(pairs)
         result.correct = sum(t == p for t, p in pairs)
-        result.confusion = pairs
+        result.confusion = Counter(pairs)
     return result
 
 
@@ -436,3 +436,38 @@ def test_metrics_ui_off_loopback_warns_and_no_metrics_records_nothing(model_dir,
     assert "the metrics UI is bound to 0.0.0.0" in caplog.text
     metrics, server = asyncio.run(start_and_stop(None))  # what --no-metrics gives
     assert metrics is None and server is None
+
+
+@pytest.mark.parametrize(
+    "classes, labels",
+    [
+        (np.arange(10), [3, 7, None, 10, -1, 2**70, 2**63, True, 3.0, "3", "x", 0] * 5),
+        (np.arange(10), list(range(10)) * 7),
+        (np.array([5, 2, 9]), [9, 2, 5, 4, None] * 4),
+        (np.array(["cat", "dog"]), ["cat", "dog", "Cat", None, 1] * 3),
+    ],
+)
+def test_live_accuracy_counts_labels_as_their_text(classes, labels):
+    """Flow._score: a true label is str(label), OTHER_LABEL when no class has that text,
+    and frames without a label or with an error are not scored."""
+    from digitstream.pipeline import OTHER_LABEL, Flow
+
+    class Runner:
+        n_features = 1
+        stage_names = ()
+
+    Runner.classes = classes
+    flow = Flow(Runner(), "json", "json")
+    predicted = np.arange(len(labels)) % len(classes)
+    errors = {1: "bad json: x"}
+    result = make_result(len(labels))
+    flow._score(result, labels, predicted, errors)
+    texts = [str(c) for c in classes]
+    expected = Counter(
+        (str(t) if str(t) in texts else OTHER_LABEL, texts[p])
+        for i, (t, p) in enumerate(zip(labels, predicted))
+        if t is not None and i not in errors
+    )
+    assert result.confusion == expected
+    assert result.labelled == sum(expected.values())
+    assert result.correct == sum(n for (t, p), n in expected.items() if t == p)

@@ -81,7 +81,8 @@ class BatchResult:
     worker: str = ""
     labelled: int = 0  # inputs that carried a true label
     correct: int = 0  # ... of which were classified as labelled
-    confusion: list[tuple[str, str]] | None = None  # (true, predicted) label texts
+    #: (true, predicted) label texts -> frames, over the labelled frames
+    confusion: Counter | None = None
     #: the batch's ``meta``, set by the application before the result goes to the sink
     meta: object = None
 
@@ -96,7 +97,7 @@ class BatchResult:
             times[name] = times.get(name, 0.0) + seconds
         confusion = None
         if self.confusion is not None or later.confusion is not None:
-            confusion = [*(self.confusion or ()), *(later.confusion or ())]
+            confusion = Counter(self.confusion or ()) + Counter(later.confusion or ())
         return BatchResult(
             stream=self.stream,
             first_seq=self.first_seq,
@@ -131,6 +132,16 @@ class StageFailed(Exception):
         self.ids = ids  # what the payloads carried, if they were decoded
 
 
+def _int_classes(classes) -> tuple[np.ndarray, np.ndarray] | None:
+    values = np.asarray(classes)
+    if values.dtype.kind not in "iu" or len(np.unique(values)) != len(values):
+        return None
+    if values.dtype.kind == "u" and len(values) and values.max() > np.iinfo(np.int64).max:
+        return None
+    order = np.argsort(values, kind="stable")
+    return values[order].astype(np.int64), order
+
+
 def failure_reason(exc: BaseException) -> str:
     """One short line for an exception: its message, or its type's name if it has none."""
     text = str(exc).strip()
@@ -148,7 +159,10 @@ class Flow:
         self.stage_names = ["decode", *runner.stage_names, "encode"]
         self.worker = worker
         self._label_text = [str(c) for c in runner.classes]
-        self._known_labels = frozenset(self._label_text)
+        self._label_codes = {text: i for i, text in enumerate(self._label_text)}
+        #: the classes as sorted int64 values and their indices, when every class is an
+        #: integer (an int label then names class c exactly when it equals c)
+        self._int_classes = _int_classes(runner.classes)
 
     @classmethod
     def build(cls, pipeline, options: FlowOptions) -> Flow:
@@ -236,14 +250,39 @@ class Flow:
     def _score(
         self, result: BatchResult, labels: list, class_index: np.ndarray, errors: dict[int, str]
     ) -> None:
-        known = self._known_labels
-        pairs = []
-        for i, label in enumerate(labels):
-            if label is None or i in errors:
-                continue
-            true = str(label)
-            # what senders invent must not grow the confusion matrix without bound
-            pairs.append((true if true in known else OTHER_LABEL, self._label_text[class_index[i]]))
-        result.labelled = len(pairs)
-        result.correct = sum(1 for t, p in pairs if t == p)
-        result.confusion = pairs
+        """Live accuracy: the labelled frames of the batch, and their (true, predicted)
+        label texts counted; a true label is ``str(label)``, or ``OTHER_LABEL`` when the
+        model has no such class."""
+        texts = self._label_text
+        other = len(texts)  # the code of OTHER_LABEL
+        true = self._true_codes(labels)
+        if errors:
+            true[list(errors)] = -1
+        scored = true >= 0
+        pairs = np.bincount(
+            true[scored] * len(texts) + class_index[scored], minlength=(other + 1) * len(texts)
+        )
+        confusion: Counter = Counter()
+        for code in np.flatnonzero(pairs).tolist():
+            t, p = divmod(code, len(texts))
+            confusion[(texts[t] if t < other else OTHER_LABEL, texts[p])] = int(pairs[code])
+        result.labelled = int(scored.sum())
+        result.correct = int(pairs[:: len(texts) + 1][: len(texts)].sum())
+        result.confusion = confusion
+
+    def _true_codes(self, labels: list) -> np.ndarray:
+        """Per frame: the index of its label's class, ``len(classes)`` for a label the
+        model has no class for, -1 for none."""
+        other = len(self._label_text)
+        if self._int_classes is not None and set(map(type, labels)) == {int}:
+            values = np.array(labels)
+            if values.dtype.kind == "i":  # else an int beyond int64: the general case
+                classes, order = self._int_classes
+                at = np.searchsorted(classes, values).clip(0, len(classes) - 1)
+                return np.where(classes[at] == values, order[at], other)
+        codes = self._label_codes
+        return np.fromiter(
+            (-1 if label is None else codes.get(str(label), other) for label in labels),
+            dtype=np.int64,
+            count=len(labels),
+        )

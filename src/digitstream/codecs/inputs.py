@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import operator
 import pickle
 import secrets
 from dataclasses import dataclass, field
@@ -279,10 +280,14 @@ class Decoder:
         if not items:
             return rest
         images = _json_images(items)
-        taken = [k for k, image in enumerate(images) if image is not None]
+        if None in images:
+            taken = [k for k, image in enumerate(images) if image is not None]
+            raws = [images[k].pixels for k in taken]  # type: ignore[union-attr]
+        else:
+            taken = list(range(len(images)))
+            raws = list(map(_PIXELS, images))
         rows = np.zeros((len(taken), self.n_features), dtype=np.float64)
         ok = np.zeros(len(taken), dtype=bool)
-        raws = [images[k].pixels for k in taken]  # type: ignore[union-attr]
         for start in range(0, len(raws), _JSON_CHUNK):
             stop = start + _JSON_CHUNK
             rows[start:stop], ok[start:stop] = _pixel_rows(raws[start:stop], self.n_features)
@@ -297,9 +302,9 @@ class Decoder:
                 out.X[:] = rows
             else:
                 out.X[at] = rows
-            chosen_images: list = [images[k] for k in done]
-            labels = [image.label for image in chosen_images]
-            ids = [image.id for image in chosen_images]
+            chosen_images: list = images if len(done) == len(images) else [images[k] for k in done]
+            labels = list(map(_LABEL, chosen_images))
+            ids = list(map(_ID, chosen_images))
             if labels.count(None) < len(labels) or ids.count(None) < len(ids):
                 if out.labels is None or out.ids is None:
                     out.labels, out.ids = [None] * len(out.X), [None] * len(out.X)
@@ -415,6 +420,7 @@ class _JsonImage(msgspec.Struct, forbid_unknown_fields=True):
 #: numbers are converted this many lists at a time, so the work stays in the CPU cache
 _JSON_CHUNK = 256
 _JSON_BATCH = msgspec.json.Decoder(list[_JsonImage | str])
+_PIXELS, _LABEL, _ID = (operator.attrgetter(name) for name in ("pixels", "label", "id"))
 _JSON_ONE = msgspec.json.Decoder(_JsonImage)
 
 
@@ -435,7 +441,10 @@ def _json_images(items: list[bytes]) -> list[_JsonImage | None]:
     except Exception:  # any failure: the payloads one by one say which
         values = None
     if values is not None and len(values) == 2 * n - 1 and values[1::2].count(nonce) == n - 1:
-        return [v if type(v) is _JsonImage else None for v in values[::2]]
+        images = values[::2]
+        if set(map(type, images)) == {_JsonImage}:
+            return images  # type: ignore[return-value]  # every one a _JsonImage
+        return [v if type(v) is _JsonImage else None for v in images]
     out: list[_JsonImage | None] = []
     for payload in items:
         try:

@@ -106,7 +106,7 @@ class JsonEncoder:
         for all of them: the same bytes as :meth:`_frames` writes one by one."""
         n = stop - start
         seqs = _decimal_texts(first_seq + start, n)
-        id_texts = None if ids is None else _plain_strings(ids[start:stop])
+        id_texts = None if ids is None else _id_fields(ids[start:stop])
         if n < 16 or seqs is None or (ids is not None and id_texts is None):
             return self._frames(first_seq, start, stop, class_index, confidence, {}, ids)
         labels = self._label_bytes.take(class_index[start:stop])
@@ -122,10 +122,9 @@ class JsonEncoder:
             _Texts.constant(b',"probability":', n),
             probs,
         ]
-        if id_texts is not None:
-            pieces += [_Texts.constant(b',"id":"', n), id_texts, _Texts.constant(b'"}', n)]
-        else:
-            pieces.append(_Texts.constant(b"}", n))
+        if id_texts is not None and id_texts is not _NO_IDS:
+            pieces.append(id_texts)
+        pieces.append(_Texts.constant(b"}", n))
         sizes = sum(piece.lengths for piece in pieces)
         header = _Texts(np.asarray(sizes, dtype=">u4").view(np.uint8).reshape(n, HEADER.size), None)
         return _join_rows([header, *pieces])
@@ -238,20 +237,33 @@ _PLAIN_BYTES[0x20:0x7F] = True
 _PLAIN_BYTES[[ord('"'), ord("\\")]] = False
 
 
-def _plain_strings(values) -> _Texts | None:
-    """Strings that are their own JSON text between quotes; None if any value is not one."""
-    if not all(type(v) is str for v in values):
+#: what :func:`_id_fields` returns when no frame has an id
+_NO_IDS = _Texts(np.zeros((0, 0), dtype=np.uint8))
+
+
+def _id_fields(values) -> _Texts | None:
+    """Each frame's ``,"id":...`` field as :meth:`JsonEncoder._frames` writes it (empty
+    for a frame without an id), or :data:`_NO_IDS` when no frame has one; None when an id
+    is not a string that is its own JSON text between quotes, an int or None."""
+    if values.count(None) == len(values):
+        return _NO_IDS
+    if not set(map(type, values)) <= {str, int, type(None)}:
         return None
-    try:
-        data = "\x00".join(values).encode("ascii")
-    except UnicodeEncodeError:
-        return None
-    codes = np.frombuffer(data, dtype=np.uint8)
-    separators = codes == 0
-    if int(separators.sum()) != len(values) - 1 or not _PLAIN_BYTES[codes[~separators]].all():
-        return None
-    lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-    return _packed(codes[~separators].tobytes(), lengths)
+    strings = [v for v in values if type(v) is str]
+    if strings:
+        try:
+            data = "\x00".join(strings).encode("ascii")
+        except UnicodeEncodeError:
+            return None
+        codes = np.frombuffer(data, dtype=np.uint8)
+        separators = codes == 0
+        if int(separators.sum()) != len(strings) - 1 or not _PLAIN_BYTES[codes[~separators]].all():
+            return None
+    fields = [
+        "" if v is None else f',"id":"{v}"' if type(v) is str else f',"id":{v}' for v in values
+    ]
+    lengths = np.fromiter(map(len, fields), dtype=np.int64, count=len(fields))
+    return _packed("".join(fields).encode("ascii"), lengths)
 
 
 _PLACES = 6
