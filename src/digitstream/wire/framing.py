@@ -107,7 +107,7 @@ class Payloads:
     @classmethod
     def from_list(cls, payloads: list[bytes]) -> Payloads:
         """Payloads from a list; the fixed form when all have one length."""
-        if payloads and len(payloads) > 1 and all(len(p) == len(payloads[0]) for p in payloads):
+        if len(payloads) > 1 and all(len(p) == len(payloads[0]) for p in payloads):
             joined = np.frombuffer(b"".join(payloads), dtype=np.uint8)
             return cls(fixed=joined.reshape(len(payloads), len(payloads[0])))
         return cls(items=list(payloads))
@@ -171,7 +171,7 @@ def split_frames(
         (length,) = unpack(view, pos)
         if length > max_frame:
             if singles:
-                groups.append(Payloads(items=singles))
+                groups.append(Payloads.from_list(singles))
             raise FrameTooLarge(length, max_frame, groups, pos)
         stride = HEADER_SIZE + length
         if (
@@ -182,7 +182,7 @@ def split_frames(
             count = _uniform_run(view, pos, end, stride)
             if count >= min_run:
                 if singles:
-                    groups.append(Payloads(items=singles))
+                    groups.append(Payloads.from_list(singles))
                     singles = []
                 rows = np.frombuffer(view, dtype=np.uint8, count=count * stride, offset=pos)
                 groups.append(Payloads(fixed=rows.reshape(count, stride)[:, HEADER_SIZE:]))
@@ -193,14 +193,15 @@ def split_frames(
         singles.append(bytes(view[pos + HEADER_SIZE : pos + stride]))
         pos += stride
     if singles:
-        groups.append(Payloads(items=singles))
+        # a few frames that all have one length (a slow stream's read) are one array too
+        groups.append(Payloads.from_list(singles))
     return groups, pos
 
 
 def _uniform_run(view: memoryview, pos: int, end: int, stride: int) -> int:
     """How many whole frames from ``pos`` on carry the same header as the first.
 
-    The headers are compared in windows that double in size, so that a short run (two
+    The headers are compared in windows that grow eightfold, so that a short run (two
     frames of different images that happen to have one length) costs a few headers,
     not a pass over the rest of the buffer."""
     total = (end - pos) // stride
