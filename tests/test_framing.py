@@ -118,3 +118,28 @@ def test_frame_helpers_agree():
     assert b"".join(frame(p) for p in payloads) == frame_many(payloads)
     fixed = Payloads.from_list([b"ab", b"cd"])
     assert fixed.fixed is not None and fixed.to_list() == [b"ab", b"cd"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 6), st.integers(1, 70)), max_size=8),
+    st.lists(st.integers(0, 4000), max_size=4),
+)
+def test_runs_of_any_length_anywhere_come_out_in_order(runs, cuts):
+    """Runs of equal-length frames, of every length around ``min_run``, cut into reads
+    anywhere: every frame once, in order; whole runs of 32 and more come out as arrays."""
+    payloads = [bytes([k % 256]) * size for k, (size, repeat) in enumerate(runs) for _ in range(repeat)]
+    data = frame_many(payloads)
+    splitter = FrameSplitter()
+    got: list[bytes] = []
+    start = 0
+    for cut in sorted(c for c in cuts if c < len(data)) + [len(data)]:
+        for group in splitter.feed(data[start:cut]):
+            got.extend(group.to_list())
+        start = cut
+    assert got == payloads
+    assert splitter.pending == 0
+    groups = FrameSplitter().feed(data)
+    for size, repeat in runs:
+        if repeat >= 32 and len({s for s, _ in runs}) > 1:
+            assert any(g.fixed is not None and g.fixed.shape[1] == size for g in groups)

@@ -165,8 +165,10 @@ def split_frames(
     view = memoryview(buf).cast("B")
     groups: list[Payloads] = []
     singles: list[bytes] = []
+    append = singles.append
     pos = start
     unpack = HEADER.unpack_from
+    previous = -1  # the length of the frame just taken one by one
     while pos + HEADER_SIZE <= end:
         (length,) = unpack(view, pos)
         if length > max_frame:
@@ -174,23 +176,27 @@ def split_frames(
                 groups.append(Payloads.from_list(singles))
             raise FrameTooLarge(length, max_frame, groups, pos)
         stride = HEADER_SIZE + length
-        if (
-            pos + min_run * stride <= end
-            and unpack(view, pos + stride)[0] == length
-            and all(unpack(view, pos + k * stride)[0] == length for k in range(2, min_run))
-        ):
-            count = _uniform_run(view, pos, end, stride)
-            if count >= min_run:
+        if length == previous:
+            # two in a row of one length: a run, if min_run of them are there
+            first = pos - stride
+            if first + min_run * stride <= end and all(
+                unpack(view, first + k * stride)[0] == length for k in range(2, min_run)
+            ):
+                count = _uniform_run(view, first, end, stride)
+                singles.pop()  # the frame before is the run's first
                 if singles:
                     groups.append(Payloads.from_list(singles))
                     singles = []
-                rows = np.frombuffer(view, dtype=np.uint8, count=count * stride, offset=pos)
+                    append = singles.append
+                rows = np.frombuffer(view, dtype=np.uint8, count=count * stride, offset=first)
                 groups.append(Payloads(fixed=rows.reshape(count, stride)[:, HEADER_SIZE:]))
-                pos += count * stride
+                pos = first + count * stride
+                previous = -1
                 continue
         if pos + stride > end:
             break
-        singles.append(bytes(view[pos + HEADER_SIZE : pos + stride]))
+        append(bytes(view[pos + HEADER_SIZE : pos + stride]))
+        previous = length
         pos += stride
     if singles:
         # a few frames that all have one length (a slow stream's read) are one array too
