@@ -254,20 +254,19 @@ class Flow:
         label texts counted; a true label is ``str(label)``, or ``OTHER_LABEL`` when the
         model has no such class."""
         texts = self._label_text
-        other = len(texts)  # the code of OTHER_LABEL
+        k = len(texts)  # also the code of OTHER_LABEL
         true = self._true_codes(labels)
         if errors:
             true[list(errors)] = -1
         scored = true >= 0
-        pairs = np.bincount(
-            true[scored] * len(texts) + class_index[scored], minlength=(other + 1) * len(texts)
-        )
+        # rows: true label code (OTHER_LABEL last), columns: predicted class
+        matrix = np.bincount(true[scored] * k + class_index[scored], minlength=(k + 1) * k)
+        matrix = matrix.reshape(k + 1, k)
         confusion: Counter = Counter()
-        for code in np.flatnonzero(pairs).tolist():
-            t, p = divmod(code, len(texts))
-            confusion[(texts[t] if t < other else OTHER_LABEL, texts[p])] = int(pairs[code])
+        for t, p in np.argwhere(matrix).tolist():
+            confusion[(texts[t] if t < k else OTHER_LABEL, texts[p])] = int(matrix[t, p])
         result.labelled = int(scored.sum())
-        result.correct = int(pairs[:: len(texts) + 1][: len(texts)].sum())
+        result.correct = int(np.trace(matrix))
         result.confusion = confusion
 
     def _true_codes(self, labels: list) -> np.ndarray:

@@ -106,8 +106,9 @@ class JsonEncoder:
         for all of them: the same bytes as :meth:`_frames` writes one by one."""
         n = stop - start
         seqs = _decimal_texts(first_seq + start, n)
-        id_texts = None if ids is None else _id_fields(ids[start:stop])
-        if n < 16 or seqs is None or (ids is not None and id_texts is None):
+        some_ids = ids is not None and ids[start:stop].count(None) < n
+        id_texts = _id_fields(ids[start:stop]) if some_ids else None
+        if n < 16 or seqs is None or (some_ids and id_texts is None):
             return self._frames(first_seq, start, stop, class_index, confidence, {}, ids)
         labels = self._label_bytes.take(class_index[start:stop])
         if confidence is None:
@@ -122,7 +123,7 @@ class JsonEncoder:
             _Texts.constant(b',"probability":', n),
             probs,
         ]
-        if id_texts is not None and id_texts is not _NO_IDS:
+        if id_texts is not None:
             pieces.append(id_texts)
         pieces.append(_Texts.constant(b"}", n))
         sizes = sum(piece.lengths for piece in pieces)
@@ -237,16 +238,10 @@ _PLAIN_BYTES[0x20:0x7F] = True
 _PLAIN_BYTES[[ord('"'), ord("\\")]] = False
 
 
-#: what :func:`_id_fields` returns when no frame has an id
-_NO_IDS = _Texts(np.zeros((0, 0), dtype=np.uint8))
-
-
 def _id_fields(values) -> _Texts | None:
     """Each frame's ``,"id":...`` field as :meth:`JsonEncoder._frames` writes it (empty
-    for a frame without an id), or :data:`_NO_IDS` when no frame has one; None when an id
-    is not a string that is its own JSON text between quotes, an int or None."""
-    if values.count(None) == len(values):
-        return _NO_IDS
+    for a frame without an id); None when an id is not a string that is its own JSON
+    text between quotes, an int or None."""
     if not set(map(type, values)) <= {str, int, type(None)}:
         return None
     strings = [v for v in values if type(v) is str]

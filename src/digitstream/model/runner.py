@@ -274,8 +274,8 @@ class _FusedRunner(Runner):
         if self._binary:
             return np.ascontiguousarray(affine.A[:, 0], dtype=dtype), dtype(affine.c[0])
         k = len(affine.c)
-        # Scores are used (k, n); one product with (ones, 0..k-1) gives, per row, how
-        # many classes are near the top and (when that is one) which.
+        # The decision takes scores laid out (k, n); one product with (ones, 0..k-1)
+        # gives, per row, how many classes are near the top and (when that is one) which.
         count_and_index = np.vstack([np.ones(k), np.arange(k, dtype=np.float64)]).astype(dtype)
         return (
             np.ascontiguousarray(affine.A, dtype=dtype),

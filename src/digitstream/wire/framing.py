@@ -207,9 +207,9 @@ def split_frames(
 def _uniform_run(view: memoryview, pos: int, end: int, stride: int) -> int:
     """How many whole frames from ``pos`` on carry the same header as the first.
 
-    The headers are compared in windows that grow eightfold, so that a short run (two
-    frames of different images that happen to have one length) costs a few headers,
-    not a pass over the rest of the buffer."""
+    The headers are compared in windows that grow eightfold, so that a run that ends
+    soon (a few dozen frames of one length among frames of other lengths) costs a few
+    headers, not a pass over the rest of the buffer."""
     total = (end - pos) // stride
     rows = np.frombuffer(view, dtype=np.uint8, count=total * stride, offset=pos).reshape(
         total, stride
