@@ -269,7 +269,9 @@ class AppProcess:
                 status, _ = http_get(self.metrics_url + "/readyz", timeout=1)
             except OSError:
                 return False
-            return status == 200
+            # and the model whole: a linear one is served from its stored arrays while
+            # skops loads its pipeline (which the process's memory then grows by)
+            return status == 200 and self.stats()["pipeline_loaded"]
         wait_for(ready, max(0.0, deadline - time.monotonic()), interval=0.05,
                  what="the application to be ready")
         return self

@@ -68,3 +68,17 @@ def test_measure_startup_reports_a_command_that_exits_first():
         measure_startup([sys.executable, "-c", "print('no'); raise SystemExit(3)"], 1)
     with pytest.raises(ValueError):
         measure_startup([sys.executable, "-c", "pass"], 0)
+
+
+def test_a_linear_model_is_served_before_scikit_learn_is_imported(model_dir):
+    """The seed's model is read from its stored arrays: nothing of scikit-learn, SciPy or
+    skops is imported until ``run`` listens (they load afterwards, on a thread)."""
+    modules = _modules_after(
+        "from digitstream.cli import _import_start_path\n"
+        "_import_start_path(metrics=True)\n"
+        "from digitstream.app import AppConfig, Application\n"
+        f"app = Application(AppConfig(model_path={str(model_dir)!r}, input_format='u8'))\n"
+        "app.load()\n"
+        "assert app.flow.runner.compiled\n")
+    assert not _tops(modules) & {"sklearn", "scipy", "skops", *HEAVY_UNUSED}
+    assert "numpy.ma" not in modules

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import logging
 import signal
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ from digitstream.config import AppConfig
 from digitstream.connectors import make_sink, make_source
 from digitstream.engine.base import Engine, EngineOptions, answer, make_engine
 from digitstream.errors import UserError
+from digitstream.model.stored import StoredPipeline
 from digitstream.pipeline import BatchResult, Flow, FlowOptions, StreamId, failure_reason
 from digitstream.sinks import Sink
 from digitstream.sources import InputStream, Source
@@ -31,6 +33,7 @@ from digitstream.sources import InputStream, Source
 if TYPE_CHECKING:
     from digitstream.metrics.recorder import Metrics
     from digitstream.metrics.server import MetricsServer
+    from digitstream.model.bundle import Bundle
     from digitstream.model.swap import ModelWatcher
 
 __all__ = ["AppConfig", "Application", "Serving", "run_app"]
@@ -101,6 +104,10 @@ class Application:
         self._streams: set[asyncio.Task] = set()
         self._accepting: asyncio.Task | None = None
         self._sink_faults = 0
+        # a bundle served from its stored arrays, and what loads its real pipeline
+        self._stored: Bundle | None = None
+        self._finishing: threading.Thread | None = None
+        self._model_failed = False
 
     @property
     def bundle(self):
@@ -112,10 +119,17 @@ class Application:
 
     # ------------------------------------------------------------ start-up
     def load(self) -> None:
-        from digitstream.model.bundle import load_bundle
+        from digitstream.model.bundle import load_bundle, load_bundle_stored
 
         cfg = self.config
-        bundle = self._given[2] or load_bundle(cfg.model_path)
+        bundle = self._given[2]
+        if bundle is None and cfg.engine == "local" and cfg.compile_model:
+            # a linear model is served from its stored arrays at once; scikit-learn is
+            # loaded after start-up (finish_loading), for the rows near a tie
+            bundle = load_bundle_stored(cfg.model_path)
+            self._stored = bundle
+        if bundle is None:
+            bundle = load_bundle(cfg.model_path)
         flow = Flow.build(bundle.pipeline, self.flow_options)
         runner = flow.runner
         smallest = smallest_payload(cfg.input_format, runner.n_features)
@@ -188,6 +202,8 @@ class Application:
         # objects, tens of ms) in the middle of a batch now and then. A collection first
         # would find nothing to free here (start-up makes no cycles it drops) and take 0.1 s.
         gc.freeze()
+        if self._stored is not None:
+            self._finish_loading(self._stored)
         self.ready.set()
         log.info(
             "listening on %s, results to %s%s",
@@ -195,6 +211,47 @@ class Application:
             sink.describe(),
             f", metrics UI at {self.metrics_server.url}" if self.metrics_server else "",
         )
+
+    def pipeline_loaded(self) -> bool:
+        """False while the pipeline of a model served from its stored arrays loads."""
+        pipeline = self._stored.pipeline if self._stored is not None else None
+        return not isinstance(pipeline, StoredPipeline) or pipeline.resolved
+
+    def _finish_loading(self, bundle) -> None:
+        """Load the real pipeline of a bundle served from its stored arrays, on a thread
+        of its own; should it fail, the run stops (exit status 1)."""
+        from digitstream.model.bundle import finish_loading
+
+        loop = asyncio.get_running_loop()
+
+        def failed(exc: BaseException) -> None:
+            log.error("model %s could not be loaded: %s", bundle.path, failure_reason(exc))
+            self._model_failed = True
+            self.request_stop()
+
+        def load() -> None:
+            started = time.perf_counter()
+            # The import makes a great many objects that live as long as the process and
+            # next to no garbage: collections meanwhile would only slow it (and serving).
+            was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                finish_loading(bundle)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(failed, exc)
+                return
+            finally:
+                gc.freeze()  # kept out of full collections, as what start-up made
+                if was_enabled:
+                    gc.enable()
+            log.info(
+                "model %s: pipeline loaded by skops in %.1f s, the same map as its arrays",
+                bundle.path,
+                time.perf_counter() - started,
+            )
+
+        self._finishing = threading.Thread(target=load, name="model-load", daemon=True)
+        self._finishing.start()
 
     async def _serve_metrics(self, source: Source, sink: Sink) -> None:
         from digitstream.metrics.server import MetricsServer
@@ -215,6 +272,7 @@ class Application:
             return {
                 "engine": cfg.engine,
                 "cluster": engine.state() if engine else None,
+                "pipeline_loaded": self.pipeline_loaded(),
                 "input_format": cfg.input_format,
                 "output_format": cfg.output_format,
                 "addresses": {"in": source.describe(), "out": sink.describe()},
@@ -311,7 +369,7 @@ class Application:
 
     async def shutdown(self) -> int:
         """Answer what was received and deliver it, within the drain and flush bounds;
-        the exit status (1 if results were left undelivered)."""
+        the exit status (1 if results were left undelivered or the model failed to load)."""
         cfg = self.config
         if self.watcher is not None:
             await self.watcher.close()
@@ -345,6 +403,10 @@ class Application:
             await self.engine.close()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
+        if self._finishing is not None:  # a process does not exit in the middle of an import
+            await asyncio.to_thread(self._finishing.join)
+        if self._model_failed:
+            status = 1
         log.info("stopped: %d frames received, %d answered", self.frames_in, self.frames_out)
         return status
 

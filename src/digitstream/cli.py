@@ -442,11 +442,12 @@ def _import_start_path(metrics: bool) -> None:
     """Import the modules ``run`` needs before it listens, with the cyclic garbage
     collector paused.
 
-    They are nearly all of its start-up time (scikit-learn and SciPy through skops,
-    aiohttp for the metrics UI). Importing them makes a great many objects that live as
-    long as the process and next to no garbage, so the collections that would run
-    meanwhile find nothing to free. ``run`` imports them again where it uses them; this
-    only does it sooner.
+    They are most of its start-up time (aiohttp for the metrics UI, NumPy; and
+    scikit-learn and SciPy through skops when the model is not served from its stored
+    arrays, which ``digitstream.app`` then loads). Importing them makes a great many
+    objects that live as long as the process and next to no garbage, so the collections
+    that would run meanwhile find nothing to free. ``run`` imports them again where it
+    uses them; this only does it sooner.
     """
     import importlib
 
@@ -456,9 +457,6 @@ def _import_start_path(metrics: bool) -> None:
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        from digitstream.model.skops_defaults import import_skops_io
-
-        import_skops_io()
         for module in modules:
             importlib.import_module(module)
     except Exception:

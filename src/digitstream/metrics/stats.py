@@ -21,6 +21,8 @@ def stats_document(
     - ``engine``, ``input_format``, ``output_format``, ``addresses`` (``in``, ``out``, ``metrics``).
     - ``cluster``: with ``--engine dask``, where batches go now: ``{scheduler, local_cluster,
       connected, workers, reconnects, in_process_batches}`` (null with ``--engine local``).
+    - ``pipeline_loaded``: false while skops loads the pipeline of a model served from
+      its stored arrays (the rows near a tie wait for it), true otherwise.
     - ``pipeline``: stage names in order, e.g.
       ``["decode", "PCA", "Logistic Regression", "encode"]``.
     - ``messages``: ``in`` (frames received), ``out`` (results written), ``in_flight``
@@ -105,6 +107,7 @@ def stats_document(
         "uptime_seconds": s.taken_at - s.started_at,
         "engine": info.get("engine"),
         "cluster": info.get("cluster"),
+        "pipeline_loaded": info.get("pipeline_loaded", True),
         "input_format": info.get("input_format"),
         "output_format": info.get("output_format"),
         "addresses": info.get("addresses", {}),

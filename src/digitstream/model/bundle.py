@@ -31,6 +31,7 @@ import numpy as np
 from digitstream.errors import UserError
 from digitstream.model.runner import n_features_of, pipeline_steps
 from digitstream.model.skops_defaults import import_skops_io
+from digitstream.model.stored import StoredPipeline, read_stored
 
 PIPELINE_FILE = "pipeline.skops"
 CARD_FILE = "model.json"
@@ -121,6 +122,65 @@ def load_bundle(path) -> Bundle:
     not a fitted classifier.
     """
     path = Path(path)
+    card, skops_path, data, digest = _read_files(path)
+    return _loaded(path, card, skops_path, data, digest)
+
+
+def load_bundle_stored(path) -> Bundle | None:
+    """A bundle directory whose pipeline is served fused, read without scikit-learn.
+
+    The bundle's pipeline is then a :class:`~digitstream.model.stored.StoredPipeline`;
+    :func:`finish_loading` loads the real one (with every check of :func:`load_bundle`)
+    and hands it over. The files are checked as :func:`load_bundle` checks them (the
+    same BundleError); None if ``path`` is a lone ``.skops`` file or the pipeline holds
+    anything :func:`~digitstream.model.stored.read_stored` does not read.
+    """
+    path = Path(path)
+    card, skops_path, data, digest = _read_files(path)
+    stored = read_stored(data) if card is not None else None
+    if stored is None:
+        return None
+    assert card is not None  # read_stored is tried only for a bundle directory
+    _check_classifier(stored, str(skops_path))
+    facts = _facts(stored)
+    _check_card_matches(card, facts, path)
+    return Bundle(
+        pipeline=stored,
+        card=card,
+        path=path,
+        n_features=facts["n_features"],
+        classes=np.asarray(stored.classes_),
+        step_names=facts["steps"],
+        content_hash=digest,
+    )
+
+
+def finish_loading(bundle: Bundle) -> Bundle:
+    """Load the real pipeline of a bundle from :func:`load_bundle_stored`, check that it
+    is fused into exactly the map its stored arrays gave, and hand it to the stored
+    pipeline (or the error, which is also raised: BundleError)."""
+    from digitstream.model.runner import make_runner
+
+    stored = bundle.pipeline
+    assert isinstance(stored, StoredPipeline), "a bundle from load_bundle_stored"
+    skops_path = bundle.path / PIPELINE_FILE
+    try:
+        full = _loaded(bundle.path, bundle.card, skops_path, stored.data, bundle.content_hash)
+        if not make_runner(stored).same_map(make_runner(full.pipeline)):
+            raise BundleError(
+                f"{skops_path}: the pipeline as loaded by skops does not match its stored "
+                "arrays; serve it with --no-compile"
+            )
+    except BaseException as exc:
+        stored.fail(exc)
+        raise
+    stored.resolve(full.pipeline)
+    return full
+
+
+def _read_files(path: Path) -> tuple[dict | None, Path, bytes, str]:
+    """The card (None for a lone .skops file), the pipeline file, its bytes and their
+    hash, checked against the card."""
     if path.is_dir():
         card = _read_card(path)
         skops_path = path / PIPELINE_FILE
@@ -153,6 +213,10 @@ def load_bundle(path) -> Bundle:
             f"{digest}, the card says {card['content_hash']}; the file was "
             "changed after the bundle was written"
         )
+    return card, skops_path, data, digest
+
+
+def _loaded(path: Path, card: dict | None, skops_path: Path, data: bytes, digest: str) -> Bundle:
     pipeline = _load_trusted(data, skops_path)
     _check_classifier(pipeline, str(skops_path))
     facts = _facts(pipeline)

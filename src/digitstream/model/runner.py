@@ -36,6 +36,12 @@ allowance for underflow. Rows inside it are scored again in double precision
 and, if still tied there, by the real pipeline, so the labels stay exactly
 ``pipeline.predict(X.astype(float64))``. Confidences are always computed in
 double precision.
+
+The pipeline may also be a :class:`~digitstream.model.stored.StoredPipeline`,
+read from its skops file without importing scikit-learn: it is fused from the
+stored arrays into the same map, bit for bit, and rows within the tie margin
+wait until the real pipeline is loaded. Nothing here imports scikit-learn; a
+loaded estimator's class is known by its module and name.
 """
 
 from __future__ import annotations
@@ -45,34 +51,28 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.special import expit
-from sklearn.decomposition import PCA
-from sklearn.linear_model import (
-    LogisticRegression,
-    Perceptron,
-    RidgeClassifier,
-    RidgeClassifierCV,
-    SGDClassifier,
+
+from digitstream.model.stored import (
+    CLASSIFIER_KINDS,
+    ESTIMATOR_KINDS,
+    StoredPipeline,
+    StoredStep,
 )
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import LinearSVC
 
 TIE_RTOL = 1e-9
 SINGLE_EPS = 2.0**-24  # unit roundoff of float32
 SINGLE_TINY = 2.0**-148  # twice the absolute rounding of a float32 operation that underflows
 SINGLE_MAX = 1e37  # score terms below this cannot overflow float32
 
-# Exact types: a subclass may override transform or predict.
-_AFFINE_TRANSFORMERS = (StandardScaler, PCA)
-_LINEAR_CLASSIFIERS = (
-    LogisticRegression,
-    LinearSVC,
-    RidgeClassifier,
-    RidgeClassifierCV,
-    SGDClassifier,
-    Perceptron,
-)
+# Fused by exact type (a subclass may override transform or predict): the kinds of
+# stored.ESTIMATOR_KINDS, and the linear classifiers fused only once loaded.
+_LOADED_ONLY_CLASSIFIERS = {
+    ("sklearn.linear_model._ridge", "RidgeClassifier"): "RidgeClassifier",
+    ("sklearn.linear_model._ridge", "RidgeClassifierCV"): "RidgeClassifierCV",
+    ("sklearn.linear_model._stochastic_gradient", "SGDClassifier"): "SGDClassifier",
+    ("sklearn.linear_model._perceptron", "Perceptron"): "Perceptron",
+}
+_LINEAR_CLASSIFIERS = CLASSIFIER_KINDS | set(_LOADED_ONLY_CLASSIFIERS.values())
 
 perf_counter = time.perf_counter
 
@@ -87,14 +87,27 @@ class Prediction:
 def pipeline_steps(estimator) -> list[tuple[str, Any]]:
     """The steps that run, as (name, estimator); a bare classifier is one step
     named after its class. ``None`` and ``"passthrough"`` steps are skipped, as
-    the Pipeline skips them."""
-    if isinstance(estimator, Pipeline):
-        return [
-            (name, step)
-            for name, step in estimator.steps
-            if step is not None and not isinstance(step, str)
-        ]
-    return [(type(estimator).__name__, estimator)]
+    the Pipeline skips them. A :class:`~digitstream.model.stored.StoredPipeline`
+    gives its stored steps."""
+    if isinstance(estimator, StoredPipeline):
+        steps = estimator.steps
+    else:
+        from sklearn.pipeline import Pipeline  # loaded with the estimator already
+
+        if not isinstance(estimator, Pipeline):
+            return [(type(estimator).__name__, estimator)]
+        steps = estimator.steps
+    return [(name, step) for name, step in steps if step is not None and not isinstance(step, str)]
+
+
+def estimator_kind(step) -> str | None:
+    """The name of ``step``'s class if it is exactly one the fused path composes
+    (or a stored step of one), else None."""
+    if isinstance(step, StoredStep):
+        return step.kind
+    cls = type(step)
+    where = (cls.__module__, cls.__qualname__)
+    return ESTIMATOR_KINDS.get(where) or _LOADED_ONLY_CLASSIFIERS.get(where)
 
 
 def n_features_of(estimator) -> int:
@@ -136,6 +149,11 @@ class Runner:
         the fused path otherwise finds it with two passes over ``X``.
         """
         raise NotImplementedError
+
+    def same_map(self, other: Runner) -> bool:
+        """Whether ``other`` is fused into exactly the map this runner is fused into
+        (a runner that is not fused has none)."""
+        return False
 
     def _empty(self, want_confidence: bool) -> Prediction:
         confidence = np.empty(0) if want_confidence and self._has_proba else None
@@ -204,14 +222,15 @@ class _Affine:
 
 
 def _affine_transformer(step) -> _Affine | None:
-    if type(step) is StandardScaler:
+    kind = estimator_kind(step)
+    if kind == "StandardScaler":
         n = step.n_features_in_
         mean = step.mean_ if step.with_mean and step.mean_ is not None else np.zeros(n)
         scale = step.scale_ if step.scale_ is not None else np.ones(n)
         inverse = 1.0 / np.asarray(scale, dtype=np.float64)
         A = np.diag(inverse)
         return _Affine(A, -mean * inverse, A, np.abs(mean) * inverse)
-    if type(step) is PCA:
+    if kind == "PCA":
         A = np.asarray(step.components_, dtype=np.float64).T.copy()
         mean = np.asarray(step.mean_, dtype=np.float64)
         A_abs = np.abs(A)
@@ -226,7 +245,7 @@ def _affine_transformer(step) -> _Affine | None:
 
 
 def _linear_classifier(step) -> _Affine | None:
-    if type(step) not in _LINEAR_CLASSIFIERS:
+    if estimator_kind(step) not in _LINEAR_CLASSIFIERS:
         return None
     coef = getattr(step, "coef_", None)
     if not isinstance(coef, np.ndarray) or coef.ndim != 2:
@@ -244,7 +263,7 @@ def _linear_classifier(step) -> _Affine | None:
 
 def _closed_form_confidence(classifier) -> str | None:
     """How LogisticRegression.predict_proba derives probabilities from scores."""
-    if type(classifier) is LogisticRegression:
+    if estimator_kind(classifier) == "LogisticRegression":
         return "sigmoid" if len(classifier.classes_) == 2 else "softmax"
     return None
 
@@ -269,6 +288,25 @@ class _FusedRunner(Runner):
         d = affine.A.shape[0]
         self.single_rtol = 8 * (d + 3) * SINGLE_EPS + TIE_RTOL
         self._single_tiny = (d + 1) * SINGLE_TINY
+
+    def same_map(self, other: Runner) -> bool:
+        """Whether ``other`` is fused into exactly this map (bit for bit), with the same
+        classes, stages and confidences."""
+        if not isinstance(other, _FusedRunner):
+            return False
+        mine, theirs = self._double, other._double
+        return (
+            self.stage_names == other.stage_names
+            and self._probability == other._probability
+            and self._binary == other._binary
+            and self._has_proba == other._has_proba
+            and np.array_equal(self.classes, other.classes)
+            and self.classes.dtype == other.classes.dtype
+            and len(mine) == len(theirs)
+            and all(np.array_equal(a, b) for a, b in zip(mine, theirs))
+            and self._term_per_unit_x == other._term_per_unit_x
+            and self._term_constant == other._term_constant
+        )
 
     def _weights(self, affine: _Affine, dtype) -> tuple:
         if self._binary:
@@ -347,6 +385,8 @@ class _FusedRunner(Runner):
 
     def _confidence(self, X, scores, index, tied) -> np.ndarray | None:
         if self._probability == "sigmoid":
+            from scipy.special import expit
+
             positive = expit(scores)
             return np.where(index == 1, positive, 1 - positive)
         if self._probability == "softmax":
@@ -380,4 +420,6 @@ def make_runner(pipeline, compile: bool = True) -> Runner:
             for transformer in reversed(fusable):
                 affine = transformer.then(affine)
             return _FusedRunner(pipeline, steps, affine)
+    if isinstance(pipeline, StoredPipeline):  # read only when fusable: a bug if it is not
+        raise ValueError(f"{pipeline!r} cannot be served before it is loaded")
     return _StepwiseRunner(pipeline)
