@@ -296,3 +296,24 @@ def test_the_float32_margin_covers_its_rounding():
     )
     bound = 255.0 * runner._term_per_unit_x + runner._term_constant
     assert error.max() < runner.single_rtol * bound / 8
+
+
+@pytest.mark.parametrize("n_classes", [30, 300])
+def test_many_classes_and_rows_tied_across_all_of_them(n_classes):
+    # Up to 255 classes are counted in bytes, more in int64; with every class tied the
+    # byte sum of class numbers wraps, and those rows still go to the real pipeline.
+    rng = np.random.default_rng(n_classes)
+    X = rng.uniform(0, 16, (20 * n_classes, 64))
+    y = np.repeat(np.arange(n_classes), 20)
+    pipeline = Pipeline([("Scaler", StandardScaler()), ("Ridge", RidgeClassifier())]).fit(X, y)
+    runner = make_runner(pipeline)
+    assert runner.compiled
+    np.testing.assert_array_equal(_labels(runner, X), pipeline.predict(X))
+    ridge = pipeline[-1]
+    ridge.coef_[:] = ridge.coef_[0]
+    ridge.intercept_[:] = ridge.intercept_[0]
+    runner = make_runner(pipeline)
+    expected = pipeline.predict(X)
+    assert np.all(expected == 0)  # the first of equal maxima
+    np.testing.assert_array_equal(_labels(runner, X), expected)
+    np.testing.assert_array_equal(_labels(runner, X.astype(np.float32)), expected)

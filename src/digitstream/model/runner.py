@@ -302,8 +302,8 @@ class _FusedRunner(Runner):
             and self._has_proba == other._has_proba
             and np.array_equal(self.classes, other.classes)
             and self.classes.dtype == other.classes.dtype
-            and len(mine) == len(theirs)
-            and all(np.array_equal(a, b) for a, b in zip(mine, theirs))
+            # the weights and offsets (what follows them is derived from the classes)
+            and all(np.array_equal(a, b) for a, b in zip(mine[:2], theirs[:2]))
             and self._term_per_unit_x == other._term_per_unit_x
             and self._term_constant == other._term_constant
         )
@@ -312,13 +312,16 @@ class _FusedRunner(Runner):
         if self._binary:
             return np.ascontiguousarray(affine.A[:, 0], dtype=dtype), dtype(affine.c[0])
         k = len(affine.c)
-        # The decision takes scores laid out (k, n); one product with (ones, 0..k-1)
-        # gives, per row, how many classes are near the top and (when that is one) which.
-        count_and_index = np.vstack([np.ones(k), np.arange(k, dtype=np.float64)]).astype(dtype)
+        # The decision takes scores laid out (k, n) and a mask of the classes near the top
+        # of each row; its column sums say how many there are and, with the class numbers
+        # as weights, which (when that is one). Bytes hold the count for up to 255 classes
+        # (a sum that wraps past 255 only happens in rows already counted as tied).
+        count_type = np.uint8 if k <= 255 else np.int64
+        class_numbers = np.arange(k, dtype=count_type)[:, None]
         return (
             np.ascontiguousarray(affine.A, dtype=dtype),
             affine.c[:, None].astype(dtype),
-            count_and_index,
+            (count_type, class_numbers),
         )
 
     def _term_bound(self, X: np.ndarray, max_abs: float | None) -> tuple[float, float]:
@@ -340,15 +343,17 @@ class _FusedRunner(Runner):
             scores += b
             unsure = ~(np.abs(scores) > margin)  # nan included
             return scores, (scores > 0).astype(np.intp), np.flatnonzero(unsure)
-        A, b, count_and_index = weights
+        A, b, (count_type, class_numbers) = weights
         # (X @ A) then a copy to (k, n): BLAS is at its fastest on the row-major product
         # (twice the speed of A.T @ X.T on some CPUs), and the reductions below are
         # fastest along rows of a (k, n) array
         scores = np.ascontiguousarray((X @ A).T)
         scores += b
         top = scores.max(axis=0)
-        count, index_sum = count_and_index @ (scores >= top - margin)
-        return scores, index_sum.astype(np.intp), np.flatnonzero((count != 1) | ~np.isfinite(top))
+        near_top = (scores >= top - margin).view(np.uint8)
+        count = np.add.reduce(near_top, axis=0, dtype=count_type)
+        index = np.add.reduce(near_top * class_numbers, axis=0, dtype=count_type)
+        return scores, index.astype(np.intp), np.flatnonzero((count != 1) | ~np.isfinite(top))
 
     def _decide_double(self, X: np.ndarray, bound: float):
         scores, index, tied = self._decide(X, self._double, TIE_RTOL * bound)
