@@ -37,6 +37,10 @@ KILL_RUNS = int(os.environ.get("DIGITSTREAM_KILL_RUNS", "1"))
 SEED = int(os.environ.get("DIGITSTREAM_KILL_SEED", str(random.SystemRandom().randrange(1 << 30))))
 CLI = [sys.executable, "-m", "digitstream.cli"]
 LONG = 240.0
+#: senders of the kill tests are paced: at full speed the rest of a stream after a kill
+#: point (10% or more) can be sent between two looks at how far it is, and the kill
+#: then comes after the end
+KILL_RATE = 1_000_000
 
 
 def _started(proc: subprocess.Popen, log: Path, pattern: str, what: str) -> None:
@@ -202,13 +206,13 @@ def _run_with_kills(setup, who: list[str], streams: tuple[str, ...], seed: int, 
     s.start_listener()
     s.start_app()
     for name in streams:
-        s.start_sender(name)
+        s.start_sender(name, REPEAT, "--rate", str(KILL_RATE))
     expected = TOTAL * len(streams)
     for fraction, w in _kill_schedule(rng, who):
         wait_for(lambda: s.stored() >= fraction * expected
                  or all(p.poll() is not None for p in s.senders.values()),
                  LONG, what=f"{fraction:.0%} of the stream before killing {w}")
-        time.sleep(rng.uniform(0, 0.05))
+        time.sleep(rng.uniform(0, 0.01))  # at most 2% of a stream at KILL_RATE
         assert any(p.poll() is None for p in s.senders.values()), (
             f"the stream ended before the kill of {w} at {fraction:.0%}; {s.diagnosis()}")
         s.kill(w, rng.choice(streams) if w == "sender" else None)

@@ -140,19 +140,7 @@ def load_bundle_stored(path) -> Bundle | None:
     stored = read_stored(data) if card is not None else None
     if stored is None:
         return None
-    assert card is not None  # read_stored is tried only for a bundle directory
-    _check_classifier(stored, str(skops_path))
-    facts = _facts(stored)
-    _check_card_matches(card, facts, path)
-    return Bundle(
-        pipeline=stored,
-        card=card,
-        path=path,
-        n_features=facts["n_features"],
-        classes=np.asarray(stored.classes_),
-        step_names=facts["steps"],
-        content_hash=digest,
-    )
+    return _checked(stored, path, card, skops_path, digest)
 
 
 def finish_loading(bundle: Bundle) -> Bundle:
@@ -217,7 +205,12 @@ def _read_files(path: Path) -> tuple[dict | None, Path, bytes, str]:
 
 
 def _loaded(path: Path, card: dict | None, skops_path: Path, data: bytes, digest: str) -> Bundle:
-    pipeline = _load_trusted(data, skops_path)
+    return _checked(_load_trusted(data, skops_path), path, card, skops_path, digest)
+
+
+def _checked(pipeline, path: Path, card: dict | None, skops_path: Path, digest: str) -> Bundle:
+    """The bundle of a loaded (or stored) pipeline, checked against its card, or with a
+    card derived from it."""
     _check_classifier(pipeline, str(skops_path))
     facts = _facts(pipeline)
     if card is None:
