@@ -300,6 +300,7 @@ def test_a_pipeline_that_fails_to_load_fails_the_rows_that_need_it(tmp_path):
     assert bundle is not None
     runner = make_runner(bundle.pipeline)
     bundle.pipeline.fail(BundleError("cannot load it"))
+    assert not bundle.pipeline.resolved  # /api/stats says pipeline_loaded false
     with pytest.raises(BundleError, match="cannot load it"):
         runner.predict(X[Y == 3])
     runner.predict(X[Y == 0])  # rows that need no pipeline are still answered

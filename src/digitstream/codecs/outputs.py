@@ -106,8 +106,9 @@ class JsonEncoder:
         for all of them: the same bytes as :meth:`_frames` writes one by one."""
         n = stop - start
         seqs = _decimal_texts(first_seq + start, n)
-        some_ids = ids is not None and ids[start:stop].count(None) < n
-        id_texts = _id_fields(ids[start:stop]) if some_ids else None
+        run_ids = ids[start:stop] if ids is not None else None
+        some_ids = run_ids is not None and run_ids.count(None) < n
+        id_texts = _id_fields(run_ids) if some_ids else None
         if n < 16 or seqs is None or (some_ids and id_texts is None):
             return self._frames(first_seq, start, stop, class_index, confidence, {}, ids)
         labels = self._label_bytes.take(class_index[start:stop])

@@ -90,16 +90,13 @@ class StoredStep:
 class StoredPipeline:
     """The stored steps of a fusable pipeline, and the real pipeline once loaded."""
 
-    def __init__(self, steps: list[tuple[str, Any]], bare: bool, data: bytes):
+    def __init__(self, steps: list[tuple[str, Any]], data: bytes):
         #: (name, step) as the Pipeline holds them: a StoredStep, "passthrough" or None
         self.steps = steps
-        #: a classifier saved alone, not in a Pipeline
-        self.bare = bare
         #: the skops file, for loading the real pipeline
         self.data = data
         real = [step for _, step in steps if isinstance(step, StoredStep)]
         final = real[-1]
-        self.final_kind = final.kind
         self.classes_ = final.classes_
         self.n_features_in_ = real[0].n_features_in_
         if final.kind in PROBABILISTIC_KINDS:
@@ -117,7 +114,8 @@ class StoredPipeline:
 
     @property
     def resolved(self) -> bool:
-        return self._loaded.done()
+        """Whether the real pipeline has been handed over (not if it failed to load)."""
+        return self._loaded.done() and self._loaded.exception() is None
 
     def loaded(self, timeout: float | None = None):
         """The real pipeline, waiting for it if it is still being loaded."""
@@ -158,13 +156,13 @@ class _Reader:
             steps = self.value(self._attributes(schema)["steps"])
             if not isinstance(steps, list) or not steps:
                 raise Unreadable("steps")
-            return self._checked(steps, bare=False, data=data)
+            return self._checked(steps, data)
         step = self.value(schema)
         if not isinstance(step, StoredStep):
             raise Unreadable("top")
-        return self._checked([(step.kind, step)], bare=True, data=data)
+        return self._checked([(step.kind, step)], data)
 
-    def _checked(self, steps: list, bare: bool, data: bytes) -> StoredPipeline:
+    def _checked(self, steps: list, data: bytes) -> StoredPipeline:
         pairs = []
         for pair in steps:
             if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
@@ -188,7 +186,7 @@ class _Reader:
                     raise Unreadable(attribute)  # not an int, though Python says it is
                 if not isinstance(value, types):
                     raise Unreadable(attribute)
-        return StoredPipeline(pairs, bare, data)
+        return StoredPipeline(pairs, data)
 
     # ------------------------------------------------------------ nodes
     @staticmethod
