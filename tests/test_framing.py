@@ -143,3 +143,69 @@ def test_runs_of_any_length_anywhere_come_out_in_order(runs, cuts):
     for size, repeat in runs:
         if repeat >= 32 and len({s for s, _ in runs}) > 1:
             assert any(g.fixed is not None and g.fixed.shape[1] == size for g in groups)
+
+
+# Reads of 4 KiB and more whose first two frames differ in length are cut by following
+# the chain of headers with NumPy; these streams are long enough for that path.
+def _json_like(draw_int, k: int) -> bytes:
+    return b'{"id":' + str(k).encode() + b',"p":"' + b"x" * draw_int + b'"}'
+
+
+chained_payloads = st.lists(
+    st.one_of(
+        st.integers(0, 300).map(lambda n: _json_like(n, n)),  # begins with "{", no zero bytes
+        st.binary(max_size=12),  # anything, headers lookalikes included
+        st.just(b""),
+        st.just(b"{\x00\x00\x00\x05{abcd"),  # holds a header and a "{" after it
+        st.just(b"{" + b"z" * 70_000),  # above 64 KiB
+    ),
+    min_size=2,
+    max_size=120,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(payloads=chained_payloads, data=st.data())
+def test_long_reads_of_varying_frames_give_the_reference_frames(payloads, data):
+    stream = frame_many(payloads) * data.draw(st.integers(1, 4))
+    stream += frame(b"{tail")[: data.draw(st.integers(0, 8))]
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=6))
+    frames, pending = split_all(stream, cuts)
+    assert frames == reference_frames(stream)
+    assert pending == len(stream) - sum(4 + len(f) for f in frames)
+
+
+@settings(max_examples=200, deadline=None)
+@given(payloads=chained_payloads, limit=st.integers(20, 400))
+def test_long_reads_raise_at_the_first_frame_above_the_limit(payloads, limit):
+    stream = frame_many(payloads + [_json_like(5, 0)] * 20)
+    expected = reference_frames(stream)
+    over = next((k for k, p in enumerate(expected) if len(p) > limit), None)
+    if over is None:
+        assert split_all(stream, [], max_frame=limit)[0] == expected
+        return
+    with pytest.raises(FrameTooLarge) as info:
+        FrameSplitter(max_frame=limit).feed(stream)
+    assert info.value.length == len(expected[over])
+    assert [p for g in info.value.groups for p in g.to_list()] == expected[:over]
+    assert info.value.offset == sum(4 + len(p) for p in expected[:over])
+
+
+def test_varying_frames_are_cut_as_places_in_the_read():
+    payloads = [_json_like(k % 37, k) for k in range(2_000)]
+    groups = FrameSplitter().feed(frame_many(payloads))
+    assert [g.spans is not None for g in groups] == [True]
+    spans = groups[0]
+    assert len(spans) == 2_000 and spans.to_list() == payloads
+    assert spans[1234] == payloads[1234]
+    assert spans.slice(10, 20).to_list() == payloads[10:20]
+    assert spans.nbytes == sum(4 + len(p) for p in payloads)
+    assert list(spans.lengths()) == [len(p) for p in payloads]
+
+
+def test_long_runs_among_varying_frames_are_arrays():
+    payloads = [_json_like(k % 7, k) for k in range(100)] + [b"{" + b"r" * 99] * 50
+    payloads += [_json_like(k % 5, k) for k in range(100)]
+    groups = FrameSplitter().feed(frame_many(payloads))
+    assert [p for g in groups for p in g.to_list()] == payloads
+    assert [len(g) for g in groups if g.fixed is not None] == [50]

@@ -338,11 +338,8 @@ def _first_frames(groups: list[Payloads], k: int) -> list[Payloads]:
             break
         if len(group) <= k:
             out.append(group)
-        elif group.fixed is not None:
-            out.append(Payloads(fixed=group.fixed[:k]))
         else:
-            assert group.items is not None
-            out.append(Payloads(items=group.items[:k]))
+            out.append(group.slice(0, k))
         k -= len(group)
     return out
 

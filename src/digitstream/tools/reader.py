@@ -101,8 +101,7 @@ def write_lines(groups: Iterable[Payloads], out: BinaryIO) -> int:
             lines[:, -1] = ord("\n")
             block = lines.tobytes()
         else:
-            assert group.items is not None
-            block = b"\n".join(group.items) + b"\n"
+            block = b"\n".join(group.to_list()) + b"\n"
         try:
             block.decode("utf-8")
         except UnicodeDecodeError:

@@ -61,15 +61,7 @@ class Framed:
         splitter = FrameSplitter(max_frame=max(len(data), 1))
         sizes = []
         for group in splitter.feed(data):
-            if group.fixed is not None:
-                sizes.append(
-                    np.full(len(group), group.fixed.shape[1] + HEADER_SIZE, dtype=np.int64)
-                )
-            else:
-                assert group.items is not None
-                sizes.append(
-                    np.fromiter((len(p) + HEADER_SIZE for p in group.items), dtype=np.int64)
-                )
+            sizes.append(group.lengths() + HEADER_SIZE)
         if splitter.pending:
             raise ValueError(
                 f"the last {splitter.pending} of {len(data)} bytes are not a whole frame"

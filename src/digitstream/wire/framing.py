@@ -10,6 +10,7 @@ case: every image of a stream has the same size) is cut out with NumPy as one
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -37,41 +38,86 @@ class FrameTooLarge(ValueError):
 
 
 @dataclass
+class Spans:
+    """Payloads that lie in one buffer: payload ``i`` is
+    ``data[starts[i] : starts[i] + lengths[i]]`` (``data`` a uint8 array, read-only)."""
+
+    data: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+
+    def to_list(self) -> list[bytes]:
+        if len(self.starts) == 0:
+            return []
+        # one copy of the bytes they lie in, then a slice of it per payload
+        low = int(self.starts.min())
+        ends = self.starts + self.lengths
+        data = self.data[low : int(ends.max())].tobytes()
+        return [data[b:e] for b, e in zip((self.starts - low).tolist(), (ends - low).tolist())]
+
+
+@dataclass
 class Payloads:
     """Complete frame payloads, in stream order.
 
-    Exactly one of ``fixed`` and ``items`` is set: ``fixed`` is a read-only
-    ``(n, length)`` uint8 array when every payload has the same length,
-    ``items`` a list of ``bytes`` otherwise.
+    Exactly one of ``fixed``, ``items`` and ``spans`` is set: ``fixed`` is a
+    read-only ``(n, length)`` uint8 array when every payload has the same length,
+    ``items`` a list of ``bytes`` otherwise, or ``spans`` the same as places in one
+    buffer (the frames of one read, cut without an object per payload).
     """
 
     fixed: np.ndarray | None = None
     items: list[bytes] | None = None
+    spans: Spans | None = None
 
     def __len__(self) -> int:
         if self.fixed is not None:
             return len(self.fixed)
+        if self.spans is not None:
+            return len(self.spans.starts)
         assert self.items is not None
         return len(self.items)
 
     def __getitem__(self, index: int) -> bytes:
         if self.fixed is not None:
             return self.fixed[index].tobytes()
+        if self.spans is not None:
+            begin = int(self.spans.starts[index])
+            return self.spans.data[begin : begin + int(self.spans.lengths[index])].tobytes()
         assert self.items is not None
         return self.items[index]
 
     def to_list(self) -> list[bytes]:
         if self.fixed is not None:
             return [row.tobytes() for row in self.fixed]
+        if self.spans is not None:
+            return self.spans.to_list()
         assert self.items is not None
         return list(self.items)
 
+    def lengths(self) -> np.ndarray:
+        """The payloads' lengths, as int64."""
+        if self.fixed is not None:
+            return np.full(len(self.fixed), self.fixed.shape[1], dtype=np.int64)
+        if self.spans is not None:
+            return self.spans.lengths
+        assert self.items is not None
+        return np.fromiter(map(len, self.items), dtype=np.int64, count=len(self.items))
+
+    def as_spans(self) -> Spans:
+        """The payloads as places in one buffer (joined, unless they already are)."""
+        if self.spans is not None:
+            return self.spans
+        lengths = self.lengths()
+        if self.fixed is not None:
+            data = np.ascontiguousarray(self.fixed).reshape(-1)
+        else:
+            data = np.frombuffer(b"".join(self.to_list()), dtype=np.uint8)
+        return Spans(data, np.cumsum(lengths) - lengths, lengths)
+
     @property
     def nbytes(self) -> int:
-        if self.fixed is not None:
-            return self.fixed.size + HEADER_SIZE * len(self.fixed)
-        assert self.items is not None
-        return sum(map(len, self.items)) + HEADER_SIZE * len(self.items)
+        return int(self.lengths().sum()) + HEADER_SIZE * len(self)
 
     def slice(self, start: int, stop: int) -> Payloads:
         """Payloads ``start:stop`` (the same object when that is all of them)."""
@@ -79,6 +125,11 @@ class Payloads:
             return self
         if self.fixed is not None:
             return Payloads(fixed=self.fixed[start:stop])
+        if self.spans is not None:
+            spans = self.spans
+            return Payloads(
+                spans=Spans(spans.data, spans.starts[start:stop], spans.lengths[start:stop])
+            )
         assert self.items is not None
         return Payloads(items=self.items[start:stop])
 
@@ -164,10 +215,14 @@ def split_frames(
     """
     view = memoryview(buf).cast("B")
     groups: list[Payloads] = []
-    singles: list[bytes] = []
-    append = singles.append
     pos = start
     unpack = HEADER.unpack_from
+    if end - start >= _CHAIN_BYTES and unpack(view, start)[0] <= max_frame:
+        second = start + HEADER_SIZE + unpack(view, start)[0]
+        if second + HEADER_SIZE <= end and unpack(view, second)[0] != unpack(view, start)[0]:
+            groups, pos = _chained(view, start, end, max_frame, min_run)
+    singles: list[bytes] = []
+    append = singles.append
     previous = -1  # the length of the frame just taken one by one
     while pos + HEADER_SIZE <= end:
         (length,) = unpack(view, pos)
@@ -202,6 +257,74 @@ def split_frames(
         # a few frames that all have one length (a slow stream's read) are one array too
         groups.append(Payloads.from_list(singles))
     return groups, pos
+
+
+#: frames of varying lengths are cut with NumPy (:func:`_chained`) from reads this long
+_CHAIN_BYTES = 4096
+
+
+def _chained(
+    view: memoryview, start: int, end: int, max_frame: int, min_run: int
+) -> tuple[list[Payloads], int]:
+    """The frames from ``start`` on, found in a few passes instead of one header at a
+    time, as far as they follow one another as :func:`split_frames` would walk them.
+
+    Candidates are the places where a header below 64 KiB could begin and the byte
+    after it equals the first payload's first byte (``{`` for JSON, which holds no
+    zero bytes). The candidates are frames for as long as each one's length leads to
+    the next: the walk itself, checked for every frame at once. A payload that holds
+    something like a header, or one that begins otherwise, ends the chain there;
+    :func:`split_frames` goes on from that frame one header at a time.
+    """
+    a = np.frombuffer(view, dtype=np.uint8, count=end - start, offset=start)
+    if len(a) <= HEADER_SIZE:
+        return [], start
+    body = a[HEADER_SIZE:]
+    at = np.flatnonzero((a[:-HEADER_SIZE] == 0) & (a[1 : 1 - HEADER_SIZE] == 0) & (body == body[0]))
+    if len(at) == 0 or at[0] != 0:
+        return [], start
+    lengths = (a[at + 2].astype(np.int64) << 8) | a[at + 3]
+    following = at + HEADER_SIZE + lengths
+    broken = np.flatnonzero(following[:-1] != at[1:])
+    linked = int(broken[0]) + 1 if len(broken) else len(at)
+    # whole frames only, and none above the limit (the walk after it raises)
+    count = int(np.searchsorted(following[:linked], len(a), side="right"))
+    too_long = np.flatnonzero(lengths[:count] > max_frame)
+    if len(too_long):
+        count = int(too_long[0])
+    if count == 0:
+        return [], start
+    at, lengths = at[:count] + start, lengths[:count]
+    groups: list[Payloads] = []
+    # runs of min_run or more frames of one length are arrays, as split_frames cuts them
+    change = np.flatnonzero(np.diff(lengths)) + 1
+    bounds = np.concatenate(([0], change, [count])).tolist()
+    loose = 0  # the first frame not yet in a group
+    for first, stop in itertools.pairwise(bounds):
+        if stop - first < min_run:
+            continue
+        if loose < first:
+            groups.append(_spans(a, at, lengths, loose, first, start))
+        stride = HEADER_SIZE + int(lengths[first])
+        rows = np.frombuffer(
+            view, dtype=np.uint8, count=(stop - first) * stride, offset=int(at[first])
+        )
+        groups.append(Payloads(fixed=rows.reshape(stop - first, stride)[:, HEADER_SIZE:]))
+        loose = stop
+    if loose < count:
+        groups.append(_spans(a, at, lengths, loose, count, start))
+    return groups, int(at[-1] + HEADER_SIZE + lengths[-1])
+
+
+def _spans(
+    a: np.ndarray, at: np.ndarray, lengths: np.ndarray, first: int, stop: int, start: int
+) -> Payloads:
+    """Frames ``first:stop`` of a chain, as places in ``a`` (which begins at ``start``)."""
+    if stop - first > 1 and (lengths[first:stop] == lengths[first]).all():
+        # frames of one length side by side: the fixed form, as from_list makes it
+        rows = a[at[first] - start : at[stop - 1] - start + HEADER_SIZE + lengths[first]]
+        return Payloads(fixed=rows.reshape(stop - first, -1)[:, HEADER_SIZE:])
+    return Payloads(spans=Spans(a, at[first:stop] - start + HEADER_SIZE, lengths[first:stop]))
 
 
 def _uniform_run(view: memoryview, pos: int, end: int, stride: int) -> int:

@@ -11,9 +11,7 @@ def pack(payloads: Payloads):
     """Payloads as few buffers: the ``(n, length)`` array, or ``(blob, lengths)``."""
     if payloads.fixed is not None:
         return np.ascontiguousarray(payloads.fixed)
-    items = payloads.items or []
-    lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
-    return b"".join(items), lengths
+    return b"".join(payloads.to_list()), payloads.lengths()
 
 
 def unpack(packed) -> Payloads:
