@@ -5,7 +5,10 @@ socket read put in its buffer, to cut them into groups of complete payloads; the
 listener and the tests use :class:`FrameSplitter`, its form for a stream that
 arrives in pieces. A run of frames that all have the same length (the common
 case: every image of a stream has the same size) is cut out with NumPy as one
-``(n_frames, length)`` array, without a Python loop per frame.
+``(n_frames, length)`` array, without a Python loop per frame. Frames of
+varying lengths (JSON) in a read of 4 KiB or more are found by checking the whole
+chain of headers at once (:func:`_chained`) and come out as places in the buffer
+(:class:`Spans`), without an object per frame.
 """
 
 from __future__ import annotations
