@@ -54,9 +54,22 @@ def main() -> int:
     sender = worker("send")
     app_port, metrics_port = free_port(), free_port()
     app = subprocess.Popen(
-        [BIN / "digitstream", "run", "--in", f"127.0.0.1:{app_port}",
-         "--out", f"127.0.0.1:{port}", "--metrics", f"127.0.0.1:{metrics_port}",
-         "--model", model, "--input-format", "json", "--output-format", "json"],
+        [
+            BIN / "digitstream",
+            "run",
+            "--in",
+            f"127.0.0.1:{app_port}",
+            "--out",
+            f"127.0.0.1:{port}",
+            "--metrics",
+            f"127.0.0.1:{metrics_port}",
+            "--model",
+            model,
+            "--input-format",
+            "json",
+            "--output-format",
+            "json",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -75,14 +88,25 @@ def main() -> int:
             ask(listener, {"cmd": "expect", "messages": n, "timeout": 300})
             listener.stdout.readline()
             before = [sum(p.cpu_times()[:2]) for p in procs]
-            ask(sender, {"cmd": "send", "to": f"127.0.0.1:{app_port}", "format": "json",
-                         "messages": n, "rate": None, "timeline": False})
+            ask(
+                sender,
+                {
+                    "cmd": "send",
+                    "to": f"127.0.0.1:{app_port}",
+                    "format": "json",
+                    "messages": n,
+                    "rate": None,
+                    "timeline": False,
+                },
+            )
             sent = json.loads(sender.stdout.readline())
             got = json.loads(listener.stdout.readline())
             after = [sum(p.cpu_times()[:2]) for p in procs]
             seconds = (got["last_ns"] - sent["start_ns"]) / 1e9
             cpu = " / ".join(f"{b - a:.2f}" for a, b in zip(before, after))
-            return f"{n / seconds:,.0f} msg/s; CPU s app / sender / listener {cpu} in {seconds:.2f} s"
+            return (
+                f"{n / seconds:,.0f} msg/s; CPU s app / sender / listener {cpu} in {seconds:.2f} s"
+            )
 
         one(min(messages, 200_000))
         for _ in range(runs):
