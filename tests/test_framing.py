@@ -22,10 +22,10 @@ def reference_frames(data: bytes) -> list[bytes]:
     """The simplest correct parser: one frame at a time."""
     frames, pos = [], 0
     while pos + 4 <= len(data):
-        length = int.from_bytes(data[pos:pos + 4], "big")
+        length = int.from_bytes(data[pos : pos + 4], "big")
         if pos + 4 + length > len(data):
             break
-        frames.append(data[pos + 4:pos + 4 + length])
+        frames.append(data[pos + 4 : pos + 4 + length])
         pos += 4 + length
     return frames
 
@@ -63,7 +63,9 @@ def test_uniform_runs_cut_anywhere(n, width, data):
     rows = np.arange(n * width, dtype=np.uint64).astype(np.uint8).reshape(n, width)
     stream = frame_fixed(rows) if n else b""
     partial = frame(data.draw(st.binary(max_size=10)))
-    stream += partial[:data.draw(st.integers(0, len(partial) - 1))]  # an incomplete frame at the end
+    stream += partial[
+        : data.draw(st.integers(0, len(partial) - 1))
+    ]  # an incomplete frame at the end
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10))
     frames, pending = split_all(stream, cuts)
     assert frames == reference_frames(stream)
@@ -128,7 +130,9 @@ def test_frame_helpers_agree():
 def test_runs_of_any_length_anywhere_come_out_in_order(runs, cuts):
     """Runs of equal-length frames, of every length around ``min_run``, cut into reads
     anywhere: every frame once, in order; whole runs of 32 and more come out as arrays."""
-    payloads = [bytes([k % 256]) * size for k, (size, repeat) in enumerate(runs) for _ in range(repeat)]
+    payloads = [
+        bytes([k % 256]) * size for k, (size, repeat) in enumerate(runs) for _ in range(repeat)
+    ]
     data = frame_many(payloads)
     splitter = FrameSplitter()
     got: list[bytes] = []
@@ -145,23 +149,27 @@ def test_runs_of_any_length_anywhere_come_out_in_order(runs, cuts):
             assert any(g.fixed is not None and g.fixed.shape[1] == size for g in groups)
 
 
-# Reads of 4 KiB and more whose first two frames differ in length are cut by following
-# the chain of headers with NumPy; these streams are long enough for that path.
+# Reads of 4 KiB and more that do not begin with a run of one length are cut by
+# following the chain of headers with NumPy, and so is what follows a run; these
+# streams are long enough for that path.
 def _json_like(draw_int, k: int) -> bytes:
     return b'{"id":' + str(k).encode() + b',"p":"' + b"x" * draw_int + b'"}'
 
 
 chained_payloads = st.lists(
     st.one_of(
-        st.integers(0, 300).map(lambda n: _json_like(n, n)),  # begins with "{", no zero bytes
-        st.binary(max_size=12),  # anything, headers lookalikes included
-        st.just(b""),
-        st.just(b"{\x00\x00\x00\x05{abcd"),  # holds a header and a "{" after it
-        st.just(b"{" + b"z" * 70_000),  # above 64 KiB
+        st.one_of(
+            st.integers(0, 300).map(lambda n: _json_like(n, n)),  # begins with "{", no zero bytes
+            st.binary(max_size=12),  # anything, headers lookalikes included
+            st.just(b""),
+            st.just(b"{\x00\x00\x00\x05{abcd"),  # holds a header and a "{" after it
+            st.just(b"{" + b"z" * 70_000),  # above 64 KiB
+        ).map(lambda p: [p]),
+        st.integers(2, 70).map(lambda n: [_json_like(9, 1)] * n),  # runs around min_run
     ),
     min_size=2,
     max_size=120,
-)
+).map(lambda pieces: [p for piece in pieces for p in piece])
 
 
 @settings(max_examples=300, deadline=None)
@@ -209,3 +217,23 @@ def test_long_runs_among_varying_frames_are_arrays():
     groups = FrameSplitter().feed(frame_many(payloads))
     assert [p for g in groups for p in g.to_list()] == payloads
     assert [len(g) for g in groups if g.fixed is not None] == [50]
+
+
+def test_neighbours_of_one_length_stay_in_one_chain():
+    # result frames: lengths that vary a little, often equal for a few frames in a row
+    rng = np.random.default_rng(5)
+    payloads = [_json_like(int(n), k) for k, n in enumerate(rng.integers(0, 3, 3_000))]
+    payloads[:40] = [_json_like(1, 1)] * 40  # a run at the start of the read
+    groups = FrameSplitter().feed(frame_many(payloads))
+    assert [p for g in groups for p in g.to_list()] == payloads
+    assert [g.fixed is not None for g in groups] == [True, False]
+    assert len(groups[0]) == 40 and groups[1].spans is not None
+
+
+def test_frames_after_a_broken_chain_join_its_batch():
+    # a payload holding a header lookalike ends the chain; the walk goes on in its group
+    payloads = [_json_like(k % 11, k) for k in range(300)]
+    payloads[150] = b"{\x00\x00\x00\x05{abcd"
+    groups = FrameSplitter().feed(frame_many(payloads))
+    assert len(groups) == 1 and groups[0].spans is not None
+    assert groups[0].to_list() == payloads

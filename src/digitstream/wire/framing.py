@@ -206,10 +206,10 @@ def split_frames(
     """Cut the complete frames out of ``buf[start:end]``.
 
     ``buf`` is any bytes-like object (bytes, or a NumPy uint8 array the caller
-    fills); fixed-width payloads come back as views of it, so it must not be
-    overwritten while they are in use. Returns the :class:`Payloads` groups in
-    stream order and the offset where the first incomplete frame begins. A
-    header above ``max_frame`` raises :class:`FrameTooLarge`.
+    fills); the payloads come back as views of it, so it must not be overwritten
+    while they are in use. Returns the :class:`Payloads` groups in stream order and
+    the offset where the first incomplete frame begins. A header above
+    ``max_frame`` raises :class:`FrameTooLarge`.
 
     At least ``min_run`` frames of one length in a row are cut as one array; fewer
     stay with their neighbours. Frames whose lengths vary (JSON) often have a few of
@@ -217,57 +217,104 @@ def split_frames(
     around it into batches of their own, a few frames each.
     """
     view = memoryview(buf).cast("B")
+    data = np.frombuffer(view, dtype=np.uint8)
     groups: list[Payloads] = []
     pos = start
     unpack = HEADER.unpack_from
-    if end - start >= _CHAIN_BYTES and unpack(view, start)[0] <= max_frame:
-        second = start + HEADER_SIZE + unpack(view, start)[0]
-        if second + HEADER_SIZE <= end and unpack(view, second)[0] != unpack(view, start)[0]:
-            groups, pos = _chained(view, start, end, max_frame, min_run)
-    singles: list[bytes] = []
-    append = singles.append
+    chains = _CHAINS_PER_READ
+    if end - start >= _CHAIN_BYTES and not _run_at(view, start, end, min_run):
+        chains -= 1
+        groups, pos = _chained(data, start, end, max_frame, min_run)
+    # the frames taken one header at a time: where their payloads begin, and how long
+    starts: list[int] = []
+    sizes: list[int] = []
     previous = -1  # the length of the frame just taken one by one
     while pos + HEADER_SIZE <= end:
         (length,) = unpack(view, pos)
         if length > max_frame:
-            if singles:
-                groups.append(Payloads.from_list(singles))
+            _loose(groups, data, starts, sizes)
             raise FrameTooLarge(length, max_frame, groups, pos)
         stride = HEADER_SIZE + length
         if length == previous:
             # two in a row of one length: a run, if min_run of them are there
             first = pos - stride
-            if first + min_run * stride <= end and all(
-                unpack(view, first + k * stride)[0] == length for k in range(2, min_run)
-            ):
+            if _run_at(view, first, end, min_run):
                 count = _uniform_run(view, first, end, stride)
-                singles.pop()  # the frame before is the run's first
-                if singles:
-                    groups.append(Payloads.from_list(singles))
-                    singles = []
-                    append = singles.append
-                rows = np.frombuffer(view, dtype=np.uint8, count=count * stride, offset=first)
-                groups.append(Payloads(fixed=rows.reshape(count, stride)[:, HEADER_SIZE:]))
+                starts.pop()  # the frame before is the run's first
+                sizes.pop()
+                _loose(groups, data, starts, sizes)
+                starts, sizes = [], []
+                rows = data[first : first + count * stride].reshape(count, stride)
+                groups.append(Payloads(fixed=rows[:, HEADER_SIZE:]))
                 pos = first + count * stride
                 previous = -1
+                if chains and end - pos >= _CHAIN_BYTES and not _run_at(view, pos, end, min_run):
+                    # frames of other lengths after the run: a chain again
+                    chains -= 1
+                    more, pos = _chained(data, pos, end, max_frame, min_run)
+                    groups.extend(more)
                 continue
         if pos + stride > end:
             break
-        append(bytes(view[pos + HEADER_SIZE : pos + stride]))
+        starts.append(pos + HEADER_SIZE)
+        sizes.append(length)
         previous = length
         pos += stride
-    if singles:
-        # a few frames that all have one length (a slow stream's read) are one array too
-        groups.append(Payloads.from_list(singles))
+    _loose(groups, data, starts, sizes)
     return groups, pos
+
+
+def _loose(groups: list[Payloads], data: np.ndarray, starts: list[int], sizes: list[int]) -> None:
+    """Add the frames taken one by one (side by side in ``data``) to ``groups``: to the
+    frames of a chain just before them, if there is one, as the same batch."""
+    if not starts:
+        return
+    last = groups[-1].spans if groups else None
+    if last is not None and int(last.starts[-1] + last.lengths[-1]) + HEADER_SIZE == starts[0]:
+        groups[-1] = Payloads(
+            spans=Spans(
+                data,
+                np.concatenate((last.starts, np.array(starts, dtype=np.int64))),
+                np.concatenate((last.lengths, np.array(sizes, dtype=np.int64))),
+            )
+        )
+    elif len(sizes) > 1 and sizes.count(sizes[0]) == len(sizes):
+        # a few frames that all have one length (a slow stream's read) are one array too
+        stride = HEADER_SIZE + sizes[0]
+        begin = starts[0] - HEADER_SIZE
+        rows = data[begin : begin + len(sizes) * stride].reshape(len(sizes), stride)
+        groups.append(Payloads(fixed=rows[:, HEADER_SIZE:]))
+    else:
+        groups.append(
+            Payloads(
+                spans=Spans(data, np.array(starts, dtype=np.int64), np.array(sizes, dtype=np.int64))
+            )
+        )
 
 
 #: frames of varying lengths are cut with NumPy (:func:`_chained`) from reads this long
 _CHAIN_BYTES = 4096
+#: at most this many chains are tried per read: each one is a pass over the rest of it
+_CHAINS_PER_READ = 4
+
+
+def _run_at(view: memoryview, pos: int, end: int, min_run: int) -> bool:
+    """Whether ``min_run`` whole frames of one length begin at ``pos``.
+
+    The last of them is looked at first: where lengths vary, it differs from the
+    first far more often than the second does, and one header settles it."""
+    if pos + HEADER_SIZE > end:
+        return False
+    unpack = HEADER.unpack_from
+    (length,) = unpack(view, pos)
+    stride = HEADER_SIZE + length
+    if pos + min_run * stride > end or unpack(view, pos + (min_run - 1) * stride)[0] != length:
+        return False
+    return all(unpack(view, pos + k * stride)[0] == length for k in range(1, min_run - 1))
 
 
 def _chained(
-    view: memoryview, start: int, end: int, max_frame: int, min_run: int
+    data: np.ndarray, start: int, end: int, max_frame: int, min_run: int
 ) -> tuple[list[Payloads], int]:
     """The frames from ``start`` on, found in a few passes instead of one header at a
     time, as far as they follow one another as :func:`split_frames` would walk them.
@@ -279,7 +326,7 @@ def _chained(
     something like a header, or one that begins otherwise, ends the chain there;
     :func:`split_frames` goes on from that frame one header at a time.
     """
-    a = np.frombuffer(view, dtype=np.uint8, count=end - start, offset=start)
+    a = data[start:end]
     if len(a) <= HEADER_SIZE:
         return [], start
     body = a[HEADER_SIZE:]
@@ -307,27 +354,24 @@ def _chained(
         if stop - first < min_run:
             continue
         if loose < first:
-            groups.append(_spans(a, at, lengths, loose, first, start))
+            groups.append(_spans(data, at, lengths, loose, first))
         stride = HEADER_SIZE + int(lengths[first])
-        rows = np.frombuffer(
-            view, dtype=np.uint8, count=(stop - first) * stride, offset=int(at[first])
-        )
-        groups.append(Payloads(fixed=rows.reshape(stop - first, stride)[:, HEADER_SIZE:]))
+        begin = int(at[first])
+        rows = data[begin : begin + (stop - first) * stride].reshape(stop - first, stride)
+        groups.append(Payloads(fixed=rows[:, HEADER_SIZE:]))
         loose = stop
     if loose < count:
-        groups.append(_spans(a, at, lengths, loose, count, start))
+        groups.append(_spans(data, at, lengths, loose, count))
     return groups, int(at[-1] + HEADER_SIZE + lengths[-1])
 
 
-def _spans(
-    a: np.ndarray, at: np.ndarray, lengths: np.ndarray, first: int, stop: int, start: int
-) -> Payloads:
-    """Frames ``first:stop`` of a chain, as places in ``a`` (which begins at ``start``)."""
+def _spans(data: np.ndarray, at: np.ndarray, lengths: np.ndarray, first: int, stop: int) -> Payloads:
+    """Frames ``first:stop`` of a chain whose headers are at ``at`` in ``data``."""
     if stop - first > 1 and (lengths[first:stop] == lengths[first]).all():
         # frames of one length side by side: the fixed form, as from_list makes it
-        rows = a[at[first] - start : at[stop - 1] - start + HEADER_SIZE + lengths[first]]
+        rows = data[at[first] : at[stop - 1] + HEADER_SIZE + lengths[first]]
         return Payloads(fixed=rows.reshape(stop - first, -1)[:, HEADER_SIZE:])
-    return Payloads(spans=Spans(a, at[first:stop] - start + HEADER_SIZE, lengths[first:stop]))
+    return Payloads(spans=Spans(data, at[first:stop] + HEADER_SIZE, lengths[first:stop]))
 
 
 def _uniform_run(view: memoryview, pos: int, end: int, stride: int) -> int:
