@@ -97,6 +97,32 @@ def test_payloads_cannot_reach_into_each_other():
     assert all(reason.startswith("bad json") for reason in out.errors.values())
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(0, 6),
+    st.lists(
+        st.lists(st.integers(-(10**9), 10**9), min_size=3, max_size=3), min_size=1, max_size=30
+    ),
+    st.booleans(),
+)
+def test_numbers_of_one_layout_equal_float(decimals, rows, empty):
+    # every number of the batch with the same count of decimals (the word-wise path),
+    # from one digit up to past what a word holds, signs included; and an empty list
+    width = 3
+    texts = [
+        [f"{v / 10**decimals:.{decimals}f}" if decimals else str(v) for v in row] for row in rows
+    ]
+    items = [b'{"pixels":[' + ",".join(row).encode() + b"]}" for row in texts]
+    if empty:
+        items.append(b'{"pixels":[]}')
+    decoder = Decoder("json", width)
+    X, errors, labels, ids = one_by_one(decoder, items)
+    out = decoder.decode(Payloads(items=items))
+    assert np.array_equal(out.X, X) and np.array_equal(np.signbit(out.X), np.signbit(X))
+    assert out.errors == errors
+    assert np.array_equal(X[: len(texts)], [[float(t) for t in row] for row in texts])
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.integers(1, 60),
@@ -104,8 +130,11 @@ def test_payloads_cannot_reach_into_each_other():
     st.one_of(st.none(), st.lists(st.floats(), min_size=60, max_size=60)),
     st.one_of(
         st.none(),
-        st.lists(st.one_of(st.none(), st.text(max_size=5), st.integers(), st.floats(-1e6, 1e6)),
-                 min_size=60, max_size=60),
+        st.lists(
+            st.one_of(st.none(), st.text(max_size=5), st.integers(), st.floats(-1e6, 1e6)),
+            min_size=60,
+            max_size=60,
+        ),
     ),
     st.sets(st.integers(0, 59), max_size=3),
 )

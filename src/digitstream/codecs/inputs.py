@@ -470,7 +470,6 @@ _WHITESPACE = b" \t\n\r"
 _OPEN, _CLOSE = ord("["), ord("]")
 _BYTES_1 = np.uint64(0x0101010101010101)
 _LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
-_HIGH_NIBBLES = np.uint64(0xF0F0F0F0F0F0F0F0)
 _ASCII_ZEROS = np.uint64(0x3030303030303030)
 #: the bytes above byte ``i`` of a word, for i = -1 .. 7
 _ABOVE = np.array(
@@ -484,9 +483,10 @@ _SWAR = (
 
 
 def _fixed_layout(text: bytes, n: int, width: int) -> np.ndarray | None:
-    """The common layout in a few passes over the bytes: ``n`` flat lists (``text``
-    without whitespace) of ``width`` numbers each, every number with the same count of
-    decimals and at most 7 digits. None when the lists are laid out otherwise.
+    """The common layout in a few passes over the bytes: ``n`` flat lists (``text``,
+    valid JSON arrays without whitespace, side by side) of ``width`` numbers each, every
+    number with the same count of decimals and at most 8 digits (7 with a point). None
+    when the lists are laid out otherwise.
 
     Each number is read as the 8-byte word that ends at its separator; its decimal
     point is taken out, and its digits are converted with a few integer operations for
@@ -517,21 +517,27 @@ def _fixed_layout(text: bytes, n: int, width: int) -> np.ndarray | None:
         # the point is byte 7 - decimals: the bytes below it move up one, byte 0 is empty
         upper = _ABOVE[8 - decimals]
         words = (words & upper) | ((words << np.uint64(8)) & ~upper & ~np.uint64(0xFF))
-    flipped = words ^ _ASCII_ZEROS  # digits become 0..9, every other byte keeps a high bit
-    # 8 * (1 + the index of the highest byte that is not a digit): where the number starts
-    cut = (np.frexp((flipped & _HIGH_NIBBLES).astype(np.float64))[1] + 7) & ~7
-    # a number that may go on below the word (8 digits or more), or an empty one
-    if (cut < (16 if decimals else 8)).any() or (cut == 64).any():
+    # where each number begins: after the separator before it, or after its list's "["
+    # (valid JSON numbers of these bytes: a minus, digits, the point where checked above)
+    begin = np.empty_like(at)
+    begin[0] = 1
+    begin[1:] = at[:-1] + 1
+    begin[width::width] += 1
+    negative = a[begin] == _MINUS if b"-" in text else None
+    digits = at - begin - (1 if decimals else 0)
+    if negative is not None:
+        digits -= negative
+    # the digits are the top bytes of the word; an empty list has none
+    if digits.min() < 1 or digits.max() > (7 if decimals else 8):
         return None
-    bits = cut.astype(np.uint64)
-    number = ((flipped >> bits) << bits) & _LOW_NIBBLES
+    bits = ((8 - digits) * 8).astype(np.uint64)
+    number = (((words ^ _ASCII_ZEROS) >> bits) << bits) & _LOW_NIBBLES
     for scale, step, mask in _SWAR:
         number = (number * scale + (number >> step)) & mask
     values = number.astype(np.float64)
     if decimals:
         values /= 10.0**decimals
-    if b"-" in text:
-        negative = ((words >> (bits - np.uint64(8))) & np.uint64(0xFF)) == _MINUS
+    if negative is not None:
         values[negative] = (-values if decimals else 0.0 - values)[negative]
     return values.reshape(n, width)
 

@@ -120,6 +120,9 @@ class Payloads:
 
     @property
     def nbytes(self) -> int:
+        """The bytes the frames took on the wire, headers included."""
+        if self.fixed is not None:
+            return (self.fixed.shape[1] + HEADER_SIZE) * len(self.fixed)
         return int(self.lengths().sum()) + HEADER_SIZE * len(self)
 
     def slice(self, start: int, stop: int) -> Payloads:
@@ -365,7 +368,9 @@ def _chained(
     return groups, int(at[-1] + HEADER_SIZE + lengths[-1])
 
 
-def _spans(data: np.ndarray, at: np.ndarray, lengths: np.ndarray, first: int, stop: int) -> Payloads:
+def _spans(
+    data: np.ndarray, at: np.ndarray, lengths: np.ndarray, first: int, stop: int
+) -> Payloads:
     """Frames ``first:stop`` of a chain whose headers are at ``at`` in ``data``."""
     if stop - first > 1 and (lengths[first:stop] == lengths[first]).all():
         # frames of one length side by side: the fixed form, as from_list makes it
