@@ -237,3 +237,11 @@ def test_frames_after_a_broken_chain_join_its_batch():
     groups = FrameSplitter().feed(frame_many(payloads))
     assert len(groups) == 1 and groups[0].spans is not None
     assert groups[0].to_list() == payloads
+
+
+def test_large_frames_of_one_length_are_one_array():
+    # fewer than 32 to a read (pickled images): one array, not a chain of places
+    payloads = [bytes([0, 0, 0, k]) + b"\x00\x80" * 330 for k in range(12)]
+    groups = FrameSplitter().feed(frame_many(payloads))
+    assert len(groups) == 1 and groups[0].fixed is not None
+    assert groups[0].to_list() == payloads

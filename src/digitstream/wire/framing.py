@@ -225,9 +225,13 @@ def split_frames(
     pos = start
     unpack = HEADER.unpack_from
     chains = _CHAINS_PER_READ
-    if end - start >= _CHAIN_BYTES and not _run_at(view, start, end, min_run):
-        chains -= 1
-        groups, pos = _chained(data, start, end, max_frame, min_run)
+    run_here = -1  # where a run is known to begin
+    if end - start >= _CHAIN_BYTES:
+        if _run_at(view, start, end, min_run):
+            run_here = start
+        elif not _run_at(view, start, end, min_run, whole_read=True):
+            chains -= 1
+            groups, pos = _chained(data, start, end, max_frame, min_run)
     # the frames taken one header at a time: where their payloads begin, and how long
     starts: list[int] = []
     sizes: list[int] = []
@@ -238,13 +242,14 @@ def split_frames(
             _loose(groups, data, starts, sizes)
             raise FrameTooLarge(length, max_frame, groups, pos)
         stride = HEADER_SIZE + length
-        if length == previous:
+        if length == previous or pos == run_here:
             # two in a row of one length: a run, if min_run of them are there
-            first = pos - stride
-            if _run_at(view, first, end, min_run):
+            first = pos if pos == run_here else pos - stride
+            if first == run_here or _run_at(view, first, end, min_run):
                 count = _uniform_run(view, first, end, stride)
-                starts.pop()  # the frame before is the run's first
-                sizes.pop()
+                if first != pos:
+                    starts.pop()  # the frame before is the run's first
+                    sizes.pop()
                 _loose(groups, data, starts, sizes)
                 starts, sizes = [], []
                 rows = data[first : first + count * stride].reshape(count, stride)
@@ -301,8 +306,10 @@ _CHAIN_BYTES = 4096
 _CHAINS_PER_READ = 4
 
 
-def _run_at(view: memoryview, pos: int, end: int, min_run: int) -> bool:
-    """Whether ``min_run`` whole frames of one length begin at ``pos``.
+def _run_at(view: memoryview, pos: int, end: int, min_run: int, whole_read: bool = False) -> bool:
+    """Whether ``min_run`` whole frames of one length begin at ``pos`` (with
+    ``whole_read``, also two or more of one length that fill the read to its end:
+    large frames of one length, fewer than ``min_run`` to a read).
 
     The last of them is looked at first: where lengths vary, it differs from the
     first far more often than the second does, and one header settles it."""
@@ -311,9 +318,14 @@ def _run_at(view: memoryview, pos: int, end: int, min_run: int) -> bool:
     unpack = HEADER.unpack_from
     (length,) = unpack(view, pos)
     stride = HEADER_SIZE + length
-    if pos + min_run * stride > end or unpack(view, pos + (min_run - 1) * stride)[0] != length:
+    count = min_run
+    if pos + min_run * stride > end:
+        count = (end - pos) // stride
+        if not whole_read or count < 2:
+            return False
+    if unpack(view, pos + (count - 1) * stride)[0] != length:
         return False
-    return all(unpack(view, pos + k * stride)[0] == length for k in range(1, min_run - 1))
+    return all(unpack(view, pos + k * stride)[0] == length for k in range(1, count - 1))
 
 
 def _chained(
