@@ -8,7 +8,8 @@ case: every image of a stream has the same size) is cut out with NumPy as one
 ``(n_frames, length)`` array, without a Python loop per frame. Frames of
 varying lengths (JSON) in a read of 4 KiB or more are found by checking the whole
 chain of headers at once (:func:`_chained`) and come out as places in the buffer
-(:class:`Spans`), without an object per frame.
+(:class:`Spans`), without an object per frame; so do the few frames of a read
+that are cut one header at a time.
 """
 
 from __future__ import annotations
