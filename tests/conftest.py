@@ -22,12 +22,8 @@ def seed_pipeline(digits):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
 
-    pipeline = Pipeline(
-        [
-            ("PCA", PCA(n_components=40, random_state=0)),
-            ("Logistic Regression", LogisticRegression(C=3, max_iter=5000)),
-        ]
-    )
+    pipeline = Pipeline([("PCA", PCA(n_components=40, random_state=0)),
+                         ("Logistic Regression", LogisticRegression(C=3, max_iter=5000))])
     return pipeline.fit(digits.X, digits.y)
 
 
@@ -38,11 +34,8 @@ def model_dir(tmp_path_factory, seed_pipeline, digits):
     directory = tmp_path_factory.mktemp("model")
     # fitted on every image, so there is no held-out figure to record
     accuracy = float(np.mean(seed_pipeline.predict(digits.X) == digits.y))
-    save_bundle(
-        seed_pipeline,
-        directory,
-        {"dataset": "digits", "model": "pca-logistic", "training_accuracy": accuracy},
-    )
+    save_bundle(seed_pipeline, directory, {"dataset": "digits", "model": "pca-logistic",
+                                           "training_accuracy": accuracy})
     return directory
 
 

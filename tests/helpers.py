@@ -59,7 +59,8 @@ class HeldPort:
         self.close()
 
 
-def wait_for(condition, timeout: float = TIMEOUT, interval: float = 0.01, what: str = "condition"):
+def wait_for(condition, timeout: float = TIMEOUT, interval: float = 0.01,
+             what: str = "condition"):
     """Poll ``condition()`` until it is truthy; its value, or AssertionError at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -128,9 +129,8 @@ class Collector:
             return len(self.frames)
 
     def wait_count(self, n: int, timeout: float = TIMEOUT) -> list[str]:
-        wait_for(
-            lambda: self.count() >= n, timeout, what=f"{n} result frames (have {self.count()})"
-        )
+        wait_for(lambda: self.count() >= n, timeout,
+                 what=f"{n} result frames (have {self.count()})")
         return self.texts()
 
     def drop_connection(self):
@@ -165,9 +165,8 @@ def _log_text(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _wait_for_line(
-    pattern: re.Pattern, proc: subprocess.Popen, log_path: Path, timeout: float, what: str
-) -> re.Match:
+def _wait_for_line(pattern: re.Pattern, proc: subprocess.Popen, log_path: Path, timeout: float,
+                   what: str) -> re.Match:
     """The first match of ``pattern`` in the log a process writes; AssertionError, with the
     log, if the process exits first or the deadline passes."""
     deadline = time.monotonic() + timeout
@@ -179,13 +178,11 @@ def _wait_for_line(
         if match:
             return match
         if exited:
-            raise AssertionError(
-                f"{what} exited with {proc.returncode} before it listened:\n{text}"
-            )
+            raise AssertionError(f"{what} exited with {proc.returncode} before it listened:\n"
+                                 f"{text}")
         if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout:.0f} s waiting for {what} to listen:\n{text}"
-            )
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} to "
+                                 f"listen:\n{text}")
         time.sleep(0.02)
 
 
@@ -196,11 +193,8 @@ def _port_of(address: str) -> int:
 #: the line ``digitstream run`` logs once it serves, e.g. ``listening on 127.0.0.1:43211,
 #: results to 127.0.0.1:7002, metrics UI at http://127.0.0.1:40123/`` (no metrics part with
 #: ``--no-metrics``)
-_APP_LISTENING = re.compile(
-    r"INFO .*?listening on ([^\s,]+), results to ([^\s,]+)"
-    r"(?:, metrics UI at (\S+))?\s*$",
-    re.MULTILINE,
-)
+_APP_LISTENING = re.compile(r"INFO .*?listening on ([^\s,]+), results to ([^\s,]+)"
+                            r"(?:, metrics UI at (\S+))?\s*$", re.MULTILINE)
 
 
 class AppProcess:
@@ -211,42 +205,21 @@ class AppProcess:
     from its start-up log line (see :meth:`wait_listening`).
     """
 
-    def __init__(
-        self,
-        model: str | Path,
-        out_port: int,
-        *args: str,
-        env: dict | None = None,
-        in_port: int | None = None,
-        metrics_port: int | None = None,
-    ):
+    def __init__(self, model: str | Path, out_port: int, *args: str, env: dict | None = None,
+                 in_port: int | None = None, metrics_port: int | None = None):
         self._in_port = in_port or None
         self._metrics_port = metrics_port or None
         self._listening = False
         self.out_port = out_port
-        cmd = [
-            sys.executable,
-            "-m",
-            "digitstream.cli",
-            "run",
-            "--in",
-            f"{HOST}:{in_port or 0}",
-            "--out",
-            f"{HOST}:{out_port}",
-            "--metrics",
-            f"{HOST}:{metrics_port or 0}",
-            "--model",
-            str(model),
-            *args,
-        ]
-        fd, name = tempfile.mkstemp(
-            prefix="digitstream-app-", suffix=".log", dir=os.environ.get("TMPDIR", "/tmp")
-        )
+        cmd = [sys.executable, "-m", "digitstream.cli", "run",
+               "--in", f"{HOST}:{in_port or 0}", "--out", f"{HOST}:{out_port}",
+               "--metrics", f"{HOST}:{metrics_port or 0}", "--model", str(model), *args]
+        fd, name = tempfile.mkstemp(prefix="digitstream-app-", suffix=".log",
+                                    dir=os.environ.get("TMPDIR", "/tmp"))
         self.log_path = Path(name)
         self._log = os.fdopen(fd, "wb")
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
 
     @property
     def in_port(self) -> int:
@@ -274,9 +247,8 @@ class AppProcess:
         """Wait for the line the application logs once it listens, and take the ports it
         bound from it."""
         if not self._listening:
-            match = _wait_for_line(
-                _APP_LISTENING, self.proc, self.log_path, timeout, "the application"
-            )
+            match = _wait_for_line(_APP_LISTENING, self.proc, self.log_path, timeout,
+                                   "the application")
             self._in_port = _port_of(match[1])
             self._metrics_port = urllib.parse.urlsplit(match[3]).port if match[3] else None
             self._listening = True
@@ -291,9 +263,8 @@ class AppProcess:
 
         def ready():
             if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"application exited with {self.proc.returncode}:\n{self.log()}"
-                )
+                raise AssertionError(f"application exited with {self.proc.returncode}:\n"
+                                     f"{self.log()}")
             try:
                 status, _ = http_get(self.metrics_url + "/readyz", timeout=1)
             except OSError:
@@ -301,13 +272,8 @@ class AppProcess:
             # and the model whole: a linear one is served from its stored arrays while
             # skops loads its pipeline (which the process's memory then grows by)
             return status == 200 and self.stats()["pipeline_loaded"]
-
-        wait_for(
-            ready,
-            max(0.0, deadline - time.monotonic()),
-            interval=0.05,
-            what="the application to be ready",
-        )
+        wait_for(ready, max(0.0, deadline - time.monotonic()), interval=0.05,
+                 what="the application to be ready")
         return self
 
     def stats(self) -> dict:
@@ -347,24 +313,12 @@ class ListenProcess:
         self.output = Path(output)
         self.log_path = self.output.with_name(self.output.name + ".log")
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "digitstream.cli",
-                    "-q",
-                    "listen",
-                    f"{HOST}:{port}",
-                    "-o",
-                    str(self.output),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
+            self.proc = subprocess.Popen([sys.executable, "-m", "digitstream.cli", "-q", "listen",
+                                          f"{HOST}:{port}", "-o", str(self.output)],
+                                         stdout=subprocess.DEVNULL, stderr=log)
         try:
-            match = _wait_for_line(
-                _LISTENER_LISTENING, self.proc, self.log_path, timeout, "the listener"
-            )
+            match = _wait_for_line(_LISTENER_LISTENING, self.proc, self.log_path, timeout,
+                                   "the listener")
         except BaseException:
             self.stop(signal.SIGKILL)
             raise
@@ -396,7 +350,7 @@ def frame_count_of(data: bytes) -> int:
     """Number of complete frames in ``data``."""
     pos = count = 0
     while pos + HEADER_SIZE <= len(data):
-        length = int.from_bytes(data[pos : pos + HEADER_SIZE], "big")
+        length = int.from_bytes(data[pos:pos + HEADER_SIZE], "big")
         if pos + HEADER_SIZE + length > len(data):
             break
         pos += HEADER_SIZE + length
@@ -410,23 +364,18 @@ def py2_pickle(row: np.ndarray, protocol: int) -> bytes:
     n = len(row)
     if protocol == 0:
         escaped = "".join(f"\\x{b:02x}" for b in data)
-        text = (
-            "cnumpy.core.multiarray\n_reconstruct\np0\n(cnumpy\nndarray\np1\n(I0\ntp2\n"
-            f"S'b'\np3\ntp4\nRp5\n(I1\n(I{n}\ntp6\ncnumpy\ndtype\np7\n(S'f8'\np8\nI0\n"
-            "I1\ntp9\nRp10\n(I3\nS'<'\np11\nNNNI-1\nI-1\nI0\ntp12\nbI00\n"
-            f"S'{escaped}'\np13\ntp14\nb."
-        )
+        text = ("cnumpy.core.multiarray\n_reconstruct\np0\n(cnumpy\nndarray\np1\n(I0\ntp2\n"
+                f"S'b'\np3\ntp4\nRp5\n(I1\n(I{n}\ntp6\ncnumpy\ndtype\np7\n(S'f8'\np8\nI0\n"
+                "I1\ntp9\nRp10\n(I3\nS'<'\np11\nNNNI-1\nI-1\nI0\ntp12\nbI00\n"
+                f"S'{escaped}'\np13\ntp14\nb.")
         return text.encode("ascii")
     assert protocol == 2
     count = bytes([n]) if n < 256 else b""
-    return (
-        b"\x80\x02cnumpy.core.multiarray\n_reconstruct\nq\x00cnumpy\nndarray\nq\x01K\x00"
-        b"\x85q\x02U\x01bq\x03\x87q\x04Rq\x05(K\x01K"
-        + count
-        + b"\x85q\x06cnumpy\ndtype\nq\x07U\x02f8q\x08K\x00K\x01\x87q\tRq\n(K\x03U\x01<q\x0b"
-        b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tq\x0cb"
-        b"\x89T" + struct.pack("<I", len(data)) + data + b"q\rtq\x0eb."
-    )
+    return (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\nq\x00cnumpy\nndarray\nq\x01K\x00"
+            b"\x85q\x02U\x01bq\x03\x87q\x04Rq\x05(K\x01K" + count
+            + b"\x85q\x06cnumpy\ndtype\nq\x07U\x02f8q\x08K\x00K\x01\x87q\tRq\n(K\x03U\x01<q\x0b"
+            b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tq\x0cb"
+            b"\x89T" + struct.pack("<I", len(data)) + data + b"q\rtq\x0eb.")
 
 
 def app_counts(stats: dict) -> dict:
@@ -439,11 +388,9 @@ def app_counts(stats: dict) -> dict:
         "messages_in": messages["in"] if isinstance(messages, dict) else stats["messages_in"],
         "messages_out": messages["out"] if isinstance(messages, dict) else stats["messages_out"],
         "rejected": dict(stats.get("rejected", {})),
-        "connections_open": (
-            connections["open"] if isinstance(connections, dict) else stats["connections_open"]
-        ),
-        "connection_errors": dict(connections.get("errors", {}))
-        if isinstance(connections, dict)
+        "connections_open": (connections["open"] if isinstance(connections, dict)
+                             else stats["connections_open"]),
+        "connection_errors": dict(connections.get("errors", {})) if isinstance(connections, dict)
         else dict(stats.get("connection_errors", {})),
     }
 
@@ -477,11 +424,11 @@ def reference_frames(stream: bytes, max_frame: int) -> tuple[list[bytes], bool]:
     whether such a header was reached."""
     frames, pos = [], 0
     while pos + HEADER_SIZE <= len(stream):
-        length = int.from_bytes(stream[pos : pos + HEADER_SIZE], "big")
+        length = int.from_bytes(stream[pos:pos + HEADER_SIZE], "big")
         if length > max_frame:
             return frames, True
         if pos + HEADER_SIZE + length > len(stream):
             break
-        frames.append(stream[pos + HEADER_SIZE : pos + HEADER_SIZE + length])
+        frames.append(stream[pos + HEADER_SIZE:pos + HEADER_SIZE + length])
         pos += HEADER_SIZE + length
     return frames, False

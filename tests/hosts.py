@@ -99,13 +99,9 @@ class Host:
     def start(self, args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
         """``args`` run on this host, in a session of its own, output to ``log_path``."""
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.namespace, *args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, **(env or {})},
-            )
+            proc = subprocess.Popen(["ip", "netns", "exec", self.namespace, *args], stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, **(env or {})})
         self.procs.append(proc)
         return proc
 
@@ -154,7 +150,8 @@ class Hosts:
                 host = Host(name, namespace, f"{self.subnet}.{11 + i}", link)
                 _ip("netns", "add", namespace)
                 self.hosts[name] = host
-                _ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", namespace)
+                _ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns",
+                    namespace)
                 _ip("link", "set", link, "master", self.bridge, "up")
                 _ip("-n", namespace, "addr", "add", f"{host.address}/24", "dev", "eth0")
                 _ip("-n", namespace, "link", "set", "eth0", "up")
@@ -182,15 +179,8 @@ class Hosts:
             host.restore()
             for other in self.hosts.values():
                 if other is not host:
-                    _ip(
-                        "-n",
-                        host.namespace,
-                        "route",
-                        "del",
-                        "blackhole",
-                        f"{other.address}/32",
-                        check=False,
-                    )
+                    _ip("-n", host.namespace, "route", "del", "blackhole",
+                        f"{other.address}/32", check=False)
 
     def close(self) -> None:
         """Processes, namespaces (their veth pairs go with them) and the bridge, removed."""

@@ -62,52 +62,19 @@ def main(argv: list[str] | None = None) -> int:
         a, b = net["a"], net["b"]
         address = f"tcp://{a.address}:{PORT}"
         py = sys.executable
-        procs = [
-            a.start(
-                [
-                    py,
-                    "-m",
-                    "dask",
-                    "scheduler",
-                    "--host",
-                    a.address,
-                    "--port",
-                    str(PORT),
-                    "--no-dashboard",
-                ],
-                logs / "scheduler.log",
-                env=_ONE_THREAD,
-            )
-        ]
+        procs = [a.start([py, "-m", "dask", "scheduler", "--host", a.address, "--port",
+                          str(PORT), "--no-dashboard"], logs / "scheduler.log", env=_ONE_THREAD)]
         _wait(lambda: _listening(a.address), 30, "the scheduler")
         names = []
         for host in (a, b):
             for i in range(args.workers_per_host):
                 name = f"{host.name}{i + 1}"
                 names.append(name)
-                procs.append(
-                    host.start(
-                        [
-                            py,
-                            "-m",
-                            "dask",
-                            "worker",
-                            address,
-                            "--host",
-                            host.address,
-                            "--nthreads",
-                            "1",
-                            "--no-nanny",
-                            "--no-dashboard",
-                            "--name",
-                            name,
-                            "--local-directory",
-                            str(logs / name),
-                        ],
-                        logs / f"worker-{name}.log",
-                        env=_ONE_THREAD,
-                    )
-                )
+                procs.append(host.start(
+                    [py, "-m", "dask", "worker", address, "--host", host.address,
+                     "--nthreads", "1", "--no-nanny", "--no-dashboard", "--name", name,
+                     "--local-directory", str(logs / name)],
+                    logs / f"worker-{name}.log", env=_ONE_THREAD))
 
         def joined() -> bool:
             text = (logs / "scheduler.log").read_text(errors="replace")
@@ -115,11 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
         _wait(joined, 60, "the workers")
         print(f"scheduler {address}", flush=True)
-        print(
-            f"workers {', '.join(names)} (host a {a.address}, host b {b.address}); "
-            f"the root namespace is {net.gateway}; logs in {logs}",
-            flush=True,
-        )
+        print(f"workers {', '.join(names)} (host a {a.address}, host b {b.address}); "
+              f"the root namespace is {net.gateway}; logs in {logs}", flush=True)
         print("Ctrl-C removes the cluster", flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)

@@ -80,44 +80,19 @@ class AckedSetup:
         with open(log, "wb") as f:
             self.listener = subprocess.Popen(
                 [*CLI, "listen", "--acked", f"{HOST}:{self.out_port.port}", "-o", str(self.file)],
-                stdout=subprocess.DEVNULL,
-                stderr=f,
-            )
+                stdout=subprocess.DEVNULL, stderr=f)
         _started(self.listener, log, r"^listening on", "the acked listener")
 
     def start_app(self) -> None:
-        self.app = AppProcess(
-            self.model,
-            self.out_port.port,
-            "--acked",
-            "--no-metrics",
-            "--input-format",
-            "u8",
-            "--output-format",
-            "json",
-            *self.run_args,
-            in_port=self.in_port.port,
-        )
+        self.app = AppProcess(self.model, self.out_port.port, "--acked", "--no-metrics",
+                              "--input-format", "u8", "--output-format", "json", *self.run_args,
+                              in_port=self.in_port.port)
         self.app.wait_listening(60)
 
     def start_sender(self, name: str, repeat: int = REPEAT, *extra: str) -> None:
         args = self.sender_args.setdefault(
-            name,
-            [
-                *CLI,
-                "send",
-                "--acked",
-                "--stream",
-                name,
-                "--to",
-                f"{HOST}:{self.in_port.port}",
-                "--format",
-                "u8",
-                "--repeat",
-                str(repeat),
-                *extra,
-            ],
-        )
+            name, [*CLI, "send", "--acked", "--stream", name, "--to", f"{HOST}:{self.in_port.port}",
+                   "--format", "u8", "--repeat", str(repeat), *extra])
         with open(self._log(f"send-{name}"), "wb") as f:
             self.senders[name] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=f)
 
@@ -156,16 +131,14 @@ class AckedSetup:
                 code = proc.wait(max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 raise AssertionError(
-                    f"sender {name!r} did not finish; {self.diagnosis()}"
-                ) from None
+                    f"sender {name!r} did not finish; {self.diagnosis()}") from None
             assert code == 0, f"sender {name!r} exited with {code}; {self.diagnosis()}"
 
     def diagnosis(self) -> str:
         logs = sorted(self.tmp.glob("*.log"))[-6:]
         app_log = self.app.log()[-3000:] if self.app else ""
-        return f"seed {SEED}, kills {self.kills}\nrun: {app_log}\n" + "\n".join(
-            f"{p.name}: {p.read_text(errors='replace')[-1500:]}" for p in logs
-        )
+        return (f"seed {SEED}, kills {self.kills}\nrun: {app_log}\n"
+                + "\n".join(f"{p.name}: {p.read_text(errors='replace')[-1500:]}" for p in logs))
 
     def close(self) -> None:
         for proc in [*self.senders.values(), self.listener]:
@@ -183,20 +156,19 @@ def results_of(path: Path, stream: str | None = None) -> tuple[np.ndarray, np.nd
     args = [*CLI, "read", str(path)] + (["--stream", stream] if stream else [])
     out = subprocess.run(args, capture_output=True, timeout=120, check=True).stdout
     lines = out.count(b"\n")
-    pairs = np.array(
-        re.findall(rb'^\{"seq":(\d+),"label":(\d+),', out, re.MULTILINE), dtype=np.int64
-    ).reshape(-1, 2)
+    pairs = np.array(re.findall(rb'^\{"seq":(\d+),"label":(\d+),', out, re.MULTILINE),
+                     dtype=np.int64).reshape(-1, 2)
     assert len(pairs) == lines, f"{lines - len(pairs)} lines are not classified results"
     return pairs[:, 0], pairs[:, 1]
 
 
-def assert_exactly_once(path: Path, stream: str, total: int, labels: np.ndarray, why: str) -> None:
+def assert_exactly_once(path: Path, stream: str, total: int, labels: np.ndarray,
+                        why: str) -> None:
     seqs, got = results_of(path, stream)
     assert len(seqs) == total, f"{len(seqs):,} results of {total:,} stored; {why}"
     wrong = np.flatnonzero(seqs != np.arange(total))
-    assert not wrong.size, (
-        f"results out of order or repeated from position {wrong[0]:,} (seq {seqs[wrong[0]]}); {why}"
-    )
+    assert not wrong.size, (f"results out of order or repeated from position {wrong[0]:,} "
+                            f"(seq {seqs[wrong[0]]}); {why}")
     assert np.array_equal(got, labels[np.arange(total) % len(labels)]), why
 
 
@@ -226,9 +198,8 @@ def _kill_schedule(rng: random.Random, who: list[str]) -> list[tuple[float, str]
     return sorted((rng.uniform(0.02, 0.9), w) for w in who)
 
 
-def _run_with_kills(
-    setup, who: list[str], streams: tuple[str, ...], seed: int, sub: str, labels
-) -> None:
+def _run_with_kills(setup, who: list[str], streams: tuple[str, ...], seed: int, sub: str,
+                    labels) -> None:
     rng = random.Random(seed)
     print(f"kill schedule seed {seed} (DIGITSTREAM_KILL_SEED={seed} replays it)")
     s = setup(sub=sub)
@@ -238,18 +209,12 @@ def _run_with_kills(
         s.start_sender(name, REPEAT, "--rate", str(KILL_RATE))
     expected = TOTAL * len(streams)
     for fraction, w in _kill_schedule(rng, who):
-        wait_for(
-            lambda: (
-                s.stored() >= fraction * expected
-                or all(p.poll() is not None for p in s.senders.values())
-            ),
-            LONG,
-            what=f"{fraction:.0%} of the stream before killing {w}",
-        )
+        wait_for(lambda: s.stored() >= fraction * expected
+                 or all(p.poll() is not None for p in s.senders.values()),
+                 LONG, what=f"{fraction:.0%} of the stream before killing {w}")
         time.sleep(rng.uniform(0, 0.01))  # at most 2% of a stream at KILL_RATE
         assert any(p.poll() is None for p in s.senders.values()), (
-            f"the stream ended before the kill of {w} at {fraction:.0%}; {s.diagnosis()}"
-        )
+            f"the stream ended before the kill of {w} at {fraction:.0%}; {s.diagnosis()}")
         s.kill(w, rng.choice(streams) if w == "sender" else None)
     s.wait_senders()
     why = s.diagnosis()
@@ -258,16 +223,14 @@ def _run_with_kills(
 
 
 #: one test item per run of a kill test, each with its own seed
-KILL_SEEDS = pytest.mark.parametrize(
-    "seed", [SEED + run for run in range(KILL_RUNS)], ids=lambda seed: f"seed{seed}"
-)
+KILL_SEEDS = pytest.mark.parametrize("seed", [SEED + run for run in range(KILL_RUNS)],
+                                     ids=lambda seed: f"seed{seed}")
 
 
 @KILL_SEEDS
 @pytest.mark.parametrize("who", ["sender", "run", "listener"])
 def test_a_process_killed_mid_stream_and_started_again_loses_and_repeats_nothing(
-    who, seed, setup, labels
-):
+        who, seed, setup, labels):
     _run_with_kills(setup, [who], ("digits",), seed, who, labels)
 
 
@@ -278,9 +241,8 @@ def test_all_three_killed_several_times_in_one_stream(seed, setup, labels):
 
 @KILL_SEEDS
 def test_two_streams_at_once_with_kills(seed, setup, labels):
-    _run_with_kills(
-        setup, ["sender", "sender", "run", "listener"], ("left", "right"), seed, "two", labels
-    )
+    _run_with_kills(setup, ["sender", "sender", "run", "listener"], ("left", "right"), seed,
+                    "two", labels)
 
 
 def test_with_the_dask_engine_a_killed_run_loses_and_repeats_nothing(setup, labels):
@@ -292,11 +254,8 @@ def test_with_the_dask_engine_a_killed_run_loses_and_repeats_nothing(setup, labe
     s.start_sender("dask", 60)
     total = DIGITS * 60
     for fraction, w in _kill_schedule(rng, ["run", "listener"]):
-        wait_for(
-            lambda: s.stored() >= fraction * total or s.senders["dask"].poll() is not None,
-            LONG,
-            what=f"{fraction:.0%} of the stream",
-        )
+        wait_for(lambda: s.stored() >= fraction * total or s.senders["dask"].poll() is not None,
+                 LONG, what=f"{fraction:.0%} of the stream")
         s.kill(w)
     s.wait_senders()
     assert_exactly_once(s.file, "dask", total, labels, s.diagnosis())
@@ -309,22 +268,8 @@ def test_a_stream_name_reused_with_other_data_is_refused(setup, labels):
     s.start_sender("digits", 2)
     s.wait_senders(60)
     other = subprocess.run(
-        [
-            *CLI,
-            "send",
-            "--acked",
-            "--stream",
-            "digits",
-            "--to",
-            f"{HOST}:{s.in_port.port}",
-            "--format",
-            "u8",
-            "--repeat",
-            "3",
-        ],
-        capture_output=True,
-        timeout=60,
-    )
+        [*CLI, "send", "--acked", "--stream", "digits", "--to", f"{HOST}:{s.in_port.port}",
+         "--format", "u8", "--repeat", "3"], capture_output=True, timeout=60)
     assert other.returncode == 1
     assert b"refused" in other.stderr and b"other data" in other.stderr, other.stderr
     # the same command again finds its stream complete and ends at once
@@ -409,38 +354,14 @@ def test_a_listener_that_stops_reading_bounds_the_window_and_runs_memory(window,
     stalled = StalledListener()
     sender = None
     try:
-        app = start_app(
-            stalled.port,
-            "--acked",
-            "--input-format",
-            "u8",
-            "--output-format",
-            "json",
-            "--flush-timeout",
-            "1",
-        )
+        app = start_app(stalled.port, "--acked", "--input-format", "u8", "--output-format",
+                        "json", "--flush-timeout", "1")
         rss_before = memory_of(app.proc.pid)[0]
         repeat = 1200  # 2.2 million messages, 138 MB of input
         sender = subprocess.Popen(
-            [
-                *CLI,
-                "send",
-                "--acked",
-                "--stream",
-                "s",
-                "--to",
-                f"{HOST}:{app.in_port}",
-                "--format",
-                "u8",
-                "--repeat",
-                str(repeat),
-                "--window",
-                str(window),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-
+            [*CLI, "send", "--acked", "--stream", "s", "--to", f"{HOST}:{app.in_port}",
+             "--format", "u8", "--repeat", str(repeat), "--window", str(window)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         def received():
             return app_counts(app.stats())["messages_in"]
 
@@ -453,9 +374,8 @@ def test_a_listener_that_stops_reading_bounds_the_window_and_runs_memory(window,
             # not the window but run's bounded result queue (8 MiB) and buffers stop it
             assert held < DIGITS * repeat // 2, f"run took {held:,} messages of a stalled stream"
         rss = memory_of(app.proc.pid)[0]
-        print(
-            f"window {window:,}: run took {held:,} messages, grew by {(rss - rss_before) >> 20} MiB"
-        )
+        print(f"window {window:,}: run took {held:,} messages, grew by {(rss - rss_before) >> 20} "
+              "MiB")
         assert rss - rss_before < 200 << 20, f"run grew by {(rss - rss_before) >> 20} MiB"
     finally:
         if sender is not None and sender.poll() is None:
@@ -481,7 +401,8 @@ def test_messages_and_the_file_round_trip(tmp_path):
         acked.parse(b"Z\x00\x01s")
     path = tmp_path / "f.acked"
     record = acked.data("s", 0, 5, frames)
-    path.write_bytes(frame(acked.FILE_MAGIC) + acked.hello("s", "ab") + record + record[:-3])
+    path.write_bytes(frame(acked.FILE_MAGIC) + acked.hello("s", "ab") + record
+                     + record[:-3])
     with open(path, "rb") as f:
         state = acked.AckedFile.scan(f)
         assert state.positions == {"s": 5} and state.fingerprints == {"s": "ab"}

@@ -103,8 +103,7 @@ def served(model_dir):
                 args += ["--max-frame", str(SMALL_MAX_FRAME)]
             app = _start_with_open_files_limit(
                 LOW_OPEN_FILES if fmt == "json" else 1 << 30,
-                lambda: AppProcess(model_dir, collector.port, *args),
-            )
+                lambda: AppProcess(model_dir, collector.port, *args))
             started[fmt] = Served(fmt, app, collector)
         for s in started.values():
             s.app.wait_ready(START_TIMEOUT)
@@ -125,7 +124,7 @@ def labels(seed_pipeline, digits):
 
 def valid(fmt: str, digits, i: int) -> bytes:
     encoding = "pickle" if fmt == "auto" else fmt
-    return encode_images(digits.X[i : i + 1], encoding, ids=[f"valid-{i}"])[0]
+    return encode_images(digits.X[i:i + 1], encoding, ids=[f"valid-{i}"])[0]
 
 
 def npy_bytes(array, allow_pickle=False) -> bytes:
@@ -197,11 +196,8 @@ BAD = {
     ],
 }
 # auto tells the formats apart by their first bytes: npy magic, "{", else pickle
-BAD["auto"] = (
-    BAD["pickle"]
-    + [b for b in BAD["npy"] if b[0].startswith(b"\x93NUMPY")]
+BAD["auto"] = BAD["pickle"] + [b for b in BAD["npy"] if b[0].startswith(b"\x93NUMPY")] \
     + [b for b in BAD["json"] if b[0].startswith(b"{")]
-)
 
 
 @pytest.mark.parametrize("fmt", [*INPUT_FORMATS, "auto"])
@@ -210,9 +206,7 @@ def test_every_decoder_names_what_was_expected_and_what_came(fmt, digits):
     from digitstream.codecs.inputs import Decoder
     from digitstream.wire.framing import Payloads
 
-    out = Decoder(fmt, 64).decode(
-        Payloads(items=[b for b, _, _ in BAD[fmt]] + [valid(fmt, digits, 0)])
-    )
+    out = Decoder(fmt, 64).decode(Payloads(items=[b for b, _, _ in BAD[fmt]] + [valid(fmt, digits, 0)]))
     assert sorted(out.errors) == list(range(len(BAD[fmt])))
     for i, (_, words, kind) in enumerate(BAD[fmt]):
         assert words in out.errors[i] and reason_kind(out.errors[i]) == kind, (out.errors[i], words)
@@ -227,9 +221,8 @@ def interleave(bad: list[bytes], good: list[bytes]) -> list[bytes]:
     return out
 
 
-def check_answers(
-    s: Served, answers: list[str], expected: list[tuple[str, str] | int], first_seq: int = 0
-) -> None:
+def check_answers(s: Served, answers: list[str], expected: list[tuple[str, str] | int],
+                  first_seq: int = 0) -> None:
     """``expected`` holds, per frame, the label of a valid image or (reason words, kind)."""
     assert len(answers) == len(expected)
     for seq, (answer, want) in enumerate(zip(answers, expected), start=first_seq):
@@ -243,7 +236,7 @@ def check_answers(
                 assert obj["label"] == want and "error" not in obj, (obj, want)
         elif isinstance(want, tuple):
             assert answer.startswith("error: ") and want[0] in answer, (answer, want)
-            assert reason_kind(answer[len("error: ") :]) == want[1], answer
+            assert reason_kind(answer[len("error: "):]) == want[1], answer
         else:
             assert answer == str(np.array([want])), (answer, want)
 
@@ -263,9 +256,7 @@ def test_undecodable_wrong_size_non_finite_and_non_numeric(fmt, served, digits, 
     before = s.counts()
     payloads = interleave([b for b, _, _ in bad], [valid(fmt, digits, i) for i in good_index])
     answers = s.exchange(payloads)
-    expected = interleave(
-        [(words, kind) for _, words, kind in bad], [labels[i] for i in good_index]
-    )
+    expected = interleave([(words, kind) for _, words, kind in bad], [labels[i] for i in good_index])
     check_answers(s, answers, expected)
     assert rejected_since(s, before) == Counter(kind for _, _, kind in bad)
     after = s.counts()
@@ -311,37 +302,21 @@ def attack_pickles(target) -> list[tuple[str, bytes]]:
         ("subprocess.call", _Call(sp.call, ["touch", path])),
         ("numpy.save", _Call(np.save, path, np.zeros(1))),
     ]
-    out = [
-        (f"{name}, protocol {p}", pickle.dumps(obj, protocol=p))
-        for name, obj in attacks
-        for p in range(pickle.HIGHEST_PROTOCOL + 1)
-    ]
+    out = [(f"{name}, protocol {p}", pickle.dumps(obj, protocol=p))
+           for name, obj in attacks for p in range(pickle.HIGHEST_PROTOCOL + 1)]
     # importlib.import_module('os') then getattr(module, 'system')('touch ...'), by hand
-    chain = (
-        b"\x80\x02cbuiltins\ngetattr\n(cimportlib\nimport_module\n(X\x02\x00\x00\x00ostR"
-        b"X\x06\x00\x00\x00systemtR(X"
-        + len(f"touch {path}").to_bytes(4, "little")
-        + f"touch {path}".encode()
-        + b"tR."
-    )
+    chain = (b"\x80\x02cbuiltins\ngetattr\n(cimportlib\nimport_module\n(X\x02\x00\x00\x00ostR"
+             b"X\x06\x00\x00\x00systemtR(X" + len(f"touch {path}").to_bytes(4, "little")
+             + f"touch {path}".encode() + b"tR.")
     out.append(("importlib.import_module", chain))
     # the same call through the opcodes that create objects without REDUCE
     command = f"touch {path}".encode()
     out.append(("INST os.system", b"(S'" + command + b"'\nios\nsystem\n."))
     out.append(("OBJ os.system", b"(cos\nsystem\nS'" + command + b"'\no."))
     # a global inside NumPy's own modules that is not on the allow-list
-    out.append(
-        (
-            "numpy.testing runstring",
-            pickle.dumps(
-                _Call(
-                    importlib.import_module("numpy.testing._private.utils").runstring,
-                    f"open({path!r}, 'w').close()",
-                    {},
-                )
-            ),
-        )
-    )
+    out.append(("numpy.testing runstring", pickle.dumps(
+        _Call(importlib.import_module("numpy.testing._private.utils").runstring,
+              f"open({path!r}, 'w').close()", {}))))
     return out
 
 
@@ -351,25 +326,18 @@ def test_attack_pickles_do_create_the_file_when_unpickled_plainly(tmp_path):
     names = [name for name, _ in attack_pickles(tmp_path / "x.npy")]
     targets = [tmp_path / f"control-{i}.npy" for i in range(len(names))]
     payloads = [attack_pickles(target)[i][1] for i, target in enumerate(targets)]
-    script = (
-        "import pickle, struct, sys\n"
-        "data = sys.stdin.buffer.read()\n"
-        "pos = 0\n"
-        "while pos < len(data):\n"
-        "    (n,) = struct.unpack_from('>I', data, pos)\n"
-        "    try:\n"
-        "        pickle.loads(data[pos + 4:pos + 4 + n])\n"
-        "    except Exception:\n"
-        "        pass\n"
-        "    pos += 4 + n\n"
-    )
-    subprocess.run(
-        [sys.executable, "-c", script],
-        input=frame_many(payloads),
-        timeout=TIMEOUT,
-        capture_output=True,
-        cwd=tmp_path,
-    )
+    script = ("import pickle, struct, sys\n"
+              "data = sys.stdin.buffer.read()\n"
+              "pos = 0\n"
+              "while pos < len(data):\n"
+              "    (n,) = struct.unpack_from('>I', data, pos)\n"
+              "    try:\n"
+              "        pickle.loads(data[pos + 4:pos + 4 + n])\n"
+              "    except Exception:\n"
+              "        pass\n"
+              "    pos += 4 + n\n")
+    subprocess.run([sys.executable, "-c", script], input=frame_many(payloads), timeout=TIMEOUT,
+                   capture_output=True, cwd=tmp_path)
     for name, target in zip(names, targets):
         wait_for(target.exists, what=f"{name} to create its file")
 
@@ -394,9 +362,8 @@ def test_pickles_naming_forbidden_globals_run_nothing(served, digits, labels, tm
     attacks = attack_pickles(target)
     before = s.counts()
     good = list(range(300, 300 + len(attacks) + 1))
-    answers = s.exchange(
-        interleave([data for _, data in attacks], [valid(fmt, digits, i) for i in good])
-    )
+    answers = s.exchange(interleave([data for _, data in attacks],
+                                    [valid(fmt, digits, i) for i in good]))
     for (name, _), answer in zip(attacks, answers[1::2]):
         assert answer.startswith("error: bad pickle: "), (name, answer)
         assert "forbidden global" in answer or "not allowed" in answer, (name, answer)
@@ -410,7 +377,7 @@ def pickle_bombs() -> list[tuple[str, bytes]]:
     shape_at = real.index(b"K@\x85")  # the (64,) shape in the array's state
 
     def with_shape(shape_opcodes: bytes) -> bytes:
-        return real[:shape_at] + shape_opcodes + real[shape_at + 3 :]
+        return real[:shape_at] + shape_opcodes + real[shape_at + 3:]
 
     huge = (1 << 62).to_bytes(8, "little")
     return [
@@ -429,21 +396,13 @@ def pickle_bombs() -> list[tuple[str, bytes]]:
         ("shape (10**12,) in __setstate__", with_shape(b"\x8a\x05\x00\x10\xa5\xd4\xe8\x85")),
         ("shape (2**31-1, 2**31-1)", with_shape(b"J\xff\xff\xff\x7fJ\xff\xff\xff\x7f\x86")),
         ("shape (-1,)", with_shape(b"J\xff\xff\xff\xff\x85")),
-        (
-            "_frombuffer of shape (2**40,)",
-            b"\x80\x02cnumpy._core.numeric\n_frombuffer\n(C\x08"
-            + bytes(8)
-            + b"cnumpy\ndtype\nU\x02f8\x89\x88\x87R\x8a\x06\x00\x00\x00\x00\x00\x01\x85"
-            b"U\x01Ct" + b"R.",
-        ),
-        (
-            "dtype with a subarray of 2**31 values",
-            b"\x80\x02cnumpy\ndtype\nU\x10(2147483647,)f8\x89\x88\x87R.",
-        ),
-        (
-            "numpy.ndarray called with 2**40 values",
-            b"\x80\x02cnumpy\nndarray\n\x8a\x06" + bytes(5) + b"\x01\x85U\x02u1\x86R.",
-        ),
+        ("_frombuffer of shape (2**40,)", b"\x80\x02cnumpy._core.numeric\n_frombuffer\n(C\x08"
+         + bytes(8) + b"cnumpy\ndtype\nU\x02f8\x89\x88\x87R\x8a\x06\x00\x00\x00\x00\x00\x01\x85"
+         b"U\x01Ct" + b"R."),
+        ("dtype with a subarray of 2**31 values", b"\x80\x02cnumpy\ndtype\nU\x10(2147483647,)f8"
+         b"\x89\x88\x87R."),
+        ("numpy.ndarray called with 2**40 values", b"\x80\x02cnumpy\nndarray\n\x8a\x06"
+         + bytes(5) + b"\x01\x85U\x02u1\x86R."),
     ]
 
 
@@ -455,9 +414,8 @@ def test_pickle_bombs_are_rejected_in_bounded_time_and_memory(served, digits, la
     bombs = pickle_bombs()
     good = list(range(500, 500 + len(bombs) + 1))
     start = time.monotonic()
-    answers = s.exchange(
-        interleave([data for _, data in bombs], [valid("auto", digits, i) for i in good])
-    )
+    answers = s.exchange(interleave([data for _, data in bombs],
+                                    [valid("auto", digits, i) for i in good]))
     elapsed = time.monotonic() - start
     rss_after, peak_after = memory_of(pid)
     for (name, _), answer in zip(bombs, answers[1::2]):
@@ -469,11 +427,9 @@ def test_pickle_bombs_are_rejected_in_bounded_time_and_memory(served, digits, la
     assert elapsed < 20, f"{len(bombs)} bombs took {elapsed:.1f} s"
     assert peak_after - peak_before < 64 << 20, (peak_before, peak_after)
     assert rss_after - rss_before < 64 << 20, (rss_before, rss_after)
-    print(
-        f"\n{len(bombs)} pickle bombs answered in {elapsed * 1000:.0f} ms; application RSS "
-        f"{rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB, peak "
-        f"{peak_before / 2**20:.0f} -> {peak_after / 2**20:.0f} MiB"
-    )
+    print(f"\n{len(bombs)} pickle bombs answered in {elapsed * 1000:.0f} ms; application RSS "
+          f"{rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB, peak "
+          f"{peak_before / 2**20:.0f} -> {peak_after / 2**20:.0f} MiB")
 
 
 def _recv_until_closed(sock: socket.socket, timeout: float = TIMEOUT) -> bool:
@@ -497,32 +453,23 @@ def test_a_header_above_max_frame_closes_only_that_connection(served, digits, la
         other.sendall(frame_many(valid("u8", digits, i) for i in range(10)))
         assert s.new_results(start, 10) == [str(np.array([labels[i]])) for i in range(10)]
         length = SMALL_MAX_FRAME + 1
-        bad.sendall(
-            frame_many(valid("u8", digits, i) for i in range(20, 23))
-            + HEADER.pack(length)
-            + bytes(100)
-        )
+        bad.sendall(frame_many(valid("u8", digits, i) for i in range(20, 23))
+                    + HEADER.pack(length) + bytes(100))
         # the frames before the bad header are answered, then the connection is closed
         assert s.new_results(start + 10, 3) == [str(np.array([labels[i]])) for i in range(20, 23)]
         assert _recv_until_closed(bad)
         peer = "%s:%d" % bad.getsockname()
-        wait_for(
-            lambda: any(
-                peer in line and f"frame length {length} exceeds" in line
-                for line in s.app.log().splitlines()
-            ),
-            what="a log line naming the peer and the length",
-        )
+        wait_for(lambda: any(peer in line and f"frame length {length} exceeds" in line
+                             for line in s.app.log().splitlines()),
+                 what="a log line naming the peer and the length")
         other.sendall(frame_many(valid("u8", digits, i) for i in range(30, 40)))
         assert s.new_results(start + 13, 10) == [str(np.array([labels[i]])) for i in range(30, 40)]
     finally:
         other.close()
         bad.close()
     after = s.counts()
-    assert (
-        after["connection_errors"].get("frame_too_large", 0)
+    assert after["connection_errors"].get("frame_too_large", 0) \
         == before["connection_errors"].get("frame_too_large", 0) + 1
-    )
     assert after["messages_in"] - before["messages_in"] == 23
 
 
@@ -531,25 +478,19 @@ def test_a_connection_closing_mid_frame_loses_only_the_partial_frame(served, dig
     before = s.counts()
     start = s.collector.count()
     whole = [valid("f32", digits, i) for i in range(40, 45)]
-    partial = frame(valid("f32", digits, 45))[: 4 + 100]
+    partial = frame(valid("f32", digits, 45))[:4 + 100]
     sock = socket.create_connection((HOST, s.app.in_port), timeout=TIMEOUT)
     sock.sendall(frame_many(whole) + partial)
     peer = "%s:%d" % sock.getsockname()
     sock.close()
     assert s.new_results(start, 5) == [str(np.array([labels[i]])) for i in range(40, 45)]
-    wait_for(
-        lambda: any(
-            peer in line and "104 bytes of a partial frame dropped" in line
-            for line in s.app.log().splitlines()
-        ),
-        what="the partial-frame log line",
-    )
+    wait_for(lambda: any(peer in line and "104 bytes of a partial frame dropped" in line
+                         for line in s.app.log().splitlines()),
+             what="the partial-frame log line")
     after = s.counts()
     assert after["messages_in"] - before["messages_in"] == 5
-    assert (
-        after["connection_errors"].get("partial_frame", 0)
+    assert after["connection_errors"].get("partial_frame", 0) \
         == before["connection_errors"].get("partial_frame", 0) + 1
-    )
     assert s.exchange([valid("f32", digits, 46)]) == [str(np.array([labels[46]]))]
     assert s.collector.count() == start + 6
 
@@ -568,16 +509,14 @@ def test_slow_and_silent_connections_do_not_slow_the_others(served, digits, labe
 
     def drip():  # one byte a second (the wait is the pace, not a synchronisation)
         while dripped[0] < len(slow_frame) - 1 and not stop.wait(1.0):
-            slow.sendall(slow_frame[dripped[0] : dripped[0] + 1])
+            slow.sendall(slow_frame[dripped[0]:dripped[0] + 1])
             dripped[0] += 1
 
     dripper = threading.Thread(target=drip)
     dripper.start()
     try:
-        wait_for(
-            lambda: s.counts()["connections_open"] >= baseline + 21,
-            what="the silent and slow clients to be connected",
-        )
+        wait_for(lambda: s.counts()["connections_open"] >= baseline + 21,
+                 what="the silent and slow clients to be connected")
         start = s.collector.count()
         t0 = time.monotonic()
         send_bytes(s.app.in_port, frame_many(encode_images(digits.X, "u8")))
@@ -589,7 +528,7 @@ def test_slow_and_silent_connections_do_not_slow_the_others(served, digits, labe
     finally:
         stop.set()
         dripper.join(TIMEOUT)
-    slow.sendall(slow_frame[dripped[0] :])  # the slow client, too, is answered
+    slow.sendall(slow_frame[dripped[0]:])  # the slow client, too, is answered
     assert s.new_results(start + len(digits.X), 1) == [str(np.array([labels[60]]))]
     for sock in [slow, *silent]:
         sock.close()
@@ -615,16 +554,12 @@ def test_500_connections_at_once_are_all_served(served, digits, labels):
     try:
         for _ in range(n):
             socks.append(socket.create_connection((HOST, s.app.in_port), timeout=TIMEOUT))
-        wait_for(
-            lambda: s.counts()["connections_open"] >= baseline + n,
-            what=f"{n} connections open at once",
-        )
+        wait_for(lambda: s.counts()["connections_open"] >= baseline + n,
+                 what=f"{n} connections open at once")
         start = s.collector.count()
         for c, sock in enumerate(socks):
             rows = [c % len(digits.X), (c + 1) % len(digits.X)]
-            sock.sendall(
-                frame_many(encode_images(digits.X[rows], "json", ids=[f"{c}-0", f"{c}-1"]))
-            )
+            sock.sendall(frame_many(encode_images(digits.X[rows], "json", ids=[f"{c}-0", f"{c}-1"])))
         results = [json.loads(t) for t in s.new_results(start, 2 * n)]
     finally:
         for sock in socks:
@@ -665,16 +600,14 @@ def test_after_random_garbage_valid_frames_are_answered(fmt, served, digits, lab
     start = s.collector.count()
     sent = 0
     for c in range(4):
-        payloads = _garbage(rng, fmt, digits, 250) + [
-            valid(fmt, digits, i) for i in range(c, c + 5)
-        ]
+        payloads = _garbage(rng, fmt, digits, 250) + [valid(fmt, digits, i) for i in range(c, c + 5)]
         answers = s.exchange(payloads)
         sent += len(payloads)
         assert len(answers) == len(payloads)
         if s.json_output:
-            assert [json.loads(a).get("label") for a in answers[-5:]] == list(labels[c : c + 5])
+            assert [json.loads(a).get("label") for a in answers[-5:]] == list(labels[c:c + 5])
         else:
-            assert answers[-5:] == [str(np.array([label])) for label in labels[c : c + 5]]
+            assert answers[-5:] == [str(np.array([label])) for label in labels[c:c + 5]]
     # unframed random bytes after some random frames: the reference receiver says how many
     # frames they hold before a header above the limit or an incomplete frame ends them
     max_frame = SMALL_MAX_FRAME if fmt == "u8" else 1 << 20

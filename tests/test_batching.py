@@ -13,7 +13,7 @@ from digitstream.wire.framing import FrameTooLarge, Payloads
 
 
 def fixed(n: int, width: int = 4, start: int = 0) -> Payloads:
-    rows = np.arange(start, start + n, dtype=np.uint32)[:, None] * np.ones(width, np.uint32)
+    rows = (np.arange(start, start + n, dtype=np.uint32)[:, None] * np.ones(width, np.uint32))
     return Payloads(fixed=rows.astype(np.uint8))
 
 
@@ -64,9 +64,7 @@ def test_with_max_delay_a_batch_waits_to_fill_until_max_batch():
     reads = Reads([[fixed(2)], [fixed(2, start=2)], [fixed(2, start=4)], [fixed(1, start=6)]])
     out = collect(reads, BatchPolicy(max_batch=6, max_delay=10.0))
     assert [len(b) for b in out] == [6, 1]
-    assert reads.timeouts[0] is None and all(
-        t is not None and t <= 10.0 for t in reads.timeouts[1:3]
-    )
+    assert reads.timeouts[0] is None and all(t is not None and t <= 10.0 for t in reads.timeouts[1:3])
 
 
 def test_with_max_delay_the_deadline_sends_what_there_is():

@@ -19,9 +19,8 @@ from helpers import HOST, wait_for
 
 
 def _start(module: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    return subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
 
 
 def _listening_port(proc: subprocess.Popen) -> int:
@@ -38,7 +37,6 @@ def _listening_port(proc: subprocess.Popen) -> int:
             raise AssertionError(f"exited with {proc.returncode}: {proc.stdout.read().decode()}")
         ports = [c.laddr.port for c in connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
         return ports[0] if ports else None
-
     return wait_for(listening, what="the server to listen")
 
 
@@ -84,15 +82,8 @@ def test_seed_classifier_matches_the_pipeline(seed_pipeline, digits):
 
 
 def test_baseline_server_answers_the_seed_way(model_dir, digits, expected_texts, collector):
-    proc = _start(
-        "digitstream.bench.baseline",
-        "--in",
-        f"{HOST}:0",
-        "--out",
-        collector.addr,
-        "--model",
-        str(model_dir),
-    )
+    proc = _start("digitstream.bench.baseline", "--in", f"{HOST}:0",
+                  "--out", collector.addr, "--model", str(model_dir))
     try:
         in_port = _listening_port(proc)
         n = 25
@@ -107,10 +98,8 @@ def test_baseline_server_answers_the_seed_way(model_dir, digits, expected_texts,
 # --------------------------------------------------------------------- relay
 def test_relay_forwards_frames_byte_for_byte():
     rng = np.random.default_rng(7)
-    payloads = [
-        rng.integers(0, 256, size=int(size), dtype=np.uint8).tobytes()
-        for size in rng.choice([0, 1, 3, 64, 64, 64, 700, 5000, 70_000], size=400)
-    ]
+    payloads = [rng.integers(0, 256, size=int(size), dtype=np.uint8).tobytes()
+                for size in rng.choice([0, 1, 3, 64, 64, 64, 700, 5000, 70_000], size=400)]
     data = frame_many(payloads)
     sink = _RawSink()
     proc = _start("digitstream.bench.relay", "--in", f"{HOST}:0", "--out", f"{HOST}:{sink.port}")
@@ -191,38 +180,16 @@ def test_exact_plan_sends_exactly_the_count_asked():
 
 
 # ----------------------------------------------------------------- the suite
-EXPECTED_SYSTEMS = {
-    "digitstream_u8",
-    "digitstream_u8_no_metrics",
-    "digitstream_pickle",
-    "digitstream_f32",
-    "digitstream_json",
-    "baseline",
-    "relay_u8",
-    "relay_pickle",
-}
+EXPECTED_SYSTEMS = {"digitstream_u8", "digitstream_u8_no_metrics", "digitstream_pickle",
+                    "digitstream_f32", "digitstream_json", "baseline", "relay_u8", "relay_pickle"}
 
 
 @pytest.mark.slow
 def test_bench_quick_produces_every_figure(tmp_path):
     json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "digitstream.cli",
-            "bench",
-            "--quick",
-            "--json",
-            str(json_path),
-            "--plot",
-            str(plot_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
+        [sys.executable, "-m", "digitstream.cli", "bench", "--quick", "--json", str(json_path),
+         "--plot", str(plot_path)], capture_output=True, text=True, timeout=280, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads(json_path.read_text())
     assert figures["errors"] == []

@@ -44,19 +44,14 @@ def one_blas_thread():
 
 @pytest.fixture(scope="module")
 def seed_pipeline():
-    return Pipeline(
-        [
-            ("PCA", PCA(30, random_state=0)),
-            ("Logistic Regression", LogisticRegression(C=0.1, max_iter=3000)),
-        ]
-    ).fit(X, Y)
+    return Pipeline([("PCA", PCA(30, random_state=0)),
+                     ("Logistic Regression", LogisticRegression(C=0.1, max_iter=3000))]).fit(X, Y)
 
 
 @pytest.fixture
 def bundle_dir(tmp_path, seed_pipeline):
-    return save_bundle(
-        seed_pipeline, tmp_path / "models", {"model": "pca-logistic", "heldout_accuracy": 0.97}
-    )
+    return save_bundle(seed_pipeline, tmp_path / "models", {"model": "pca-logistic",
+                                                            "heldout_accuracy": 0.97})
 
 
 def _write_bundle_by_hand(directory, obj):
@@ -131,9 +126,8 @@ def test_a_tampered_file_is_refused_by_its_hash(bundle_dir):
 
 
 def test_a_function_that_runs_a_shell_command_is_refused_by_name(tmp_path, seed_pipeline):
-    pipeline = Pipeline(
-        [("Identity", FunctionTransformer()), ("Logistic Regression", seed_pipeline[-1])]
-    )
+    pipeline = Pipeline([("Identity", FunctionTransformer()),
+                         ("Logistic Regression", seed_pipeline[-1])])
     pipeline.fit(seed_pipeline[0].transform(X), Y)
     pipeline[0].func = os.system
     directory = _write_bundle_by_hand(tmp_path / "evil", pipeline)
@@ -183,10 +177,9 @@ def test_kd_trees_are_not_trusted(tmp_path):
 
 
 def test_forests_and_networks_load(tmp_path):
-    for name, model in [
-        ("forest", RandomForestClassifier(n_estimators=5, random_state=0)),
-        ("mlp", MLPClassifier(hidden_layer_sizes=(16,), max_iter=20, random_state=0)),
-    ]:
+    for name, model in [("forest", RandomForestClassifier(n_estimators=5, random_state=0)),
+                        ("mlp", MLPClassifier(hidden_layer_sizes=(16,), max_iter=20,
+                                              random_state=0))]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # a few epochs are enough here
             model.fit(X, Y)
@@ -298,32 +291,23 @@ def _fresh(code: str) -> str:
     """The last line ``code`` prints, run in an interpreter that has not imported skops."""
     import subprocess
     import sys
-
-    out = subprocess.run(
-        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120
-    ).stdout
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, timeout=120).stdout
     return out.strip().splitlines()[-1]
 
 
 def test_the_recorded_trusted_names_are_skops_own():
     from digitstream.model import _skops_defaults_data as data
     from digitstream.model.skops_defaults import installed_versions
-
     if installed_versions() != data.VERSIONS:
-        pytest.skip(
-            f"names recorded for {data.VERSIONS}, installed {installed_versions()}: "
-            "record them again with `python -m digitstream.model.skops_defaults`"
-        )
-    differences = _fresh(
-        "import json, skops.io._trusted_types as computed\n"
-        "from digitstream.model.skops_defaults import differences\n"
-        "print(json.dumps(differences(computed)))"
-    )
+        pytest.skip(f"names recorded for {data.VERSIONS}, installed {installed_versions()}: "
+                    "record them again with `python -m digitstream.model.skops_defaults`")
+    differences = _fresh("import json, skops.io._trusted_types as computed\n"
+                         "from digitstream.model.skops_defaults import differences\n"
+                         "print(json.dumps(differences(computed)))")
     assert json.loads(differences) == []
-    used = _fresh(
-        "from digitstream.model.skops_defaults import import_skops_io, "
-        "uses_recorded_names\nimport_skops_io()\nprint(uses_recorded_names())"
-    )
+    used = _fresh("from digitstream.model.skops_defaults import import_skops_io, "
+                  "uses_recorded_names\nimport_skops_io()\nprint(uses_recorded_names())")
     assert used == "True"
 
 
@@ -337,20 +321,14 @@ def test_a_fresh_process_refuses_and_accepts_exactly_what_this_one_does(tmp_path
     files["system"] = _write_bundle_by_hand(tmp_path / "evil", evil)
     sio.dump(KNeighborsClassifier(algorithm="kd_tree").fit(X, Y), tmp_path / "kd.skops")
     files["kd"] = tmp_path / "kd.skops"
-    sio.dump(
-        Pipeline([("Double", Doubler()), ("k-NN", KNeighborsClassifier(algorithm="brute"))]).fit(
-            X, Y
-        ),
-        tmp_path / "custom.skops",
-    )
+    sio.dump(Pipeline([("Double", Doubler()), ("k-NN", KNeighborsClassifier(algorithm="brute"))])
+             .fit(X, Y), tmp_path / "custom.skops")
     files["custom"] = tmp_path / "custom.skops"
-    sio.dump(
-        RandomForestClassifier(n_estimators=2, random_state=0).fit(X, Y), tmp_path / "forest.skops"
-    )
+    sio.dump(RandomForestClassifier(n_estimators=2, random_state=0).fit(X, Y),
+             tmp_path / "forest.skops")
     files["forest"] = tmp_path / "forest.skops"
-    sio.dump(
-        Pipeline([("Scaler", StandardScaler()), ("SVM", SVC())]).fit(X, Y), tmp_path / "svc.skops"
-    )
+    sio.dump(Pipeline([("Scaler", StandardScaler()), ("SVM", SVC())]).fit(X, Y),
+             tmp_path / "svc.skops")
     files["svc"] = tmp_path / "svc.skops"
     files["seed"] = save_bundle(seed_pipeline, tmp_path / "seed", {})
 
@@ -361,20 +339,17 @@ def test_a_fresh_process_refuses_and_accepts_exactly_what_this_one_does(tmp_path
             return f"refused: {exc}"
 
     here = {name: outcome(path) for name, path in files.items()}
-    there = json.loads(
-        _fresh(
-            "import json, sys\n"
-            "sys.path.insert(0, %r)\n"  # Doubler's module, for the custom file's name only
-            "from digitstream.model.bundle import BundleError, load_bundle\n"
-            "def outcome(path):\n"
-            "    try:\n"
-            "        return 'loaded ' + ' -> '.join(load_bundle(path).step_names)\n"
-            "    except BundleError as exc:\n"
-            "        return f'refused: {exc}'\n"
-            "print(json.dumps({name: outcome(path) for name, path in %r.items()}))"
-            % (os.path.dirname(__file__), {k: str(v) for k, v in files.items()})
-        )
-    )
+    there = json.loads(_fresh(
+        "import json, sys\n"
+        "sys.path.insert(0, %r)\n"  # Doubler's module, for the custom file's name only
+        "from digitstream.model.bundle import BundleError, load_bundle\n"
+        "def outcome(path):\n"
+        "    try:\n"
+        "        return 'loaded ' + ' -> '.join(load_bundle(path).step_names)\n"
+        "    except BundleError as exc:\n"
+        "        return f'refused: {exc}'\n"
+        "print(json.dumps({name: outcome(path) for name, path in %r.items()}))"
+        % (os.path.dirname(__file__), {k: str(v) for k, v in files.items()})))
     assert there == here
     assert here["system"].startswith("refused") and "system" in here["system"]
     assert here["kd"].startswith("refused") and here["custom"].startswith("refused")

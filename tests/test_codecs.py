@@ -127,9 +127,8 @@ def test_forbidden_globals_are_refused_and_nothing_runs(tmp_path):
 
 
 def test_allowed_names_cannot_be_misused():
-    reconstruct_wrong_class = (
-        b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\ndtype\nK\x00\x85U\x01b\x87R."
-    )
+    reconstruct_wrong_class = (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\ndtype\nK\x00\x85"
+                               b"U\x01b\x87R.")
     with pytest.raises(UnsafePickle):
         restricted_loads(reconstruct_wrong_class)
     object_dtype = b"\x80\x02cnumpy\ndtype\nU\x02O8K\x00K\x01\x87R."
@@ -171,16 +170,8 @@ def test_npy_payloads_are_read_without_pickle():
 
 def test_json_carries_label_and_id():
     decoder = Decoder("json", 3)
-    out = decoder.decode(
-        Payloads(
-            items=[
-                b'{"pixels":[1,2,3],"label":7,"id":"a"}',
-                b'{"pixels":[1]}',
-                b"[1,2,3]",
-                b'{"pixels":[1,2,"x"]}',
-            ]
-        )
-    )
+    out = decoder.decode(Payloads(items=[b'{"pixels":[1,2,3],"label":7,"id":"a"}', b'{"pixels":[1]}',
+                                         b"[1,2,3]", b'{"pixels":[1,2,"x"]}']))
     assert out.labels[0] == 7 and out.ids[0] == "a"
     assert sorted(out.errors) == [1, 2, 3]
 
@@ -197,9 +188,7 @@ def test_json_output_has_seq_label_probability():
     import json
 
     encoder = JsonEncoder(np.array(["cat", "dog"]))
-    data = encoder.encode(
-        10, np.array([1, 0]), np.array([0.75, 0.5]), {1: "empty payload"}, ["a", None]
-    )
+    data = encoder.encode(10, np.array([1, 0]), np.array([0.75, 0.5]), {1: "empty payload"}, ["a", None])
     first, second = [json.loads(f) for f in FrameSplitter().feed(data)[0].to_list()]
     assert first == {"seq": 10, "label": "dog", "probability": 0.75, "id": "a"}
     assert second == {"seq": 11, "error": "empty payload"}

@@ -16,21 +16,11 @@ import numpy as np
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"
-)
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
 
 
 class PacedSender(threading.Thread):
@@ -78,9 +68,8 @@ def dashboard_page(url: str, problems: list[str], outside: list[str] | None = No
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1000})
             if outside is not None:
-                page.on(
-                    "request", lambda r: None if r.url.startswith(url) else outside.append(r.url)
-                )
+                page.on("request", lambda r: None if r.url.startswith(url)
+                        else outside.append(r.url))
             page.on("pageerror", lambda e: problems.append(str(e)))
             page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
             page.goto(url + "/")
@@ -104,12 +93,10 @@ def test_dashboard_shows_the_live_stream(start_app, collector, digits):
             # the throughput tile shows the last whole second, so allow a few
             page.wait_for_function(
                 "() => parseFloat(document.getElementById('throughput-now').textContent) > 0",
-                timeout=15_000,
-            )
+                timeout=15_000)
             page.wait_for_function(
                 "() => document.getElementById('latency-table').textContent.includes('Logistic Regression')",
-                timeout=5_000,
-            )
+                timeout=5_000)
             time.sleep(1.5)  # a few more points on the charts for the screenshot
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
@@ -140,8 +127,7 @@ def test_dashboard_shows_the_live_stream(start_app, collector, digits):
 
 
 def test_dashboard_shows_model_swaps_and_marks_them_on_the_chart(
-    start_app, collector, digits, model_dir, seed_pipeline, tmp_path
-):
+        start_app, collector, digits, model_dir, seed_pipeline, tmp_path):
     from sklearn.naive_bayes import GaussianNB
     from sklearn.pipeline import Pipeline
 
@@ -173,67 +159,54 @@ def test_dashboard_shows_model_swaps_and_marks_them_on_the_chart(
         with dashboard_page(app.metrics_url, problems) as page:
             page.wait_for_function(
                 "() => document.getElementById('model-now').textContent === 'pca-logistic'",
-                timeout=15_000,
-            )
-            before = {
-                name: page.evaluate(text, name)
-                for name in ("model-hash", "model-swaps", "model-refused", "model-last-swap")
-            }
+                timeout=15_000)
+            before = {name: page.evaluate(text, name) for name in
+                      ("model-hash", "model-swaps", "model-refused", "model-last-swap")}
             marks_before = page.get_attribute("#chart-throughput", "data-swap-marks")
 
             # refused: a model that takes other images
             narrow = Pipeline([("Naive Bayes", GaussianNB())]).fit(digits.X[:, :32], digits.y)
             put_in_place(narrow, {"model": "narrow"}, tmp_path / "narrow")
             page.wait_for_function(
-                "() => document.getElementById('model-refused').textContent === '1'", timeout=30_000
-            )
+                "() => document.getElementById('model-refused').textContent === '1'",
+                timeout=30_000)
             refused_event = page.inner_text("#model-events")
             # the refusal is marked on the throughput chart once it has a second past it
             page.wait_for_function(
                 "() => document.getElementById('chart-throughput').dataset.refusedMarks === '1'",
-                timeout=10_000,
-            )
+                timeout=10_000)
             marks_refused = page.get_attribute("#chart-throughput", "data-swap-marks")
             still = page.inner_text("#model-now")
 
             # taken
-            new_hash = put_in_place(
-                shifted, {"dataset": "digits", "model": "shifted"}, tmp_path / "shifted"
-            )
+            new_hash = put_in_place(shifted, {"dataset": "digits", "model": "shifted"},
+                                    tmp_path / "shifted")
             page.wait_for_function(
-                "() => document.getElementById('model-swaps').textContent === '1'", timeout=30_000
-            )
+                "() => document.getElementById('model-swaps').textContent === '1'",
+                timeout=30_000)
             page.wait_for_function(
                 "() => document.getElementById('model-now').textContent === 'shifted'",
-                timeout=5_000,
-            )
+                timeout=5_000)
             # the marker shows once the chart has a second past the swap
             page.wait_for_function(
                 "() => document.getElementById('chart-throughput').dataset.swapMarks === '1'",
-                timeout=10_000,
-            )
+                timeout=10_000)
             page.screenshot(path=str(ARTIFACTS / "dashboard-swap.png"), full_page=True)
-            after = {
-                name: page.evaluate(text, name)
-                for name in ("model-hash", "model-swaps", "model-refused", "model-last-swap")
-            }
+            after = {name: page.evaluate(text, name) for name in
+                     ("model-hash", "model-swaps", "model-refused", "model-last-swap")}
             events = page.inner_text("#model-events")
             model_card = page.inner_text("#model-card")
     finally:
         sender.stop()
 
     assert sender.error is None, sender.error
-    assert before == {
-        "model-hash": old_hash[: len("sha256:") + 12],
-        "model-swaps": "0",
-        "model-refused": "0",
-        "model-last-swap": "no swap yet",
-    }
+    assert before == {"model-hash": old_hash[:len("sha256:") + 12], "model-swaps": "0",
+                      "model-refused": "0", "model-last-swap": "no swap yet"}
     assert marks_before in (None, "0")
     assert marks_refused == "0"  # a refused bundle is not drawn as a swap
     assert still == "pca-logistic"
     assert "refused: it takes 32 features, the model serving takes 64" in refused_event
-    assert after["model-hash"] == new_hash[: len("sha256:") + 12]
+    assert after["model-hash"] == new_hash[:len("sha256:") + 12]
     assert (after["model-swaps"], after["model-refused"]) == ("1", "1")
     assert re.fullmatch(r"last swap \S.*", after["model-last-swap"]), after["model-last-swap"]
     assert f"swapped in {new_hash[:19]} (was {old_hash[:19]})" in events

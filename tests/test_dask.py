@@ -61,25 +61,11 @@ class Cluster:
         :meth:`kill_scheduler`."""
         self.scheduler_name = name
         scheduler_file = self.tmp_path / f"dask-{name}.json"
-        self.scheduler = self._spawn(
-            name,
-            [
-                "scheduler",
-                "--host",
-                HOST,
-                "--port",
-                str(self.port),
-                "--no-dashboard",
-                "--scheduler-file",
-                str(scheduler_file),
-            ],
-        )
-        self.address = wait_for(
-            lambda: self._bound_address(scheduler_file),
-            30,
-            interval=0.05,
-            what="the Dask scheduler's address",
-        )
+        self.scheduler = self._spawn(name, ["scheduler", "--host", HOST, "--port",
+                                            str(self.port), "--no-dashboard",
+                                            "--scheduler-file", str(scheduler_file)])
+        self.address = wait_for(lambda: self._bound_address(scheduler_file), 30, interval=0.05,
+                                what="the Dask scheduler's address")
         self.port = int(self.address.rpartition(":")[2])
         wait_for(self._listening, 30, interval=0.05, what="the Dask scheduler")
 
@@ -100,13 +86,9 @@ class Cluster:
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         with open(self.tmp_path / f"dask-{name}.log", "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "dask", *args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, **_ONE_THREAD},
-            )
+            proc = subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, **_ONE_THREAD})
         self.procs.append(proc)
         return proc
 
@@ -126,25 +108,10 @@ class Cluster:
         return (self.tmp_path / f"dask-{name}.log").read_text(errors="replace")
 
     def add_worker(self, name: str) -> None:
-        self.workers[name] = self._spawn(
-            name,
-            [
-                "worker",
-                self.address,
-                "--host",
-                HOST,
-                "--nthreads",
-                "1",
-                "--no-dashboard",
-                "--no-nanny",
-                "--name",
-                name,
-                "--local-directory",
-                str(self.tmp_path / name),
-                "--death-timeout",
-                "60",
-            ],
-        )
+        self.workers[name] = self._spawn(name, [
+            "worker", self.address, "--host", HOST, "--nthreads", "1", "--no-dashboard",
+            "--no-nanny", "--name", name, "--local-directory", str(self.tmp_path / name),
+            "--death-timeout", "60"])
 
     @property
     def client(self):
@@ -154,15 +121,9 @@ class Cluster:
 
     def wait_workers(self, names) -> None:
         wanted = set(names)
-        wait_for(
-            lambda: (
-                wanted
-                <= {w["name"] for w in self.client.scheduler_info(n_workers=-1)["workers"].values()}
-            ),
-            30,
-            interval=0.1,
-            what=f"Dask workers {sorted(wanted)}",
-        )
+        wait_for(lambda: wanted <= {w["name"] for w in
+                                    self.client.scheduler_info(n_workers=-1)["workers"].values()},
+                 30, interval=0.1, what=f"Dask workers {sorted(wanted)}")
 
     def address_of(self, name: str) -> str:
         for address, info in self.client.scheduler_info(n_workers=-1)["workers"].items():
@@ -214,18 +175,13 @@ def _stop_and_drain(app, sink: Collector) -> None:
     """Stop ``app`` and wait until ``sink`` has read everything it was sent: ``app``'s
     results connection closes as it exits, so a result sent twice has arrived by then."""
     app.stop()
-    wait_for(
-        lambda: sink._conn is None,
-        15,
-        interval=0.02,
-        what="the application's results connection to close",
-    )
+    wait_for(lambda: sink._conn is None, 15, interval=0.02,
+             what="the application's results connection to close")
 
 
 def _stats_after(app, messages: int) -> dict:
     """``app``'s stats once its workers are credited with ``messages`` results (the
     metrics count a batch just after handing its results to the sink)."""
-
     def settled():
         stats = app.stats()
         return stats if sum(w["messages"] for w in stats["workers"]) >= messages else None
@@ -251,20 +207,19 @@ def _collect(start_app, payload: bytes, expected: int, *args: str) -> list[str]:
 
 # ------------------------------------------------------------ real clusters
 def test_outputs_equal_the_local_engine_and_the_model_loads_once_per_worker(
-    two_workers, start_app, digits, expected_texts
-):
+        two_workers, start_app, digits, expected_texts):
     # the seed's pickled arrays, and between them frames of other lengths that are
     # rejected in place: both payload layouts (one array, a list of bytes) travel
     bad = [b"not a pickle", b"\x80\x04junk", b""]
-    payload = _pickle_frames(digits.X[:900]) + frame_many(bad) + _pickle_frames(digits.X[900:])
+    payload = (_pickle_frames(digits.X[:900]) + frame_many(bad)
+               + _pickle_frames(digits.X[900:]))
     expected = len(digits.X) + len(bad)
 
     local = _collect(start_app, payload, expected, "--max-batch", "64")
     sink = Collector()
     try:
-        app = start_app(
-            sink.port, "--engine", "dask", "--scheduler", two_workers.address, "--max-batch", "64"
-        )
+        app = start_app(sink.port, "--engine", "dask", "--scheduler", two_workers.address,
+                        "--max-batch", "64")
         for i in range(1, 3):  # more batches than workers x in-flight, over two connections
             send_bytes(app.in_port, payload)
             dask = sink.wait_count(i * expected, timeout=45)[-expected:]
@@ -286,31 +241,21 @@ def test_outputs_equal_the_local_engine_and_the_model_loads_once_per_worker(
     assert sum(busy.values()) == 2 * expected
 
 
-def test_worker_killed_mid_stream_loses_and_duplicates_nothing(
-    two_workers, start_app, digits, expected_texts
-):
+def test_worker_killed_mid_stream_loses_and_duplicates_nothing(two_workers, start_app, digits,
+                                                             expected_texts):
     repeat = 112  # 112 x 1,797 = 201,264 messages
     total = repeat * len(digits.X)
     data = frame_fixed(np.tile(digits.X.astype(np.uint8), (repeat, 1)))
     sink = Collector()
     try:
-        app = start_app(
-            sink.port,
-            "--engine",
-            "dask",
-            "--scheduler",
-            two_workers.address,
-            "--input-format",
-            "u8",
-            "--max-batch",
-            "1500",
-        )
+        app = start_app(sink.port, "--engine", "dask", "--scheduler", two_workers.address,
+                        "--input-format", "u8", "--max-batch", "1500")
         sock = send_bytes(app.in_port, b"", close=False)
         chunk = 68 * 1500
 
         def send_paced():
             for pos in range(0, len(data), chunk):
-                sock.sendall(data[pos : pos + chunk])
+                sock.sendall(data[pos:pos + chunk])
                 time.sleep(0.004)
             sock.close()
 
@@ -344,57 +289,32 @@ def test_worker_killed_mid_stream_loses_and_duplicates_nothing(
 
 
 def test_a_frozen_worker_holds_the_stream_up_to_the_deadline_then_takes_batches_again(
-    two_workers, start_app, digits, expected_texts
-):
+        two_workers, start_app, digits, expected_texts):
     # SIGSTOP: the worker's connections stay open and go quiet, as those of a host off the
     # network do; its kernel still acknowledges, so Dask waits for worker-ttl (5 minutes)
     sink = Collector()
     stream = None
     try:
-        app = start_app(
-            sink.port,
-            "--engine",
-            "dask",
-            "--scheduler",
-            two_workers.address,
-            "--input-format",
-            "u8",
-            "--output-format",
-            "json",
-            "--max-batch",
-            str(CHUNK),
-            "--name",
-            "runner",
-        )
+        app = start_app(sink.port, "--engine", "dask", "--scheduler", two_workers.address,
+                        "--input-format", "u8", "--output-format", "json", "--max-batch",
+                        str(CHUNK), "--name", "runner")
         stream = Stream(app.in_port, digits.X.astype(np.uint8))
 
         def messages_by(name: str) -> int:
             return sum(w["messages"] for w in app.stats()["workers"] if w["name"] == name)
 
-        wait_for(
-            lambda: messages_by("w2") >= 5 * CHUNK,
-            40,
-            interval=0.05,
-            what="batches classified by w2",
-        )
+        wait_for(lambda: messages_by("w2") >= 5 * CHUNK, 40, interval=0.05,
+                 what="batches classified by w2")
         gaps = Gaps(sink).start()
         os.killpg(two_workers.workers["w2"].pid, signal.SIGSTOP)
         at_stop = sink.count()
-        wait_for(
-            lambda: sink.count() >= at_stop + 40 * CHUNK,
-            40,
-            interval=0.05,
-            what="the stream going on without w2",
-        )
+        wait_for(lambda: sink.count() >= at_stop + 40 * CHUNK, 40, interval=0.05,
+                 what="the stream going on without w2")
         stall = gaps.stop()
         by_w2 = messages_by("w2")
         os.killpg(two_workers.workers["w2"].pid, signal.SIGCONT)
-        wait_for(
-            lambda: messages_by("w2") > by_w2,
-            30,
-            interval=0.05,
-            what="batches classified by w2 once it runs again",
-        )
+        wait_for(lambda: messages_by("w2") > by_w2, 30, interval=0.05,
+                 what="batches classified by w2 once it runs again")
         total = stream.stop()
         stream = None
         frames = sink.wait_count(total, timeout=40)
@@ -414,9 +334,8 @@ def test_a_frozen_worker_holds_the_stream_up_to_the_deadline_then_takes_batches_
     assert "Dask worker w2 answered its late batch: it takes batches again" in log_text
 
 
-def test_scheduler_lost_mid_stream_the_rest_is_answered_here(
-    cluster, start_app, digits, expected_texts
-):
+def test_scheduler_lost_mid_stream_the_rest_is_answered_here(cluster, start_app, digits,
+                                                              expected_texts):
     cluster.add_worker("w1")
     cluster.wait_workers(["w1"])
     repeat = 30
@@ -424,22 +343,13 @@ def test_scheduler_lost_mid_stream_the_rest_is_answered_here(
     data = frame_fixed(np.tile(digits.X.astype(np.uint8), (repeat, 1)))
     sink = Collector()
     try:
-        app = start_app(
-            sink.port,
-            "--engine",
-            "dask",
-            "--scheduler",
-            cluster.address,
-            "--input-format",
-            "u8",
-            "--max-batch",
-            "500",
-        )
+        app = start_app(sink.port, "--engine", "dask", "--scheduler", cluster.address,
+                        "--input-format", "u8", "--max-batch", "500")
         sock = send_bytes(app.in_port, b"", close=False)
 
         def send_paced():
             for pos in range(0, len(data), 68 * 500):
-                sock.sendall(data[pos : pos + 68 * 500])
+                sock.sendall(data[pos:pos + 68 * 500])
                 time.sleep(0.01)
             sock.close()
 
@@ -458,9 +368,8 @@ def test_scheduler_lost_mid_stream_the_rest_is_answered_here(
         sink.close()
 
 
-def test_scheduler_back_on_its_address_takes_the_batches_again(
-    cluster, start_app, digits, expected_texts
-):
+def test_scheduler_back_on_its_address_takes_the_batches_again(cluster, start_app, digits,
+                                                               expected_texts):
     # the scheduler and its worker die mid-stream; a new scheduler on the same port, and
     # a worker, come back while the stream goes on
     cluster.add_worker("w1")
@@ -472,21 +381,9 @@ def test_scheduler_back_on_its_address_takes_the_batches_again(
     stop = threading.Event()
     sender = None
     try:
-        app = start_app(
-            sink.port,
-            "--engine",
-            "dask",
-            "--scheduler",
-            cluster.address,
-            "--input-format",
-            "u8",
-            "--output-format",
-            "json",
-            "--max-batch",
-            str(chunk),
-            "--name",
-            "runner",
-        )
+        app = start_app(sink.port, "--engine", "dask", "--scheduler", cluster.address,
+                        "--input-format", "u8", "--output-format", "json",
+                        "--max-batch", str(chunk), "--name", "runner")
         sock = send_bytes(app.in_port, b"", close=False)
         sent = 0
 
@@ -504,50 +401,26 @@ def test_scheduler_back_on_its_address_takes_the_batches_again(
         def messages_by(name: str) -> int:
             return sum(w["messages"] for w in app.stats()["workers"] if w["name"] == name)
 
-        wait_for(
-            lambda: messages_by("w1") >= 5 * chunk,
-            30,
-            interval=0.05,
-            what="batches classified by w1",
-        )
+        wait_for(lambda: messages_by("w1") >= 5 * chunk, 30, interval=0.05,
+                 what="batches classified by w1")
         assert app.stats()["cluster"]["connected"] is True
         cluster.kill_scheduler()
         cluster.kill_worker("w1")
-        wait_for(
-            lambda: app.stats()["cluster"]["connected"] is False,
-            15,
-            interval=0.05,
-            what="the scheduler's loss seen by the application",
-        )
+        wait_for(lambda: app.stats()["cluster"]["connected"] is False, 15, interval=0.05,
+                 what="the scheduler's loss seen by the application")
         lost_at = sink.count()
-        wait_for(
-            lambda: sink.count() >= lost_at + 20 * chunk,
-            30,
-            interval=0.05,
-            what="results classified in-process",
-        )
+        wait_for(lambda: sink.count() >= lost_at + 20 * chunk, 30, interval=0.05,
+                 what="results classified in-process")
         cluster.start_scheduler("scheduler-2")
-        wait_for(
-            lambda: "a Dask scheduler is back at" in app.log(),
-            30,
-            interval=0.05,
-            what="the new scheduler found, without workers",
-        )
+        wait_for(lambda: "a Dask scheduler is back at" in app.log(), 30, interval=0.05,
+                 what="the new scheduler found, without workers")
         back_at = sink.count()
-        wait_for(
-            lambda: sink.count() >= back_at + 10 * chunk,
-            30,
-            interval=0.05,
-            what="more results classified in-process",
-        )
+        wait_for(lambda: sink.count() >= back_at + 10 * chunk, 30, interval=0.05,
+                 what="more results classified in-process")
         assert app.stats()["cluster"]["connected"] is False
         cluster.add_worker("w2")
-        wait_for(
-            lambda: messages_by("w2") >= 5 * chunk,
-            40,
-            interval=0.05,
-            what="batches classified by w2, on the new scheduler",
-        )
+        wait_for(lambda: messages_by("w2") >= 5 * chunk, 40, interval=0.05,
+                 what="batches classified by w2, on the new scheduler")
         stop.set()
         sender.join(10)
         assert not sender.is_alive()
@@ -571,19 +444,13 @@ def test_scheduler_back_on_its_address_takes_the_batches_again(
     by_worker = {w["name"]: w["messages"] for w in stats["workers"]}
     assert by_worker["w1"] > 0 and by_worker["runner"] > 0 and by_worker["w2"] > 0, by_worker
     assert sum(by_worker.values()) == total
-    assert stats["cluster"] == {
-        "scheduler": cluster.address,
-        "local_cluster": False,
-        "connected": True,
-        "workers": 1,
-        "reconnects": 1,
-        "in_process_batches": stats["cluster"]["in_process_batches"],
-    }
+    assert stats["cluster"] == {"scheduler": cluster.address, "local_cluster": False,
+                                "connected": True, "workers": 1, "reconnects": 1,
+                                "in_process_batches": stats["cluster"]["in_process_batches"]}
     assert stats["cluster"]["in_process_batches"] > 0
     # each transition logged once
-    assert (
-        log_text.count(f"Dask scheduler at {cluster.address} lost, classifying in-process") == 1
-    ), log_text
+    assert log_text.count(f"Dask scheduler at {cluster.address} lost, classifying "
+                          f"in-process") == 1, log_text
     assert log_text.count(f"Dask scheduler back at {cluster.address}, 1 worker(s)") == 1, log_text
     assert "Traceback" not in log_text
 
@@ -591,11 +458,8 @@ def test_scheduler_back_on_its_address_takes_the_batches_again(
 def _engine(**options):
     """A DaskEngine as ``run`` makes it, without starting it."""
     flow = FlowOptions(input_format="u8", output_format="text", compile_model=True)
-    return dask_engine.DaskEngine(
-        flow=None,
-        bundle=SimpleNamespace(content_hash="sha256:ab12"),
-        options=EngineOptions(flow=flow, **options),
-    )
+    return dask_engine.DaskEngine(flow=None, bundle=SimpleNamespace(content_hash="sha256:ab12"),
+                                  options=EngineOptions(flow=flow, **options))
 
 
 async def _until(condition, timeout: float, what: str) -> None:
@@ -631,14 +495,8 @@ def test_local_cluster_lost_is_not_tried_again():
 
     engine, reconnector, state, losses = asyncio.run(main())
     assert reconnector is None and losses == 1
-    assert state == {
-        "scheduler": "",
-        "local_cluster": True,
-        "connected": False,
-        "workers": 0,
-        "reconnects": 0,
-        "in_process_batches": 0,
-    }
+    assert state == {"scheduler": "", "local_cluster": True, "connected": False, "workers": 0,
+                     "reconnects": 0, "in_process_batches": 0}
     assert engine.capacity == 4  # batches go on, in-process
 
 
@@ -672,25 +530,21 @@ def test_scheduler_lost_is_tried_again_in_the_background_until_closed(monkeypatc
     assert engine.state()["connected"] is False
 
 
-def test_all_workers_gone_input_waits_for_a_new_worker(cluster, start_app, digits, expected_texts):
+def test_all_workers_gone_input_waits_for_a_new_worker(cluster, start_app, digits,
+                                                      expected_texts):
     cluster.add_worker("w1")
     cluster.wait_workers(["w1"])
     sink = Collector()
     try:
-        app = start_app(
-            sink.port, "--engine", "dask", "--scheduler", cluster.address, "--input-format", "u8"
-        )
+        app = start_app(sink.port, "--engine", "dask", "--scheduler", cluster.address,
+                        "--input-format", "u8")
         wait_for(lambda: "Dask worker joined: w1" in app.log(), 10, what="w1 known to the app")
         cluster.kill_worker("w1")
         wait_for(lambda: "all Dask workers are gone" in app.log(), 15, what="the loss logged")
         send_bytes(app.in_port, frame_fixed(digits.X.astype(np.uint8)))
         # read, and waiting for a slot that no worker gives
-        wait_for(
-            lambda: app_counts(app.stats())["messages_in"] > 0,
-            15,
-            interval=0.05,
-            what="the input read",
-        )
+        wait_for(lambda: app_counts(app.stats())["messages_in"] > 0, 15, interval=0.05,
+                 what="the input read")
         assert app_counts(app.stats())["messages_out"] == 0
         assert sink.count() == 0
         cluster.add_worker("w2")
@@ -702,19 +556,9 @@ def test_all_workers_gone_input_waits_for_a_new_worker(cluster, start_app, digit
 
 
 def test_local_cluster_of_two_workers(start_app, digits, expected_texts):
-    texts = _collect(
-        start_app,
-        frame_fixed(digits.X.astype(np.uint8)),
-        len(digits.X),
-        "--engine",
-        "dask",
-        "--workers",
-        "2",
-        "--input-format",
-        "u8",
-        "--max-batch",
-        "100",
-    )
+    texts = _collect(start_app, frame_fixed(digits.X.astype(np.uint8)), len(digits.X),
+                     "--engine", "dask", "--workers", "2", "--input-format", "u8",
+                     "--max-batch", "100")
     assert texts == expected_texts
 
 
@@ -728,17 +572,13 @@ def test_the_engine_on_a_local_cluster_answers_as_the_flow_does(model_dir, digit
     options = FlowOptions(input_format="u8", worker="here")
     flow = Flow.build(bundle.pipeline, options)
     rows = digits.X.astype(np.uint8)
-    batches = [
-        Batch(stream, first, Payloads(fixed=rows[first : first + 150]))
-        for first in range(0, 600, 150)
-        for stream in (1, "camera-2")
-    ]
+    batches = [Batch(stream, first, Payloads(fixed=rows[first:first + 150]))
+               for first in range(0, 600, 150) for stream in (1, "camera-2")]
     batches.append(Batch(3, 0, Payloads(items=[rows[0].tobytes(), b"short", rows[1].tobytes()])))
 
     async def main():
-        engine = dask_engine.DaskEngine(
-            flow, bundle, EngineOptions(flow=options, workers=1, in_flight=2)
-        )
+        engine = dask_engine.DaskEngine(flow, bundle,
+                                        EngineOptions(flow=options, workers=1, in_flight=2))
         await engine.start()
         try:
             started = engine.state(), engine.capacity
@@ -753,54 +593,29 @@ def test_the_engine_on_a_local_cluster_answers_as_the_flow_does(model_dir, digit
     assert capacity == 2
     for batch, result in zip(batches, results):
         local = flow.process(batch)
-        assert (result.stream, result.first_seq, result.count) == (
-            batch.stream,
-            batch.first_seq,
-            len(batch),
-        )
+        assert (result.stream, result.first_seq, result.count) == (batch.stream,
+                                                                  batch.first_seq, len(batch))
         assert result.output == local.output
         assert result.worker.startswith("tcp://127.0.0.1:")  # the worker's, not this process's
     assert results[-1].rejected and not results[0].rejected
     assert after["in_process_batches"] == 0
 
 
-def test_ctrl_c_answers_everything_received_then_stops_the_local_cluster(
-    model_dir, digits, expected_texts, tmp_path
-):
+def test_ctrl_c_answers_everything_received_then_stops_the_local_cluster(model_dir, digits,
+                                                                        expected_texts,
+                                                                        tmp_path):
     # Ctrl-C in a terminal signals the whole process group: run and its workers
     sink = Collector()
     log_path = tmp_path / "run.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "digitstream.cli",
-                "run",
-                "--model",
-                str(model_dir),
-                "--in",
-                f"{HOST}:0",
-                "--out",
-                sink.addr,
-                "--no-metrics",
-                "--input-format",
-                "u8",
-                "--engine",
-                "dask",
-                "--workers",
-                "2",
-                "--max-batch",
-                "200",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            start_new_session=True,
-        )
+            [sys.executable, "-m", "digitstream.cli", "run", "--model", str(model_dir),
+             "--in", f"{HOST}:0", "--out", sink.addr, "--no-metrics", "--input-format", "u8",
+             "--engine", "dask", "--workers", "2", "--max-batch", "200"],
+            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
-        in_port = wait_for(
-            lambda: _listening_port(log_path, proc), 60, interval=0.1, what="run to listen"
-        )
+        in_port = wait_for(lambda: _listening_port(log_path, proc), 60, interval=0.1,
+                           what="run to listen")
         send_bytes(in_port, frame_fixed(digits.X.astype(np.uint8)))
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(60) == 0
@@ -828,28 +643,10 @@ def test_scheduler_unreachable_is_a_one_line_error(model_dir, tmp_path):
         port = nobody.port
         started = time.monotonic()
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "digitstream.cli",
-                "run",
-                "--model",
-                str(model_dir),
-                "--in",
-                f"{HOST}:0",
-                "--out",
-                sink.addr,
-                "--metrics",
-                f"{HOST}:0",
-                "--engine",
-                "dask",
-                "--scheduler",
-                f"tcp://{HOST}:{port}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+            [sys.executable, "-m", "digitstream.cli", "run", "--model", str(model_dir),
+             "--in", f"{HOST}:0", "--out", sink.addr, "--metrics", f"{HOST}:0",
+             "--engine", "dask", "--scheduler", f"tcp://{HOST}:{port}"],
+            capture_output=True, text=True, timeout=60)
     finally:
         nobody.close()
         sink.close()
@@ -897,10 +694,8 @@ def test_slots_follow_the_workers():
 def test_worker_labels():
     assert dask_engine.worker_label("gpu-1", "tcp://10.0.0.5:4000") == "gpu-1"
     assert dask_engine.worker_label(0, "tcp://10.0.0.5:4000") == "tcp://10.0.0.5:4000"
-    assert (
-        dask_engine.worker_label("tcp://10.0.0.5:4000", "tcp://10.0.0.5:4000")
-        == "tcp://10.0.0.5:4000"
-    )
+    assert dask_engine.worker_label("tcp://10.0.0.5:4000", "tcp://10.0.0.5:4000") == \
+        "tcp://10.0.0.5:4000"
 
 
 def test_tls_settings_are_checked_before_connecting(tmp_path):

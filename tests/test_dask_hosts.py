@@ -28,10 +28,8 @@ from streams import CHUNK, Gaps, Stream
 
 pytest.importorskip("distributed")
 _why_not = hostlib.unavailable()
-pytestmark = [
-    pytest.mark.timeout(150),
-    pytest.mark.skipif(_why_not is not None, reason=f"hosts: {_why_not}"),
-]
+pytestmark = [pytest.mark.timeout(150),
+              pytest.mark.skipif(_why_not is not None, reason=f"hosts: {_why_not}")]
 
 #: what a lost worker's host may cost the stream (the issue's bound)
 STALL_BOUND = 5.0
@@ -69,28 +67,14 @@ class DaskOnHosts:
         self.scheme = "tls" if tls else "tcp"
         self.address = f"{self.scheme}://{net['a'].address}:{PORT}"
         self.procs: dict[str, subprocess.Popen] = {}
-        self._spawn(
-            "scheduler",
-            net["a"],
-            [
-                "scheduler",
-                "--host",
-                net["a"].address,
-                "--port",
-                str(PORT),
-                "--no-dashboard",
-                "--protocol",
-                self.scheme,
-            ],
-        )
+        self._spawn("scheduler", net["a"], ["scheduler", "--host", net["a"].address, "--port",
+                                            str(PORT), "--no-dashboard", "--protocol",
+                                            self.scheme])
         wait_for(self._listening, 30, interval=0.05, what="the Dask scheduler")
 
     def _spawn(self, name: str, host: hostlib.Host, args: list[str]) -> subprocess.Popen:
-        proc = host.start(
-            [sys.executable, "-m", "dask", *args, *self.tls.get(name, [])],
-            self.tmp_path / f"dask-{name}.log",
-            env=_ONE_THREAD,
-        )
+        proc = host.start([sys.executable, "-m", "dask", *args, *self.tls.get(name, [])],
+                          self.tmp_path / f"dask-{name}.log", env=_ONE_THREAD)
         self.procs[name] = proc
         return proc
 
@@ -107,40 +91,19 @@ class DaskOnHosts:
         return (self.tmp_path / f"dask-{name}.log").read_text(errors="replace")
 
     def add_worker(self, name: str, host: hostlib.Host, *args: str) -> subprocess.Popen:
-        return self._spawn(
-            name,
-            host,
-            [
-                "worker",
-                self.address,
-                "--host",
-                host.address,
-                "--nthreads",
-                "1",
-                "--no-dashboard",
-                "--no-nanny",
-                "--name",
-                name,
-                "--local-directory",
-                str(self.tmp_path / name),
-                *args,
-            ],
-        )
+        return self._spawn(name, host, [
+            "worker", self.address, "--host", host.address, "--nthreads", "1",
+            "--no-dashboard", "--no-nanny", "--name", name,
+            "--local-directory", str(self.tmp_path / name), *args])
 
     def registered(self, name: str) -> bool:
-        return (
-            re.search(rf"Register worker .*name: {re.escape(name)}\b", self.log("scheduler"))
-            is not None
-        )
+        return re.search(rf"Register worker .*name: {re.escape(name)}\b",
+                         self.log("scheduler")) is not None
 
     def wait_workers(self, names) -> None:
         for name in names:
-            wait_for(
-                lambda: self.registered(name),
-                40,
-                interval=0.1,
-                what=f"Dask worker {name} registered",
-            )
+            wait_for(lambda: self.registered(name), 40, interval=0.1,
+                     what=f"Dask worker {name} registered")
 
 
 @pytest.fixture
@@ -156,23 +119,10 @@ def _start(start_app, sink: Collector, cluster: DaskOnHosts, *args: str):
     # DIGITSTREAM_BATCH_DEADLINE=0 measures Dask alone (the stall tests then fail, and say
     # by how much)
     deadline = os.environ.get("DIGITSTREAM_BATCH_DEADLINE")
-    return start_app(
-        sink.port,
-        "--engine",
-        "dask",
-        "--scheduler",
-        cluster.address,
-        "--input-format",
-        "u8",
-        "--output-format",
-        "json",
-        "--max-batch",
-        str(CHUNK),
-        "--name",
-        "runner",
-        *args,
-        *(["--batch-deadline", deadline] if deadline else []),
-    )
+    return start_app(sink.port, "--engine", "dask", "--scheduler", cluster.address,
+                     "--input-format", "u8", "--output-format", "json", "--max-batch",
+                     str(CHUNK), "--name", "runner", *args,
+                     *(["--batch-deadline", deadline] if deadline else []))
 
 
 def _messages_by(app, name: str) -> int:
@@ -183,12 +133,8 @@ def _check_all_in_order(sink: Collector, app, total: int, expected_texts: list[s
     """Every one of ``total`` results came once, in input order, with the model's label."""
     frames = sink.wait_count(total, timeout=60)
     app.stop()
-    wait_for(
-        lambda: sink._conn is None,
-        15,
-        interval=0.02,
-        what="the application's results connection to close",
-    )
+    wait_for(lambda: sink._conn is None, 15, interval=0.02,
+             what="the application's results connection to close")
     assert sink.count() == total, "more results than inputs"
     results = [json.loads(f) for f in frames]
     assert [r["seq"] for r in results] == list(range(total))
@@ -206,31 +152,19 @@ def _lose_worker_host(cluster, start_app, digits, expected_texts, cut, restore) 
     try:
         app = _start(start_app, sink, cluster)
         stream = Stream(app.in_port, digits.X.astype(np.uint8))
-        wait_for(
-            lambda: _messages_by(app, "w2") >= 5 * CHUNK,
-            40,
-            interval=0.05,
-            what="batches classified by w2",
-        )
+        wait_for(lambda: _messages_by(app, "w2") >= 5 * CHUNK, 40, interval=0.05,
+                 what="batches classified by w2")
         gaps = Gaps(sink).start()
         cut()
         at_cut = sink.count()
-        wait_for(
-            lambda: sink.count() >= at_cut + 40 * CHUNK,
-            60,
-            interval=0.05,
-            what="the stream going on without w2",
-        )
+        wait_for(lambda: sink.count() >= at_cut + 40 * CHUNK, 60, interval=0.05,
+                 what="the stream going on without w2")
         stall = gaps.stop()
         print(f"longest wait for a result with w2's host lost: {stall:.2f} s")
         by_w2 = _messages_by(app, "w2")
         restore()
-        wait_for(
-            lambda: _messages_by(app, "w2") > by_w2,
-            60,
-            interval=0.1,
-            what="batches classified by w2 once its host is back",
-        )
+        wait_for(lambda: _messages_by(app, "w2") > by_w2, 60, interval=0.1,
+                 what="batches classified by w2 once its host is back")
         total = stream.stop()
         stream = None
         here = app.stats()["cluster"]["in_process_batches"]
@@ -249,73 +183,44 @@ def _lose_worker_host(cluster, start_app, digits, expected_texts, cut, restore) 
 
 
 def test_worker_host_cut_off_costs_seconds_and_back_it_takes_batches(
-    net, dask_on_hosts, start_app, digits, expected_texts
-):
+        net, dask_on_hosts, start_app, digits, expected_texts):
     b = net["b"]
     _lose_worker_host(dask_on_hosts, start_app, digits, expected_texts, b.cut, b.restore)
 
 
-def test_worker_host_partitioned_from_the_scheduler_only(
-    net, dask_on_hosts, start_app, digits, expected_texts
-):
+def test_worker_host_partitioned_from_the_scheduler_only(net, dask_on_hosts, start_app, digits,
+                                                        expected_texts):
     # w2 still reaches the application's host, and the application reaches it: not enough,
     # its batches and results go through the scheduler
     a, b = net["a"], net["b"]
-    _lose_worker_host(
-        dask_on_hosts,
-        start_app,
-        digits,
-        expected_texts,
-        lambda: net.partition(a, b),
-        lambda: net.heal(a, b),
-    )
+    _lose_worker_host(dask_on_hosts, start_app, digits, expected_texts,
+                      lambda: net.partition(a, b), lambda: net.heal(a, b))
 
 
-def test_scheduler_host_cut_off_falls_back_here_and_returns(
-    net, dask_on_hosts, start_app, digits, expected_texts
-):
+def test_scheduler_host_cut_off_falls_back_here_and_returns(net, dask_on_hosts, start_app,
+                                                           digits, expected_texts):
     a = net["a"]
     sink = Collector()
     stream = None
     try:
         app = _start(start_app, sink, dask_on_hosts)
         stream = Stream(app.in_port, digits.X.astype(np.uint8))
-        wait_for(
-            lambda: _messages_by(app, "w1") + _messages_by(app, "w2") >= 10 * CHUNK,
-            40,
-            interval=0.05,
-            what="batches classified on the cluster",
-        )
+        wait_for(lambda: _messages_by(app, "w1") + _messages_by(app, "w2") >= 10 * CHUNK, 40,
+                 interval=0.05, what="batches classified on the cluster")
         gaps = Gaps(sink).start()
         a.cut()
-        wait_for(
-            lambda: app.stats()["cluster"]["connected"] is False,
-            20,
-            interval=0.05,
-            what="the scheduler's loss seen by the application",
-        )
+        wait_for(lambda: app.stats()["cluster"]["connected"] is False, 20, interval=0.05,
+                 what="the scheduler's loss seen by the application")
         lost_at = sink.count()
-        wait_for(
-            lambda: sink.count() >= lost_at + 20 * CHUNK,
-            30,
-            interval=0.05,
-            what="results classified in-process",
-        )
+        wait_for(lambda: sink.count() >= lost_at + 20 * CHUNK, 30, interval=0.05,
+                 what="results classified in-process")
         stall = gaps.stop()
         on_cluster = _messages_by(app, "w1") + _messages_by(app, "w2")
         a.restore()
-        wait_for(
-            lambda: app.stats()["cluster"]["connected"] is True,
-            40,
-            interval=0.1,
-            what="the scheduler found again",
-        )
-        wait_for(
-            lambda: _messages_by(app, "w1") + _messages_by(app, "w2") > on_cluster,
-            30,
-            interval=0.1,
-            what="batches classified on the cluster again",
-        )
+        wait_for(lambda: app.stats()["cluster"]["connected"] is True, 40, interval=0.1,
+                 what="the scheduler found again")
+        wait_for(lambda: _messages_by(app, "w1") + _messages_by(app, "w2") > on_cluster, 30,
+                 interval=0.1, what="batches classified on the cluster again")
         total = stream.stop()
         stream = None
         cluster_state = app.stats()["cluster"]
@@ -338,9 +243,8 @@ def test_scheduler_host_cut_off_falls_back_here_and_returns(
 def _pem_key(key) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
 
 class Authority:
@@ -356,17 +260,12 @@ class Authority:
         self.key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
         now = datetime.datetime.now(datetime.timezone.utc)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
+        self.cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - datetime.timedelta(minutes=5))
+                     .not_valid_after(now + datetime.timedelta(days=1))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .sign(self.key, hashes.SHA256()))
         self.ca_file = directory / f"{name}-ca.pem"
         self.ca_file.write_bytes(self._pem(self.cert))
 
@@ -385,71 +284,38 @@ class Authority:
 
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, who)]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
-                ),
-                critical=False,
-            )
-            .sign(self.key, hashes.SHA256())
-        )
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, who)]))
+                .issuer_name(self.cert.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]), critical=False)
+                .sign(self.key, hashes.SHA256()))
         cert_file = self.directory / f"{self.name}-{who}.pem"
         key_file = self.directory / f"{self.name}-{who}.key"
         cert_file.write_bytes(self._pem(cert))
         key_file.write_bytes(_pem_key(key))
-        return [
-            "--tls-ca-file",
-            str(self.ca_file),
-            "--tls-cert",
-            str(cert_file),
-            "--tls-key",
-            str(key_file),
-        ]
+        return ["--tls-ca-file", str(self.ca_file), "--tls-cert", str(cert_file),
+                "--tls-key", str(key_file)]
 
 
 def _run_briefly(model_dir, sink: Collector, *args: str) -> subprocess.CompletedProcess:
     """``digitstream run`` that is expected to give up at start."""
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "digitstream.cli",
-            "run",
-            "--model",
-            str(model_dir),
-            "--in",
-            f"{HOST}:0",
-            "--out",
-            sink.addr,
-            "--no-metrics",
-            "--engine",
-            "dask",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+        [sys.executable, "-m", "digitstream.cli", "run", "--model", str(model_dir),
+         "--in", f"{HOST}:0", "--out", sink.addr, "--no-metrics", "--engine", "dask", *args],
+        capture_output=True, text=True, timeout=60)
 
 
 def test_tls_between_hosts_and_no_entry_without_a_valid_certificate(
-    net, tmp_path, start_app, model_dir, digits, expected_texts
-):
+        net, tmp_path, start_app, model_dir, digits, expected_texts):
     a, b = net["a"], net["b"]
     ours, rogue = Authority(tmp_path, "ours"), Authority(tmp_path, "rogue")
-    tls = {
-        "scheduler": ours.issue("scheduler", [a.address]),
-        "w2": ours.issue("w2", [b.address]),
-        "intruder": rogue.issue("intruder", [b.address]),
-    }
+    tls = {"scheduler": ours.issue("scheduler", [a.address]),
+           "w2": ours.issue("w2", [b.address]),
+           "intruder": rogue.issue("intruder", [b.address])}
     cluster = DaskOnHosts(net, tmp_path, tls=tls)
     cluster.add_worker("w2", b)
     intruder = cluster.add_worker("intruder", b, "--death-timeout", "8")
@@ -457,9 +323,8 @@ def test_tls_between_hosts_and_no_entry_without_a_valid_certificate(
     sink = Collector()
     try:
         # a client whose certificate the scheduler's CA did not sign, and one without any
-        refused = _run_briefly(
-            model_dir, sink, "--scheduler", cluster.address, *rogue.issue("client", [net.gateway])
-        )
+        refused = _run_briefly(model_dir, sink, "--scheduler", cluster.address,
+                               *rogue.issue("client", [net.gateway]))
         bare = _run_briefly(model_dir, sink, "--scheduler", cluster.address)
 
         app = _start(start_app, sink, cluster, *ours.issue("client", [net.gateway]))
@@ -475,8 +340,7 @@ def test_tls_between_hosts_and_no_entry_without_a_valid_certificate(
         errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
         assert proc.returncode != 0 and len(errors) == 1, proc.stderr
         assert "Traceback" not in proc.stderr
-    assert (
-        refused.stderr.count(f"Error: cannot reach the Dask scheduler at {cluster.address}") == 1
-    ), refused.stderr
+    assert refused.stderr.count(f"Error: cannot reach the Dask scheduler at {cluster.address}") \
+        == 1, refused.stderr
     assert "needs a certificate: --tls-ca-file, --tls-cert and --tls-key" in bare.stderr
     assert not cluster.registered("intruder"), cluster.log("scheduler")

@@ -11,21 +11,9 @@ from digitstream.tools.reader import iter_results
 def test_demo_end_to_end(tmp_path, model_dir, digits, expected_texts):
     output = tmp_path / "digits.out"
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "digitstream.cli",
-            "demo",
-            "--model",
-            str(model_dir),
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=tmp_path,
-    )
+        [sys.executable, "-m", "digitstream.cli", "demo", "--model", str(model_dir),
+         "--output", str(output)],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summary = result.stderr + result.stdout
     for words in ("messages", "accuracy", "throughput", "latency", "metrics UI", str(output)):

@@ -59,9 +59,8 @@ class _System:
         return os.system, (self.command,)
 
 
-def test_a_pickle_that_would_run_code_is_rejected(
-    start_app, collector, digits, expected_texts, tmp_path
-):
+def test_a_pickle_that_would_run_code_is_rejected(start_app, collector, digits, expected_texts,
+                                                  tmp_path):
     target = tmp_path / "created-by-pickle"
     app = start_app(collector.port)
     evil = pickle.dumps(_System(f"touch {target}"))
@@ -76,16 +75,10 @@ def test_a_pickle_that_would_run_code_is_rejected(
 def test_connections_keep_their_own_order(start_app, collector, digits, seed_pipeline):
     app = start_app(collector.port, "--input-format", "json", "--output-format", "json")
     k, per = 6, 300
-    payloads = {
-        c: encode_images(
-            digits.X[c * 100 : c * 100 + per], "json", ids=[f"{c}-{i}" for i in range(per)]
-        )
-        for c in range(k)
-    }
-    threads = [
-        threading.Thread(target=send_bytes, args=(app.in_port, frame_many(payloads[c])))
-        for c in range(k)
-    ]
+    payloads = {c: encode_images(digits.X[c * 100:c * 100 + per], "json",
+                                 ids=[f"{c}-{i}" for i in range(per)]) for c in range(k)}
+    threads = [threading.Thread(target=send_bytes, args=(app.in_port, frame_many(payloads[c])))
+               for c in range(k)]
     for t in threads:
         t.start()
     for t in threads:
@@ -95,7 +88,7 @@ def test_connections_keep_their_own_order(start_app, collector, digits, seed_pip
         mine = [r for r in results if r["id"].startswith(f"{c}-")]
         assert [r["id"] for r in mine] == [f"{c}-{i}" for i in range(per)]
         assert [r["seq"] for r in mine] == list(range(per))
-        expected = seed_pipeline.predict(digits.X[c * 100 : c * 100 + per])
+        expected = seed_pipeline.predict(digits.X[c * 100:c * 100 + per])
         assert [r["label"] for r in mine] == expected.tolist()
         assert all(0 < r["probability"] <= 1 for r in mine)
 
@@ -147,19 +140,13 @@ def test_run_waits_for_the_listener(start_app, held_port, digits, expected_texts
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "digitstream.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return subprocess.run([sys.executable, "-m", "digitstream.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, check=False)
 
 
 def test_run_without_a_model_says_why(tmp_path):
-    result = run_cli(
-        "run", "--model", str(tmp_path / "nothing"), "--in", f"{HOST}:0", "--metrics", f"{HOST}:0"
-    )
+    result = run_cli("run", "--model", str(tmp_path / "nothing"), "--in", f"{HOST}:0",
+                     "--metrics", f"{HOST}:0")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("Error:")

@@ -29,7 +29,6 @@ from helpers import HOST, TIMEOUT, Collector, app_counts, memory_of, send_bytes,
 
 def strict_json(text: str):
     """RFC 8259 JSON only: NaN, Infinity and -Infinity are refused."""
-
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")
 
@@ -63,8 +62,7 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 # --------------------------------------------------------------- model failures
 def test_rows_the_model_fails_on_are_answered_at_their_place_and_the_connection_goes_on(
-    start_app, collector, digits, expected_texts
-):
+        start_app, collector, digits, expected_texts):
     """Finite but huge pixels (1e308) overflow the model's scores: those rows, and only
     those, get ``error: model failed: ...``, on the same connection, which goes on."""
     app = start_app(collector.port, "--input-format", "f64")
@@ -93,33 +91,26 @@ def sqrt_model(tmp_path_factory, digits):
     """A user's pipeline whose first step fails on negative pixels (NaN after the square root)."""
     from digitstream.model.bundle import save_bundle
 
-    pipeline = Pipeline(
-        [
-            ("sqrt", FunctionTransformer(np.sqrt)),
-            ("Logistic Regression", LogisticRegression(max_iter=3000)),
-        ]
-    )
+    pipeline = Pipeline([("sqrt", FunctionTransformer(np.sqrt)),
+                         ("Logistic Regression", LogisticRegression(max_iter=3000))])
     pipeline.fit(digits.X, digits.y)
     directory = tmp_path_factory.mktemp("sqrt-model")
     save_bundle(pipeline, directory, {"dataset": "digits", "model": "sqrt-logistic"})
     return directory, pipeline
 
 
-def test_a_user_pipeline_that_fails_on_some_inputs_answers_the_others(
-    start_app, collector, digits, sqrt_model
-):
+def test_a_user_pipeline_that_fails_on_some_inputs_answers_the_others(start_app, collector,
+                                                                      digits, sqrt_model):
     directory, pipeline = sqrt_model
-    app = start_app(
-        collector.port, "--input-format", "json", "--output-format", "json", model=directory
-    )
+    app = start_app(collector.port, "--input-format", "json", "--output-format", "json",
+                    model=directory)
     X = digits.X[:200].copy()
     bad = [3, 4, 120]
     X[bad, 7] = -1.0
     ids = [f"img-{i}" for i in range(200)]
-    answers = [
-        strict_json(t)
-        for t in exchange(app, collector, encode_images(X, "json", labels=digits.y[:200], ids=ids))
-    ]
+    answers = [strict_json(t) for t in exchange(app, collector,
+                                                encode_images(X, "json", labels=digits.y[:200],
+                                                              ids=ids))]
     good = np.delete(np.arange(200), bad)
     expected = pipeline.predict(X[good])
     for i, answer in enumerate(answers):
@@ -131,12 +122,10 @@ def test_a_user_pipeline_that_fails_on_some_inputs_answers_the_others(
 
 
 # ------------------------------------------------ a bad header while a batch fills
-def test_a_bad_header_while_a_batch_fills_answers_the_frames_before_it(
-    start_app, collector, digits, expected_texts
-):
-    app = start_app(
-        collector.port, "--input-format", "u8", "--max-delay-ms", "2000", "--max-batch", "1000"
-    )
+def test_a_bad_header_while_a_batch_fills_answers_the_frames_before_it(start_app, collector,
+                                                                      digits, expected_texts):
+    app = start_app(collector.port, "--input-format", "u8", "--max-delay-ms", "2000",
+                    "--max-batch", "1000")
     sock = socket.create_connection((HOST, app.in_port), timeout=TIMEOUT)
     sock.sendall(frame_many(encode_images(digits.X[:5], "u8")))
     time.sleep(0.2)  # the batch is filling: it waits up to 2 s for 1000 frames
@@ -181,9 +170,8 @@ class HalfClosingListener:
         self._thread.join(timeout=TIMEOUT)
 
 
-def test_a_listener_that_closes_its_sending_side_still_gets_every_result(
-    start_app, digits, expected_texts
-):
+def test_a_listener_that_closes_its_sending_side_still_gets_every_result(start_app, digits,
+                                                                         expected_texts):
     listener = HalfClosingListener()
     try:
         app = start_app(listener.port)
@@ -199,7 +187,8 @@ def test_a_listener_that_closes_its_sending_side_still_gets_every_result(
 
 
 # ----------------------------------------------------------- labelled JSON in auto
-def test_labelled_json_in_auto_keeps_labels_and_ids(start_app, collector, digits, expected_texts):
+def test_labelled_json_in_auto_keeps_labels_and_ids(start_app, collector, digits,
+                                                    expected_texts):
     app = start_app(collector.port, "--output-format", "json")
     ids = [f"auto-{i}" for i in range(300)]
     payloads = encode_images(digits.X[:300], "json", labels=digits.y[:300], ids=ids)
@@ -209,27 +198,16 @@ def test_labelled_json_in_auto_keeps_labels_and_ids(start_app, collector, digits
     stats = app.stats()
     assert stats["accuracy"]["labelled"] == 290
     assert stats["accuracy"]["correct"] == sum(
-        1 for i in range(300) if not 100 <= i < 110 and expected_texts[i] == f"[{digits.y[i]}]"
-    )
+        1 for i in range(300) if not 100 <= i < 110 and expected_texts[i] == f"[{digits.y[i]}]")
 
 
 # ----------------------------------------------------- ids that are not JSON numbers
-ODD_VALUES = [
-    b"NaN",
-    b"Infinity",
-    b"-Infinity",
-    b"1e999",
-    b"-1e999",
-    b"9" * 400,
-    b'"\\ud800"',
-    b'{"a": 1}',
-    b"[1, 2]",
-    b"true",
-    b'"\xe2\x82\xac"',
-]
+ODD_VALUES = [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"9" * 400,
+              b'"\\ud800"', b'{"a": 1}', b"[1, 2]", b"true", b'"\xe2\x82\xac"']
 
 
-def test_every_json_output_frame_is_json_whatever_the_ids_and_labels(start_app, collector, digits):
+def test_every_json_output_frame_is_json_whatever_the_ids_and_labels(start_app, collector,
+                                                                     digits):
     app = start_app(collector.port, "--output-format", "json")
     pixels = b"[" + b",".join(str(int(v)).encode() for v in digits.X[0]) + b"]"
     payloads = []
@@ -243,7 +221,7 @@ def test_every_json_output_frame_is_json_whatever_the_ids_and_labels(start_app, 
             assert isinstance(answer.get("id", ""), (str, int, float)), (payload, answer)
     refused = [a for a in answers if "error" in a]
     assert len(refused) == 16  # NaN, the infinities, objects, lists and booleans
-    assert all("must be a string or a finite number" in a["error"] for a in refused)
+    assert all('must be a string or a finite number' in a["error"] for a in refused)
     assert exchange(app, collector, encode_images(digits.X[:3], "json"))  # still serving
 
 
@@ -263,19 +241,11 @@ def test_thousands_of_invented_labels_keep_the_stats_bounded(start_app, collecto
 
 
 # ------------------------------------------------- many clients, partial frames
-def test_many_clients_holding_partial_frames_are_bounded_and_let_go(
-    start_app, collector, digits, expected_texts
-):
+def test_many_clients_holding_partial_frames_are_bounded_and_let_go(start_app, collector,
+                                                                     digits, expected_texts):
     limit_mb = 32
-    app = start_app(
-        collector.port,
-        "--input-format",
-        "json",
-        "--max-buffered-mb",
-        str(limit_mb),
-        "--max-connections",
-        "400",
-    )
+    app = start_app(collector.port, "--input-format", "json", "--max-buffered-mb",
+                    str(limit_mb), "--max-connections", "400")
     exchange(app, collector, encode_images(digits.X[:10], "json"))  # warmed up
     base_rss, _ = memory_of(app.proc.pid)
     partial = HEADER.pack(1 << 20) + b'{"pixels":[' + b"0," * 250_000  # 0.5 MB of 1 MB
@@ -287,26 +257,18 @@ def test_many_clients_holding_partial_frames_are_bounded_and_let_go(
             clients.append(sock)
         # all but those whose partial frames fit the budget together
         fit = (limit_mb << 20) // (len(partial) - HEADER.size)
-        wait_for(
-            lambda: (
-                app_counts(app.stats())["connection_errors"].get("buffer_limit", 0) >= 150 - fit - 1
-            ),
-            what="connections over the budget closed",
-        )
+        wait_for(lambda: app_counts(app.stats())["connection_errors"].get("buffer_limit", 0)
+                 >= 150 - fit - 1, what="connections over the budget closed")
         # what the closed ones held goes back within a second (malloc_trim after the close);
         # the ones still open hold no more than the budget
         peak_rss = memory_of(app.proc.pid)[0]
-        held_rss = wait_for(
-            lambda: (rss := memory_of(app.proc.pid)[0]) - base_rss < (limit_mb + 12) << 20 and rss,
-            timeout=10,
-            what="memory within the budget while the partial frames are held",
-        )
+        held_rss = wait_for(lambda: (rss := memory_of(app.proc.pid)[0]) - base_rss
+                            < (limit_mb + 12) << 20 and rss, timeout=10,
+                            what="memory within the budget while the partial frames are held")
         closed = app_counts(app.stats())["connection_errors"]["buffer_limit"]
-        print(
-            f"RSS {base_rss >> 20} MiB idle, {peak_rss >> 20} MiB just after the closes, "
-            f"{held_rss >> 20} MiB with the rest of the 150 partial frames of 0.5 MB held "
-            f"against {limit_mb} MiB; {closed} connections closed"
-        )
+        print(f"RSS {base_rss >> 20} MiB idle, {peak_rss >> 20} MiB just after the closes, "
+              f"{held_rss >> 20} MiB with the rest of the 150 partial frames of 0.5 MB held "
+              f"against {limit_mb} MiB; {closed} connections closed")
         assert "over the limit of 32 MiB" in app.log()
         # the application still serves while they are held
         assert exchange(app, collector, encode_images(digits.X[:20], "json")) == expected_texts[:20]
@@ -314,17 +276,13 @@ def test_many_clients_holding_partial_frames_are_bounded_and_let_go(
         for sock in clients:
             sock.close()
     wait_for(lambda: app_counts(app.stats())["connections_open"] == 0, what="all closed")
-    wait_for(
-        lambda: memory_of(app.proc.pid)[0] - base_rss < 24 << 20,
-        timeout=10,
-        what="the memory given back",
-    )
+    wait_for(lambda: memory_of(app.proc.pid)[0] - base_rss < 24 << 20, timeout=10,
+             what="the memory given back")
     print(f"RSS {memory_of(app.proc.pid)[0] >> 20} MiB once they closed")
 
 
-def test_connections_past_the_limit_are_closed_on_arrival(
-    start_app, collector, digits, expected_texts
-):
+def test_connections_past_the_limit_are_closed_on_arrival(start_app, collector, digits,
+                                                          expected_texts):
     app = start_app(collector.port, "--input-format", "u8", "--max-connections", "8")
     held = [socket.create_connection((HOST, app.in_port), timeout=TIMEOUT) for _ in range(8)]
     try:
@@ -345,8 +303,7 @@ def test_connections_past_the_limit_are_closed_on_arrival(
 
 # -------------------------------------------- a stop signal and a listener too slow
 def test_a_stop_signal_with_a_listener_that_does_not_read_holds_the_documented_bound(
-    start_app, digits
-):
+        start_app, digits):
     """The listener accepts and never reads: on SIGTERM the application reads on for at
     most the drain grace (5 s), waits --flush-timeout for the listener, then says how many
     results it did not deliver and exits 1."""
@@ -388,25 +345,13 @@ def test_a_stop_signal_with_a_listener_that_does_not_read_holds_the_documented_b
 
 
 # ------------------------------------------------------------ raw pixels in auto
-def test_raw_pixels_sent_to_auto_are_answered_with_how_to_fix_it(
-    start_app, collector, digits, expected_texts
-):
+def test_raw_pixels_sent_to_auto_are_answered_with_how_to_fix_it(start_app, collector, digits,
+                                                                 expected_texts):
     app = start_app(collector.port)
-    texts = exchange(
-        app,
-        collector,
-        encode_images(digits.X[:5], "u8")
-        + encode_images(digits.X[:5], "f32")
-        + encode_images(digits.X[:5], "f64"),
-    )
-    assert (
-        texts[:5]
-        == [
-            "error: bad pickle: 64 bytes that are not a pickle, .npy or JSON: "
-            "raw u8 pixels? run with --input-format u8"
-        ]
-        * 5
-    )
+    texts = exchange(app, collector, encode_images(digits.X[:5], "u8")
+                     + encode_images(digits.X[:5], "f32") + encode_images(digits.X[:5], "f64"))
+    assert texts[:5] == ["error: bad pickle: 64 bytes that are not a pickle, .npy or JSON: "
+                         "raw u8 pixels? run with --input-format u8"] * 5
     assert all("run with --input-format f32" in t for t in texts[5:10])
     assert all("run with --input-format f64" in t for t in texts[10:15])
     assert exchange(app, collector, encode_images(digits.X[:5], "pickle")) == expected_texts[:5]
@@ -429,9 +374,8 @@ def _socket_buffer_max(name: str) -> int:
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_sigkill_of_run_in_plain_mode_loses_only_what_it_held(
-    seed, start_app, collector, digits, expected_texts
-):
+def test_sigkill_of_run_in_plain_mode_loses_only_what_it_held(seed, start_app, collector, digits,
+                                                              expected_texts):
     """200,000 msg/s of u8 for 2.5 s; ``run`` is killed (SIGKILL) at a random moment of a
     seeded schedule. What reached the listener is a prefix of the stream (order kept, nothing
     twice); what is lost is what the application and the sockets between held, which the
@@ -455,7 +399,7 @@ def test_sigkill_of_run_in_plain_mode_loses_only_what_it_held(
                 killed = True
                 sent_before_kill = sent
             offset = (sent % len(digits.X)) * frame_size
-            sock.sendall(stream[offset : offset + per_tick * frame_size])
+            sock.sendall(stream[offset:offset + per_tick * frame_size])
             sent += per_tick
             time.sleep(max(0.0, started + sent / 200_000 - time.monotonic()))
     except OSError:
@@ -466,20 +410,15 @@ def test_sigkill_of_run_in_plain_mode_loses_only_what_it_held(
     app.proc.wait(timeout=TIMEOUT)
     # the dead application's socket is closed by the kernel: once the collector has read to
     # its end, everything that reached the listener is in hand
-    wait_for(
-        lambda: collector.connections >= 1 and collector._conn is None,
-        what="the collector to read the dead application's connection to its end",
-    )
+    wait_for(lambda: collector.connections >= 1 and collector._conn is None,
+             what="the collector to read the dead application's connection to its end")
     got = collector.texts()
     expected = [expected_texts[i % len(digits.X)] for i in range(len(got))]
     assert got == expected, f"seed {seed}: the results are not a prefix of the stream"
     lost = sent - len(got)
-    held_in = (
-        _socket_buffer_max("tcp_wmem") + _socket_buffer_max("tcp_rmem") + (4 << 20)
-    ) // frame_size + 4 * 8192
+    held_in = (_socket_buffer_max("tcp_wmem") + _socket_buffer_max("tcp_rmem")
+               + (4 << 20)) // frame_size + 4 * 8192
     held_out = ((8 << 20) + (2 << 20) + _socket_buffer_max("tcp_wmem")) // len(b"\0\0\0\3[3]")
-    print(
-        f"seed {seed}: killed at {kill_at:.2f} s, {sent_before_kill} sent before the kill "
-        f"({sent} in all), {len(got)} answered: {sent_before_kill - len(got)} of those lost"
-    )
+    print(f"seed {seed}: killed at {kill_at:.2f} s, {sent_before_kill} sent before the kill "
+          f"({sent} in all), {len(got)} answered: {sent_before_kill - len(got)} of those lost")
     assert 0 <= lost <= held_in + held_out + per_tick, f"seed {seed}: {lost} lost"

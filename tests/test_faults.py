@@ -90,13 +90,11 @@ def _wait_for_bytes(listener: ListenProcess, n: int) -> None:
     def grown():
         assert listener.alive(), listener.log()
         return path.exists() and path.stat().st_size >= n
-
     wait_for(grown, what=f"{n} bytes in {path.name}")
 
 
-def test_a_listener_that_crashes_loses_at_most_what_the_buffers_held(
-    start_app, held_port, digits, labels, tmp_path
-):
+def test_a_listener_that_crashes_loses_at_most_what_the_buffers_held(start_app, held_port, digits,
+                                                                     labels, tmp_path):
     """The listener is killed (SIGKILL) while results stream to it, and a new one starts on
     the same port. The results the first one stored are a prefix of the stream, the second
     one's a suffix: no result twice, order kept. What is lost between them is what had left
@@ -134,11 +132,8 @@ def test_a_listener_that_crashes_loses_at_most_what_the_buffers_held(
         sender.join(TIMEOUT * 2)
         assert not sender.is_alive()
         n = chunks[0] * per_chunk
-        wait_for(
-            lambda: app_counts(app.stats())["messages_out"] == n,
-            timeout=TIMEOUT * 2,
-            what="every image answered",
-        )
+        wait_for(lambda: app_counts(app.stats())["messages_out"] == n, timeout=TIMEOUT * 2,
+                 what="every image answered")
         app.signal(signal.SIGTERM)  # flushes what is queued to the second listener, then exits
         assert app.wait(TIMEOUT * 2) == 0
     finally:
@@ -152,19 +147,17 @@ def test_a_listener_that_crashes_loses_at_most_what_the_buffers_held(
     got_first, _ = reference_frames(first_file.read_bytes(), 1 << 20)
     got_second, _ = reference_frames(second_file.read_bytes(), 1 << 20)
     lost = n - len(got_first) - len(got_second)
-    assert got_first == expected[: len(got_first)]
-    assert got_second == expected[n - len(got_second) :]
+    assert got_first == expected[:len(got_first)]
+    assert got_second == expected[n - len(got_second):]
     assert lost >= 0, "a result was written twice"
     wmem = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
     rmem = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
     write_chunk = (1 << 20) + 65536 * 7  # a write joins results up to 1 MiB, plus one batch's
     bound = (1 << 20) + write_chunk + wmem + rmem + (1 << 20)
     assert lost * 7 <= bound, f"{lost} results lost, {lost * 7} bytes; bound {bound}"
-    print(
-        f"\nlistener killed after {len(got_first):,} of {n:,} results; {lost:,} results "
-        f"({lost * 7 / 2**20:.2f} MiB) lost in buffers (bound {bound / 2**20:.1f} MiB); "
-        f"{len(got_second):,} delivered to the new listener"
-    )
+    print(f"\nlistener killed after {len(got_first):,} of {n:,} results; {lost:,} results "
+          f"({lost * 7 / 2**20:.2f} MiB) lost in buffers (bound {bound / 2**20:.1f} MiB); "
+          f"{len(got_second):,} delivered to the new listener")
 
 
 def test_a_slow_listener_holds_back_the_senders_with_bounded_memory(start_app, digits, labels):
@@ -235,12 +228,10 @@ def test_a_slow_listener_holds_back_the_senders_with_bounded_memory(start_app, d
         for s in (sock, conn, lsock):
             if s is not None:
                 s.close()
-    print(
-        f"\nlistener not reading: sender held back after {held_images:,} images "
-        f"({held_images * 68 / 2**20:.0f} MiB), {received:,} of them read by the application; "
-        f"application RSS {rss_idle / 2**20:.0f} MiB idle, {rss_held / 2**20:.0f} MiB held "
-        f"(peak {peak_held / 2**20:.0f} MiB)"
-    )
+    print(f"\nlistener not reading: sender held back after {held_images:,} images "
+          f"({held_images * 68 / 2**20:.0f} MiB), {received:,} of them read by the application; "
+          f"application RSS {rss_idle / 2**20:.0f} MiB idle, {rss_held / 2**20:.0f} MiB held "
+          f"(peak {peak_held / 2**20:.0f} MiB)")
 
 
 # ----------------------------------------------------------- stop signals
@@ -249,9 +240,8 @@ def _class_images(digits, labels, c: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_under_load_answers_everything_received(
-    sig, start_app, collector, digits, labels
-):
+def test_a_stop_signal_under_load_answers_everything_received(sig, start_app, collector, digits,
+                                                              labels):
     """Four clients send continuously in pickle, npy, json and Python 2 protocol-2 pickles
     (``auto``), each only images of its own class, so every result tells whose it is. On the
     signal the application stops reading, answers what it received, flushes and exits 0:
@@ -264,9 +254,8 @@ def test_a_stop_signal_under_load_answers_everything_received(
     chunks = []
     for c, fmt in enumerate(formats):
         images = _class_images(digits, labels, c)
-        payloads = (
-            [py2_pickle(row, 2) for row in images] if fmt == "py2" else encode_images(images, fmt)
-        )
+        payloads = ([py2_pickle(row, 2) for row in images] if fmt == "py2"
+                    else encode_images(images, fmt))
         chunks.append(frame_many(payloads) * 4)
     stop = threading.Event()
     socks = [socket.create_connection((HOST, app.in_port), timeout=TIMEOUT) for _ in formats]
@@ -300,11 +289,9 @@ def test_a_stop_signal_under_load_answers_everything_received(
     counts = {text: results.count(text) for text in set(results)}
     assert set(counts) <= {str(np.array([c])) for c in range(len(formats))}, counts
     assert len(counts) == len(formats)
-    print(
-        f"\n{signal.Signals(sig).name}: {received:,} frames received from "
-        f"{len(formats)} clients, {answered:,} answered, {len(results):,} at the listener; "
-        f"per client {sorted(counts.values())}"
-    )
+    print(f"\n{signal.Signals(sig).name}: {received:,} frames received from "
+          f"{len(formats)} clients, {answered:,} answered, {len(results):,} at the listener; "
+          f"per client {sorted(counts.values())}")
 
 
 # -------------------------------------------------------- refusing to start
@@ -322,13 +309,8 @@ def _refusal_in_process(args: list[str]) -> tuple[int, str]:
 
 
 def _refusal_in_a_process(args: list[str]) -> tuple[int, str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "digitstream.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT,
-        check=False,
-    )
+    proc = subprocess.run([sys.executable, "-m", "digitstream.cli", *args], capture_output=True,
+                          text=True, timeout=START_TIMEOUT, check=False)
     return proc.returncode, proc.stderr
 
 
@@ -347,13 +329,8 @@ class _Evil:
         self.payload = "touch /tmp/never"
 
 
-def _copy_bundle(
-    model_dir: Path,
-    to: Path,
-    pipeline_bytes: bytes | None = None,
-    card_changes: dict | None = None,
-    rehash: bool = True,
-) -> Path:
+def _copy_bundle(model_dir: Path, to: Path, pipeline_bytes: bytes | None = None,
+                 card_changes: dict | None = None, rehash: bool = True) -> Path:
     from digitstream.model.bundle import content_hash
 
     shutil.copytree(model_dir, to)
@@ -368,7 +345,8 @@ def _copy_bundle(
 
 
 @pytest.mark.timeout(START_TIMEOUT * 2)  # a case that started serving would never return
-def test_run_refuses_a_bad_model_bundle_in_one_line(model_dir, seed_pipeline, held_port, tmp_path):
+def test_run_refuses_a_bad_model_bundle_in_one_line(model_dir, seed_pipeline, held_port,
+                                                    tmp_path):
     """Each bad bundle: ``run`` exits non-zero before listening, with one ``Error:`` line that
     says why, and no traceback. "Fits the input format" means: the pipeline takes the number
     of features its card says, and one image of that many values fits in --max-frame in the
@@ -386,59 +364,34 @@ def test_run_refuses_a_bad_model_bundle_in_one_line(model_dir, seed_pipeline, he
     system_step = Pipeline([("shell", FunctionTransformer(os.system)), *seed_pipeline.steps])
     evil_step = Pipeline([("evil", FunctionTransformer(_Evil)), *seed_pipeline.steps])
     cases = {
-        "hash mismatch": (
-            _copy_bundle(model_dir, tmp_path / "hash", tampered, rehash=False),
-            [],
-            "does not match",
-        ),
-        "os.system in the pipeline": (
-            _copy_bundle(model_dir, tmp_path / "system", sio.dumps(system_step)),
-            [],
-            "untrusted type posix.system",
-        ),
-        "a class of the test in the pipeline": (
-            _copy_bundle(model_dir, tmp_path / "evil", sio.dumps(evil_step)),
-            [],
-            "untrusted type test_faults._Evil",
-        ),
-        "not a skops file": (
-            _copy_bundle(model_dir, tmp_path / "garbage", b"PK\x03\x04 nonsense"),
-            [],
-            "not a readable skops file",
-        ),
-        "card says 784 features": (
-            _copy_bundle(model_dir, tmp_path / "features", card_changes={"n_features": 784}),
-            [],
-            "n_features is 784 but the pipeline has 64",
-        ),
-        "64 f64 values exceed --max-frame 256": (
-            model_dir,
-            ["--input-format", "f64", "--max-frame", "256"],
-            "at least 512 bytes in the f64 input format",
-        ),
+        "hash mismatch": (_copy_bundle(model_dir, tmp_path / "hash", tampered, rehash=False), [],
+                          "does not match"),
+        "os.system in the pipeline": (_copy_bundle(model_dir, tmp_path / "system",
+                                                   sio.dumps(system_step)), [],
+                                      "untrusted type posix.system"),
+        "a class of the test in the pipeline": (_copy_bundle(model_dir, tmp_path / "evil",
+                                                             sio.dumps(evil_step)), [],
+                                                "untrusted type test_faults._Evil"),
+        "not a skops file": (_copy_bundle(model_dir, tmp_path / "garbage", b"PK\x03\x04 nonsense"),
+                             [], "not a readable skops file"),
+        "card says 784 features": (_copy_bundle(model_dir, tmp_path / "features",
+                                                card_changes={"n_features": 784}), [],
+                                   "n_features is 784 but the pipeline has 64"),
+        "64 f64 values exceed --max-frame 256": (model_dir, ["--input-format", "f64",
+                                                              "--max-frame", "256"],
+                                                  "at least 512 bytes in the f64 input format"),
         "no bundle": (tmp_path / "missing", [], "no model bundle"),
     }
 
     def args(path, extra):
-        return [
-            "run",
-            "--model",
-            str(path),
-            "--in",
-            f"{HOST}:0",
-            "--out",
-            f"{HOST}:{held_port.port}",
-            "--metrics",
-            f"{HOST}:0",
-            *extra,
-        ]
+        return ["run", "--model", str(path), "--in", f"{HOST}:0",
+                "--out", f"{HOST}:{held_port.port}", "--metrics", f"{HOST}:0", *extra]
 
     for name, (path, extra, words) in cases.items():
         _assert_one_line_refusal(name, *_refusal_in_process(args(path, extra)), words)
     path, extra, words = cases["hash mismatch"]
-    _assert_one_line_refusal(
-        "hash mismatch, as a process", *_refusal_in_a_process(args(path, extra)), words
-    )
+    _assert_one_line_refusal("hash mismatch, as a process",
+                             *_refusal_in_a_process(args(path, extra)), words)
     assert not Path("/tmp/never").exists()
 
 
@@ -453,27 +406,21 @@ def test_run_refuses_bad_addresses_in_one_line(model_dir, held_port):
     common = ["run", "--model", str(model_dir)]
     out = ["--out", f"{HOST}:{held_port.port}"]
     cases = {
-        "--in port taken": (
-            [*common, *out, "--in", f"{HOST}:{port}", "--metrics", f"{HOST}:0"],
-            f"cannot listen on {HOST}:{port}",
-        ),
-        "--metrics port taken": (
-            [*common, *out, "--in", f"{HOST}:0", "--metrics", f"{HOST}:{port}"],
-            f"cannot serve metrics on {HOST}:{port}",
-        ),
+        "--in port taken": ([*common, *out, "--in", f"{HOST}:{port}", "--metrics", f"{HOST}:0"],
+                            f"cannot listen on {HOST}:{port}"),
+        "--metrics port taken": ([*common, *out, "--in", f"{HOST}:0",
+                                  "--metrics", f"{HOST}:{port}"],
+                                 f"cannot serve metrics on {HOST}:{port}"),
         "--out malformed": ([*common, "--in", f"{HOST}:0", "--out", "nonsense"], "'--out'"),
-        "--metrics malformed": (
-            [*common, *out, "--in", f"{HOST}:0", "--metrics", f"{HOST}:99999"],
-            "'--metrics'",
-        ),
+        "--metrics malformed": ([*common, *out, "--in", f"{HOST}:0", "--metrics", f"{HOST}:99999"],
+                                "'--metrics'"),
         "--in malformed": ([*common, *out, "--in", f"{HOST}:", "--metrics", f"{HOST}:0"], "'--in'"),
     }
     try:
         for name, (args, words) in cases.items():
             _assert_one_line_refusal(name, *_refusal_in_process(args), words)
         args, words = cases["--in port taken"]
-        _assert_one_line_refusal(
-            "--in port taken, as a process", *_refusal_in_a_process(args), words
-        )
+        _assert_one_line_refusal("--in port taken, as a process", *_refusal_in_a_process(args),
+                                 words)
     finally:
         taken.close()

@@ -30,16 +30,9 @@ from helpers import reference_frames
 N_FEATURES = 64
 #: at least 10,000 (issue 5); FUZZ_EXAMPLES=... runs more, or fewer while iterating
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 10_000))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=False,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.filter_too_much,
-    ],
-)
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.filter_too_much])
 
 _rng = np.random.default_rng(5)
 _IMAGES = np.vstack([np.rint(_rng.uniform(0, 16, size=(3, N_FEATURES))), np.zeros((1, N_FEATURES))])
@@ -96,50 +89,16 @@ def _mutated(tape: Tape) -> bytes:
         elif op == "insert":
             data[pos:pos] = tape.blob(9) or b"\x00"
         elif op == "delete":
-            del data[pos : pos + 1 + tape.below(9)]
+            del data[pos:pos + 1 + tape.below(9)]
         elif op == "truncate":
             del data[pos:]
     return bytes(data)
 
 
 # Values NumPy never writes in an npy header, and some it does.
-_ODD = [
-    None,
-    True,
-    -1,
-    0,
-    1,
-    64,
-    2**31,
-    2**64,
-    -64,
-    1.5,
-    float("nan"),
-    "",
-    "a",
-    "<f8",
-    "|u1",
-    "<i4",
-    ">f8",
-    "O",
-    "<U4",
-    "f16",
-    "V8",
-    "S3",
-    (),
-    [],
-    {},
-    (64,),
-    (8, 8),
-    (None,),
-    ("a",),
-    ((),),
-    (-1, -64),
-    (64, 1.5),
-    [64],
-    [("a", "<f8")],
-    {"a": 1},
-]
+_ODD = [None, True, -1, 0, 1, 64, 2**31, 2**64, -64, 1.5, float("nan"), "", "a", "<f8", "|u1", "<i4",
+        ">f8", "O", "<U4", "f16", "V8", "S3", (), [], {}, (64,), (8, 8), (None,), ("a",), ((),), (-1, -64),
+        (64, 1.5), [64], [("a", "<f8")], {"a": 1}]
 
 
 def _npy(tape: Tape) -> bytes:
@@ -149,32 +108,12 @@ def _npy(tape: Tape) -> bytes:
         header[tape.pick(("descr", "fortran_order", "shape", "extra"))] = tape.pick(_ODD)
     text = repr(header).encode("latin1", "replace")
     text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
-    size = tape.pick((8 * N_FEATURES, 4 * N_FEATURES, N_FEATURES, 0)) + tape.pick(
-        (0, 0, -1, 1, -8, 8)
-    )
+    size = tape.pick((8 * N_FEATURES, 4 * N_FEATURES, N_FEATURES, 0)) + tape.pick((0, 0, -1, 1, -8, 8))
     return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + b"\x01" * max(size, 0)
 
 
-_JSON_ODD = [
-    None,
-    True,
-    "1",
-    [],
-    [1.0],
-    {},
-    1e308,
-    -0.0,
-    10**400,
-    2**63,
-    -(2**70),
-    float("nan"),
-    float("inf"),
-    -float("inf"),
-    1e-320,
-    17,
-    -3,
-    "x" * 40,
-]
+_JSON_ODD = [None, True, "1", [], [1.0], {}, 1e308, -0.0, 10**400, 2**63, -2**70, float("nan"),
+             float("inf"), -float("inf"), 1e-320, 17, -3, "x" * 40]
 
 
 def _json(tape: Tape) -> bytes:
@@ -182,7 +121,7 @@ def _json(tape: Tape) -> bytes:
     pixels = tape.pick(_IMAGES).tolist()
     for _ in range(tape.below(4)):
         pixels[tape.below(N_FEATURES)] = tape.pick(_JSON_ODD)
-    pixels = pixels[: tape.pick((N_FEATURES, N_FEATURES, N_FEATURES - 1, 1, 0))]
+    pixels = pixels[:tape.pick((N_FEATURES, N_FEATURES, N_FEATURES - 1, 1, 0))]
     obj = {"pixels": pixels}
     for _ in range(tape.below(3)):
         obj[tape.pick(("label", "id", "pixels", "other"))] = tape.pick(_JSON_ODD)
@@ -193,59 +132,16 @@ def _json(tape: Tape) -> bytes:
 
 # Pieces of NumPy's array pickles and of pickle bombs, put together in random order.
 _PICKLE_PIECES = [
-    b"\x80\x02",
-    b"\x80\x04",
-    b"\x80\x05",
-    b"cnumpy.core.multiarray\n_reconstruct\n",
-    b"cnumpy\nndarray\n",
-    b"cnumpy\ndtype\n",
-    b"cnumpy._core.numeric\n_frombuffer\n",
-    b"c_codecs\nencode\n",
-    b"cos\nsystem\n",
-    b"cbuiltins\neval\n",
-    b"K\x00",
-    b"K@",
-    b"J\xff\xff\xff\xff",
-    b"\x8a\x08\xff\xff\xff\xff\xff\xff\xff\x7f",
-    b"U\x01b",
-    b"U\x02f8",
-    b"U\x01<",
-    b"U\x01O",
-    b"X\x02\x00\x00\x00f8",
-    b"U\x06latin1",
-    b"\x89",
-    b"\x88",
-    b"N",
-    b"(",
-    b")",
-    b"t",
-    b"\x85",
-    b"\x86",
-    b"\x87",
-    b"R",
-    b"b",
-    b"]",
-    b"}",
-    b"e",
-    b"a",
-    b"s",
-    b"q\x00",
-    b"h\x00",
-    b"0",
-    b"2",
-    b"C\x08" + b"\x00" * 8,
-    b"B\x00\x02\x00\x00" + b"\x01" * 512,
-    b"T\xff\xff\xff\x7f",
-    b"\x8e\xff\xff\xff\xff\xff\xff\xff\x7f",
-    b"\x96\x00\x00\x00\x00\x01\x00\x00\x00",
-    b"\x81",
-    b"\x93",
-    b"\x95\xff\xff\xff\xff\xff\xff\xff\x7f",
-    b"(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t",
-    b"(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x01t",
-    b"\x82\x01",
-    b"P1\n",
-    b".",
+    b"\x80\x02", b"\x80\x04", b"\x80\x05", b"cnumpy.core.multiarray\n_reconstruct\n",
+    b"cnumpy\nndarray\n", b"cnumpy\ndtype\n", b"cnumpy._core.numeric\n_frombuffer\n",
+    b"c_codecs\nencode\n", b"cos\nsystem\n", b"cbuiltins\neval\n", b"K\x00", b"K@", b"J\xff\xff\xff\xff",
+    b"\x8a\x08\xff\xff\xff\xff\xff\xff\xff\x7f", b"U\x01b", b"U\x02f8", b"U\x01<", b"U\x01O",
+    b"X\x02\x00\x00\x00f8", b"U\x06latin1", b"\x89", b"\x88", b"N", b"(", b")", b"t", b"\x85", b"\x86",
+    b"\x87", b"R", b"b", b"]", b"}", b"e", b"a", b"s", b"q\x00", b"h\x00", b"0", b"2",
+    b"C\x08" + b"\x00" * 8, b"B\x00\x02\x00\x00" + b"\x01" * 512, b"T\xff\xff\xff\x7f",
+    b"\x8e\xff\xff\xff\xff\xff\xff\xff\x7f", b"\x96\x00\x00\x00\x00\x01\x00\x00\x00", b"\x81", b"\x93",
+    b"\x95\xff\xff\xff\xff\xff\xff\xff\x7f", b"(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t",
+    b"(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x01t", b"\x82\x01", b"P1\n", b".",
 ]
 
 
@@ -272,12 +168,8 @@ def _batch(choice: int, raw: bytes, tape_bytes: bytes) -> list[bytes]:
     return batch
 
 
-batches = st.builds(
-    _batch,
-    st.integers(0, len(_BUILDERS)),
-    st.binary(max_size=8 * N_FEATURES + 80),
-    st.binary(max_size=64),
-)
+batches = st.builds(_batch, st.integers(0, len(_BUILDERS)), st.binary(max_size=8 * N_FEATURES + 80),
+                    st.binary(max_size=64))
 
 
 DECODERS = [Decoder(fmt, N_FEATURES) for fmt in (*INPUT_FORMATS, "auto")]
@@ -320,13 +212,11 @@ def _stream(kind: int, blob: bytes, tape_bytes: bytes) -> tuple[bytes, list[int]
         stream, pos = b"", 0
         while pos < len(blob):
             n = tape.below(41)
-            stream += len(blob[pos : pos + n]).to_bytes(4, "big") + blob[pos : pos + n]
+            stream += len(blob[pos:pos + n]).to_bytes(4, "big") + blob[pos:pos + n]
             pos += max(n, 1)
     else:
-        payload = blob[: tape.below(9)]
-        stream = (len(payload).to_bytes(4, "big") + payload) * (1 + tape.below(12)) + blob[
-            -tape.below(13) :
-        ]
+        payload = blob[:tape.below(9)]
+        stream = (len(payload).to_bytes(4, "big") + payload) * (1 + tape.below(12)) + blob[-tape.below(13):]
     cuts = sorted({tape.below(len(stream) + 1) for _ in range(tape.below(5))})
     return stream, cuts
 
@@ -380,11 +270,8 @@ def json_flow():
     return Flow.build(model, FlowOptions("json", "json"))
 
 
-@settings(
-    FUZZ,
-    max_examples=max(1, EXAMPLES // 5),
-    suppress_health_check=[*FUZZ.suppress_health_check, HealthCheck.function_scoped_fixture],
-)
+@settings(FUZZ, max_examples=max(1, EXAMPLES // 5),
+          suppress_health_check=[*FUZZ.suppress_health_check, HealthCheck.function_scoped_fixture])
 @given(tapes=st.lists(st.binary(max_size=64), min_size=1, max_size=6))
 def test_every_json_output_frame_is_strict_json(json_flow, tapes):
     """Fuzzed JSON payloads (odd values for pixels, labels and ids: NaN, infinities, huge

@@ -31,14 +31,10 @@ MESSAGES = int(os.environ.get("DIGITSTREAM_LOAD_MESSAGES") or 500_000)
 START_TIMEOUT = 180
 #: (application, input format of the client, the client's two classes)
 CLIENTS = [
-    ("u8", "u8", (0, 1)),
-    ("u8", "u8", (2, 3)),
-    ("f32", "f32", (4, 5)),
-    ("f32", "f32", (6, 7)),
-    ("auto", "pickle", (0, 1)),
-    ("auto", "pickle", (2, 3)),
-    ("auto", "npy", (4, 5)),
-    ("auto", "json", (6, 7)),
+    ("u8", "u8", (0, 1)), ("u8", "u8", (2, 3)),
+    ("f32", "f32", (4, 5)), ("f32", "f32", (6, 7)),
+    ("auto", "pickle", (0, 1)), ("auto", "pickle", (2, 3)),
+    ("auto", "npy", (4, 5)), ("auto", "json", (6, 7)),
 ]
 PATTERN = 360  # images in one client's cycle
 
@@ -81,7 +77,7 @@ def test_eight_senders_at_once_in_mixed_formats(model_dir, digits, seed_pipeline
         def tail_of(cycle: bytes, n: int) -> bytes:
             pos = 0
             for _ in range(n):
-                pos += 4 + int.from_bytes(cycle[pos : pos + 4], "big")
+                pos += 4 + int.from_bytes(cycle[pos:pos + 4], "big")
             return cycle[:pos]
 
         start = threading.Barrier(len(CLIENTS))
@@ -108,10 +104,8 @@ def test_eight_senders_at_once_in_mixed_formats(model_dir, digits, seed_pipeline
         sampler = threading.Thread(target=sample)
         sampler.start()
         t0 = time.monotonic()
-        senders = [
-            threading.Thread(target=send, args=(apps[app_name], cycle))
-            for (app_name, _, _), cycle in zip(CLIENTS, cycles)
-        ]
+        senders = [threading.Thread(target=send, args=(apps[app_name], cycle))
+                   for (app_name, _, _), cycle in zip(CLIENTS, cycles)]
         for t in senders:
             t.start()
         for t in senders:
@@ -120,12 +114,9 @@ def test_eight_senders_at_once_in_mixed_formats(model_dir, digits, seed_pipeline
         assert not any(t.is_alive() for t in senders)
         per_app = {name: MESSAGES * sum(1 for a, _, _ in CLIENTS if a == name) for name in apps}
         for name, app in apps.items():
-            wait_for(
-                lambda app=app, name=name: app_counts(app.stats())["messages_out"] == per_app[name],
-                timeout=TIMEOUT * 4,
-                interval=0.1,
-                what=f"every message of {name} answered",
-            )
+            wait_for(lambda app=app, name=name: app_counts(app.stats())["messages_out"]
+                     == per_app[name],
+                     timeout=TIMEOUT * 4, interval=0.1, what=f"every message of {name} answered")
         elapsed = time.monotonic() - t0
         peaks_hwm = {name: memory_of(app.proc.pid)[1] for name, app in apps.items()}
         for app in apps.values():
@@ -151,17 +142,12 @@ def test_eight_senders_at_once_in_mixed_formats(model_dir, digits, seed_pipeline
                 continue
             mine = found[np.isin(found, classes)]
             assert len(mine) == MESSAGES, f"{fmt} {classes}: {len(mine)} results"
-            assert np.array_equal(mine, np.resize(labels, MESSAGES)), (
+            assert np.array_equal(mine, np.resize(labels, MESSAGES)), \
                 f"{fmt} {classes}: a result out of place"
-            )
     total = MESSAGES * len(CLIENTS)
     for name in apps:
         assert peaks[name] - idle[name] < 1 << 30, (name, idle[name], peaks[name])
-    print(
-        f"\n{len(CLIENTS)} senders x {MESSAGES:,} = {total:,} messages in {elapsed:.1f} s "
-        f"({total / elapsed:,.0f}/s); every result present once, in order; RSS idle -> peak "
-        + ", ".join(
-            f"{n} {idle[n] / 2**20:.0f} -> {max(peaks[n], peaks_hwm[n]) / 2**20:.0f} MiB"
-            for n in apps
-        )
-    )
+    print(f"\n{len(CLIENTS)} senders x {MESSAGES:,} = {total:,} messages in {elapsed:.1f} s "
+          f"({total / elapsed:,.0f}/s); every result present once, in order; RSS idle -> peak "
+          + ", ".join(f"{n} {idle[n] / 2**20:.0f} -> {max(peaks[n], peaks_hwm[n]) / 2**20:.0f} MiB"
+                      for n in apps))

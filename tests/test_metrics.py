@@ -34,23 +34,11 @@ STAGES = ["decode", "PCA", "Logistic Regression", "encode"]
 
 
 def make_result(n, worker="", rejected=None, labels=None, predicted=None):
-    stage_seconds = [
-        ("decode", 1e-5),
-        ("PCA", 2e-4),
-        ("Logistic Regression", 3e-4),
-        ("encode", 5e-5),
-    ]
+    stage_seconds = [("decode", 1e-5), ("PCA", 2e-4), ("Logistic Regression", 3e-4), ("encode", 5e-5)]
     counts = np.bincount(np.arange(n) % 10, minlength=10)
-    result = BatchResult(
-        stream=1,
-        first_seq=0,
-        count=n,
-        output=b"x" * (7 * n),
-        stage_seconds=stage_seconds,
-        class_counts=counts,
-        rejected=Counter(rejected or {}),
-        worker=worker,
-    )
+    result = BatchResult(stream=1, first_seq=0, count=n, output=b"x" * (7 * n),
+                         stage_seconds=stage_seconds, class_counts=counts,
+                         rejected=Counter(rejected or {}), worker=worker)
     if labels is not None:
         pairs = [(str(t), str(p)) for t, p in zip(labels, predicted)]
         result.labelled = len(pairs)
@@ -64,11 +52,8 @@ def families(text: str) -> dict:
 
 
 def samples(family, name=None, **labels):
-    return [
-        s
-        for s in family.samples
-        if (name is None or s.name == name) and all(s.labels.get(k) == v for k, v in labels.items())
-    ]
+    return [s for s in family.samples if (name is None or s.name == name)
+            and all(s.labels.get(k) == v for k, v in labels.items())]
 
 
 def check_histograms(family):
@@ -183,18 +168,8 @@ def test_prometheus_text_has_consistent_counters_and_histograms():
     m.frames_received(1000, 64_000)
     for n, worker in ((100, ""), (300, "dask-1"), (600, "dask-1")):
         m.batch_done(make_result(n, worker=worker, rejected={"bad_size": 1}), 0.003)
-    parsed = families(
-        render(
-            make_registry(
-                m,
-                {
-                    "dataset": "digits",
-                    "held_out_accuracy": 0.97,
-                    "steps": ["PCA", "Logistic Regression"],
-                },
-            )
-        ).decode()
-    )
+    parsed = families(render(make_registry(m, {"dataset": "digits", "held_out_accuracy": 0.97,
+                                               "steps": ["PCA", "Logistic Regression"]})).decode())
     messages = parsed["digitstream_messages"]
     assert samples(messages, stage="source")[0].value == 1000
     assert sum(s.value for s in samples(messages, stage="sink")) == 1000
@@ -203,28 +178,17 @@ def test_prometheus_text_has_consistent_counters_and_histograms():
     latency = check_histograms(parsed["digitstream_latency_seconds"])
     assert {dict(k)["stage"] for k in latency} == {"end_to_end", *STAGES}
     assert {dict(k)["worker"] for k in latency} == {"app", "dask-1"}
-    e2e = samples(
-        parsed["digitstream_latency_seconds"],
-        "digitstream_latency_seconds_count",
-        stage="end_to_end",
-        worker="dask-1",
-    )
+    e2e = samples(parsed["digitstream_latency_seconds"], "digitstream_latency_seconds_count",
+                  stage="end_to_end", worker="dask-1")
     assert e2e[0].value == 900
     sizes = check_histograms(parsed["digitstream_batch_size"])
     assert sum(e["count"] for e in sizes.values()) == 3
     assert samples(parsed["digitstream_rejected"], reason="bad_size")[0].value == 3
     assert samples(parsed["digitstream_batches"], worker="dask-1")[0].value == 2
     assert sum(s.value for s in parsed["digitstream_predictions"].samples) == 1000
-    for name in (
-        "digitstream_connections_open",
-        "digitstream_connections",
-        "digitstream_received_bytes",
-        "digitstream_sent_bytes",
-        "digitstream_ready",
-        "digitstream_model_info",
-        "digitstream_model_held_out_accuracy",
-        "process_cpu_seconds",
-    ):
+    for name in ("digitstream_connections_open", "digitstream_connections",
+                 "digitstream_received_bytes", "digitstream_sent_bytes", "digitstream_ready",
+                 "digitstream_model_info", "digitstream_model_held_out_accuracy", "process_cpu_seconds"):
         assert name in parsed, name
     assert samples(parsed["digitstream_model_info"])[0].labels["steps"] == "PCA,Logistic Regression"
 
@@ -244,39 +208,26 @@ def test_swaps_and_refused_swaps_are_counted_in_stats_and_prometheus():
     assert doc["last_swap_refused"] == {"time": 1002.5, "reason": "untrusted type x.Doubler"}
     assert doc["swap_refusals"] == [
         {"time": 1000.0, "reason": "it takes 32 features, the model serving takes 64"},
-        {"time": 1002.5, "reason": "untrusted type x.Doubler"},
-    ]
+        {"time": 1002.5, "reason": "untrusted type x.Doubler"}]
     for i in range(150):  # the list keeps the last 100, the count all of them
         m.model_swap_refused(2000.0 + i, f"refusal {i}")
     doc = stats_document(m.snapshot(), {})
     assert doc["model_swaps_refused"] == 152 and len(doc["swap_refusals"]) == 100
     assert doc["swap_refusals"][0]["reason"] == "refusal 50"
-    assert (
-        doc["last_swap_refused"]
-        == doc["swap_refusals"][-1]
-        == {"time": 2149.0, "reason": "refusal 149"}
-    )
+    assert doc["last_swap_refused"] == doc["swap_refusals"][-1] == {"time": 2149.0,
+                                                                    "reason": "refusal 149"}
     json.dumps(doc, allow_nan=False)
 
     parsed = families(render(make_registry(m)).decode())
     assert samples(parsed["digitstream_model_swaps"], "digitstream_model_swaps_total")[0].value == 1
-    assert (
-        samples(parsed["digitstream_model_swaps_refused"], "digitstream_model_swaps_refused_total")[
-            0
-        ].value
-        == 152
-    )
+    assert samples(parsed["digitstream_model_swaps_refused"],
+                   "digitstream_model_swaps_refused_total")[0].value == 152
 
 
 # ------------------------------------------------------- the server in-process
 def run_info() -> dict:
-    return {
-        "engine": "local",
-        "cluster": None,
-        "input_format": "u8",
-        "output_format": "text",
-        "addresses": {"in": f"{HOST}:8002", "out": f"{HOST}:7002"},
-    }
+    return {"engine": "local", "cluster": None, "input_format": "u8", "output_format": "text",
+            "addresses": {"in": f"{HOST}:8002", "out": f"{HOST}:7002"}}
 
 
 CARD = {"dataset": "digits", "held_out_accuracy": 0.97, "steps": ["PCA", "Logistic Regression"]}
@@ -284,7 +235,6 @@ CARD = {"dataset": "digits", "held_out_accuracy": 0.97, "steps": ["PCA", "Logist
 
 def serve(metrics: Metrics, scenario):
     """Run ``scenario(base_url)`` (blocking HTTP calls) against a MetricsServer on ``metrics``."""
-
     async def main():
         server = MetricsServer(metrics, Address(HOST, 0), info=run_info, card=lambda: CARD)
         await server.start()
@@ -292,56 +242,25 @@ def serve(metrics: Metrics, scenario):
             return await asyncio.to_thread(scenario, server.url.rstrip("/"))
         finally:
             await server.stop()
-
     return asyncio.run(main())
 
 
 def request(url: str, method: str) -> int:
     try:
-        with urllib.request.urlopen(
-            urllib.request.Request(url, method=method, data=b"x"), timeout=5
-        ) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method, data=b"x"),
+                                    timeout=5) as response:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
 
 
 #: the top-level fields of /api/stats, as documented in stats_document's docstring
-STATS_FIELDS = {
-    "name",
-    "version",
-    "status",
-    "ready",
-    "now",
-    "started_at",
-    "uptime_seconds",
-    "engine",
-    "input_format",
-    "output_format",
-    "addresses",
-    "pipeline",
-    "messages",
-    "bytes",
-    "throughput",
-    "latency",
-    "batches",
-    "rejected",
-    "connections",
-    "workers",
-    "worker_events",
-    "classes",
-    "accuracy",
-    "model",
-    "model_swaps",
-    "model_swaps_total",
-    "model_swaps_refused",
-    "last_swap_refused",
-    "swap_refusals",
-    "history",
-    "cluster",
-    "connectors",
-    "pipeline_loaded",
-}
+STATS_FIELDS = {"name", "version", "status", "ready", "now", "started_at", "uptime_seconds",
+                "engine", "input_format", "output_format", "addresses", "pipeline", "messages",
+                "bytes", "throughput", "latency", "batches", "rejected", "connections", "workers",
+                "worker_events", "classes", "accuracy", "model", "model_swaps", "model_swaps_total",
+                "model_swaps_refused", "last_swap_refused", "swap_refusals", "history",
+                "cluster", "connectors", "pipeline_loaded"}
 
 
 def test_stats_fields_are_the_documented_ones():
@@ -365,11 +284,9 @@ def test_readyz_follows_start_up_and_stopping_and_everything_is_read_only():
         m.ready = True
         seen["ready"] = http_get(base + "/readyz")
         seen["stats"] = http_get(base + "/api/stats")
-        seen["methods"] = {
-            (path, method): request(base + path, method)
-            for path in ("/", "/metrics", "/api/stats", "/readyz", "/nowhere")
-            for method in ("POST", "PUT", "DELETE", "PATCH")
-        }
+        seen["methods"] = {(path, method): request(base + path, method)
+                           for path in ("/", "/metrics", "/api/stats", "/readyz", "/nowhere")
+                           for method in ("POST", "PUT", "DELETE", "PATCH")}
         seen["bad window"] = http_get(base + "/api/stats?window=x")[0]
         m.ready = False  # what the application does when it starts stopping
         seen["stopping"] = http_get(base + "/readyz")
@@ -392,9 +309,7 @@ def test_dashboard_assets_are_served_by_the_package_only():
     m = Metrics("app", STAGES, range(10))
     index = (STATIC_DIR / "index.html").read_text()
     links = re.findall(r'(?:src|href)="([^"]+)"', index)
-    assert links and all(link.startswith("/") and not link.startswith("//") for link in links), (
-        links
-    )
+    assert links and all(link.startswith("/") and not link.startswith("//") for link in links), links
     for name in ("dashboard.js", "dashboard.css"):
         assert "http://" not in (STATIC_DIR / name).read_text()
         assert "https://" not in (STATIC_DIR / name).read_text()
@@ -402,8 +317,7 @@ def test_dashboard_assets_are_served_by_the_package_only():
 
     def scenario(base):
         return {link: http_get(base + link)[0] for link in ["/", *links]} | {
-            "/static/../server.py": http_get(base + "/static/../server.py")[0]
-        }
+            "/static/../server.py": http_get(base + "/static/../server.py")[0]}
 
     statuses = serve(m, scenario)
     assert statuses.pop("/static/../server.py") == 404
@@ -430,12 +344,7 @@ def test_metrics_match_what_was_sent(start_app, collector, digits):
 
     def settled():
         stats = app.stats()
-        return (
-            stats
-            if stats["messages"]["out"] == n + 1 and stats["connections"]["open"] == 0
-            else None
-        )
-
+        return stats if stats["messages"]["out"] == n + 1 and stats["connections"]["open"] == 0 else None
     stats = wait_for(settled, 10, what="the metrics to count every message")
 
     status, body = http_get(app.metrics_url + "/metrics")
@@ -452,12 +361,7 @@ def test_metrics_match_what_was_sent(start_app, collector, digits):
     for key, entry in latency.items():
         assert entry["count"] == n + 1, key
     sizes = check_histograms(parsed["digitstream_batch_size"])
-    assert (
-        sum(
-            s.value for s in samples(parsed["digitstream_batch_size"], "digitstream_batch_size_sum")
-        )
-        == n + 1
-    )
+    assert sum(s.value for s in samples(parsed["digitstream_batch_size"], "digitstream_batch_size_sum")) == n + 1
     assert sum(e["count"] for e in sizes.values()) == stats["batches"]["count"]
     assert sum(s.value for s in parsed["digitstream_rejected"].samples) == 1
     assert sum(s.value for s in parsed["digitstream_predictions"].samples) == n
@@ -495,16 +399,12 @@ def test_health_and_readiness_through_start_up_and_shutdown(start_app, collector
             except OSError:
                 return
             time.sleep(0.02)
-
     sender = threading.Thread(target=trickle, daemon=True)
     sender.start()
     try:
         app.signal(signal.SIGTERM)
-        status, body = wait_for(
-            lambda: (lambda r: r if r[0] == 503 else None)(http_get(app.metrics_url + "/readyz")),
-            5,
-            what="/readyz to answer 503 while stopping",
-        )
+        status, body = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(
+            http_get(app.metrics_url + "/readyz")), 5, what="/readyz to answer 503 while stopping")
         assert json.loads(body)["status"] == "stopping"
         assert http_get(app.metrics_url + "/healthz")[0] == 200
     finally:
@@ -518,14 +418,8 @@ def test_health_and_readiness_through_start_up_and_shutdown(start_app, collector
 
 def test_metrics_ui_off_loopback_warns_and_no_metrics_records_nothing(model_dir, collector, caplog):
     async def start_and_stop(metrics_addr):
-        app = Application(
-            AppConfig(
-                in_addr=Address(HOST, 0),
-                out_addr=Address(HOST, collector.port),
-                metrics_addr=metrics_addr,
-                model_path=str(model_dir),
-            )
-        )
+        app = Application(AppConfig(in_addr=Address(HOST, 0), out_addr=Address(HOST, collector.port),
+                                    metrics_addr=metrics_addr, model_path=str(model_dir)))
         await app.start()
         try:
             return app.metrics, app.metrics_server

@@ -36,13 +36,8 @@ redis = pytest.importorskip("redis")
 class RedisServer:
     """``redis-server`` on 127.0.0.1 in ``directory``; ``persist`` turns the append-only file on."""
 
-    def __init__(
-        self,
-        directory: Path,
-        persist: bool = False,
-        password: str | None = None,
-        port: int | None = None,
-    ):
+    def __init__(self, directory: Path, persist: bool = False, password: str | None = None,
+                 port: int | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.persist = persist
@@ -54,25 +49,10 @@ class RedisServer:
     def start(self) -> None:
         for _ in range(20):
             port = self.port or _kernel_port()
-            args = [
-                "redis-server",
-                "--bind",
-                HOST,
-                "--port",
-                str(port),
-                "--dir",
-                str(self.directory),
-                "--save",
-                "",
-                "--daemonize",
-                "no",
-                "--appendonly",
-                "yes" if self.persist else "no",
-                "--appendfsync",
-                "always",
-                "--logfile",
-                str(self.directory / "redis.log"),
-            ]
+            args = ["redis-server", "--bind", HOST, "--port", str(port), "--dir",
+                    str(self.directory), "--save", "", "--daemonize", "no",
+                    "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
+                    "--logfile", str(self.directory / "redis.log")]
             if self.password:
                 args += ["--requirepass", self.password]
             self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -87,10 +67,8 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(timeout=TIMEOUT)
             if "Address already in use" not in _log_text(self.directory / "redis.log"):
-                raise AssertionError(
-                    "redis-server did not start:\n"
-                    + _log_text(self.directory / "redis.log")[-2000:]
-                )
+                raise AssertionError("redis-server did not start:\n"
+                                     + _log_text(self.directory / "redis.log")[-2000:])
         raise AssertionError("no port for redis-server")
 
     def url(self, stream: str, password: str | None = None) -> str:
@@ -123,11 +101,8 @@ def redis_server(tmp_path):
     server.stop()
 
 
-_LISTENING = re.compile(
-    r"INFO .*?listening on (.+), results to (\S+?)"
-    r"(?:, metrics UI at (\S+))?\s*$",
-    re.MULTILINE,
-)
+_LISTENING = re.compile(r"INFO .*?listening on (.+), results to (\S+?)"
+                        r"(?:, metrics UI at (\S+))?\s*$", re.MULTILINE)
 
 
 class RedisApp:
@@ -137,24 +112,10 @@ class RedisApp:
         fd, name = tempfile.mkstemp(prefix="digitstream-redis-", suffix=".log")
         self.log_path = Path(name)
         self._log = os.fdopen(fd, "wb")
-        cmd = [
-            sys.executable,
-            "-m",
-            "digitstream.cli",
-            "run",
-            "--in",
-            in_url,
-            "--out",
-            out_url,
-            "--metrics",
-            f"{HOST}:0",
-            "--model",
-            str(model),
-            *args,
-        ]
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
+        cmd = [sys.executable, "-m", "digitstream.cli", "run", "--in", in_url, "--out", out_url,
+               "--metrics", f"{HOST}:0", "--model", str(model), *args]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
         self.metrics_url: str | None = None
 
     def log(self) -> str:
@@ -170,7 +131,6 @@ class RedisApp:
             if self.proc.poll() is not None:
                 raise AssertionError(f"run exited with {self.proc.returncode}:\n{self.log()}")
             return None
-
         match = wait_for(started, timeout, interval=0.02, what="run to start")
         self.metrics_url = match[3].rstrip("/") if match[3] else None
         return self
@@ -214,15 +174,14 @@ def _add(client, stream: str, payloads: list[bytes], chunk: int = 10_000) -> lis
     ids: list[bytes] = []
     for start in range(0, len(payloads), chunk):
         pipe = client.pipeline(transaction=False)
-        for payload in payloads[start : start + chunk]:
+        for payload in payloads[start:start + chunk]:
             pipe.xadd(stream, {"data": payload})
         ids.extend(pipe.execute())
     return ids
 
 
-def _stop_holding_entries(
-    client, proc, consumer: str, feeding, stream: str = "in", group: str = "g"
-) -> float:
+def _stop_holding_entries(client, proc, consumer: str, feeding, stream: str = "in",
+                          group: str = "g") -> float:
     """SIGSTOP the consumer ``proc`` at a moment it holds entries of ``stream`` (one stopped
     between two reads holds none, and leaves nothing to take over): when it holds none within
     0.2 s, it goes on and is stopped again. The moment it was stopped."""
@@ -230,12 +189,9 @@ def _stop_holding_entries(
         proc.send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
         try:
-            wait_for(
-                lambda: client.xpending_range(stream, group, "-", "+", 1, consumername=consumer),
-                timeout=0.2,
-                interval=0.005,
-                what=f"{consumer} to hold entries",
-            )
+            wait_for(lambda: client.xpending_range(stream, group, "-", "+", 1,
+                                                   consumername=consumer),
+                     timeout=0.2, interval=0.005, what=f"{consumer} to hold entries")
             return stopped
         except AssertionError:
             proc.send_signal(signal.SIGCONT)
@@ -262,10 +218,8 @@ def _wait_results(client, stream: str, n: int, timeout: float = TIMEOUT, apps=()
             if app.proc.poll() is not None and app.proc.returncode not in (0, -9, -15):
                 raise AssertionError(f"run exited with {app.proc.returncode}:\n{app.log()}")
         return client.xlen(stream) >= n
-
-    wait_for(
-        enough, timeout, interval=0.05, what=f"{n} results in {stream} (have {client.xlen(stream)})"
-    )
+    wait_for(enough, timeout, interval=0.05,
+             what=f"{n} results in {stream} (have {client.xlen(stream)})")
 
 
 def _u8(digits) -> list[bytes]:
@@ -273,9 +227,8 @@ def _u8(digits) -> list[bytes]:
 
 
 # ------------------------------------------------------------------------ tests
-def test_one_consumer_answers_every_entry_once_in_order(
-    redis_server, start_run, digits, expected_texts
-):
+def test_one_consumer_answers_every_entry_once_in_order(redis_server, start_run, digits,
+                                                         expected_texts):
     client = redis_server.client()
     payloads = _u8(digits)[:500]
     bad = {3: b"", 10: b"\x00" * 7, 200: b"not an image"}
@@ -288,16 +241,16 @@ def test_one_consumer_answers_every_entry_once_in_order(
     more = _add(client, "in", _u8(digits)[500:800])  # after start: read as they come
     _wait_results(client, "out", len(ids) + 1 + len(more), apps=[app])
     results = _results(client, "out")
-    assert [r[0] for r in results[: len(ids)]] == ids
+    assert [r[0] for r in results[:len(ids)]] == ids
     texts = [r[1].decode() for r in results]
-    for i, text in enumerate(texts[: len(ids)]):
+    for i, text in enumerate(texts[:len(ids)]):
         if i in bad:
             assert text.startswith("error:"), (i, text)
         else:
             assert text == expected_texts[i], i
     assert texts[len(ids)] == "error: empty payload"
-    assert [r[0] for r in results[len(ids) + 1 :]] == more
-    assert texts[len(ids) + 1 :] == expected_texts[500:800]
+    assert [r[0] for r in results[len(ids) + 1:]] == more
+    assert texts[len(ids) + 1:] == expected_texts[500:800]
     assert app.stop() == 0
     assert client.xpending("in", "digitstream")["pending"] == 0
     # started again, it has nothing of its own pending and nothing new to read
@@ -314,12 +267,7 @@ def test_urls_mask_the_password():
 
     url = RedisURL.parse("user:p%40ss@127.0.0.1:6380/in?db=2", environ={})
     assert (url.username, url.password, url.port, url.stream, url.db) == (
-        "user",
-        "p@ss",
-        6380,
-        "in",
-        2,
-    )
+        "user", "p@ss", 6380, "in", 2)
     assert str(url) == url.masked() == "redis://user:***@127.0.0.1:6380/in?db=2"
     assert "p@ss" not in repr(url)
     assert RedisURL.parse("h:1/s", environ={"DIGITSTREAM_REDIS_PASSWORD": "env"}).password == "env"
@@ -331,19 +279,16 @@ def test_urls_mask_the_password():
         RedisURL.parse(":secret@h:1", environ={})
 
 
-def test_huge_and_malformed_entries_get_error_results(
-    redis_server, start_run, digits, expected_texts
-):
+def test_huge_and_malformed_entries_get_error_results(redis_server, start_run, digits,
+                                                      expected_texts):
     client = redis_server.client()
     good = _u8(digits)[:20]
-    ids = [
-        client.xadd("in", {"data": good[0]}),
-        client.xadd("in", {"data": b"\x01" * (8 << 20)}),  # 8 MiB: above --max-frame too
-        client.xadd("in", {"label": b"3"}),  # no data
-        client.xadd("in", {"data": b""}),
-        client.xadd("in", {"data": b'{"pixels": [1, 2]}'}),
-        *_add(client, "in", good[1:]),
-    ]
+    ids = [client.xadd("in", {"data": good[0]}),
+           client.xadd("in", {"data": b"\x01" * (8 << 20)}),  # 8 MiB: above --max-frame too
+           client.xadd("in", {"label": b"3"}),  # no data
+           client.xadd("in", {"data": b""}),
+           client.xadd("in", {"data": b'{"pixels": [1, 2]}'}),
+           *_add(client, "in", good[1:])]
     app = start_run(redis_server.url("in"), redis_server.url("out"), "--input-format", "u8")
     _wait_results(client, "out", len(ids), apps=[app])
     results = _results(client, "out")
@@ -366,8 +311,7 @@ def _results_by_input(client, stream: str) -> dict[bytes, list[bytes]]:
 
 @pytest.mark.slow
 def test_three_consumers_killed_and_stalled_answer_each_entry_exactly_once(
-    redis_server, start_run, digits, expected_texts
-):
+        redis_server, start_run, digits, expected_texts):
     """SIGKILL one consumer and SIGSTOP another past --claim-idle-ms while entries keep coming
     (so that both hold entries then), on a seeded random schedule."""
     seed = int(os.environ.get("DIGITSTREAM_TEST_SEED", random.randrange(1 << 30)))
@@ -376,20 +320,10 @@ def test_three_consumers_killed_and_stalled_answer_each_entry_exactly_once(
     total, claim_ms, feed_seconds = 300_000, 1000, 3.0
     base = _u8(digits)
     payloads = [base[i % len(base)] for i in range(total)]
-    args = (
-        "--input-format",
-        "u8",
-        "--claim-idle-ms",
-        str(claim_ms),
-        "--max-batch",
-        "2048",
-        "--group",
-        "g",
-    )
-    apps = {
-        name: start_run(redis_server.url("in"), redis_server.url("out"), "--name", name, *args)
-        for name in ("a", "b", "c")
-    }
+    args = ("--input-format", "u8", "--claim-idle-ms", str(claim_ms), "--max-batch", "2048",
+            "--group", "g")
+    apps = {name: start_run(redis_server.url("in"), redis_server.url("out"), "--name", name,
+                            *args) for name in ("a", "b", "c")}
     victim, stalled = rng.sample(sorted(apps), 2)
     kill_at, stall_at = rng.uniform(0.5, 2.0), rng.uniform(0.8, 2.0)
     stall_for = claim_ms / 1000 * rng.uniform(2.5, 4.0)
@@ -403,7 +337,7 @@ def test_three_consumers_killed_and_stalled_answer_each_entry_exactly_once(
         for start in range(0, total, chunk):
             due = begun + feed_seconds * start / total
             time.sleep(max(0.0, due - time.monotonic()))
-            ids.extend(_add(feeder, "in", payloads[start : start + chunk]))
+            ids.extend(_add(feeder, "in", payloads[start:start + chunk]))
 
     feeder = threading.Thread(target=feed, daemon=True)
     try:
@@ -414,34 +348,25 @@ def test_three_consumers_killed_and_stalled_answer_each_entry_exactly_once(
             if action == "kill":
                 apps[victim].proc.kill()
             else:
-                stalled_since = _stop_holding_entries(
-                    client, apps[stalled].proc, stalled, feeder.is_alive
-                )
-        wait_for(
-            lambda: time.monotonic() - stalled_since >= stall_for, timeout=30, what="the stall"
-        )
+                stalled_since = _stop_holding_entries(client, apps[stalled].proc, stalled,
+                                                      feeder.is_alive)
+        wait_for(lambda: time.monotonic() - stalled_since >= stall_for, timeout=30,
+                 what="the stall")
         apps[stalled].proc.send_signal(signal.SIGCONT)
         if restart:
-            apps[victim] = start_run(
-                redis_server.url("in"), redis_server.url("out"), "--name", victim, *args
-            )
+            apps[victim] = start_run(redis_server.url("in"), redis_server.url("out"), "--name",
+                                     victim, *args)
         feeder.join(timeout=60)
         assert not feeder.is_alive() and len(ids) == total
-        wait_for(
-            lambda: client.xlen("out") >= total and client.xpending("in", "g")["pending"] == 0,
-            timeout=60,
-            interval=0.1,
-            what=f"every result and nothing pending (have {client.xlen('out')})",
-        )
-        counts = {
-            name: app.stats()["connectors"] for name, app in apps.items() if app.proc.poll() is None
-        }
+        wait_for(lambda: client.xlen("out") >= total
+                 and client.xpending("in", "g")["pending"] == 0, timeout=60, interval=0.1,
+                 what=f"every result and nothing pending (have {client.xlen('out')})")
+        counts = {name: app.stats()["connectors"] for name, app in apps.items()
+                  if app.proc.poll() is None}
         claimed = sum(c["source"]["counters"]["claimed"] for c in counts.values())
         skipped = sum(c["sink"]["counters"]["skipped"] for c in counts.values())
-        print(
-            f"seed {seed}: victim {victim} (restarted: {restart}), stalled {stalled}; "
-            f"claimed {claimed}, results not written by a consumer that lost them {skipped}"
-        )
+        print(f"seed {seed}: victim {victim} (restarted: {restart}), stalled {stalled}; "
+              f"claimed {claimed}, results not written by a consumer that lost them {skipped}")
         assert claimed > 0
         for app in apps.values():
             if app.proc.poll() is None:
@@ -454,58 +379,35 @@ def test_three_consumers_killed_and_stalled_answer_each_entry_exactly_once(
             assert by_input[entry_id][0].decode() == expected_texts[i % len(base)], i
         assert client.xpending("in", "g")["pending"] == 0
     except AssertionError as exc:
-        raise AssertionError(
-            f"{exc} (DIGITSTREAM_TEST_SEED={seed}: victim {victim}, "
-            f"stalled {stalled}, restart {restart})"
-        ) from exc
+        raise AssertionError(f"{exc} (DIGITSTREAM_TEST_SEED={seed}: victim {victim}, "
+                             f"stalled {stalled}, restart {restart})") from exc
 
 
 def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "digitstream.cli", *args],
-        capture_output=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+    return subprocess.run([sys.executable, "-m", "digitstream.cli", *args], capture_output=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def test_redis_restarted_mid_stream_loses_nothing_it_kept(
-    tmp_path, start_run, digits, expected_texts
-):
+def test_redis_restarted_mid_stream_loses_nothing_it_kept(tmp_path, start_run, digits,
+                                                          expected_texts):
     server = RedisServer(tmp_path / "redis", persist=True)
     try:
         client = server.client()
         base = _u8(digits)
         payloads = [base[i % len(base)] for i in range(60_000)]
         ids = _add(client, "in", payloads[:30_000])
-        apps = [
-            start_run(
-                server.url("in"),
-                server.url("out"),
-                "--name",
-                name,
-                "--input-format",
-                "u8",
-                "--claim-idle-ms",
-                "2000",
-            )
-            for name in ("a", "b")
-        ]
+        apps = [start_run(server.url("in"), server.url("out"), "--name", name,
+                          "--input-format", "u8", "--claim-idle-ms", "2000")
+                for name in ("a", "b")]
         _wait_results(client, "out", 5_000, apps=apps)
         server.stop()  # SIGTERM: Redis writes what it has and exits
         assert server.proc.returncode == 0
         server.start()  # on the same port, from its append-only file
         client = server.client()
         ids += _add(client, "in", payloads[30_000:])
-        wait_for(
-            lambda: (
-                client.xlen("out") >= len(ids)
-                and client.xpending("in", "digitstream")["pending"] == 0
-            ),
-            timeout=60,
-            interval=0.1,
-            what=f"every result after the restart (have {client.xlen('out')})",
-        )
+        wait_for(lambda: client.xlen("out") >= len(ids)
+                 and client.xpending("in", "digitstream")["pending"] == 0, timeout=60,
+                 interval=0.1, what=f"every result after the restart (have {client.xlen('out')})")
         logs = "".join(app.log() for app in apps)
         assert "retrying with backoff" in logs and "back after" in logs
         print("\n".join(re.findall(r"^.*back after.*$", logs, re.M)))
@@ -527,50 +429,27 @@ def test_password_right_wrong_or_missing(tmp_path, start_run, model_dir, digits)
         client = server.client()
         ids = _add(client, "in", _u8(digits)[:50])
         common = ["--model", str(model_dir), "--input-format", "u8", "--metrics", f"{HOST}:0"]
-        wrong = _cli(
-            "run",
-            "--in",
-            server.url("in", "wrong-one"),
-            "--out",
-            server.url("out", "wrong-one"),
-            *common,
-            timeout=60,
-        )
+        wrong = _cli("run", "--in", server.url("in", "wrong-one"), "--out",
+                     server.url("out", "wrong-one"), *common, timeout=60)
         assert wrong.returncode != 0
         assert wrong.stderr.decode().strip().splitlines()[-1] == (
             f"Error: redis at {HOST}:{server.port} refused the password: invalid "
-            "username-password pair or user is disabled."
-        )
+            "username-password pair or user is disabled.")
         assert b"wrong-one" not in wrong.stderr + wrong.stdout
-        missing = _cli(
-            "run",
-            "--in",
-            server.url("in"),
-            "--out",
-            server.url("out"),
-            *common,
-            env={"DIGITSTREAM_REDIS_PASSWORD": ""},
-            timeout=60,
-        )
+        missing = _cli("run", "--in", server.url("in"), "--out", server.url("out"), *common,
+                       env={"DIGITSTREAM_REDIS_PASSWORD": ""}, timeout=60)
         assert missing.returncode != 0
         assert "needs a password" in missing.stderr.decode().strip().splitlines()[-1]
         assert "DIGITSTREAM_REDIS_PASSWORD" in missing.stderr.decode()
         # right: in the URL for --in, from the environment for --out
-        app = start_run(
-            server.url("in", secret),
-            server.url("out"),
-            "--input-format",
-            "u8",
-            env={"DIGITSTREAM_REDIS_PASSWORD": secret},
-        )
+        app = start_run(server.url("in", secret), server.url("out"), "--input-format", "u8",
+                        env={"DIGITSTREAM_REDIS_PASSWORD": secret})
         _wait_results(client, "out", len(ids), apps=[app])
         stats = http_get(app.metrics_url + "/api/stats")[1]
         prometheus = http_get(app.metrics_url + "/metrics")[1]
         assert b"redis://:***@" in stats
-        assert (
-            b'digitstream_connector_entries_total{connector="redis",event="committed",'
-            b'role="sink"} 50.0' in prometheus
-        )
+        assert b'digitstream_connector_entries_total{connector="redis",event="committed",' \
+               b'role="sink"} 50.0' in prometheus
         assert app.stop() == 0
         for text in (app.log().encode(), stats, prometheus):
             assert secret.encode() not in text
@@ -594,17 +473,14 @@ def test_tcp_in_redis_out(redis_server, start_run, digits, expected_texts):
     assert app.stop() == 0
 
 
-def test_redis_in_tcp_out_acknowledges_once_delivered(
-    redis_server, start_run, collector, digits, expected_texts
-):
+def test_redis_in_tcp_out_acknowledges_once_delivered(redis_server, start_run, collector,
+                                                      digits, expected_texts):
     client = redis_server.client()
     ids = _add(client, "in", _u8(digits))
     app = start_run(redis_server.url("in"), collector.addr, "--input-format", "u8")
     assert collector.wait_count(len(ids)) == expected_texts
-    wait_for(
-        lambda: client.xpending("in", "digitstream")["pending"] == 0,
-        what="every entry acknowledged",
-    )
+    wait_for(lambda: client.xpending("in", "digitstream")["pending"] == 0,
+             what="every entry acknowledged")
     counters = app.stats()["connectors"]["source"]["counters"]
     assert counters["read"] == counters["acknowledged"] == len(ids)
     assert app.stop() == 0
@@ -618,9 +494,8 @@ def test_send_listen_read_through_redis(redis_server, start_run, tmp_path, expec
     assert set(first) == {b"data", b"label", b"id"} and first[b"id"] == b"0"
     app = start_run(redis_server.url("in"), redis_server.url("out"), "--output-format", "text")
     out = tmp_path / "results.out"
-    listened = _cli(
-        "listen", redis_server.url("out"), "-o", str(out), "--count", str(len(expected_texts))
-    )
+    listened = _cli("listen", redis_server.url("out"), "-o", str(out), "--count",
+                    str(len(expected_texts)))
     assert listened.returncode == 0, listened.stderr
     read = _cli("read", str(out))
     assert read.stdout.decode().splitlines() == expected_texts
@@ -630,63 +505,20 @@ def test_send_listen_read_through_redis(redis_server, start_run, tmp_path, expec
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
 def test_tls_with_a_password(tmp_path, start_run, digits, expected_texts):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=TIMEOUT,
-    )
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True,
+                   timeout=TIMEOUT)
     port = _kernel_port()
     log = tmp_path / "redis.log"
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--bind",
-            HOST,
-            "--port",
-            "0",
-            "--tls-port",
-            str(port),
-            "--tls-cert-file",
-            str(cert),
-            "--tls-key-file",
-            str(key),
-            "--tls-ca-cert-file",
-            str(cert),
-            "--tls-auth-clients",
-            "no",
-            "--requirepass",
-            "tls-pw",
-            "--dir",
-            str(tmp_path),
-            "--save",
-            "",
-            "--logfile",
-            str(log),
-        ]
-    )
+    proc = subprocess.Popen(["redis-server", "--bind", HOST, "--port", "0", "--tls-port",
+                             str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                             "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+                             "--requirepass", "tls-pw", "--dir", str(tmp_path), "--save", "",
+                             "--logfile", str(log)])
     try:
-        wait_for(
-            lambda: "Ready to accept" in _log_text(log) or proc.poll() is not None,
-            what="redis-server with TLS",
-        )
+        wait_for(lambda: "Ready to accept" in _log_text(log) or proc.poll() is not None,
+                 what="redis-server with TLS")
         if proc.poll() is not None:
             pytest.skip("this redis-server has no TLS:\n" + _log_text(log)[-500:])
         base = f"rediss://:tls-pw@{HOST}:{port}"
@@ -696,9 +528,8 @@ def test_tls_with_a_password(tmp_path, start_run, digits, expected_texts):
         assert untrusted.returncode != 0
         assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr.decode()
         app = start_run(f"{base}/in?ca={cert}", f"{base}/out?ca={cert}", "--input-format", "u8")
-        client = redis.Redis(
-            HOST, port, password="tls-pw", ssl=True, ssl_ca_certs=str(cert), socket_timeout=TIMEOUT
-        )
+        client = redis.Redis(HOST, port, password="tls-pw", ssl=True, ssl_ca_certs=str(cert),
+                             socket_timeout=TIMEOUT)
         _wait_results(client, "out", len(expected_texts), apps=[app])
         assert [r[1].decode() for r in _results(client, "out")] == expected_texts
         assert app.stop() == 0

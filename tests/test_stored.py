@@ -47,36 +47,24 @@ def _fit(pipeline, y=Y):
 
 
 READ = {
-    "pca-logistic": lambda: Pipeline(
-        [
-            ("PCA", PCA(40, random_state=0)),
-            ("Logistic Regression", LogisticRegression(max_iter=3000)),
-        ]
-    ),
-    "scaler-pca-whiten-logistic": lambda: Pipeline(
-        [
-            ("Scaler", StandardScaler()),
-            ("PCA", PCA(30, whiten=True, random_state=0)),
-            ("Logistic Regression", LogisticRegression(max_iter=3000)),
-        ]
-    ),
-    "scaler-no-mean-linear-svc": lambda: Pipeline(
-        [("Scaler", StandardScaler(with_mean=False)), ("SVM", LinearSVC(C=0.1, max_iter=3000))]
-    ),
-    "scaler-no-std-logistic": lambda: Pipeline(
-        [("Scaler", StandardScaler(with_std=False)), ("LR", LogisticRegression(max_iter=3000))]
-    ),
-    "passthrough-logistic": lambda: Pipeline(
-        [("Nothing", "passthrough"), ("LR", LogisticRegression(max_iter=3000))]
-    ),
+    "pca-logistic": lambda: Pipeline([("PCA", PCA(40, random_state=0)),
+                                      ("Logistic Regression", LogisticRegression(max_iter=3000))]),
+    "scaler-pca-whiten-logistic": lambda: Pipeline([
+        ("Scaler", StandardScaler()), ("PCA", PCA(30, whiten=True, random_state=0)),
+        ("Logistic Regression", LogisticRegression(max_iter=3000))]),
+    "scaler-no-mean-linear-svc": lambda: Pipeline([("Scaler", StandardScaler(with_mean=False)),
+                                                   ("SVM", LinearSVC(C=0.1, max_iter=3000))]),
+    "scaler-no-std-logistic": lambda: Pipeline([("Scaler", StandardScaler(with_std=False)),
+                                                ("LR", LogisticRegression(max_iter=3000))]),
+    "passthrough-logistic": lambda: Pipeline([("Nothing", "passthrough"),
+                                              ("LR", LogisticRegression(max_iter=3000))]),
     "logistic-alone": lambda: LogisticRegression(max_iter=3000),
 }
 NOT_READ = {
     "ridge": lambda: Pipeline([("PCA", PCA(20, random_state=0)), ("Ridge", RidgeClassifier())]),
     "sgd": lambda: Pipeline([("Scaler", StandardScaler()), ("SGD", SGDClassifier(random_state=0))]),
-    "min-max-logistic": lambda: Pipeline(
-        [("Scale", MinMaxScaler()), ("LR", LogisticRegression(max_iter=3000))]
-    ),
+    "min-max-logistic": lambda: Pipeline([("Scale", MinMaxScaler()),
+                                          ("LR", LogisticRegression(max_iter=3000))]),
     "forest": lambda: RandomForestClassifier(n_estimators=3, random_state=0),
 }
 
@@ -104,9 +92,8 @@ def test_a_fusable_bundle_is_served_from_its_arrays_exactly_as_once_loaded(tmp_p
     assert finish_loading(stored).content_hash == stored.content_hash
     assert stored.pipeline.resolved
     for batch in (X, X.astype(np.float32)):
-        np.testing.assert_array_equal(
-            quick.classes[quick.predict(batch).class_index], pipeline.predict(X)
-        )
+        np.testing.assert_array_equal(quick.classes[quick.predict(batch).class_index],
+                                      pipeline.predict(X))
     a, b = quick.predict(X, want_confidence=True), real.predict(X, want_confidence=True)
     np.testing.assert_array_equal(a.class_index, b.class_index)
     if b.confidence is None:
@@ -116,9 +103,8 @@ def test_a_fusable_bundle_is_served_from_its_arrays_exactly_as_once_loaded(tmp_p
 
 
 def test_string_classes_are_read_as_stored(tmp_path):
-    names = np.array(
-        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    )
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                      "nine"])
     pipeline = _fit(READ["pca-logistic"](), y=names[Y])
     stored = load_bundle_stored(_bundle(tmp_path, pipeline))
     assert stored is not None
@@ -145,29 +131,16 @@ def test_the_names_read_are_where_scikit_learn_defines_them():
     from digitstream.model.stored import PIPELINE
 
     for (module, name), kind in ESTIMATOR_KINDS.items():
-        cls = {
-            "StandardScaler": StandardScaler,
-            "PCA": PCA,
-            "LogisticRegression": LogisticRegression,
-            "LinearSVC": LinearSVC,
-        }[kind]
+        cls = {"StandardScaler": StandardScaler, "PCA": PCA, "LogisticRegression":
+               LogisticRegression, "LinearSVC": LinearSVC}[kind]
         assert (cls.__module__, cls.__qualname__) == (module, name)
     assert (RealPipeline.__module__, RealPipeline.__qualname__) == PIPELINE
     # and the linear classifiers fused once loaded
     from sklearn.linear_model import Perceptron, RidgeClassifierCV
 
     from digitstream.model.runner import estimator_kind
-
-    for cls in (
-        RidgeClassifier,
-        RidgeClassifierCV,
-        SGDClassifier,
-        Perceptron,
-        LinearSVC,
-        LogisticRegression,
-        StandardScaler,
-        PCA,
-    ):
+    for cls in (RidgeClassifier, RidgeClassifierCV, SGDClassifier, Perceptron, LinearSVC,
+                LogisticRegression, StandardScaler, PCA):
         assert estimator_kind(cls()) == cls.__name__
     assert estimator_kind(MinMaxScaler()) is None
 
@@ -236,36 +209,19 @@ def _no_components(schema, members):
 
 
 def _coef_as_json(schema, members):
-    _attributes(schema, 1)["coef_"] = {
-        "__class__": "str",
-        "__module__": "builtins",
-        "__loader__": "JsonNode",
-        "content": "[1.0, 2.0]",
-        "is_json": True,
-        "__id__": 1,
-    }
+    _attributes(schema, 1)["coef_"] = {"__class__": "str", "__module__": "builtins",
+                                       "__loader__": "JsonNode", "content": "[1.0, 2.0]",
+                                       "is_json": True, "__id__": 1}
 
 
 def _whiten_as_a_number(schema, members):
     _attributes(schema, 0)["whiten"]["content"] = "1"
 
 
-@pytest.mark.parametrize(
-    "change",
-    [
-        _rename_classifier,
-        _protocol_3,
-        _object_array,
-        _json_array,
-        _missing_member,
-        _unknown_loader,
-        _non_string_key,
-        _no_classes,
-        _no_components,
-        _coef_as_json,
-        _whiten_as_a_number,
-    ],
-)
+@pytest.mark.parametrize("change", [_rename_classifier, _protocol_3, _object_array, _json_array,
+                                    _missing_member, _unknown_loader, _non_string_key,
+                                    _no_classes, _no_components, _coef_as_json,
+                                    _whiten_as_a_number])
 def test_a_file_with_anything_unexpected_is_not_read(change):
     data = sio.dumps(_fit(READ["pca-logistic"]()))
     assert read_stored(data) is not None
@@ -366,9 +322,8 @@ def test_run_serves_a_tied_model_exactly_from_the_first_frame(tmp_path, start_ap
         send_bytes(app.in_port, frame_many(encode_images(X, "u8")))
         texts = collector.wait_count(len(X))
         assert texts == [str(np.array([label])) for label in pipeline.predict(X)]
-        wait_for(
-            lambda: "loaded by skops" in app.log() or app.proc.poll() is not None, timeout=TIMEOUT
-        )
+        wait_for(lambda: "loaded by skops" in app.log() or app.proc.poll() is not None,
+                 timeout=TIMEOUT)
         app.signal()
         assert app.wait() == 0, app.log()
         assert "could not be loaded" not in app.log()
@@ -395,18 +350,11 @@ def test_run_stops_with_status_1_when_skops_cannot_load_the_pipeline(tmp_path, s
         "deadline = time.monotonic() + 60\n"
         f"while not os.path.exists({str(go)!r}) and time.monotonic() < deadline:\n"
         "    time.sleep(0.01)\n"
-        "raise ImportError('this scikit-learn is broken')\n"
-    )
+        "raise ImportError('this scikit-learn is broken')\n")
     collector = Collector()
     try:
-        app = start_app(
-            collector.port,
-            "--input-format",
-            "u8",
-            model=directory,
-            ready=False,
-            env={"PYTHONPATH": str(broken.parent)},
-        )
+        app = start_app(collector.port, "--input-format", "u8", model=directory, ready=False,
+                        env={"PYTHONPATH": str(broken.parent)})
         app.wait_listening()
         send_bytes(app.in_port, frame_many(encode_images(X[:50], "u8")))
         assert collector.wait_count(50) == [str(np.array([c])) for c in pipeline.predict(X[:50])]

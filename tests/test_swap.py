@@ -45,11 +45,8 @@ from helpers import HOST, Collector, http_get, send_bytes, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
-SWAP_LINE = re.compile(
-    r"model swapped at \S+ \((.*?)\): (\S+) -> (\S+); "
-    r"the new model answers from message: (.*)$",
-    re.M,
-)
+SWAP_LINE = re.compile(r"model swapped at \S+ \((.*?)\): (\S+) -> (\S+); "
+                       r"the new model answers from message: (.*)$", re.M)
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +122,7 @@ def sending(app, frames: bytes, rate: int):
 
 
 def test_swap_under_load_every_message_answered_by_one_model(
-    start_app, collector, bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline
-):
+        start_app, collector, bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline):
     n, rate = 200_000, 25_000
     index = np.arange(n) % len(digits.X)
     old = seed_pipeline.predict(digits.X)[index]
@@ -138,12 +134,8 @@ def test_swap_under_load_every_message_answered_by_one_model(
     with sending(app, u8_frames(digits.X[index]), rate):
         collector.wait_count(n // 4, timeout=60)
         new_hash = write_bundle(shifted_pipeline, bundle_dir, tmp_path / "staging")
-        swaps = wait_for(
-            lambda: app.stats()["model_swaps"],
-            timeout=30,
-            interval=0.05,
-            what="the swap in /api/stats",
-        )
+        swaps = wait_for(lambda: app.stats()["model_swaps"], timeout=30, interval=0.05,
+                         what="the swap in /api/stats")
         texts = collector.wait_count(n, timeout=60)
     stats = app.stats()
     _, prometheus = http_get(app.metrics_url + "/metrics")
@@ -172,26 +164,21 @@ def test_swap_under_load_every_message_answered_by_one_model(
 
 # -------------------------------------------------------------- refused
 def test_bad_bundles_are_refused_once_and_the_old_model_keeps_serving(
-    start_app, collector, bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline
-):
+        start_app, collector, bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline):
     app = start_app(collector.port, "--input-format", "u8", model=bundle_dir)
     old_hash = json.loads((bundle_dir / CARD_FILE).read_text())["content_hash"]
     expected = list(seed_pipeline.predict(digits.X))
     served = 0
 
     def refused(reason: str, count: int = 1) -> None:
-        wait_for(
-            lambda: app.log().count(reason) >= count,
-            timeout=30,
-            interval=0.05,
-            what=f"a warning saying {reason!r}",
-        )
+        wait_for(lambda: app.log().count(reason) >= count, timeout=30, interval=0.05,
+                 what=f"a warning saying {reason!r}")
 
     def check_old_model_serves() -> None:
         nonlocal served
         send_bytes(app.in_port, u8_frames(digits.X))
         served += len(digits.X)
-        assert list(labels_of(collector.wait_count(served)[-len(digits.X) :])) == expected
+        assert list(labels_of(collector.wait_count(served)[-len(digits.X):])) == expected
 
     # a pipeline file changed after its card was written
     staging = tmp_path / "tampered"
@@ -231,12 +218,8 @@ def test_bad_bundles_are_refused_once_and_the_old_model_keeps_serving(
     app.signal(signal.SIGHUP)
     refused("it takes 32 features", count=2)
     check_old_model_serves()
-    stats = wait_for(
-        lambda: (lambda st: st if st["model_swaps_refused"] >= 4 else None)(app.stats()),
-        timeout=10,
-        interval=0.05,
-        what="4 refusals in /api/stats",
-    )
+    stats = wait_for(lambda: (lambda st: st if st["model_swaps_refused"] >= 4 else None)(
+        app.stats()), timeout=10, interval=0.05, what="4 refusals in /api/stats")
     assert stats["model_swaps_refused"] == 4  # one per bundle and one for SIGHUP, not per poll
     assert "it takes 32 features" in stats["last_swap_refused"]["reason"]
     assert stats["model_swaps"] == [] and stats["model_swaps_total"] == 0
@@ -248,8 +231,7 @@ def test_bad_bundles_are_refused_once_and_the_old_model_keeps_serving(
 
 
 def test_a_refused_swap_under_load_is_counted_and_loses_nothing(
-    start_app, collector, bundle_dir, tmp_path, digits, seed_pipeline
-):
+        start_app, collector, bundle_dir, tmp_path, digits, seed_pipeline):
     n, rate = 100_000, 20_000
     index = np.arange(n) % len(digits.X)
     old = seed_pipeline.predict(digits.X)[index]
@@ -266,21 +248,13 @@ def test_a_refused_swap_under_load_is_counted_and_loses_nothing(
         narrow = Pipeline([("Naive Bayes", GaussianNB())]).fit(digits.X[:, :32], digits.y)
         written = time.time()
         write_bundle(narrow, bundle_dir, tmp_path / "narrow")
-        stats = wait_for(
-            lambda: (lambda st: st if st["model_swaps_refused"] else None)(app.stats()),
-            timeout=30,
-            interval=0.05,
-            what="the refusal in /api/stats",
-        )
+        stats = wait_for(lambda: (lambda st: st if st["model_swaps_refused"] else None)(
+            app.stats()), timeout=30, interval=0.05, what="the refusal in /api/stats")
         sent_when_refused = collector.count()
         texts = collector.wait_count(n, timeout=60)
     assert sent_when_refused < n, "the refusal came after the stream: nothing was tested"
-    after = wait_for(
-        lambda: (lambda st: st if st["messages"]["out"] >= n else None)(app.stats()),
-        timeout=10,
-        interval=0.05,
-        what="every result in /api/stats",
-    )
+    after = wait_for(lambda: (lambda st: st if st["messages"]["out"] >= n else None)(
+        app.stats()), timeout=10, interval=0.05, what="every result in /api/stats")
     _, prometheus = http_get(app.metrics_url + "/metrics")
     app.stop()  # flushes: a result beyond n would be here now
 
@@ -300,12 +274,8 @@ def test_a_refused_swap_under_load_is_counted_and_loses_nothing(
 def test_sighup_with_the_same_bundle_swaps_nothing(start_app, collector, bundle_dir):
     app = start_app(collector.port, model=bundle_dir)
     app.signal(signal.SIGHUP)
-    wait_for(
-        lambda: "SIGHUP: the model at" in app.log(),
-        timeout=30,
-        interval=0.05,
-        what="the SIGHUP reload in the log",
-    )
+    wait_for(lambda: "SIGHUP: the model at" in app.log(), timeout=30, interval=0.05,
+             what="the SIGHUP reload in the log")
     assert "is the one serving" in app.log()
     assert app.stats()["model_swaps"] == []
 
@@ -329,16 +299,14 @@ def _served_by(app, X) -> list[str]:
 
 
 def test_a_bundle_half_written_waits_and_sighup_alone_swaps(
-    bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline
-):
+        bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline):
     app = Application(AppConfig(model_path=str(bundle_dir), input_format="u8", metrics_addr=None))
     app.load()
     metrics = Metrics("app", app.flow.stage_names, app.flow.runner.classes)
     old_hash = app.bundle.content_hash
     now = [100.0]
-    watcher = _watch(
-        app, LocalEngine(app.flow), metrics, {3: 1234}, poll=0, settle=2.0, clock=lambda: now[0]
-    )
+    watcher = _watch(app, LocalEngine(app.flow), metrics, {3: 1234}, poll=0, settle=2.0,
+                     clock=lambda: now[0])
 
     # the new pipeline file is in place, its card not yet: a writer between two renames
     staging = tmp_path / "staging"
@@ -352,9 +320,8 @@ def test_a_bundle_half_written_waits_and_sighup_alone_swaps(
     asyncio.run(watcher.check())
     new_hash = app.bundle.content_hash
     assert new_hash != old_hash
-    assert _served_by(app, digits.X[:50]) == [
-        f"[{y}]" for y in shifted_pipeline.predict(digits.X[:50])
-    ]
+    assert _served_by(app, digits.X[:50]) == [f"[{y}]" for y in shifted_pipeline.predict(
+        digits.X[:50])]
     (swap,) = app.metrics.snapshot().model_swaps
     assert swap["at"] == {"3": 1234} and swap["old_hash"] == old_hash
 
@@ -376,21 +343,20 @@ def test_a_bundle_half_written_waits_and_sighup_alone_swaps(
 
     asyncio.run(reload_on_request())
     assert app.bundle.content_hash == back_hash
-    assert _served_by(app, digits.X[:50]) == [
-        f"[{y}]" for y in seed_pipeline.predict(digits.X[:50])
-    ]
+    assert _served_by(app, digits.X[:50]) == [f"[{y}]" for y in seed_pipeline.predict(
+        digits.X[:50])]
     assert app.metrics.snapshot().model_swaps_total == 2
 
 
 def test_a_tampered_bundle_is_refused_once_left_alone_and_not_tried_again(
-    bundle_dir, tmp_path, shifted_pipeline, caplog
-):
+        bundle_dir, tmp_path, shifted_pipeline, caplog):
     app = Application(AppConfig(model_path=str(bundle_dir), input_format="u8", metrics_addr=None))
     app.load()
     old_hash = app.bundle.content_hash
     now = [0.0]
     metrics = Metrics("app", app.flow.stage_names, app.flow.runner.classes)
-    watcher = _watch(app, LocalEngine(app.flow), metrics, poll=0, settle=2.0, clock=lambda: now[0])
+    watcher = _watch(app, LocalEngine(app.flow), metrics, poll=0, settle=2.0,
+                     clock=lambda: now[0])
     staging = tmp_path / "tampered"
     save_bundle(shifted_pipeline, staging, {})
     data = bytearray((staging / PIPELINE_FILE).read_bytes())
@@ -429,8 +395,7 @@ class _EngineThatFailsOnce(LocalEngine):
 
 
 def test_an_unexpected_error_in_a_swap_is_counted_and_the_old_model_serves_on(
-    bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline, caplog
-):
+        bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline, caplog):
     app = Application(AppConfig(model_path=str(bundle_dir), input_format="u8", metrics_addr=None))
     app.load()
     metrics = Metrics("app", app.flow.stage_names, app.flow.runner.classes)
@@ -444,30 +409,26 @@ def test_an_unexpected_error_in_a_swap_is_counted_and_the_old_model_serves_on(
     assert record.levelname == "ERROR" and record.exc_info is not None
     assert "unexpected RuntimeError: workers went away" in record.getMessage()
     assert app.bundle.content_hash == old_hash
-    assert _served_by(app, digits.X[:50]) == [
-        f"[{y}]" for y in seed_pipeline.predict(digits.X[:50])
-    ]
+    assert _served_by(app, digits.X[:50]) == [f"[{y}]" for y in seed_pipeline.predict(
+        digits.X[:50])]
     snapshot = app.metrics.snapshot()
     assert snapshot.model_swaps_refused == 1 and snapshot.model_swaps_total == 0
     assert snapshot.last_swap_refused["reason"] == (
-        "unexpected RuntimeError: workers went away while the bundle was shipped"
-    )
+        "unexpected RuntimeError: workers went away while the bundle was shipped")
 
     # the same files are not tried again by polling; SIGHUP tries them, and now they swap
     asyncio.run(watcher.check())
     assert app.bundle.content_hash == old_hash and len(caplog.records) == 1
     asyncio.run(watcher.check(forced=True))
     assert app.bundle.content_hash == new_hash
-    assert _served_by(app, digits.X[:50]) == [
-        f"[{y}]" for y in shifted_pipeline.predict(digits.X[:50])
-    ]
+    assert _served_by(app, digits.X[:50]) == [f"[{y}]" for y in shifted_pipeline.predict(
+        digits.X[:50])]
     snapshot = app.metrics.snapshot()
     assert snapshot.model_swaps_total == 1 and snapshot.model_swaps_refused == 1
 
 
 def test_a_single_skops_file_is_watched_and_taken_once_left_alone(
-    tmp_path, digits, seed_pipeline, shifted_pipeline
-):
+        tmp_path, digits, seed_pipeline, shifted_pipeline):
     path = tmp_path / "model.skops"
     sio.dump(seed_pipeline, path)
     app = Application(AppConfig(model_path=str(path), input_format="u8", metrics_addr=None))
@@ -484,15 +445,13 @@ def test_a_single_skops_file_is_watched_and_taken_once_left_alone(
     assert app.bundle.content_hash == old_hash  # no card vouches for it: it may be half written
     now[0] += 2.5
     asyncio.run(watcher.check())
-    assert _served_by(app, digits.X[:50]) == [
-        f"[{y}]" for y in shifted_pipeline.predict(digits.X[:50])
-    ]
+    assert _served_by(app, digits.X[:50]) == [f"[{y}]" for y in shifted_pipeline.predict(
+        digits.X[:50])]
 
 
 # ------------------------------------------------------------------ Dask
 def test_swap_on_a_dask_cluster_ships_the_new_model_to_the_workers(
-    start_app, bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline
-):
+        start_app, bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline):
     pytest.importorskip("distributed")
     n = 30_000
     index = np.arange(n) % len(digits.X)
@@ -500,34 +459,18 @@ def test_swap_on_a_dask_cluster_ships_the_new_model_to_the_workers(
     new = shifted_pipeline.predict(digits.X)[index]
     sink = Collector()
     try:
-        app = start_app(
-            sink.port,
-            "--input-format",
-            "u8",
-            "--engine",
-            "dask",
-            "--workers",
-            "1",
-            model=bundle_dir,
-            ready=False,
-        )
+        app = start_app(sink.port, "--input-format", "u8", "--engine", "dask", "--workers", "1",
+                        model=bundle_dir, ready=False)
         app.wait_ready(timeout=90)
         framed = Framed.from_bytes(u8_frames(digits.X[index]))
         sender = threading.Thread(
-            target=send_frames,
-            args=(Address(HOST, app.in_port), [framed]),
-            kwargs={"rate": 6_000},
-            daemon=True,
-        )
+            target=send_frames, args=(Address(HOST, app.in_port), [framed]),
+            kwargs={"rate": 6_000}, daemon=True)
         sender.start()
         sink.wait_count(n // 5, timeout=60)
         new_hash = write_bundle(shifted_pipeline, bundle_dir, tmp_path / "staging")
-        (swap,) = wait_for(
-            lambda: app.stats()["model_swaps"],
-            timeout=30,
-            interval=0.05,
-            what="the swap in /api/stats",
-        )
+        (swap,) = wait_for(lambda: app.stats()["model_swaps"], timeout=30, interval=0.05,
+                           what="the swap in /api/stats")
         texts = sink.wait_count(n, timeout=60)
         sender.join(timeout=30)
         stats = app.stats()

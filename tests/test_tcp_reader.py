@@ -36,7 +36,7 @@ class Transport:
 
 def receive(reader: FrameReader, data: bytes) -> None:
     buffer = reader.get_buffer(len(data))
-    buffer[: len(data)] = data
+    buffer[:len(data)] = data
     reader.buffer_updated(len(data))
 
 

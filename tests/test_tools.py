@@ -61,9 +61,7 @@ class Sink:
                 # an abortive close once the stream has started: the sender's next writes fail
                 conn.settimeout(TIMEOUT)
                 conn.recv(1)
-                conn.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-                )
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 conn.close()
                 continue
             with self._lock:
@@ -121,9 +119,7 @@ class CliProcess:
     """A ``digitstream`` subprocess whose stderr lines are read by a thread."""
 
     def __init__(self, *args: str, **kwargs):
-        self.proc = subprocess.Popen(
-            cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs
-        )
+        self.proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
         self.lines: queue.Queue[str] = queue.Queue()
         self.stderr: list[str] = []
         self._pump_thread = threading.Thread(target=self._pump, daemon=True)
@@ -207,13 +203,11 @@ def test_repeat_and_connections_split_the_stream_in_order(sink, digits):
     received = sink.wait_closed(4)
     frames = list(iter_frames(frame_many(encode_images(digits.X, "u8")))) * 3
     total = len(frames)
-    shares = [frame_many(frames[i * total // 4 : (i + 1) * total // 4]) for i in range(4)]
+    shares = [frame_many(frames[i * total // 4:(i + 1) * total // 4]) for i in range(4)]
     assert sorted(received) == sorted(shares)
 
 
-@pytest.mark.parametrize(
-    "n, repeat, connections", [(5, 1, 1), (5, 3, 2), (5, 7, 3), (3, 1, 5), (4, 2, 4)]
-)
+@pytest.mark.parametrize("n, repeat, connections", [(5, 1, 1), (5, 3, 2), (5, 7, 3), (3, 1, 5), (4, 2, 4)])
 def test_split_covers_the_repeated_stream_exactly(n, repeat, connections):
     payloads = [bytes([i]) * (i + 1) for i in range(n)]
     plans = split(Framed.from_payloads(payloads), repeat, connections)
@@ -293,10 +287,7 @@ def test_listener_stores_frames_byte_for_byte_across_odd_reads(tmp_path):
 
 def test_listener_count_stops_after_exactly_n_frames(tmp_path):
     out = tmp_path / "results.out"
-    with (
-        Listener(output=out, count=4, record_times=True) as listener,
-        connect(listener.port) as sock,
-    ):
+    with Listener(output=out, count=4, record_times=True) as listener, connect(listener.port) as sock:
         sock.sendall(frame_many([b"[%d]" % i for i in range(10)]))
         assert listener.wait(timeout=TIMEOUT)
         assert listener.finished
@@ -320,9 +311,7 @@ def test_listener_appends_a_reconnection_and_drops_a_cut_frame(tmp_path):
 
 def test_listener_on_frames_gets_groups_and_arrival_times():
     seen = []
-    with Listener(
-        on_frames=lambda groups, t_ns: seen.append((sum(map(len, groups)), t_ns))
-    ) as listener:
+    with Listener(on_frames=lambda groups, t_ns: seen.append((sum(map(len, groups)), t_ns))) as listener:
         with connect(listener.port) as sock:
             sock.sendall(frame_many([b"[0]"] * 1000))
             assert listener.wait(1000, timeout=TIMEOUT)
@@ -354,9 +343,7 @@ def test_listen_cli_sigterm_keeps_what_arrived(processes, tmp_path):
     data = frame_many([b"[1]"] * 100)
     with connect(p.listening_port()) as sock:
         sock.sendall(data)
-        wait_for(
-            lambda: out.exists() and out.stat().st_size == len(data), what="the results on disk"
-        )
+        wait_for(lambda: out.exists() and out.stat().st_size == len(data), what="the results on disk")
         p.proc.send_signal(signal.SIGTERM)
         status, _ = p.finish()
     assert status == 0
@@ -368,9 +355,8 @@ def test_send_to_listen_through_the_cli(processes, tmp_path, digits):
     out = tmp_path / "digits.out"
     listening = processes("listen", f"{HOST}:0", "-o", str(out), "--count", str(2 * 1797))
     port = listening.listening_port()
-    sending = processes(
-        "send", "--to", f"{HOST}:{port}", "--format", "u8", "--repeat", "2", "--connections", "2"
-    )
+    sending = processes("send", "--to", f"{HOST}:{port}", "--format", "u8", "--repeat", "2",
+                        "--connections", "2")
     assert sending.finish()[0] == 0
     assert listening.finish()[0] == 0
     assert len(list(iter_frames(out.read_bytes()))) == 2 * 1797

@@ -38,18 +38,16 @@ def idx_dir(tmp_path_factory):
 
 
 def test_training_writes_a_bundle_whose_card_tells_the_truth(tmp_path, capsys):
-    output = train.main(
-        dataset="digits", model_name="pca-logistic", output=str(tmp_path / "m"), quick=True
-    )
+    output = train.main(dataset="digits", model_name="pca-logistic", output=str(tmp_path / "m"),
+                        quick=True)
     printed = capsys.readouterr().out
     bundle = load_bundle(output)
     card = json.loads((output / CARD_FILE).read_text())
     assert bundle.card == card
 
     # A fresh evaluation on the same split gives the card's figure.
-    split = train.split_dataset(
-        load_dataset("digits"), card["split"]["held_out_fraction"], card["split"]["seed"]
-    )
+    split = train.split_dataset(load_dataset("digits"), card["split"]["held_out_fraction"],
+                                card["split"]["seed"])
     fresh = float(np.mean(bundle.pipeline.predict(split.X_test) == split.y_test))
     assert card["heldout_accuracy"] == fresh
     assert fresh >= 0.95
@@ -80,15 +78,13 @@ def test_the_search_chooses_by_cross_validated_accuracy_on_the_training_part_onl
 
 
 def test_the_seed_grid_is_searched_by_default():
-    space = RECIPES["pca-logistic"].make_grid(
-        GridContext(np.zeros((1000, 64)), smallest_fit=800), False
-    )
+    space = RECIPES["pca-logistic"].make_grid(GridContext(np.zeros((1000, 64)), smallest_fit=800),
+                                              False)
     assert space["PCA__n_components"] == [20, 40, 64]
     assert {2.0, 3.0, 4.0} <= set(space["Logistic Regression__C"])
     # Components are capped at what the data allows.
-    small = RECIPES["pca-logistic"].make_grid(
-        GridContext(np.zeros((50, 64)), smallest_fit=30), False
-    )
+    small = RECIPES["pca-logistic"].make_grid(GridContext(np.zeros((50, 64)), smallest_fit=30),
+                                              False)
     assert small["PCA__n_components"] == [20, 30]
 
 
@@ -109,17 +105,15 @@ def test_each_model_trains_on_digits_and_serves_what_it_predicts(model_name, tmp
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_each_model_trains_on_an_idx_data_set(model_name, idx_dir, tmp_path, capsys):
-    output = train.main(
-        dataset=f"idx:{idx_dir}", model_name=model_name, output=str(tmp_path / "m"), quick=True
-    )
+    output = train.main(dataset=f"idx:{idx_dir}", model_name=model_name,
+                        output=str(tmp_path / "m"), quick=True)
     bundle = load_bundle(output)
     assert bundle.card["dataset"]["value_range"] == [0.0, 255.0]
     assert bundle.n_features == 64 and bundle.card["split"]["n_held_out"] == 75
     X = load_dataset(f"idx:{idx_dir}").X
     runner = make_runner(bundle.pipeline)
-    np.testing.assert_array_equal(
-        runner.classes[runner.predict(X).class_index], bundle.pipeline.predict(X)
-    )
+    np.testing.assert_array_equal(runner.classes[runner.predict(X).class_index],
+                                  bundle.pipeline.predict(X))
     assert bundle.card["heldout_accuracy"] > 0.8
 
 
@@ -133,9 +127,8 @@ def test_gzipped_idx_and_npz_data_sets_train(idx_dir, tmp_path, capsys):
 
     digits = load_digits()
     np.savez(tmp_path / "set.npz", X=digits.images[:400], y=digits.target[:400])
-    output = train.main(
-        dataset=f"npz:{tmp_path / 'set.npz'}", output=str(tmp_path / "npz-model"), quick=True
-    )
+    output = train.main(dataset=f"npz:{tmp_path / 'set.npz'}", output=str(tmp_path / "npz-model"),
+                        quick=True)
     bundle = load_bundle(output)
     assert bundle.n_features == 64 and bundle.card["split"]["n_train"] == 300
 
@@ -144,18 +137,11 @@ def test_a_data_set_too_small_to_split_or_search_is_a_user_error(tmp_path):
     np.savez(tmp_path / "tiny.npz", X=np.arange(12.0).reshape(6, 2), y=np.array([0, 0, 0, 1, 1, 2]))
     with pytest.raises(UserError, match="cannot hold out"):
         train.main(dataset=f"npz:{tmp_path / 'tiny.npz'}", output=str(tmp_path / "m"))
-    np.savez(
-        tmp_path / "few.npz",
-        X=np.random.default_rng(0).uniform(size=(40, 4)),
-        y=np.array([0] * 38 + [1] * 2),
-    )
+    np.savez(tmp_path / "few.npz", X=np.random.default_rng(0).uniform(size=(40, 4)),
+             y=np.array([0] * 38 + [1] * 2))
     with pytest.raises(UserError, match="cross-validation needs at least 2"):
-        train.main(
-            dataset=f"npz:{tmp_path / 'few.npz'}",
-            model_name="knn",
-            output=str(tmp_path / "m"),
-            test_size=0.5,
-        )
+        train.main(dataset=f"npz:{tmp_path / 'few.npz'}", model_name="knn",
+                   output=str(tmp_path / "m"), test_size=0.5)
 
 
 def test_an_unknown_model_is_a_user_error(tmp_path):

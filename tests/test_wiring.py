@@ -33,7 +33,8 @@ def test_streams_are_answered_in_their_own_order(seed_pipeline, digits, seed_tex
     assert source.acknowledged == {1: len(u8), 2: len(u8), "named": 77}
 
 
-def test_a_sink_that_fails_is_tried_again_and_nothing_is_skipped(seed_pipeline, digits, seed_texts):
+def test_a_sink_that_fails_is_tried_again_and_nothing_is_skipped(seed_pipeline, digits,
+                                                                 seed_texts):
     failures = iter([True, True, False] * 1000)
     sink = MemorySink(fail=lambda result: next(failures))
     source = MemorySource({1: encode_images(digits.X, "u8")}, max_batch=100)
@@ -71,8 +72,7 @@ def faulty_pipeline(seed_pipeline, digits):
 
 
 def test_rows_the_model_fails_on_are_answered_with_the_reason_the_rest_with_their_class(
-    faulty_pipeline, seed_pipeline, digits, seed_texts
-):
+        faulty_pipeline, seed_pipeline, digits, seed_texts):
     X = digits.X[:500].copy()
     bad = [0, 7, 8, 250, 499]
     X[bad, 0] = 13
@@ -105,12 +105,8 @@ class FailingEncoder:
         return self.inner.error_frames(first_seq, count, reason, ids)
 
 
-@settings(
-    max_examples=25,
-    deadline=None,
-    phases=[Phase.explicit, Phase.generate],
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@settings(max_examples=25, deadline=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_frames_out_equal_frames_in_whatever_fails(data, faulty_pipeline, digits):
     """Random streams, batch sizes and reads, with failures injected in decode (bad payloads),
@@ -135,11 +131,8 @@ def test_frames_out_equal_frames_in_whatever_fails(data, faulty_pipeline, digits
     encode_bad = data.draw(st.sets(st.integers(0, 299), max_size=3), label="encode fails at")
     sink_fails = data.draw(st.lists(st.booleans(), max_size=20), label="sink failures")
     fail_iter = iter(sink_fails)
-    source = MemorySource(
-        streams,
-        max_batch=data.draw(st.integers(1, 128), label="max batch"),
-        read_size=data.draw(st.integers(1, 200), label="read size"),
-    )
+    source = MemorySource(streams, max_batch=data.draw(st.integers(1, 128), label="max batch"),
+                          read_size=data.draw(st.integers(1, 200), label="read size"))
     sink = MemorySink(fail=lambda result: next(fail_iter, False))
 
     real_build = pipeline_module.Flow.build.__func__
@@ -170,9 +163,8 @@ def test_frames_out_equal_frames_in_whatever_fails(data, faulty_pipeline, digits
             else:
                 assert text.startswith("[") and text.endswith("]"), (i, text)
         seqs = [(r.first_seq, r.end_seq) for r in sink.results if r.stream == s]
-        assert seqs == [
-            (a, b) for a, b in zip([0] + [e for _, e in seqs[:-1]], [e for _, e in seqs])
-        ]
+        assert seqs == [(a, b) for a, b in zip([0] + [e for _, e in seqs[:-1]],
+                                                [e for _, e in seqs])]
 
 
 class BrokenEngine:
@@ -207,13 +199,11 @@ class BrokenEngine:
 
 
 def test_an_engine_that_raises_still_gets_every_frame_of_its_batch_answered(
-    seed_pipeline, digits, seed_texts, monkeypatch
-):
+        seed_pipeline, digits, seed_texts, monkeypatch):
     from digitstream.engine import base
 
-    monkeypatch.setattr(
-        base, "make_engine", lambda name, flow, bundle, options, metrics=None: BrokenEngine(flow)
-    )
+    monkeypatch.setattr(base, "make_engine", lambda name, flow, bundle, options, metrics=None:
+                        BrokenEngine(flow))
     monkeypatch.setattr("digitstream.app.make_engine", base.make_engine)
     source = MemorySource({1: encode_images(digits.X[:400], "u8")}, max_batch=100, read_size=400)
     sink = MemorySink()
