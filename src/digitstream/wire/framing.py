@@ -247,7 +247,7 @@ def split_frames(
             # two in a row of one length: a run, if min_run of them are there
             first = pos if pos == run_here else pos - stride
             if first == run_here or _run_at(view, first, end, min_run):
-                count = _uniform_run(view, first, end, stride)
+                count = _uniform_run(data, first, end, stride)
                 if first != pos:
                     starts.pop()  # the frame before is the run's first
                     sizes.pop()
@@ -289,6 +289,8 @@ def _loose(groups: list[Payloads], data: np.ndarray, starts: list[int], sizes: l
         )
     elif len(sizes) > 1 and sizes.count(sizes[0]) == len(sizes):
         # a few frames that all have one length (a slow stream's read) are one array too
+        # (the form _spans gives a chain's, found here without NumPy: this is the path
+        # of small reads, a few frames each)
         stride = HEADER_SIZE + sizes[0]
         begin = starts[0] - HEADER_SIZE
         rows = data[begin : begin + len(sizes) * stride].reshape(len(sizes), stride)
@@ -392,16 +394,14 @@ def _spans(
     return Payloads(spans=Spans(data, at[first:stop] + HEADER_SIZE, lengths[first:stop]))
 
 
-def _uniform_run(view: memoryview, pos: int, end: int, stride: int) -> int:
+def _uniform_run(data: np.ndarray, pos: int, end: int, stride: int) -> int:
     """How many whole frames from ``pos`` on carry the same header as the first.
 
     The headers are compared in windows that grow eightfold, so that a run that ends
     soon (a few dozen frames of one length among frames of other lengths) costs a few
     headers, not a pass over the rest of the buffer."""
     total = (end - pos) // stride
-    rows = np.frombuffer(view, dtype=np.uint8, count=total * stride, offset=pos).reshape(
-        total, stride
-    )
+    rows = data[pos : pos + total * stride].reshape(total, stride)
     headers = rows[:, :HEADER_SIZE].view(np.uint32)[:, 0]
     first = headers[0]
     done, window = 1, 8
