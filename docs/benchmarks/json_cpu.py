@@ -1,13 +1,14 @@
-"""The labelled json row of the benchmark alone, with the CPU time of each process.
+"""One row of the benchmark alone, with the CPU time of each process.
 
-    python docs/benchmarks/json_cpu.py MODEL_DIR [MESSAGES] [RUNS]
+    python docs/benchmarks/json_cpu.py MODEL_DIR [MESSAGES] [RUNS] [FORMAT] [RUN OPTION ...]
 
-Starts ``digitstream run --input-format json --output-format json`` on MODEL_DIR
-between the benchmark's own sender and listener workers
-(``python -m digitstream.bench.worker``), sends the digits as labelled json
+Starts ``digitstream run`` on MODEL_DIR between the benchmark's own sender and
+listener workers (``python -m digitstream.bench.worker``), sends the digits
 MESSAGES at a time (default 1,000,000), RUNS times (default 3) after one warm-up,
 and prints per run the messages/s (the benchmark's definition) and the CPU
-seconds that the application, the sender and the listener used.
+seconds that the application, the sender and the listener used. FORMAT is the
+input format (default ``json``: labelled json in, json out; any other: text
+out); further arguments go to ``run`` (``--max-batch 4096``, say).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main() -> int:
     model = sys.argv[1]
     messages = int(sys.argv[2]) if len(sys.argv) > 2 else 1_000_000
     runs = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    fmt = sys.argv[4] if len(sys.argv) > 4 else "json"
+    options = sys.argv[5:]
     directory = tempfile.mkdtemp()
 
     def worker(role: str) -> subprocess.Popen:
@@ -66,9 +69,10 @@ def main() -> int:
             "--model",
             model,
             "--input-format",
-            "json",
+            fmt,
             "--output-format",
-            "json",
+            "json" if fmt == "json" else "text",
+            *options,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -93,7 +97,7 @@ def main() -> int:
                 {
                     "cmd": "send",
                     "to": f"127.0.0.1:{app_port}",
-                    "format": "json",
+                    "format": fmt,
                     "messages": n,
                     "rate": None,
                     "timeline": False,

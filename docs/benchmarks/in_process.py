@@ -1,0 +1,97 @@
+"""In-process timings behind "Where the time goes" in BENCHMARKS.md.
+
+    python docs/benchmarks/in_process.py
+
+- cutting frames: ``split_frames`` on 8,192 json results and on 8,192 pickled
+  images, in reads of 4 KiB, 64 KiB and 256 KiB, per frame;
+- the u8 decision's steps alone on 8,192 rows of 64 pixels, one BLAS thread;
+- json numbers: ``_fixed_layout`` on 256 pixel lists of the digits.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from sklearn.datasets import load_digits
+from threadpoolctl import threadpool_limits
+
+from digitstream.codecs import inputs
+from digitstream.codecs.outputs import JsonEncoder
+from digitstream.wire.framing import frame_many, split_frames
+
+
+def per_call(f, n: int = 200) -> float:
+    f()
+    start = time.perf_counter()
+    for _ in range(n):
+        f()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def cut(data: bytes, chunk: int, repeats: int = 10) -> float:
+    """µs per frame to cut ``data`` in reads of ``chunk`` bytes."""
+    buf = np.frombuffer(data, np.uint8)
+    frames, start = 0, time.perf_counter()
+    for _ in range(repeats):
+        pos = 0
+        while True:
+            end = min(len(data), pos + chunk)
+            groups, pos_next = split_frames(buf, pos, end)
+            frames += sum(map(len, groups))
+            if end == len(data):
+                break
+            pos = pos_next
+    return (time.perf_counter() - start) / frames * 1e6
+
+
+def main() -> None:
+    threadpool_limits(1)
+    digits = load_digits()
+    X = np.tile(digits.data, (5, 1))[:8192]
+    rng = np.random.default_rng(0)
+    results = JsonEncoder(np.arange(10)).encode(
+        1_000_000,
+        rng.integers(0, 10, 8192),
+        rng.random(8192) * 0.5 + 0.5,
+        {},
+        [f"d{i}" for i in range(8192)],
+    )
+    pickles = frame_many(inputs.encode_images(X, "pickle"))
+    for name, data in (("json results", results), ("pickled images", pickles)):
+        for chunk in (4096, 65536, 262144):
+            print(f"cut {name}, {chunk // 1024} KiB reads: {cut(data, chunk):.3f} µs a frame")
+
+    Xu = X.astype(np.uint8)
+    A = rng.standard_normal((64, 10)).astype(np.float32)
+    b = rng.standard_normal((10, 1)).astype(np.float32)
+    Xf = Xu.astype(np.float32)
+    product = Xf @ A
+    scores = np.ascontiguousarray(product.T)
+    top = scores.max(axis=0)
+    near = (scores >= top - 0.01).view(np.uint8)
+    numbers = np.arange(10, dtype=np.uint8)[:, None]
+    steps = {
+        "uint8 -> float32": lambda: Xu.astype(np.float32),
+        "X @ A": lambda: Xf @ A,
+        "transposed copy": lambda: np.ascontiguousarray(product.T),
+        "bias": lambda: np.add(scores, b, out=scores),
+        "top": lambda: scores.max(axis=0),
+        "near top": lambda: (scores >= top - 0.01).view(np.uint8),
+        "count and index": lambda: (
+            np.add.reduce(near, axis=0, dtype=np.uint8),
+            np.add.reduce(near * numbers, axis=0, dtype=np.uint8),
+        ),
+    }
+    for name, f in steps.items():
+        print(f"u8 step {name}, 8,192 rows: {per_call(f):.0f} µs")
+
+    payloads = inputs.encode_images(X, "json", labels=digits.target[:1].repeat(8192))
+    raws = [image.pixels for image in inputs._json_images(payloads[:256])]
+    text = b"".join(bytes(r) for r in raws)
+    layout = per_call(lambda: inputs._fixed_layout(text, 256, 64))
+    print(f"json numbers, 256 lists of 64: {layout:.0f} µs")
+
+
+if __name__ == "__main__":
+    main()
