@@ -181,7 +181,8 @@ def test_exact_plan_sends_exactly_the_count_asked():
 
 # ----------------------------------------------------------------- the suite
 EXPECTED_SYSTEMS = {"digitstream_u8", "digitstream_u8_no_metrics", "digitstream_pickle",
-                    "digitstream_f32", "digitstream_json", "baseline", "relay_u8", "relay_pickle"}
+                    "digitstream_f32", "digitstream_json", "digitstream_json_workers", "baseline",
+                    "relay_u8", "relay_pickle"}
 
 
 @pytest.mark.slow

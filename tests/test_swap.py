@@ -489,3 +489,41 @@ def test_swap_on_a_dask_cluster_ships_the_new_model_to_the_workers(
     busy = [w["name"] for w in stats["workers"] if w["messages"]]
     assert busy and "worker-1" not in busy, busy
     assert "computed in this process" not in log
+
+
+# ------------------------------------------------------------------ worker processes
+def test_swap_with_worker_processes_switches_between_two_batches(
+        start_app, bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline):
+    n = 30_000
+    index = np.arange(n) % len(digits.X)
+    old = seed_pipeline.predict(digits.X)[index]
+    new = shifted_pipeline.predict(digits.X)[index]
+    sink = Collector()
+    try:
+        app = start_app(sink.port, "--input-format", "u8", "--workers", "2", model=bundle_dir)
+        wait_for(lambda: app.stats()["cluster"]["worker_processes"] == 2, timeout=60,
+                 what="two worker processes")
+        framed = Framed.from_bytes(u8_frames(digits.X[index]))
+        sender = threading.Thread(
+            target=send_frames, args=(Address(HOST, app.in_port), [framed]),
+            kwargs={"rate": 6_000}, daemon=True)
+        sender.start()
+        sink.wait_count(n // 5, timeout=60)
+        new_hash = write_bundle(shifted_pipeline, bundle_dir, tmp_path / "staging")
+        (swap,) = wait_for(lambda: app.stats()["model_swaps"], timeout=30, interval=0.05,
+                           what="the swap in /api/stats")
+        texts = sink.wait_count(n, timeout=60)
+        sender.join(timeout=30)
+        stats = app.stats()
+        app.stop()
+        assert sink.count() == n
+    finally:
+        sink.close()
+
+    assert swap["new_hash"] == new_hash
+    (k,) = swap["at"].values()
+    assert n // 5 <= k < n
+    results = labels_of(texts)
+    assert np.array_equal(results[:k], old[:k]) and np.array_equal(results[k:], new[k:])
+    # every batch, before the swap and after, went to the worker processes
+    assert stats["cluster"]["in_process_batches"] == 0, stats["cluster"]

@@ -67,6 +67,13 @@ SYSTEMS = [
         "json",
         args=("--output-format", "json"),
     ),
+    System(
+        "digitstream_json_workers",
+        "digitstream json, labelled, 2 worker processes",
+        "digitstream",
+        "json",
+        args=("--output-format", "json", "--workers", "2"),
+    ),
     System("baseline", "seed design (baseline)", "baseline", "pickle"),
     System("relay_u8", "relay u8", "relay", "u8"),
     System("relay_pickle", "relay pickle", "relay", "pickle"),
@@ -506,7 +513,8 @@ def evaluate_targets(figures: dict) -> list[dict]:
     p99 = figures["latency"].get("digitstream_u8", {}).get("p99")
     u8_p99_9 = figures["latency"].get("digitstream_u8", {}).get("p99_9")
     pickle_p99 = figures["latency"].get("digitstream_pickle", {}).get("p99")
-    json_rate = _median(figures, "digitstream_json")
+    json_rate = _median(figures, "digitstream_json_workers")
+    json_one = _median(figures, "digitstream_json")
     startup = figures.get("startup", {}).get("digitstream_u8", {}).get("median")
     memory = figures["memory"]
 
@@ -532,6 +540,15 @@ def evaluate_targets(figures: dict) -> list[dict]:
         memory_row["met"] = None
         memory_row["note"] = f"only {answered:,} messages in this run"
     u8, pickle = _median(figures, "digitstream_u8"), _median(figures, "digitstream_pickle")
+    json_row = row(
+        "digitstream json (labelled, json out, --workers 2) throughput",
+        f">= {t['json_msg_per_s']:,} msg/s",
+        json_rate,
+        json_rate is not None and json_rate >= t["json_msg_per_s"],
+        "msg/s",
+    )
+    if json_one is not None:
+        json_row["note"] = f"{json_one:,.0f} msg/s in one process"
     rows = [
         row(
             "digitstream u8 throughput",
@@ -554,13 +571,7 @@ def evaluate_targets(figures: dict) -> list[dict]:
             pickle is not None and pickle >= t["pickle_msg_per_s"],
             "msg/s",
         ),
-        row(
-            "digitstream json (labelled, json out) throughput",
-            f">= {t['json_msg_per_s']:,} msg/s",
-            json_rate,
-            json_rate is not None and json_rate >= t["json_msg_per_s"],
-            "msg/s",
-        ),
+        json_row,
         row(
             "digitstream u8 / baseline",
             f">= {t['vs_baseline']}",

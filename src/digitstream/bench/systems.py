@@ -105,8 +105,10 @@ class Running:
         self.log_path = log_dir / f"{system.key}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the process's life
         self.started_at = time.monotonic()
+        cmd = command(system, self.in_addr, out_addr, model_dir)
+        self.metrics_addr = cmd[cmd.index("--metrics") + 1] if "--metrics" in cmd else None
         self.proc = subprocess.Popen(
-            command(system, self.in_addr, out_addr, model_dir),
+            cmd,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -150,12 +152,40 @@ class Running:
                     c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.in_addr.port
                     for c in process.net_connections("tcp")
                 ):
-                    return time.monotonic() - self.started_at
+                    listening = time.monotonic() - self.started_at
+                    self._wait_workers(deadline)
+                    return listening
             except psutil.NoSuchProcess:
                 continue
             if time.monotonic() > deadline:
                 raise self.failure(f"not listening after {timeout:.0f} s")
             time.sleep(interval)
+
+    def _wait_workers(self, deadline: float) -> None:
+        """With ``--workers N`` (the local engine's worker processes): wait until all N are
+        ready, as ``/api/stats`` says, so that no run measures batches computed in ``run``
+        while they start."""
+        args = self.system.args
+        if "--workers" not in args or "--engine" in args or self.metrics_addr is None:
+            return
+        import json
+        import urllib.request
+
+        wanted = int(args[args.index("--workers") + 1])
+        url = f"http://{self.metrics_addr}/api/stats"
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    cluster = json.loads(response.read()).get("cluster") or {}
+                if cluster.get("worker_processes", 0) >= wanted:
+                    return
+            except OSError:
+                pass
+            if not self.alive():
+                raise self.failure("did not start")
+            if time.monotonic() > deadline:
+                raise self.failure(f"{wanted} worker processes not ready in time")
+            time.sleep(0.05)
 
     def peak_rss(self) -> int | None:
         """The process's resident-memory high-water mark in bytes (VmHWM), if readable."""

@@ -1,7 +1,10 @@
-"""The local engine: batches are classified in the application's own process.
+"""The local engine: batches are classified on this machine.
 
-On two cores this is the fastest place: a batch is a few NumPy calls, so handing
-it to another process would cost more than computing it.
+By default in the application's own process: on two cores a batch of raw pixels
+is a few NumPy calls, so handing it to another process would cost more than
+computing it. With ``workers`` (``--engine local --workers N``) the batches go to
+N worker processes (:mod:`digitstream.engine.pool`), for formats whose decoding
+keeps one core busy (json).
 """
 
 from __future__ import annotations
@@ -15,32 +18,49 @@ from digitstream.pipeline import Batch, BatchResult, Flow
 
 
 class LocalEngine:
-    """Classifies each batch on the event loop as it is submitted (see
-    :class:`~digitstream.engine.base.Engine`)."""
+    """Classifies each batch on the event loop as it is submitted, or in its worker
+    processes (see :class:`~digitstream.engine.base.Engine`)."""
 
     name = "local"
-    #: a batch is done when ``submit`` returns: a stream needs no more than a few in flight
-    capacity = 4
 
     def __init__(self, flow: Flow, bundle=None, options: EngineOptions | None = None, metrics=None):
         self.flow = flow
+        workers = options.workers if options is not None else None
+        self.pool = None
+        if workers:
+            from digitstream.engine.pool import ProcessPool
+
+            self.pool = ProcessPool(workers, flow)
+
+    @property
+    def capacity(self) -> int:
+        # in this process a batch is done when ``submit`` returns: a few in flight suffice
+        return self.pool.capacity if self.pool is not None else 4
 
     async def start(self) -> None:
         # A batch is too small to gain from BLAS threads, and on a machine whose
         # cores are busy with the network they only add contention.
         threadpool_limits(1)
+        if self.pool is not None:
+            self.pool.start()
 
     async def close(self) -> None:
-        pass
+        if self.pool is not None:
+            await self.pool.close()
 
     def state(self) -> dict | None:
-        return None
+        return self.pool.state() if self.pool is not None else None
 
     async def set_flow(self, flow: Flow, bundle) -> None:
         self.flow = flow
+        if self.pool is not None:
+            self.pool.set_flow(flow)
 
     async def submit(self, batch: Batch) -> asyncio.Future[BatchResult]:
-        """Classify ``batch`` now; the returned future is already done. Never waits."""
+        """Classify ``batch`` now (the returned future is already done; never waits), or
+        send it to a worker process (waiting while every one is full)."""
+        if self.pool is not None:
+            return await self.pool.submit(batch, self.flow)
         future = asyncio.get_running_loop().create_future()
         future.set_result(self.flow.process(batch))
         return future

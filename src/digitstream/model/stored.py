@@ -130,6 +130,36 @@ class StoredPipeline:
     def __repr__(self) -> str:
         return f"<stored pipeline {' -> '.join(name for name, _ in self.steps)}>"
 
+    def __reduce__(self):
+        # Pickled for a worker process (digitstream.engine.pool): the real pipeline once it
+        # is here, else the stored steps, which load it there on a thread of their own.
+        if self.resolved:
+            return (_same, (self.loaded(),))
+        return (_loading_elsewhere, (self.steps, self.data))
+
+
+def _same(pipeline):
+    return pipeline
+
+
+def _loading_elsewhere(steps: list, data: bytes) -> StoredPipeline:
+    import threading
+
+    stored = StoredPipeline(steps, data)
+
+    def load() -> None:
+        from pathlib import Path
+
+        from digitstream.model.bundle import _load_trusted
+
+        try:
+            stored.resolve(_load_trusted(data, Path("the model's pipeline.skops")))
+        except BaseException as exc:
+            stored.fail(exc)
+
+    threading.Thread(target=load, name="pipeline loader", daemon=True).start()
+    return stored
+
 
 def read_stored(data: bytes) -> StoredPipeline | None:
     """The fusable pipeline in the skops file ``data``, or None if the file holds

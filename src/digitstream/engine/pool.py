@@ -1,0 +1,367 @@
+"""Worker processes on this machine for the local engine (``--engine local --workers N``).
+
+A decode-heavy format (json: a parser and a number conversion per frame) keeps
+one core busy at a few hundred thousand frames a second; the pool spreads the
+batches over N processes, while the application's process keeps the sockets,
+the framing and the metrics::
+
+    run process                                     each worker process
+    source -> Batch --payloads' bytes-->  socket pair  --> Flow.process
+    sink  <- BatchResult <----------------  pickled  <---'
+
+**What travels.** A batch goes as its payloads' bytes in one buffer (the read
+buffer's range that holds them, or the ``(n, length)`` array) and where each
+payload lies, never a Python object per message. The flow goes once per model,
+pickled: the application builds it from the bundle it loaded and checked, and
+the bytes travel only over a socket pair that the two processes alone hold. Each
+batch names the generation of the flow serving when it was submitted, so a swap
+(:meth:`ProcessPool.set_flow`) changes the model between two batches exactly.
+
+**Nothing is lost.** Each worker has a thread that sends its batches and one
+that takes its answers, so the event loop never waits on a socket. A worker
+that dies (SIGKILL, out of memory) is noticed by its reader at once: each batch
+it held goes to another worker, or is computed in this process when none is
+ready. A worker answers in the order it was sent, so the oldest batch it held
+is the one it was computing; a batch that two workers were lost computing is
+answered with an error per frame rather than tried on this process. A worker
+that cannot answer a batch (a generation it does not hold, a fault) says so and
+the batch is computed here. A worker lost is started again (after a pause that
+grows while new workers die before they are ready), and until one is ready,
+batches are computed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import pickle
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from digitstream.pipeline import Batch, BatchResult, Flow
+from digitstream.wire.framing import Payloads, Spans
+
+log = logging.getLogger("digitstream.engine")
+
+#: message kinds: the pool sends FLOW and BATCH, a worker answers FLOW with READY
+FLOW, BATCH, READY = b"F", b"B", b"R"
+#: the longest a worker lost is waited for before it is started again
+MAX_RESTART_DELAY = 10.0
+
+
+def pack(payloads: Payloads) -> tuple[tuple, memoryview | np.ndarray]:
+    """``payloads`` as (layout, buffer): one buffer for all their bytes, no copy of
+    a fixed group or of payloads that lie in one read buffer."""
+    if payloads.fixed is not None:
+        fixed = np.ascontiguousarray(payloads.fixed)
+        return ("fixed", fixed.shape[1]), fixed.reshape(-1)
+    spans = payloads.spans if payloads.spans is not None else payloads.as_spans()
+    if len(spans.starts) == 0:
+        return ("spans", spans.starts, spans.lengths), np.empty(0, dtype=np.uint8)
+    low = int(spans.starts.min())
+    high = int((spans.starts + spans.lengths).max())
+    return ("spans", spans.starts - low, spans.lengths), spans.data[low:high]
+
+
+def payloads_of(layout: tuple, data: np.ndarray) -> Payloads:
+    """The payloads that :func:`pack` made ``layout`` and ``data`` of."""
+    if layout[0] == "fixed":
+        return Payloads(fixed=data.reshape(-1, layout[1]))
+    _, starts, lengths = layout
+    return Payloads(spans=Spans(data, starts, lengths))
+
+
+@dataclass
+class _Job:
+    batch: Batch
+    generation: int
+    flow: Flow  # the flow serving at submission: it answers here if no worker can
+    future: asyncio.Future
+    attempts: int = 0  # workers lost while computing it
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen
+    sock: socket.socket
+    conn: Connection  # over a copy of ``sock``'s descriptor
+    outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    jobs: dict[int, _Job] = field(default_factory=dict)
+    ready: bool = False
+    lost: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+class ProcessPool:
+    """N worker processes that answer batches with the flow they were sent."""
+
+    def __init__(self, size: int, flow: Flow, in_flight: int = 2):
+        self.size = size
+        self.in_flight = in_flight
+        self.local_batches = 0  # batches computed in this process
+        self.restarts = 0
+        self._generation = 0
+        self._flow = flow
+        self._flow_message: bytes | None = None
+        self._workers: dict[int, _Worker] = {}
+        self._jobs = itertools.count()
+        self._freed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._restart_delay = 0.5
+        self._restarting: set[asyncio.TimerHandle] = set()
+
+    # ---------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the workers; batches are computed here until one is ready."""
+        self._loop = asyncio.get_running_loop()
+        self._freed = asyncio.Event()
+        self._flow_message = self._pickled(self._flow)
+        for index in range(self.size):
+            self._spawn(index)
+
+    def _pickled(self, flow: Flow) -> bytes | None:
+        try:
+            return FLOW + pickle.dumps((self._generation, flow), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            log.warning("this model cannot go to the worker processes (%s): it is served here", exc)
+            return None
+
+    def _spawn(self, index: int) -> None:
+        if self._closing:
+            return
+        mine, theirs = socket.socketpair()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "digitstream.engine.pool_worker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            mine.close()
+            log.error("cannot start worker process %d: %s", index, exc)
+            self._restart_later(index)
+            return
+        finally:
+            theirs.close()
+        worker = _Worker(index, process, mine, Connection(os.dup(mine.fileno())))
+        self._workers[index] = worker
+        if self._flow_message is not None:
+            worker.outbox.put((self._flow_message, None))
+        for target, name in ((self._send, "send"), (self._receive, "receive")):
+            threading.Thread(
+                target=target, args=(worker,), name=f"pool worker {index} {name}", daemon=True
+            ).start()
+
+    async def close(self) -> None:
+        """Stop every worker; batches still held are computed here."""
+        self._closing = True
+        for handle in self._restarting:
+            handle.cancel()
+        workers = list(self._workers.values())
+        for worker in workers:
+            worker.outbox.put(None)  # the sender closes the connection: the worker exits
+        for worker in workers:
+            self._lose(worker, "closing")
+        await asyncio.to_thread(_reap, [w.process for w in workers])
+
+    def state(self) -> dict:
+        ready = [w for w in self._workers.values() if w.ready and not w.lost]
+        return {
+            "worker_processes": len(ready),
+            "in_process_batches": self.local_batches,
+            "restarts": self.restarts,
+        }
+
+    @property
+    def capacity(self) -> int:
+        return self.size * self.in_flight
+
+    # ------------------------------------------------------------ batches
+    async def submit(self, batch: Batch, flow: Flow) -> asyncio.Future[BatchResult]:
+        """Send ``batch`` to the least busy ready worker, waiting while all are full;
+        computed here (the future already done) when no worker is ready."""
+        assert self._freed is not None and self._loop is not None
+        generation = self._generation
+        while True:
+            worker = self._least_busy()
+            if worker is None or self._flow_message is None:
+                return self._here(batch, flow)
+            if len(worker.jobs) < self.in_flight:
+                break
+            self._freed.clear()
+            await self._freed.wait()  # the batch keeps the flow serving when it came
+        future = self._loop.create_future()
+        self._dispatch(worker, _Job(batch, generation, flow, future))
+        return future
+
+    def _least_busy(self) -> _Worker | None:
+        ready = [w for w in self._workers.values() if w.ready and not w.lost]
+        return min(ready, key=lambda w: len(w.jobs), default=None)
+
+    def _dispatch(self, worker: _Worker, job: _Job) -> None:
+        number = next(self._jobs)
+        worker.jobs[number] = job
+        batch = job.batch
+        layout, data = pack(batch.payloads)
+        header = BATCH + pickle.dumps(
+            (job.generation, number, batch.stream, batch.first_seq, layout),
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+        worker.outbox.put((header, data))
+
+    def _here(self, batch: Batch, flow: Flow) -> asyncio.Future[BatchResult]:
+        assert self._loop is not None
+        self.local_batches += 1
+        future = self._loop.create_future()
+        future.set_result(flow.process(batch))
+        return future
+
+    def set_flow(self, flow: Flow) -> None:
+        """Batches submitted from now on are answered by ``flow``."""
+        self._generation += 1
+        self._flow = flow
+        self._flow_message = self._pickled(flow)
+        if self._flow_message is None:
+            return
+        for worker in self._workers.values():
+            if not worker.lost:
+                worker.outbox.put((self._flow_message, None))
+
+    # ------------------------------------------- the workers' threads and answers
+    def _send(self, worker: _Worker) -> None:
+        conn = worker.conn
+        try:
+            while (item := worker.outbox.get()) is not None:
+                header, data = item
+                conn.send_bytes(header)
+                if data is not None:
+                    conn.send_bytes(data)
+        except (OSError, ValueError):
+            pass  # the receiver hears of the loss
+        finally:
+            # a closed pool, or a lost worker: shutting our end tells the worker to exit,
+            # and ends the receiver's wait
+            try:
+                worker.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _receive(self, worker: _Worker) -> None:
+        assert self._loop is not None
+        conn, loop = worker.conn, self._loop
+        try:
+            while True:
+                message = conn.recv_bytes()
+                if message[:1] == READY:
+                    loop.call_soon_threadsafe(self._ready, worker)
+                    continue
+                number, result, error = pickle.loads(message)
+                loop.call_soon_threadsafe(self._answered, worker, number, result, error)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            pass
+        conn.close()
+        worker.sock.close()
+        try:
+            loop.call_soon_threadsafe(self._lose, worker, "its connection closed")
+        except RuntimeError:
+            pass  # the loop is closed: nothing waits for these batches any more
+
+    def _ready(self, worker: _Worker) -> None:
+        if worker.lost or worker.ready:
+            return
+        worker.ready = True
+        self._restart_delay = 0.5
+        log.info("worker process %d (pid %d) is ready", worker.index, worker.process.pid)
+        self._wake()
+
+    def _answered(self, worker: _Worker, number: int, result, error: str) -> None:
+        job = worker.jobs.pop(number, None)
+        if job is None:
+            return  # answered already, when the worker was taken for lost
+        if result is None:
+            log.warning("worker process %d could not answer a batch: %s", worker.index, error)
+            self.local_batches += 1
+            result = job.flow.process(job.batch)
+        job.future.set_result(result)
+        self._wake()
+
+    def _lose(self, worker: _Worker, why: str) -> None:
+        if worker.lost:
+            return
+        worker.lost = True
+        worker.outbox.put(None)
+        if self._workers.get(worker.index) is worker:
+            del self._workers[worker.index]
+        jobs = list(worker.jobs.values())
+        worker.jobs.clear()
+        if not self._closing:
+            code = worker.process.poll()
+            log.warning(
+                "worker process %d (pid %d) lost: %s%s; its %d batch(es) go elsewhere",
+                worker.index,
+                worker.process.pid,
+                why,
+                "" if code is None else f", exit code {code}",
+                len(jobs),
+            )
+            self._restart_later(worker.index, early=not worker.ready)
+        for position, job in enumerate(jobs):
+            # a worker answers in the order it was sent: the oldest batch it held is the
+            # one it was computing, the only one that may have been its end
+            self._retry(job, suspect=position == 0)
+        self._wake()
+
+    def _retry(self, job: _Job, suspect: bool) -> None:
+        if not self._closing:
+            job.attempts += suspect
+            if job.attempts >= 2:
+                reason = "engine failed: two worker processes were lost on this batch"
+                job.future.set_result(job.flow.failed(job.batch, reason))
+                return
+            other = self._least_busy()
+            if other is not None:
+                self._dispatch(other, job)
+                return
+        self.local_batches += 1
+        job.future.set_result(job.flow.process(job.batch))
+
+    def _restart_later(self, index: int, early: bool = False) -> None:
+        if self._closing or self._loop is None:
+            return
+        delay = self._restart_delay
+        if early:  # it died before it was ready: wait longer each time
+            self._restart_delay = min(MAX_RESTART_DELAY, self._restart_delay * 2)
+
+        def restart() -> None:
+            self._restarting.discard(handle)
+            self.restarts += 1
+            self._spawn(index)
+
+        handle = self._loop.call_later(delay, restart)
+        self._restarting.add(handle)
+
+    def _wake(self) -> None:
+        if self._freed is not None:
+            self._freed.set()
+
+
+def _reap(processes: list[subprocess.Popen], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
