@@ -2,8 +2,8 @@
 
     python docs/benchmarks/in_process.py
 
-- cutting frames: ``split_frames`` on 8,192 json results and on 8,192 pickled
-  images, in reads of 4 KiB, 64 KiB and 256 KiB, per frame;
+- cutting frames: ``split_frames`` on 8,192 json results, 8,192 labelled json
+  images and 8,192 pickled images, in reads of 4 KiB, 64 KiB and 256 KiB, per frame;
 - the u8 decision's steps alone on 8,192 rows of 64 pixels, one BLAS thread;
 - json numbers: ``_fixed_layout`` on 256 pixel lists of the digits.
 """
@@ -58,7 +58,20 @@ def main() -> None:
         [f"d{i}" for i in range(8192)],
     )
     pickles = frame_many(inputs.encode_images(X, "pickle"))
-    for name, data in (("json results", results), ("pickled images", pickles)):
+    labelled = frame_many(
+        inputs.encode_images(
+            X,
+            "json",
+            labels=np.tile(digits.target, 5)[:8192],
+            ids=[f"img-{i}" for i in range(8192)],
+        )
+    )
+    cases = (
+        ("json results", results),
+        ("labelled json images", labelled),
+        ("pickled images", pickles),
+    )
+    for name, data in cases:
         for chunk in (4096, 65536, 262144):
             print(f"cut {name}, {chunk // 1024} KiB reads: {cut(data, chunk):.3f} µs a frame")
 

@@ -14,7 +14,6 @@ that are cut one header at a time.
 
 from __future__ import annotations
 
-import itertools
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -347,8 +346,9 @@ def _chained(
     a = data[start:end]
     if len(a) <= HEADER_SIZE:
         return [], start
-    body = a[HEADER_SIZE:]
-    at = np.flatnonzero((a[:-HEADER_SIZE] == 0) & (a[1 : 1 - HEADER_SIZE] == 0) & (body == body[0]))
+    # the byte after a header first (one a frame, in JSON), then the header's top bytes
+    at = np.flatnonzero(a[HEADER_SIZE:] == a[HEADER_SIZE])
+    at = at[(a[at] == 0) & (a[at + 1] == 0)]
     if len(at) == 0 or at[0] != 0:
         return [], start
     lengths = (a[at + 2].astype(np.int64) << 8) | a[at + 3]
@@ -365,12 +365,10 @@ def _chained(
     at, lengths = at[:count] + start, lengths[:count]
     groups: list[Payloads] = []
     # runs of min_run or more frames of one length are arrays, as split_frames cuts them
-    change = np.flatnonzero(np.diff(lengths)) + 1
-    bounds = np.concatenate(([0], change, [count])).tolist()
+    bounds = np.concatenate(([0], np.flatnonzero(np.diff(lengths)) + 1, [count]))
+    long = np.flatnonzero(np.diff(bounds) >= min_run)
     loose = 0  # the first frame not yet in a group
-    for first, stop in itertools.pairwise(bounds):
-        if stop - first < min_run:
-            continue
+    for first, stop in zip(bounds[long].tolist(), bounds[long + 1].tolist()):
         if loose < first:
             groups.append(_spans(data, at, lengths, loose, first))
         stride = HEADER_SIZE + int(lengths[first])
