@@ -407,6 +407,9 @@ def run(
         # NumPy and SciPy load their OpenBLAS spares starting two thread pools whose
         # threads spin for a while once started, taking a core from the start-up.
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from digitstream.memory import keep_batch_memory
+
+    keep_batch_memory()
     _import_start_path(metrics=not no_metrics)
     from digitstream.app import AppConfig, run_app
 

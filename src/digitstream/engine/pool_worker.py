@@ -59,6 +59,10 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from threadpoolctl import threadpool_limits
 
+    from digitstream.memory import keep_batch_memory
+
+    keep_batch_memory()
+
     threadpool_limits(1)
     serve(Connection(int(sys.argv[1])))
 
