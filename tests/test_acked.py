@@ -261,6 +261,41 @@ def test_with_the_dask_engine_a_killed_run_loses_and_repeats_nothing(setup, labe
     assert_exactly_once(s.file, "dask", total, labels, s.diagnosis())
 
 
+def test_with_worker_processes_kills_of_run_its_workers_and_the_listener_lose_nothing(
+        setup, labels):
+    import psutil
+
+    rng = random.Random(SEED)
+    print(f"kill schedule seed {SEED}")
+    s = setup(("--workers", "2"))
+    s.start_listener()
+    s.start_app()
+    s.start_sender("pool", 60)
+    total = DIGITS * 60
+    workers_killed = 0
+    for fraction, w in _kill_schedule(rng, ["run", "listener", "worker", "worker"]):
+        wait_for(lambda: s.stored() >= fraction * total or s.senders["pool"].poll() is not None,
+                 LONG, what=f"{fraction:.0%} of the stream")
+        if w != "worker":
+            s.kill(w)
+            continue
+        assert s.app is not None
+        workers = []
+        for child in psutil.Process(s.app.proc.pid).children():
+            try:  # one killed before may not be reaped yet
+                if (child.status() != psutil.STATUS_ZOMBIE
+                        and "digitstream.engine.pool_worker" in " ".join(child.cmdline())):
+                    workers.append(child)
+            except psutil.Error:
+                pass
+        if workers:
+            rng.choice(workers).kill()
+            workers_killed += 1
+    s.wait_senders()
+    assert_exactly_once(s.file, "pool", total, labels, s.diagnosis())
+    print(f"worker processes killed: {workers_killed}")
+
+
 def test_a_stream_name_reused_with_other_data_is_refused(setup, labels):
     s = setup()
     s.start_listener()
