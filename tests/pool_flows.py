@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from digitstream.pipeline import Flow
 
 #: a payload that makes :class:`DyingFlow` kill the worker process classifying it
 POISON = b"kill this worker"
+#: a payload that :class:`StallingFlow` never finishes in a worker process
+STALL = b"never answer this one"
 
 
 class DyingFlow(Flow):
@@ -23,6 +26,17 @@ class DyingFlow(Flow):
     def process(self, batch):
         if os.getpid() != self.home_pid and POISON in batch.payloads.to_list():
             os.kill(os.getpid(), signal.SIGKILL)
+        return super().process(batch)
+
+
+class StallingFlow(Flow):
+    """Sleeps for an hour in any process but the test's own on a batch holding STALL."""
+
+    home_pid = 0
+
+    def process(self, batch):
+        if os.getpid() != self.home_pid and STALL in batch.payloads.to_list():
+            time.sleep(3600)
         return super().process(batch)
 
 

@@ -25,7 +25,7 @@ from digitstream.engine.local import LocalEngine
 from digitstream.pipeline import Batch, Flow, FlowOptions
 from digitstream.wire.framing import Payloads, frame_many, split_frames
 from helpers import Collector, send_bytes, wait_for
-from pool_flows import POISON, DyingFlow, FaultyFlow, recast
+from pool_flows import POISON, STALL, DyingFlow, FaultyFlow, StallingFlow, recast
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -74,9 +74,9 @@ def _batches(digits) -> list[Batch]:
     return batches
 
 
-def _engine(flow: Flow, workers: int = 2) -> LocalEngine:
+def _engine(flow: Flow, workers: int = 2, deadline: float = 2.0) -> LocalEngine:
     return LocalEngine(flow, None, EngineOptions(flow=FlowOptions("json", "json"),
-                                                 workers=workers))
+                                                 workers=workers, batch_deadline=deadline))
 
 
 async def _ready(engine: LocalEngine, workers: int = 2) -> None:
@@ -122,7 +122,8 @@ def test_worker_processes_answer_as_the_flow_does_and_stop_with_the_engine(model
 
     results, state, pids, capacity = asyncio.run(main())
     assert capacity == 4 and len(batches) > capacity
-    assert state == {"worker_processes": 2, "in_process_batches": 0, "restarts": 0}
+    assert state == {"worker_processes": 2, "in_process_batches": 0, "restarts": 0,
+                     "late_kills": 0}
     for batch, result in zip(batches, results):
         local = flow.process(batch)
         assert (result.stream, result.first_seq, result.count) == (batch.stream,
@@ -154,11 +155,12 @@ def test_batches_are_answered_here_until_a_worker_is_ready(model_dir, digits):
     assert state["in_process_batches"] == 1
 
 
-def test_a_batch_that_kills_its_worker_goes_to_another_then_is_answered_with_errors(
+def test_a_frame_that_kills_its_workers_is_answered_with_an_error_the_rest_classified(
         model_dir, digits, importable_flows):
     flow = recast(_flow(model_dir), DyingFlow)
     good = _batches(digits)[:3]
-    poison = Batch("camera-1", 10_000, Payloads(items=[*_json_payloads(digits, 5), POISON]))
+    poison = Batch("camera-1", 10_000, Payloads(items=[*_json_payloads(digits, 5), POISON,
+                                                       *_json_payloads(digits, 2, 5)]))
     after = Batch("camera-1", 20_000, good[1].payloads)
 
     async def main():
@@ -168,26 +170,61 @@ def test_a_batch_that_kills_its_worker_goes_to_another_then_is_answered_with_err
             await _ready(engine)
             futures = [await engine.submit(b) for b in (good[0], poison, good[1], good[2])]
             results = [await future for future in futures]
-            lost = engine.state()
             await _ready(engine)  # both started again
             here = engine.state()["in_process_batches"]
             later = await (await engine.submit(after))
-            return results, lost, here, later, engine.state()
+            return results, here, later, engine.state()
         finally:
             await engine.close()
 
-    results, lost, here, later, state = asyncio.run(main())
-    reason = "engine failed: two worker processes were lost on this batch"
-    texts = [t.decode() for _, t in _frames(results[1].output)]
-    assert len(texts) == len(poison) and all(reason in t for t in texts), texts
-    assert results[1].rejected == {"engine": len(poison)}
+    results, here, later, state = asyncio.run(main())
+    # the poison frame alone is answered with the error, at its place; the others classified
+    answered = [t for _, t in _frames(results[1].output)]
+    alone = [t for _, t in _frames(flow.process(poison).output)]
+    assert len(answered) == len(poison)
+    assert answered[:5] == alone[:5] and answered[6:] == alone[6:]
+    assert b"engine failed: two worker processes were lost on this message" in answered[5]
+    assert (results[1].first_seq, results[1].count) == (10_000, len(poison))
+    assert results[1].rejected == {"engine": 1}
     for batch, result in zip((good[0], good[1], good[2]), (results[0], results[2], results[3])):
         assert result.output == flow.process(batch).output
-    assert lost["restarts"] <= 2
-    assert state["restarts"] == 2
-    # the worker processes took batches again: the last one was not computed here
+    # halving: 8 frames lost twice, then 4, 2 and 1 once each
+    assert state["restarts"] == 5, state
+    # never tried in this process (it would have ended it), and the workers serve again
     assert later.output == flow.process(after).output
     assert state["in_process_batches"] == here
+
+
+def test_a_worker_stuck_on_a_batch_is_killed_at_the_deadline_and_the_stream_goes_on(
+        model_dir, digits, importable_flows):
+    flow = recast(_flow(model_dir), StallingFlow)
+    good = _batches(digits)[:3]
+    stuck = Batch("camera-1", 10_000, Payloads(items=[*_json_payloads(digits, 3), STALL]))
+
+    async def main():
+        engine = _engine(flow, deadline=0.5)
+        await engine.start()
+        try:
+            await _ready(engine)
+            started = time.monotonic()
+            futures = [await engine.submit(b) for b in (good[0], stuck, good[1], good[2])]
+            results = [await future for future in futures]
+            took = time.monotonic() - started
+            await _ready(engine)
+            return results, took, engine.state()
+        finally:
+            await engine.close()
+
+    results, took, state = asyncio.run(main())
+    answered = [t for _, t in _frames(results[1].output)]
+    alone = [t for _, t in _frames(flow.process(stuck).output)]
+    assert answered[:3] == alone[:3]
+    assert b"engine failed: two worker processes were lost on this message" in answered[3]
+    for batch, result in zip((good[0], good[1], good[2]), (results[0], results[2], results[3])):
+        assert result.output == flow.process(batch).output
+    # 4 frames past the deadline twice, then 2 and 1 once each: four deadlines, not an hour
+    assert state["late_kills"] == 4 and state["restarts"] == 4, state
+    assert 2.0 <= took < 40, took
 
 
 def test_a_worker_that_cannot_answer_leaves_the_batch_to_this_process(
@@ -208,7 +245,8 @@ def test_a_worker_that_cannot_answer_leaves_the_batch_to_this_process(
     results, state = asyncio.run(main())
     for batch, result in zip(batches, results):
         assert result.output == flow.process(batch).output
-    assert state == {"worker_processes": 2, "in_process_batches": 4, "restarts": 0}
+    assert state == {"worker_processes": 2, "in_process_batches": 4, "restarts": 0,
+                     "late_kills": 0}
 
 
 def test_a_swap_changes_the_flow_between_two_batches(model_dir, digits):
@@ -283,6 +321,41 @@ def test_run_with_worker_processes_answers_as_without(start_app, digits):
         wait_for(lambda: not any(map(_alive, pids)), 10, what="the worker processes to exit")
         assert sink.count() == len(payloads)
     finally:
+        sink.close()
+
+
+def test_a_stopped_worker_process_costs_its_deadline_and_nothing_is_lost(start_app, digits):
+    # SIGSTOP: the worker neither answers nor dies; its socket stays open
+    total = 30_000
+    payloads = _json_payloads(digits, total)
+    payload = frame_many(payloads)
+    reference = _reference(start_app, payload, total)
+    sink = Collector()
+    stopped = None
+    try:
+        app = start_app(sink.port, "--input-format", "json", "--output-format", "json",
+                        "--workers", "2", "--max-batch", "512", "--batch-deadline", "1")
+        pids = wait_for(lambda: len(_run_pids(app)) == 2 and list(_run_pids(app).values()), 60,
+                        what="two worker processes")
+        sock = send_bytes(app.in_port, b"", close=False)
+        half = len(frame_many(payloads[:total // 2]))
+        sock.sendall(payload[:half])
+        sink.wait_count(total // 10, timeout=60)
+        stopped = pids[0]
+        os.kill(stopped, signal.SIGSTOP)
+        sock.sendall(payload[half:])
+        sock.close()
+        texts = sink.wait_count(total, timeout=60)
+        assert sink.count() == total, "duplicate results"
+        assert texts == reference
+        wait_for(lambda: f"(pid {stopped}) did not answer" in app.log(), 10,
+                 what="the late worker logged")
+        assert not _alive(stopped), "the stopped worker was not killed"
+        stats = app.stats()["cluster"]
+        assert stats["late_kills"] >= 1, stats
+    finally:
+        if stopped is not None and _alive(stopped):
+            os.kill(stopped, signal.SIGKILL)
         sink.close()
 
 

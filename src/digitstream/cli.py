@@ -273,7 +273,9 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     type=click.FloatRange(0, 3600),
     help="With --engine dask: seconds a batch may take on the cluster (at least 4 recent "
     "round trips) before it is computed here and its worker gets no more until it "
-    "answers (0: wait for Dask).",
+    "answers (0: wait for Dask). With --engine local --workers: seconds a worker process "
+    "may take on a batch (at least 4 recent batches' time) before it is killed and its "
+    "batches go elsewhere (0: no limit).",
 )
 @click.option(
     "--name",

@@ -30,7 +30,8 @@ class LocalEngine:
         if workers:
             from digitstream.engine.pool import ProcessPool
 
-            self.pool = ProcessPool(workers, flow)
+            assert options is not None
+            self.pool = ProcessPool(workers, flow, deadline=options.batch_deadline)
 
     @property
     def capacity(self) -> int:

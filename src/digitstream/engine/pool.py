@@ -22,12 +22,22 @@ that takes its answers, so the event loop never waits on a socket. A worker
 that dies (SIGKILL, out of memory) is noticed by its reader at once: each batch
 it held goes to another worker, or is computed in this process when none is
 ready. A worker answers in the order it was sent, so the oldest batch it held
-is the one it was computing; a batch that two workers were lost computing is
-answered with an error per frame rather than tried on this process. A worker
+is the one it was computing: that one waits for another worker rather than
+being tried on this process (it may end any process), and once two workers
+were lost computing it, it goes on as two halves, and so on down to the frames
+that end a worker alone, which are answered with an error. A worker
 that cannot answer a batch (a generation it does not hold, a fault) says so and
 the batch is computed here. A worker lost is started again (after a pause that
 grows while new workers die before they are ready), and until one is ready,
 batches are computed here.
+
+**A worker stuck.** A worker that stops (SIGSTOP, a model step that never
+returns) would hold its stream up for good: the output keeps input order. So the
+batch a worker is computing has a deadline, ``deadline`` seconds (``run
+--batch-deadline``, 2 by default) or four times the recent time a batch takes,
+if that is longer, from when the worker could start on it. A worker past it is
+killed (SIGKILL) and handled as any worker lost: its batches go elsewhere, the
+late one counting against it.
 """
 
 from __future__ import annotations
@@ -57,6 +67,8 @@ log = logging.getLogger("digitstream.engine")
 FLOW, BATCH, READY = b"F", b"B", b"R"
 #: the longest a worker lost is waited for before it is started again
 MAX_RESTART_DELAY = 10.0
+#: how often the batches being computed are checked against their deadline (seconds)
+WATCH_INTERVAL = 0.1
 
 
 def pack(payloads: Payloads) -> tuple[tuple, memoryview | np.ndarray]:
@@ -87,7 +99,8 @@ class _Job:
     generation: int
     flow: Flow  # the flow serving at submission: it answers here if no worker can
     future: asyncio.Future
-    attempts: int = 0  # workers lost while computing it
+    attempts: int = 0  # workers lost while computing it (its halves start at 1)
+    sent: float = 0.0  # time.monotonic() when it was sent to its worker
 
 
 @dataclass
@@ -100,15 +113,20 @@ class _Worker:
     jobs: dict[int, _Job] = field(default_factory=dict)
     ready: bool = False
     lost: bool = False
-    started: float = field(default_factory=time.monotonic)
+    answered: float = 0.0  # time.monotonic() of its last answer
+    killed: bool = False  # by the pool, past a deadline
 
 
 class ProcessPool:
     """N worker processes that answer batches with the flow they were sent."""
 
-    def __init__(self, size: int, flow: Flow, in_flight: int = 2):
+    def __init__(self, size: int, flow: Flow, in_flight: int = 2, deadline: float = 2.0):
         self.size = size
         self.in_flight = in_flight
+        #: seconds a batch may take, at the least (0: no deadline)
+        self.deadline = deadline
+        self.late_kills = 0  # workers killed past a batch's deadline
+        self._batch_seconds = 0.0  # a moving average of the time a batch takes
         self.local_batches = 0  # batches computed in this process
         self.restarts = 0
         self._generation = 0
@@ -121,6 +139,9 @@ class ProcessPool:
         self._closing = False
         self._restart_delay = 0.5
         self._restarting: set[asyncio.TimerHandle] = set()
+        self._watch: asyncio.TimerHandle | None = None
+        #: batches a worker was lost computing, waiting for a worker to be ready
+        self._waiting: list[_Job] = []
 
     # ---------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -167,6 +188,8 @@ class ProcessPool:
     async def close(self) -> None:
         """Stop every worker; batches still held are computed here."""
         self._closing = True
+        if self._watch is not None:
+            self._watch.cancel()
         for handle in self._restarting:
             handle.cancel()
         workers = list(self._workers.values())
@@ -174,6 +197,9 @@ class ProcessPool:
             worker.outbox.put(None)  # the sender closes the connection: the worker exits
         for worker in workers:
             self._lose(worker, "closing")
+        waiting, self._waiting = self._waiting, []
+        for job in waiting:
+            self._compute_here(job)
         await asyncio.to_thread(_reap, [w.process for w in workers])
 
     def state(self) -> dict:
@@ -182,6 +208,7 @@ class ProcessPool:
             "worker_processes": len(ready),
             "in_process_batches": self.local_batches,
             "restarts": self.restarts,
+            "late_kills": self.late_kills,
         }
 
     @property
@@ -212,7 +239,12 @@ class ProcessPool:
 
     def _dispatch(self, worker: _Worker, job: _Job) -> None:
         number = next(self._jobs)
+        job.sent = time.monotonic()
+        if not worker.jobs:
+            worker.answered = job.sent  # it may start on this one now
         worker.jobs[number] = job
+        if self.deadline > 0 and self._watch is None and self._loop is not None:
+            self._watch = self._loop.call_later(WATCH_INTERVAL, self._check_deadlines)
         batch = job.batch
         layout, data = pack(batch.payloads)
         header = BATCH + pickle.dumps(
@@ -284,12 +316,21 @@ class ProcessPool:
         worker.ready = True
         self._restart_delay = 0.5
         log.info("worker process %d (pid %d) is ready", worker.index, worker.process.pid)
+        waiting, self._waiting = self._waiting, []
+        for job in waiting:
+            self._place(job)
         self._wake()
 
     def _answered(self, worker: _Worker, number: int, result, error: str) -> None:
         job = worker.jobs.pop(number, None)
         if job is None:
             return  # answered already, when the worker was taken for lost
+        now = time.monotonic()
+        took = now - max(job.sent, worker.answered)
+        self._batch_seconds = (
+            took if not self._batch_seconds else (0.9 * self._batch_seconds + 0.1 * took)
+        )
+        worker.answered = now
         if result is None:
             log.warning("worker process %d could not answer a batch: %s", worker.index, error)
             self.local_batches += 1
@@ -324,18 +365,56 @@ class ProcessPool:
         self._wake()
 
     def _retry(self, job: _Job, suspect: bool) -> None:
-        if not self._closing:
-            job.attempts += suspect
-            if job.attempts >= 2:
-                reason = "engine failed: two worker processes were lost on this batch"
+        if self._closing:
+            self._compute_here(job)
+            return
+        job.attempts += suspect
+        if job.attempts >= 2:
+            # two workers were lost computing it: the batch itself may be their end (a
+            # frame a model step crashes or hangs on), or an outside kill hit it twice.
+            # Halves, then quarters, go on, down to the frames that end workers alone.
+            if len(job.batch) == 1:
+                reason = "engine failed: two worker processes were lost on this message"
                 job.future.set_result(job.flow.failed(job.batch, reason))
                 return
-            other = self._least_busy()
-            if other is not None:
-                self._dispatch(other, job)
-                return
+            for half in self._halves(job):
+                self._place(half)
+            return
+        self._place(job)
+
+    def _place(self, job: _Job) -> None:
+        """To the least busy ready worker; with none, computed here, unless a worker was lost
+        computing it: that one waits for a worker (it may end this process too)."""
+        other = self._least_busy()
+        if other is not None:
+            self._dispatch(other, job)
+        elif job.attempts:
+            self._waiting.append(job)
+        else:
+            self._compute_here(job)
+
+    def _compute_here(self, job: _Job) -> None:
         self.local_batches += 1
         job.future.set_result(job.flow.process(job.batch))
+
+    def _halves(self, job: _Job) -> list[_Job]:
+        """``job`` as two jobs of half its frames each, suspect as it was; its future is
+        done when theirs are, with their results joined."""
+        assert self._loop is not None
+        batch, middle = job.batch, len(job.batch) // 2
+        halves = [
+            _Job(part, job.generation, job.flow, self._loop.create_future(), attempts=1)
+            for part in (batch.part(0, middle), batch.part(middle, len(batch)))
+        ]
+
+        def joined(_: asyncio.Future) -> None:
+            if all(h.future.done() for h in halves) and not job.future.done():
+                first, second = (h.future.result() for h in halves)
+                job.future.set_result(first.then(second))
+
+        for half in halves:
+            half.future.add_done_callback(joined)
+        return halves
 
     def _restart_later(self, index: int, early: bool = False) -> None:
         if self._closing or self._loop is None:
@@ -355,6 +434,35 @@ class ProcessPool:
     def _wake(self) -> None:
         if self._freed is not None:
             self._freed.set()
+
+    def _check_deadlines(self) -> None:
+        """Kill each worker whose batch in hand is past its deadline (see the module doc)."""
+        self._watch = None
+        if self._closing:
+            return
+        now = time.monotonic()
+        allowed = max(self.deadline, 4 * self._batch_seconds)
+        busy = False
+        for worker in list(self._workers.values()):
+            if not worker.jobs or worker.lost:
+                continue
+            busy = True
+            oldest = next(iter(worker.jobs.values()))
+            started = max(oldest.sent, worker.answered)
+            if not worker.killed and now - started > allowed:
+                worker.killed = True
+                self.late_kills += 1
+                log.warning(
+                    "worker process %d (pid %d) did not answer a batch of %d messages "
+                    "within %.1f s: killed",
+                    worker.index,
+                    worker.process.pid,
+                    len(oldest.batch),
+                    allowed,
+                )
+                worker.process.kill()  # its receiver hears of the end: the batches go on
+        if busy and self._loop is not None:
+            self._watch = self._loop.call_later(WATCH_INTERVAL, self._check_deadlines)
 
 
 def _reap(processes: list[subprocess.Popen], timeout: float = 5.0) -> None:

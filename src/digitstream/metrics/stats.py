@@ -21,7 +21,7 @@ def stats_document(
     - ``engine``, ``input_format``, ``output_format``, ``addresses`` (``in``, ``out``, ``metrics``).
     - ``cluster``: with ``--engine dask``, where batches go now: ``{scheduler, local_cluster,
       connected, workers, reconnects, in_process_batches}``; with ``--engine local --workers
-      N``: ``{worker_processes, in_process_batches, restarts}``; else null.
+      N``: ``{worker_processes, in_process_batches, restarts, late_kills}``; else null.
     - ``pipeline_loaded``: false while skops loads the pipeline of a model served from
       its stored arrays (the rows near a tie wait for it), true otherwise.
     - ``pipeline``: stage names in order, e.g.
