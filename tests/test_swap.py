@@ -453,77 +453,64 @@ def test_a_single_skops_file_is_watched_and_taken_once_left_alone(
 def test_swap_on_a_dask_cluster_ships_the_new_model_to_the_workers(
         start_app, bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline):
     pytest.importorskip("distributed")
-    n = 30_000
-    index = np.arange(n) % len(digits.X)
-    old = seed_pipeline.predict(digits.X)[index]
-    new = shifted_pipeline.predict(digits.X)[index]
     sink = Collector()
     try:
         app = start_app(sink.port, "--input-format", "u8", "--engine", "dask", "--workers", "1",
                         model=bundle_dir, ready=False)
         app.wait_ready(timeout=90)
-        framed = Framed.from_bytes(u8_frames(digits.X[index]))
-        sender = threading.Thread(
-            target=send_frames, args=(Address(HOST, app.in_port), [framed]),
-            kwargs={"rate": 6_000}, daemon=True)
-        sender.start()
-        sink.wait_count(n // 5, timeout=60)
-        new_hash = write_bundle(shifted_pipeline, bundle_dir, tmp_path / "staging")
-        (swap,) = wait_for(lambda: app.stats()["model_swaps"], timeout=30, interval=0.05,
-                           what="the swap in /api/stats")
-        texts = sink.wait_count(n, timeout=60)
-        sender.join(timeout=30)
-        stats = app.stats()
-        log = app.log()
-        app.stop()
-        assert sink.count() == n
+        stats, log = _swap_mid_stream(app, sink, digits, bundle_dir, tmp_path, seed_pipeline,
+                                      shifted_pipeline)
     finally:
         sink.close()
-
-    assert swap["new_hash"] == new_hash
-    (k,) = swap["at"].values()
-    assert n // 5 <= k < n
-    results = labels_of(texts)
-    assert np.array_equal(results[:k], old[:k]) and np.array_equal(results[k:], new[k:])
     # every batch went to the worker: none was computed in the run process instead
     busy = [w["name"] for w in stats["workers"] if w["messages"]]
     assert busy and "worker-1" not in busy, busy
     assert "computed in this process" not in log
 
 
-# ------------------------------------------------------------------ worker processes
-def test_swap_with_worker_processes_switches_between_two_batches(
-        start_app, bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline):
-    n = 30_000
+def _swap_mid_stream(app, sink, digits, bundle_dir, tmp_path, seed_pipeline, shifted_pipeline,
+                     n: int = 30_000) -> tuple[dict, str]:
+    """``n`` u8 frames at 6,000 msg/s, the bundle swapped for ``shifted_pipeline`` after a
+    fifth of them: checks that the old model answered every frame before one point and the
+    new one every frame from it; ``/api/stats`` and the log afterwards."""
     index = np.arange(n) % len(digits.X)
     old = seed_pipeline.predict(digits.X)[index]
     new = shifted_pipeline.predict(digits.X)[index]
-    sink = Collector()
-    try:
-        app = start_app(sink.port, "--input-format", "u8", "--workers", "2", model=bundle_dir)
-        wait_for(lambda: app.stats()["cluster"]["worker_processes"] == 2, timeout=60,
-                 what="two worker processes")
-        framed = Framed.from_bytes(u8_frames(digits.X[index]))
-        sender = threading.Thread(
-            target=send_frames, args=(Address(HOST, app.in_port), [framed]),
-            kwargs={"rate": 6_000}, daemon=True)
-        sender.start()
-        sink.wait_count(n // 5, timeout=60)
-        new_hash = write_bundle(shifted_pipeline, bundle_dir, tmp_path / "staging")
-        (swap,) = wait_for(lambda: app.stats()["model_swaps"], timeout=30, interval=0.05,
-                           what="the swap in /api/stats")
-        texts = sink.wait_count(n, timeout=60)
-        sender.join(timeout=30)
-        stats = app.stats()
-        app.stop()
-        assert sink.count() == n
-    finally:
-        sink.close()
+    framed = Framed.from_bytes(u8_frames(digits.X[index]))
+    sender = threading.Thread(
+        target=send_frames, args=(Address(HOST, app.in_port), [framed]),
+        kwargs={"rate": 6_000}, daemon=True)
+    sender.start()
+    sink.wait_count(n // 5, timeout=60)
+    new_hash = write_bundle(shifted_pipeline, bundle_dir, tmp_path / "staging")
+    (swap,) = wait_for(lambda: app.stats()["model_swaps"], timeout=30, interval=0.05,
+                       what="the swap in /api/stats")
+    texts = sink.wait_count(n, timeout=60)
+    sender.join(timeout=30)
+    stats = app.stats()
+    log = app.log()
+    app.stop()
+    assert sink.count() == n
 
     assert swap["new_hash"] == new_hash
     (k,) = swap["at"].values()
     assert n // 5 <= k < n
     results = labels_of(texts)
     assert np.array_equal(results[:k], old[:k]) and np.array_equal(results[k:], new[k:])
+    return stats, log
+
+
+# ------------------------------------------------------------------ worker processes
+def test_swap_with_worker_processes_switches_between_two_batches(
+        start_app, bundle_dir, tmp_path, digits, seed_pipeline, shifted_pipeline):
+    sink = Collector()
+    try:
+        app = start_app(sink.port, "--input-format", "u8", "--workers", "2", model=bundle_dir)
+        wait_for(lambda: app.stats()["cluster"]["worker_processes"] == 2, timeout=60,
+                 what="two worker processes")
+        stats, _ = _swap_mid_stream(app, sink, digits, bundle_dir, tmp_path, seed_pipeline,
+                                    shifted_pipeline)
+    finally:
+        sink.close()
     # every batch, before the swap and after, went to the worker processes
     assert stats["cluster"]["in_process_batches"] == 0, stats["cluster"]

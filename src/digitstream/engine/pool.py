@@ -115,6 +115,7 @@ class _Worker:
     lost: bool = False
     answered: float = 0.0  # time.monotonic() of its last answer
     killed: bool = False  # by the pool, past a deadline
+    sender: threading.Thread | None = None
 
 
 class ProcessPool:
@@ -180,10 +181,13 @@ class ProcessPool:
         self._workers[index] = worker
         if self._flow_message is not None:
             worker.outbox.put((self._flow_message, None))
-        for target, name in ((self._send, "send"), (self._receive, "receive")):
-            threading.Thread(
-                target=target, args=(worker,), name=f"pool worker {index} {name}", daemon=True
-            ).start()
+        worker.sender = threading.Thread(
+            target=self._send, args=(worker,), name=f"pool worker {index} send", daemon=True
+        )
+        worker.sender.start()
+        threading.Thread(
+            target=self._receive, args=(worker,), name=f"pool worker {index} receive", daemon=True
+        ).start()
 
     async def close(self) -> None:
         """Stop every worker; batches still held are computed here."""
@@ -284,7 +288,7 @@ class ProcessPool:
             pass  # the receiver hears of the loss
         finally:
             # a closed pool, or a lost worker: shutting our end tells the worker to exit,
-            # and ends the receiver's wait
+            # and ends the receiver's wait (which then closes the descriptors)
             try:
                 worker.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -303,6 +307,15 @@ class ProcessPool:
                 loop.call_soon_threadsafe(self._answered, worker, number, result, error)
         except (EOFError, OSError, pickle.UnpicklingError):
             pass
+        # the sender may be writing: stop it and let it finish before the descriptors go
+        # (closed under it, one could be reused for another file while it still writes)
+        try:
+            worker.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        worker.outbox.put(None)
+        if worker.sender is not None:
+            worker.sender.join(5.0)
         conn.close()
         worker.sock.close()
         try:
