@@ -89,6 +89,29 @@ def test_batch_decode_equals_each_payload_alone(items, fmt):
         assert (out.labels is None) == all(v is None for v in labels + ids)
 
 
+@pytest.mark.parametrize(
+    ("pixels", "width"),
+    [
+        ([b"[1,2]", b"3", b"[[4],5]"], 2),
+        ([b"5", b"[[1,2]]"], 2),
+        ([b"[1,2]", b"[3,4]", b"[]"], 2),
+        ([b"[1,2]", b"[[3],[4]]", b"6"], 2),
+        ([b"[1.5,2.5]", b"[3.5]", b"[4.5,5.5,6.5]"], 2),
+        ([b"-5", b"[[2]]"], 1),
+        ([b"[-1]", b"-3", b"[[4]]"], 1),
+        ([b"[1]", b"[[2]]", b"3"], 1),
+    ],
+)
+def test_values_that_are_not_flat_lists_among_flat_ones(pixels, width):
+    # as many "[" as payloads, only the bytes of numbers and lists, but not n flat lists
+    items = [b'{"pixels":' + p + b"}" for p in pixels]
+    decoder = Decoder("json", width)
+    X, errors, _, _ = one_by_one(decoder, items)
+    out = decoder.decode(Payloads(items=items))
+    assert np.array_equal(out.X, X) and out.errors == errors
+    assert errors  # each of these batches holds a payload that is refused alone
+
+
 def test_payloads_cannot_reach_into_each_other():
     decoder = Decoder("json", 1)
     items = [b'{"pixels":[1],"label":"x', b'"}', b'{"pixels":[2]},{"pixels":[3]}']
@@ -108,6 +131,21 @@ def test_payloads_cannot_reach_into_each_other():
 def test_numbers_of_one_layout_equal_float(decimals, rows, empty):
     # every number of the batch with the same count of decimals (the word-wise path),
     # from one digit up to past what a word holds, signs included; and an empty list
+    check_one_layout(decimals, rows, empty)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(0, 3),
+    st.lists(st.lists(st.integers(-999, 9999), min_size=3, max_size=3), min_size=1, max_size=30),
+    st.booleans(),
+)
+def test_short_numbers_of_one_layout_equal_float(decimals, rows, empty):
+    # numbers of at most four bytes, as image pixels mostly are, read as 4-byte words
+    check_one_layout(decimals, rows, empty)
+
+
+def check_one_layout(decimals: int, rows: list[list[int]], empty: bool) -> None:
     width = 3
     texts = [
         [f"{v / 10**decimals:.{decimals}f}" if decimals else str(v) for v in row] for row in rows

@@ -286,7 +286,10 @@ class Decoder:
         else:
             taken = list(range(len(images)))
             raws = list(map(_PIXELS, images))
-        rows = np.zeros((len(taken), self.n_features), dtype=np.float64)
+        # every payload of the batch: its rows are written in place (those not taken
+        # stay zeros, as in out.X)
+        direct = len(taken) == len(out.X)
+        rows = out.X if direct else np.zeros((len(taken), self.n_features), dtype=np.float64)
         ok = np.zeros(len(taken), dtype=bool)
         for start in range(0, len(raws), _JSON_CHUNK):
             stop = start + _JSON_CHUNK
@@ -298,9 +301,7 @@ class Decoder:
             rows = rows[ok]
         if done:
             at = indices if len(done) == len(indices) else [indices[k] for k in done]
-            if at == list(range(len(out.X))):
-                out.X[:] = rows
-            else:
+            if not direct:
                 out.X[at] = rows
             chosen_images: list = images if len(done) == len(images) else [images[k] for k in done]
             labels = list(map(_LABEL, chosen_images))
@@ -465,39 +466,63 @@ _MAX_DIGITS = 15
 _POW10 = 10.0 ** np.arange(_MAX_DIGITS + 1)
 
 
-_LISTED = b"0123456789.-,[]"
+#: the bytes of a flat list of plain numbers other than its ``[``
+_UNBRACKETED = b"0123456789.-,]"
 _WHITESPACE = b" \t\n\r"
 _OPEN, _CLOSE = ord("["), ord("]")
-_BYTES_1 = np.uint64(0x0101010101010101)
-_LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
-_ASCII_ZEROS = np.uint64(0x3030303030303030)
+#: the word of one number, by its count of digits: their places, with the low four bits
+#: of each (an ASCII digit's value); the digits are the word's top bytes
+_DIGITS_64 = np.array(
+    [(0x0F0F0F0F0F0F0F0F << (8 * (8 - k))) & (2**64 - 1) for k in range(9)], dtype=np.uint64
+)
+_DIGITS_32 = np.array(
+    [(0x0F0F0F0F << (8 * (4 - k))) & (2**32 - 1) for k in range(5)], dtype=np.uint32
+)
 #: the bytes above byte ``i`` of a word, for i = -1 .. 7
-_ABOVE = np.array(
-    [(0xFFFFFFFFFFFFFFFF << (8 * i)) & 0xFFFFFFFFFFFFFFFF for i in range(9)], dtype=np.uint64
-)
-_SWAR = (
-    (np.uint64(10), np.uint64(8), np.uint64(0x00FF00FF00FF00FF)),
-    (np.uint64(100), np.uint64(16), np.uint64(0x0000FFFF0000FFFF)),
-    (np.uint64(10000), np.uint64(32), np.uint64(0x00000000FFFFFFFF)),
-)
+_ABOVE_64 = np.array([(2**64 - 1) << (8 * i) & (2**64 - 1) for i in range(9)], dtype=np.uint64)
+_ABOVE_32 = np.array([(2**32 - 1) << (8 * i) & (2**32 - 1) for i in range(5)], dtype=np.uint32)
+
+
+def _digit_values(words: np.ndarray, digits: np.ndarray, decimals: int) -> np.ndarray:
+    """The numbers that ``words`` (uint32 or uint64, little-endian) end with: each the
+    last bytes before its separator, ``digits`` digits, a point before the last
+    ``decimals`` of them when there are any.
+
+    The point is taken out and the digits are summed pairwise, then by fours, then by
+    eights, each step a multiply and a shift for all numbers at once (SWAR).
+    """
+    u = words.dtype.type
+    wide = words.dtype.itemsize == 8
+    if decimals:
+        # the point is the byte below the last ``decimals``; the bytes below it move up one
+        upper = (_ABOVE_64 if wide else _ABOVE_32)[words.dtype.itemsize - decimals]
+        words = (words & upper) | ((words << u(8)) & (~upper & ~u(0xFF)))
+    number = words & np.take(_DIGITS_64 if wide else _DIGITS_32, digits)
+    number = (number * u(10 * 2**8 + 1)) >> u(8)
+    pairs = u(0x00FF00FF00FF00FF if wide else 0x00FF00FF)
+    number = ((number & pairs) * u(100 * 2**16 + 1)) >> u(16)
+    if wide:
+        number = ((number & u(0x0000FFFF0000FFFF)) * u(10000 * 2**32 + 1)) >> u(32)
+    return number
 
 
 def _fixed_layout(text: bytes, n: int, width: int) -> np.ndarray | None:
-    """The common layout in a few passes over the bytes: ``n`` flat lists (``text``,
-    valid JSON arrays without whitespace, side by side) of ``width`` numbers each, every
-    number with the same count of decimals and at most 8 digits (7 with a point). None
-    when the lists are laid out otherwise.
+    """The common layout in a few passes over the bytes: ``text`` is ``n`` valid JSON
+    values side by side, of the bytes of ``_UNBRACKETED`` and ``n`` times ``[`` (no
+    whitespace). When they are flat lists of ``width`` numbers each, every number with the
+    same count of decimals and at most 8 digits (7 with a point), their values as an
+    (n, width) array; else None.
 
-    Each number is read as the 8-byte word that ends at its separator; its decimal
-    point is taken out, and its digits are converted with a few integer operations for
-    all numbers at once (SWAR: digits pairwise, then hundreds, then ten-thousands).
-    ``digits / 10**q`` is then exact to the last bit, as ``float()`` rounds it.
+    Each number is read as the word (4 bytes, or 8 where a number is longer) that ends
+    at its separator, and converted with a few integer operations for all numbers at
+    once (:func:`_digit_values`). ``digits / 10**q`` is then exact to the last bit, as
+    ``float()`` rounds it.
     """
     a = np.frombuffer(text, dtype=np.uint8)
     ends = (a == _COMMA) | (a == _CLOSE)
-    dots = a == _DOT
     decimals = 0
-    if dots.any():
+    if b"." in text:
+        dots = a == _DOT
         decimals = int(ends.argmax()) - int(dots.argmax()) - 1
         shift = decimals + 1
         if not (
@@ -510,31 +535,31 @@ def _fixed_layout(text: bytes, n: int, width: int) -> np.ndarray | None:
     at = np.flatnonzero(ends)
     if len(at) != n * width or not (a[at[width - 1 :: width]] == _CLOSE).all():
         return None
-    padded = np.frombuffer(bytes(8) + text, dtype=np.uint8)
-    # word i holds the 8 bytes before byte i of text, the last of them its highest byte
-    words = np.ndarray((len(a) + 1,), dtype="<u8", buffer=padded, strides=(1,))[at]
-    if decimals:
-        # the point is byte 7 - decimals: the bytes below it move up one, byte 0 is empty
-        upper = _ABOVE[8 - decimals]
-        words = (words & upper) | ((words << np.uint64(8)) & ~upper & ~np.uint64(0xFF))
-    # where each number begins: after the separator before it, or after its list's "["
-    # (valid JSON numbers of these bytes: a minus, digits, the point where checked above)
-    begin = np.empty_like(at)
-    begin[0] = 1
-    begin[1:] = at[:-1] + 1
-    begin[width::width] += 1
-    negative = a[begin] == _MINUS if b"-" in text else None
-    digits = at - begin - (1 if decimals else 0)
-    if negative is not None:
-        digits -= negative
-    # the digits are the top bytes of the word; an empty list has none
-    if digits.min() < 1 or digits.max() > (7 if decimals else 8):
+    # the bytes of each number: those after the separator before it (or its list's "[")
+    size = np.empty_like(at)
+    size[0] = at[0] - 1
+    np.subtract(at[1:], at[:-1], out=size[1:])
+    size[1:] -= 1
+    size[width::width] -= 1
+    # word i holds the bytes before byte i of text, the last of them its highest byte
+    padded = np.frombuffer(bytes(8) + text + b"\0", dtype=np.uint8)
+    negative = None
+    if b"-" in text:
+        # the first byte of each number (one past the text after a list within a list)
+        negative = padded[8:][at - size] == _MINUS
+        size -= negative
+    longest = int(size.max())
+    digits = size - 1 if decimals else size
+    # Every number has a digit. Then no list is empty and none holds a list: its "]"
+    # would be next to a "," or "]". So each of the n "[" begins a flat list of one
+    # value, no value is a bare number, and the n lists hold ``width`` numbers each.
+    if longest > 8 or digits.min() < 1:
         return None
-    bits = ((8 - digits) * 8).astype(np.uint64)
-    number = (((words ^ _ASCII_ZEROS) >> bits) << bits) & _LOW_NIBBLES
-    for scale, step, mask in _SWAR:
-        number = (number * scale + (number >> step)) & mask
-    values = number.astype(np.float64)
+    if longest <= 4:
+        view = np.ndarray((len(a) + 1,), dtype="<u4", buffer=padded, offset=4, strides=(1,))
+    else:
+        view = np.ndarray((len(a) + 1,), dtype="<u8", buffer=padded, strides=(1,))
+    values = _digit_values(np.take(view, at), digits, decimals).astype(np.float64)
     if decimals:
         values /= 10.0**decimals
     if negative is not None:
@@ -557,25 +582,26 @@ def _pixel_rows(raws: list, width: int) -> tuple[np.ndarray, np.ndarray]:
     integer ``-0`` to 0.0, as JSON's integers are). The other rows are zeros and False.
     """
     n = len(raws)
+    joined = b"".join(raws)
+    # the "[" and whatever else a flat list of plain numbers does not hold
+    others = joined.translate(None, _UNBRACKETED)
+    opens = b"[" * n
+    flat = others == opens
+    spaced = not flat and others.translate(None, _WHITESPACE) == opens
+    compact = joined.translate(None, _WHITESPACE) if spaced else joined
+    if n and (flat or spaced):
+        values = _fixed_layout(compact, n, width)
+        if values is not None:
+            return values, np.ones(n, dtype=bool)
     rows = np.zeros((n, width), dtype=np.float64)
     ok = np.zeros(n, dtype=bool)
     if n == 0:
         return rows, ok
-    joined = b"".join(raws)
-    flat = spaced = False
-    if joined.count(b"[") == n:
-        rest = joined.translate(None, _LISTED)
-        if rest and not rest.translate(None, _WHITESPACE):
-            rest, spaced = b"", True
-        if not rest:
-            lengths = np.fromiter(map(len, raws), dtype=np.int64, count=n)
-            starts = np.cumsum(lengths) - lengths
-            flat = bool((np.frombuffer(joined, dtype=np.uint8)[starts] == _OPEN).all())
+    if flat or spaced:
+        lengths = np.fromiter(map(len, raws), dtype=np.int64, count=n)
+        starts = np.cumsum(lengths) - lengths
+        flat = bool((np.frombuffer(joined, dtype=np.uint8)[starts] == _OPEN).all())
     if flat:
-        compact = joined.translate(None, _WHITESPACE) if spaced else joined
-        values = _fixed_layout(compact, n, width)
-        if values is not None:
-            return values, ~ok
         keep = np.arange(n)
         text = compact.translate(_ENDS, b"[")
     else:
