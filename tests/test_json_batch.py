@@ -208,3 +208,19 @@ def test_batch_encode_of_the_usual_ids_equals_frame_by_frame(ids):
     assert encoder.encode(5, index, conf, {3: "bad json: x"}, ids) == encoder._frames(
         5, 0, len(ids), index, conf, {3: "bad json: x"}, ids
     )
+
+
+@pytest.mark.parametrize("first", [0, 9_990, 999_999_960, 10**17 - 30])
+@pytest.mark.parametrize("ids", [None, "strings", "mixed"])
+def test_batch_encode_across_a_power_of_ten_equals_frame_by_frame(first, ids):
+    n = 64
+    encoder = JsonEncoder(np.array([0, 1, 2]))
+    index = np.arange(n) % 3
+    conf = np.linspace(0.01, 1.0, n)
+    id_list = {
+        None: None,
+        "strings": [f"img-{i * 37}" for i in range(n)],
+        "mixed": [f"i{i}" if i % 3 else (None if i % 2 else i) for i in range(n)],
+    }[ids]
+    expected = encoder._frames(first, 0, n, index, conf, {}, id_list)
+    assert encoder.encode(first, index, conf, {}, id_list) == expected

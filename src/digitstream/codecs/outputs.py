@@ -123,13 +123,12 @@ class JsonEncoder:
             labels,
             _Texts.constant(b',"probability":', n),
             probs,
+            *(id_texts or ()),
+            _Texts.constant(b"}", n),
         ]
-        if id_texts is not None:
-            pieces.append(id_texts)
-        pieces.append(_Texts.constant(b"}", n))
         sizes = sum(piece.lengths for piece in pieces)
-        header = _Texts(np.asarray(sizes, dtype=">u4").view(np.uint8).reshape(n, HEADER.size), None)
-        return _join_rows([header, *pieces])
+        header = _Texts(np.asarray(sizes, dtype=">u4").view(np.uint8).reshape(n, HEADER.size))
+        return _join_rows(n, [header, *pieces])
 
     def _frames(
         self, first_seq: int, start: int, stop: int, class_index, confidence, errors, ids
@@ -175,25 +174,25 @@ def _probability(p: float) -> str:
 
 
 class _Texts:
-    """One byte string per frame: row ``i`` of ``rows`` holds frame i's in its first
-    ``lengths[i]`` bytes (every byte of its row when ``lengths`` is None)."""
+    """One byte string per frame, frame i's ``lengths[i]`` bytes long: row i of ``rows``
+    holds it in its first ``lengths[i]`` bytes (every byte of its row when ``lengths`` is
+    None), or ``packed`` holds them all end to end (and ``rows`` is None)."""
 
-    def __init__(self, rows, lengths=None):
+    def __init__(self, rows, lengths=None, packed=None):
         if isinstance(rows, list):
             width = max(map(len, rows), default=0)
             lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
             rows = np.frombuffer(b"".join(r.ljust(width, b" ") for r in rows), dtype=np.uint8)
             rows = rows.reshape(len(lengths), width)
         self.rows = rows
-        self.lengths = (
-            np.full(len(rows), rows.shape[1], dtype=np.int64) if lengths is None else lengths
-        )
+        self.packed = packed
         self.full = lengths is None
-
-    def used(self) -> np.ndarray:
-        if self.full:
-            return np.ones(self.rows.shape, dtype=bool)
-        return np.arange(self.rows.shape[1]) < self.lengths[:, None]
+        if lengths is None:
+            self.lengths = np.full(len(rows), rows.shape[1], dtype=np.int64)
+            self.width = rows.shape[1]
+        else:
+            self.lengths = lengths
+            self.width = rows.shape[1] if rows is not None else int(lengths.max(initial=0))
 
     @classmethod
     def constant(cls, text: bytes, n: int) -> _Texts:
@@ -204,23 +203,31 @@ class _Texts:
         return _Texts(self.rows[index], self.lengths[index])
 
 
-def _join_rows(pieces: list[_Texts]) -> bytes:
-    """The rows' texts, each row's pieces in order, rows one after another: the pieces
-    side by side as one matrix, read row by row where each piece's bytes are in use."""
-    rows = np.concatenate([piece.rows for piece in pieces], axis=1)
-    used = np.concatenate([piece.used() for piece in pieces], axis=1)
+def _join_rows(n: int, pieces: list[_Texts]) -> bytes:
+    """The texts of ``n`` frames, each frame's pieces in order, frames one after another:
+    the pieces side by side as the columns of one matrix, read row by row where each
+    piece's bytes are in use."""
+    rows = np.empty((n, sum(piece.width for piece in pieces)), dtype=np.uint8)
+    used = np.empty(rows.shape, dtype=bool)
+    at = 0
+    for piece in pieces:
+        columns = slice(at, at + piece.width)
+        at += piece.width
+        if piece.full:
+            rows[:, columns] = piece.rows
+            used[:, columns] = True
+            continue
+        mask = np.arange(piece.width) < piece.lengths[:, None]
+        used[:, columns] = mask
+        if piece.packed is None:
+            rows[:, columns] = piece.rows
+        else:
+            rows[:, columns][mask] = piece.packed
     return rows[used].tobytes()
 
 
-def _packed(data: bytes, lengths: np.ndarray) -> _Texts:
-    """Texts laid end to end in ``data``, text i ``lengths[i]`` bytes long."""
-    width = int(lengths.max(initial=0))
-    rows = np.zeros((len(lengths), width), dtype=np.uint8)
-    rows[np.arange(width) < lengths[:, None]] = np.frombuffer(data, dtype=np.uint8)
-    return _Texts(rows, lengths)
-
-
 _POWERS = 10 ** np.arange(1, 19, dtype=np.int64)
+_TENS = 10 ** np.arange(0, 19, dtype=np.int64)
 
 
 def _decimal_texts(first: int, n: int) -> _Texts | None:
@@ -229,7 +236,12 @@ def _decimal_texts(first: int, n: int) -> _Texts | None:
         return None
     numbers = np.arange(first, first + n, dtype=np.int64)
     lengths = 1 + np.searchsorted(_POWERS, numbers, side="right")
-    return _packed("".join(map(str, range(first, first + n))).encode(), lengths)
+    width = int(lengths[-1]) if n else 0
+    # digit j of a number of L digits is (number // 10**(L - 1 - j)) % 10, for j < L
+    place = np.maximum(lengths[:, None] - 1 - np.arange(width), 0)
+    digits = numbers[:, None] // _TENS[place] % 10
+    rows = (digits + 48).astype(np.uint8)
+    return _Texts(rows, None if int(lengths[0]) == width else lengths)
 
 
 #: bytes of a string that JSON (with ``ensure_ascii``, as :func:`json.dumps` writes it)
@@ -239,13 +251,14 @@ _PLAIN_BYTES[0x20:0x7F] = True
 _PLAIN_BYTES[[ord('"'), ord("\\")]] = False
 
 
-def _id_fields(values) -> _Texts | None:
+def _id_fields(values) -> list[_Texts] | None:
     """Each frame's ``,"id":...`` field as :meth:`JsonEncoder._frames` writes it (empty
-    for a frame without an id); None when an id is not a string that is its own JSON
-    text between quotes, an int or None."""
-    if not set(map(type, values)) <= {str, int, type(None)}:
+    for a frame without an id), as pieces in order; None when an id is not a string that
+    is its own JSON text between quotes, an int or None."""
+    kinds = set(map(type, values))
+    if not kinds <= {str, int, type(None)}:
         return None
-    strings = [v for v in values if type(v) is str]
+    strings = values if kinds == {str} else [v for v in values if type(v) is str]
     if strings:
         try:
             data = "\x00".join(strings).encode("ascii")
@@ -253,13 +266,24 @@ def _id_fields(values) -> _Texts | None:
             return None
         codes = np.frombuffer(data, dtype=np.uint8)
         separators = codes == 0
-        if int(separators.sum()) != len(strings) - 1 or not _PLAIN_BYTES[codes[~separators]].all():
+        ends = np.flatnonzero(separators)
+        text = codes[~separators]
+        if len(ends) != len(strings) - 1 or not _PLAIN_BYTES[text].all():
             return None
+        if kinds == {str}:
+            n = len(values)
+            bounds = np.concatenate(([-1], ends, [len(codes)]))
+            lengths = np.subtract(bounds[1:], bounds[:-1]) - 1
+            return [
+                _Texts.constant(b',"id":"', n),
+                _Texts(None, lengths, text),
+                _Texts.constant(b'"', n),
+            ]
     fields = [
         "" if v is None else f',"id":"{v}"' if type(v) is str else f',"id":{v}' for v in values
     ]
     lengths = np.fromiter(map(len, fields), dtype=np.int64, count=len(fields))
-    return _packed("".join(fields).encode("ascii"), lengths)
+    return [_Texts(None, lengths, np.frombuffer("".join(fields).encode("ascii"), np.uint8))]
 
 
 _PLACES = 6
