@@ -105,11 +105,11 @@ class JsonEncoder:
         """Frames ``start:stop``, none of them an error, built with a few NumPy operations
         for all of them: the same bytes as :meth:`_frames` writes one by one."""
         n = stop - start
-        seqs = _decimal_texts(first_seq + start, n)
+        seqs = _decimal_texts(first_seq + start, n) if n >= 16 else None
         run_ids = ids[start:stop] if ids is not None else None
         some_ids = run_ids is not None and run_ids.count(None) < n
-        id_texts = _id_fields(run_ids) if some_ids else None
-        if n < 16 or seqs is None or (some_ids and id_texts is None):
+        id_texts = _id_fields(run_ids) if some_ids and seqs is not None else None
+        if seqs is None or (some_ids and id_texts is None):
             return self._frames(first_seq, start, stop, class_index, confidence, {}, ids)
         labels = self._label_bytes.take(class_index[start:stop])
         if confidence is None:
@@ -226,8 +226,8 @@ def _join_rows(n: int, pieces: list[_Texts]) -> bytes:
     return rows[used].tobytes()
 
 
-_POWERS = 10 ** np.arange(1, 19, dtype=np.int64)
 _TENS = 10 ** np.arange(0, 19, dtype=np.int64)
+_POWERS = _TENS[1:]
 
 
 def _decimal_texts(first: int, n: int) -> _Texts | None:
