@@ -347,7 +347,7 @@ class _FusedRunner(Runner):
         # (X @ A) then a copy to (k, n): BLAS is at its fastest on the row-major product
         # (twice the speed of A.T @ X.T on some CPUs), and the reductions below are
         # fastest along rows of a (k, n) array
-        scores = np.ascontiguousarray((X @ A).T)
+        scores = np.ascontiguousarray(_product(X, A).T)
         scores += b
         top = scores.max(axis=0)
         near_top = (scores >= top - margin).view(np.uint8)
@@ -407,6 +407,23 @@ class _FusedRunner(Runner):
         if self._has_proba:
             return self._proba_of_winner(X, index)
         return None
+
+
+#: rows of a batch per BLAS call in the fused product: OpenBLAS multiplies many rows by a
+#: few columns up to twice as fast in blocks whose rows stay in the cache as in one call
+PRODUCT_ROWS = 1024
+
+
+def _product(X: np.ndarray, A: np.ndarray) -> np.ndarray:
+    """``X @ A``, PRODUCT_ROWS rows at a time."""
+    n = len(X)
+    if n <= PRODUCT_ROWS:
+        return X @ A
+    product = np.empty((n, A.shape[1]), dtype=np.result_type(X.dtype, A.dtype))
+    for start in range(0, n, PRODUCT_ROWS):
+        stop = start + PRODUCT_ROWS
+        np.matmul(X[start:stop], A, out=product[start:stop])
+    return product
 
 
 def make_runner(pipeline, compile: bool = True) -> Runner:
