@@ -7,12 +7,21 @@
 - the u8 decision's steps alone on 8,192 rows of 64 pixels, one BLAS thread;
 - json numbers: ``_fixed_layout`` on 256 pixel lists of the digits;
 - labelled json: a decoder's whole batch of 4,096 images (labels and ids), and json
-  output of 4,096 results with ids, per frame, the best of 15 rounds.
+  output of 4,096 results with ids, per frame, the best of 15 rounds;
+- the model: the fused runner of the benchmark's model on a batch of 8,192 digits, as
+  u8 frames give it (float32, pixels known to lie within 255) and as pickle and json
+  frames give it (float64), µs per batch, the best of 15 rounds; and the same with the
+  product in blocks of 256 to 8,192 rows.
+
+    python docs/benchmarks/in_process.py predict     # only the last
 """
 
 from __future__ import annotations
 
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from sklearn.datasets import load_digits
@@ -60,9 +69,49 @@ def cut(data: bytes, chunk: int, repeats: int = 10) -> float:
     return (time.perf_counter() - start) / frames * 1e6
 
 
+def predict_batches() -> None:
+    from digitstream.bench.runner import prepare_model
+    from digitstream.model.bundle import load_bundle
+    from digitstream.model.runner import make_runner
+
+    with tempfile.TemporaryDirectory() as directory:
+        prepare_model(Path(directory))
+        pipeline = load_bundle(Path(directory)).pipeline
+    runner = make_runner(pipeline)
+    X = np.tile(load_digits().data, (5, 1))[:8192]
+    single = X.astype(np.float32)
+    for name, f in (
+        ("u8 (float32)", lambda: runner.predict(single, max_abs=255.0)),
+        ("float64", lambda: runner.predict(X)),
+        ("float64 with confidence", lambda: runner.predict(X, want_confidence=True)),
+    ):
+        print(f"predict, 8,192 rows {name}: {best_per_frame(f, 1):.0f} µs a batch")
+    from digitstream.model import runner as runners
+
+    default = getattr(runners, "PRODUCT_ROWS", None)
+    if default is None:  # a revision that multiplies the whole batch at once
+        return
+    try:
+        for rows in (256, 512, 1024, 2048, 8192):
+            runners.PRODUCT_ROWS = rows
+            times = [
+                best_per_frame(f, 1)
+                for f in (lambda: runner.predict(single, max_abs=255.0), lambda: runner.predict(X))
+            ]
+            print(
+                f"predict in blocks of {rows:,} rows, u8 / float64: "
+                f"{times[0]:.0f} / {times[1]:.0f} µs a batch"
+            )
+    finally:
+        runners.PRODUCT_ROWS = default
+
+
 def main() -> None:
     threadpool_limits(1)
     keep_batch_memory()
+    if sys.argv[1:] == ["predict"]:
+        predict_batches()
+        return
     digits = load_digits()
     X = np.tile(digits.data, (5, 1))[:8192]
     rng = np.random.default_rng(0)
@@ -131,6 +180,7 @@ def main() -> None:
     ids = [f"img-{i}" for i in range(n)]
     encode = best_per_frame(lambda: encoder.encode(1_000_000, labels, confidence, {}, ids), n)
     print(f"json encode, {n:,} results with ids: {encode:.3f} µs a frame")
+    predict_batches()
 
 
 if __name__ == "__main__":
