@@ -71,36 +71,34 @@ def cut(data: bytes, chunk: int, repeats: int = 10) -> float:
 
 def predict_batches() -> None:
     from digitstream.bench.runner import prepare_model
+    from digitstream.model import runner as runners
     from digitstream.model.bundle import load_bundle
-    from digitstream.model.runner import make_runner
 
     with tempfile.TemporaryDirectory() as directory:
         prepare_model(Path(directory))
         pipeline = load_bundle(Path(directory)).pipeline
-    runner = make_runner(pipeline)
+    runner = runners.make_runner(pipeline)
     X = np.tile(load_digits().data, (5, 1))[:8192]
     single = X.astype(np.float32)
+    u8, double = (
+        lambda: runner.predict(single, max_abs=255.0),
+        lambda: runner.predict(X),
+    )
     for name, f in (
-        ("u8 (float32)", lambda: runner.predict(single, max_abs=255.0)),
-        ("float64", lambda: runner.predict(X)),
+        ("u8 (float32)", u8),
+        ("float64", double),
         ("float64 with confidence", lambda: runner.predict(X, want_confidence=True)),
     ):
         print(f"predict, 8,192 rows {name}: {best_per_frame(f, 1):.0f} µs a batch")
-    from digitstream.model import runner as runners
-
     default = getattr(runners, "PRODUCT_ROWS", None)
     if default is None:  # a revision that multiplies the whole batch at once
         return
     try:
         for rows in (256, 512, 1024, 2048, 8192):
             runners.PRODUCT_ROWS = rows
-            times = [
-                best_per_frame(f, 1)
-                for f in (lambda: runner.predict(single, max_abs=255.0), lambda: runner.predict(X))
-            ]
             print(
                 f"predict in blocks of {rows:,} rows, u8 / float64: "
-                f"{times[0]:.0f} / {times[1]:.0f} µs a batch"
+                f"{best_per_frame(u8, 1):.0f} / {best_per_frame(double, 1):.0f} µs a batch"
             )
     finally:
         runners.PRODUCT_ROWS = default

@@ -422,19 +422,12 @@ def _scores(X: np.ndarray, A: np.ndarray) -> np.ndarray:
     """
     n, k = len(X), A.shape[1]
     dtype = np.result_type(X.dtype, A.dtype)
-    if dtype == np.float32:
-        scores = np.empty((k, n), dtype=dtype)
-        for start in range(0, n, PRODUCT_ROWS):
-            stop = start + PRODUCT_ROWS
-            np.matmul(X[start:stop], A, out=scores[:, start:stop].T)
-        return scores
-    if n <= PRODUCT_ROWS:
-        return np.ascontiguousarray((X @ A).T)
-    product = np.empty((n, k), dtype=dtype)
+    direct = dtype == np.float32
+    out = np.empty((k, n) if direct else (n, k), dtype=dtype)
     for start in range(0, n, PRODUCT_ROWS):
         stop = start + PRODUCT_ROWS
-        np.matmul(X[start:stop], A, out=product[start:stop])
-    return np.ascontiguousarray(product.T)
+        np.matmul(X[start:stop], A, out=out[:, start:stop].T if direct else out[start:stop])
+    return out if direct else np.ascontiguousarray(out.T)
 
 
 def make_runner(pipeline, compile: bool = True) -> Runner:
