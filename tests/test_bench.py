@@ -170,6 +170,27 @@ def test_latency_is_matched_per_message():
     assert summary["cdf"][-1] == [5.0, 1.0]
 
 
+def test_latency_runs_combine_into_medians_and_the_worst_max():
+    from digitstream.bench.runner import combine_latency_runs
+    from digitstream.tools.measure import latency_summary
+
+    def run(tail_ms: float, slow: int) -> dict:
+        lat = np.array([200_000] * (10_000 - slow) + [int(tail_ms * 1e6)] * slow)
+        return {"rate_target": 100_000, "rate_sent": 99_990.0, **latency_summary(lat)}
+
+    # a quiet run, one with a slow spell of the host, one in between
+    runs = [run(0.5, 15), run(6.0, 40), run(2.0, 20)]
+    combined = combine_latency_runs(runs)
+    assert [r["p99_9"] for r in runs] == [0.5, 6.0, 2.0]
+    assert combined["p99_9"] == 2.0 and combined["p50"] == 0.2
+    assert combined["max"] == 6.0 and combined["messages"] == 30_000
+    assert combined["cdf"] == runs[2]["cdf"]  # the run with the median p99.9
+    assert [r["p99_9"] for r in combined["runs"]] == [0.5, 6.0, 2.0]
+    assert all("cdf" not in r for r in combined["runs"])
+    one = combine_latency_runs(runs[:1])
+    assert {k: v for k, v in one.items() if k != "runs"} == runs[0]
+
+
 def test_exact_plan_sends_exactly_the_count_asked():
     from digitstream.bench.worker import exact_plan
     from digitstream.tools.sender import Framed
@@ -207,6 +228,7 @@ def test_bench_quick_produces_every_figure(tmp_path):
         assert lat["messages"] > 0
         assert 0 < lat["p50"] <= lat["p99"] <= lat["p99_9"] <= lat["max"]
         assert lat["cdf"]
+        assert len(lat["runs"]) == figures["settings"]["latency_rounds"] == 1
     for ratios in (figures["ratios"], figures["ratios_paired"]):
         assert ratios and all(value > 0 for value in ratios.values()), ratios
     assert figures["memory"]["peak_rss_mb"] > 0 and figures["memory"]["samples_mb"]

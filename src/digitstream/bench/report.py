@@ -69,6 +69,7 @@ def print_report(figures: dict, console: Console) -> None:
     table = Table(
         title=f"Latency, end to end, paced at {settings['latency_rate']:,.0f} msg/s "
         f"for {settings['latency_seconds']:g} s (ms)"
+        + _rounds_note(settings.get("latency_rounds", 1))
     )
     for name in ["system", "messages", "sent msg/s", "p50", "p90", "p99", "p99.9", "max"]:
         table.add_column(name, justify="left" if name == "system" else "right")
@@ -218,6 +219,13 @@ def _plot_throughput(ax, figures: dict) -> None:
     ax.set_ylabel("messages/s, end to end (median; dots: runs)")
     ax.set_title("Throughput")
     ax.grid(axis="y", which="both", alpha=0.3)
+
+
+def _rounds_note(rounds: int) -> str:
+    """How a latency figure of several runs is made (see ``runner.combine_latency_runs``)."""
+    if rounds <= 1:
+        return ""
+    return f"; {rounds} runs each, in turns: medians over the runs, max of all"
 
 
 def _plot_latency(ax, figures: dict) -> None:

@@ -23,6 +23,8 @@ class Settings:
     warmup: dict[str, int]
     latency_rate: float = 100_000
     latency_seconds: float = 10.0
+    #: paced latency runs per system, in turns (the figures are medians over them)
+    latency_rounds: int = 3
     quick: bool = False
     startup_runs: int = 5
 
@@ -59,6 +61,7 @@ class Settings:
             messages=messages,
             warmup=_warmups(messages),
             latency_seconds=1.5,
+            latency_rounds=1,
             quick=True,
             startup_runs=3,
         )
@@ -80,6 +83,7 @@ def new_figures(settings: Settings) -> dict:
             "warmup_messages": settings.warmup,
             "latency_rate": settings.latency_rate,
             "latency_seconds": settings.latency_seconds,
+            "latency_rounds": settings.latency_rounds,
             "startup_runs": settings.startup_runs,
         },
         "machine": machine_info(),
