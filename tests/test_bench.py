@@ -191,6 +191,35 @@ def test_latency_runs_combine_into_medians_and_the_worst_max():
     assert {k: v for k, v in one.items() if k != "runs"} == runs[0]
 
 
+def test_ratio_targets_are_judged_by_the_paired_ratio():
+    from digitstream.bench.runner import (
+        RATIOS,
+        compute_paired_ratios,
+        compute_ratios,
+        evaluate_targets,
+    )
+
+    def relay_row(u8_rates, relay_rates) -> tuple[dict, float]:
+        def runs(rates):
+            return {"runs": [{"msg_per_s": r} for r in rates], "median": sorted(rates)[1]}
+
+        throughput = {key: runs([1.0] * 3) for pair in RATIOS.values() for key in pair}
+        throughput["digitstream_u8"], throughput["relay_u8"] = runs(u8_rates), runs(relay_rates)
+        figures = {"throughput": throughput, "latency": {}, "startup": {}, "memory": {}}
+        figures["ratios"] = compute_ratios(figures)
+        figures["ratios_paired"] = compute_paired_ratios(figures)
+        rows = {row["name"]: row for row in evaluate_targets(figures)}
+        return rows["digitstream u8 / relay u8"], figures["ratios"]["u8_vs_relay"]
+
+    # rounds 0.7, 0.8, 0.75: paired 0.75; the medians, 7 and 10, give 0.70
+    row, of_medians = relay_row([7.0, 8.0, 6.0], [10.0, 10.0, 8.0])
+    assert of_medians == 0.7 and row["measured"] == 0.75 and row["met"] is True
+    assert row["note"] == "paired; of medians 0.70"
+    # rounds 0.6, 0.67, 0.7: paired 0.67 misses, though the ratio of medians is 0.70
+    row, of_medians = relay_row([6.0, 8.0, 7.0], [10.0, 12.0, 10.0])
+    assert of_medians == 0.7 and round(row["measured"], 3) == 0.667 and row["met"] is False
+
+
 def test_exact_plan_sends_exactly_the_count_asked():
     from digitstream.bench.worker import exact_plan
     from digitstream.tools.sender import Framed
