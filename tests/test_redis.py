@@ -33,16 +33,50 @@ pytestmark = pytest.mark.skipif(
 redis = pytest.importorskip("redis")
 
 
+class Certificates:
+    """A certificate authority of the test's own, and certificates it signs (``openssl``)."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.ca, ca_key = self.directory / "ca.pem", self.directory / "ca-key.pem"
+        self._ca_key = ca_key
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key),
+                 "-out", str(self.ca), "-days", "1", "-subj", "/CN=digitstream test CA")
+
+    def issue(self, name: str, san: str | None = None) -> tuple[Path, Path]:
+        """A certificate and key for ``name`` signed by the CA; ``san``: its subjectAltName."""
+        cert, key = self.directory / f"{name}.pem", self.directory / f"{name}-key.pem"
+        csr, ext = self.directory / f"{name}.csr", self.directory / f"{name}.ext"
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+                 "-subj", f"/CN={name}")
+        ext.write_text(f"subjectAltName={san}\n" if san else "")
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(self.ca), "-CAkey",
+                 str(self._ca_key), "-CAcreateserial", "-out", str(cert), "-days", "1",
+                 "-extfile", str(ext))
+        return cert, key
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=TIMEOUT)
+
+
 class RedisServer:
-    """``redis-server`` on 127.0.0.1 in ``directory``; ``persist`` turns the append-only file on."""
+    """``redis-server`` on 127.0.0.1 in ``directory``; ``persist`` turns the append-only file on.
+    With ``tls`` (a :class:`Certificates`), it speaks only TLS and asks every client for a
+    certificate signed by that authority."""
 
     def __init__(self, directory: Path, persist: bool = False, password: str | None = None,
-                 port: int | None = None):
+                 port: int | None = None, tls: Certificates | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.persist = persist
         self.password = password
         self.port = port
+        self.tls = tls
+        if tls is not None:
+            self.server_cert = tls.issue("redis-server", f"IP:{HOST}")
+            self.client_cert = tls.issue("client")
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -58,6 +92,12 @@ class RedisServer:
                     "--logfile", str(self.directory / "redis.log")]
             if self.password:
                 args += ["--requirepass", self.password]
+            if self.tls is not None:
+                cert, key = self.server_cert
+                args[args.index("--port") + 1] = "0"
+                args += ["--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file",
+                         str(key), "--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients",
+                         "yes"]
             self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + TIMEOUT
             while time.monotonic() < deadline:
@@ -75,10 +115,18 @@ class RedisServer:
 
     def url(self, stream: str, password: str | None = None) -> str:
         auth = f":{password}@" if password else ""
-        return f"redis://{auth}{HOST}:{self.port}/{stream}"
+        if self.tls is None:
+            return f"redis://{auth}{HOST}:{self.port}/{stream}"
+        cert, key = self.client_cert
+        return f"rediss://{auth}{HOST}:{self.port}/{stream}?ca={self.tls.ca}&cert={cert}&key={key}"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(HOST, self.port, password=self.password, socket_timeout=TIMEOUT)
+        tls = {}
+        if self.tls is not None:
+            cert, key = self.client_cert
+            tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca), "ssl_certfile": str(cert),
+                   "ssl_keyfile": str(key)}
+        return redis.Redis(HOST, self.port, password=self.password, socket_timeout=TIMEOUT, **tls)
 
     def stop(self, sig=signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -390,9 +438,13 @@ def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> subproces
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.parametrize("tls", [False, pytest.param(True, marks=pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs openssl to make certificates"))],
+    ids=["plain", "tls-client-certificates"])
 def test_redis_restarted_mid_stream_loses_nothing_it_kept(tmp_path, start_run, digits,
-                                                          expected_texts):
-    server = RedisServer(tmp_path / "redis", persist=True)
+                                                          expected_texts, tls):
+    certificates = Certificates(tmp_path / "certs") if tls else None
+    server = RedisServer(tmp_path / "redis", persist=True, tls=certificates)
     try:
         client = server.client()
         base = _u8(digits)
@@ -413,6 +465,16 @@ def test_redis_restarted_mid_stream_loses_nothing_it_kept(tmp_path, start_run, d
         logs = "".join(app.log() for app in apps)
         assert "retrying with backoff" in logs and "back after" in logs
         print("\n".join(re.findall(r"^.*back after.*$", logs, re.M)))
+        if tls:
+            # the authority trusted, but no certificate of one's own: refused at the handshake
+            bare = _cli("send", "--to", f"rediss://{HOST}:{server.port}/in?ca={certificates.ca}",
+                        "--format", "u8")
+            assert bare.returncode != 0
+            refusal = bare.stderr.decode()
+            assert "Traceback" not in refusal, refusal
+            assert f"cannot reach redis at {HOST}:{server.port}: " in refusal
+            assert "give one with ?cert=FILE&key=FILE" in refusal
+            print(refusal)
         for app in apps:
             assert app.stop() == 0, app.log()
         by_input = _results_by_input(client, "out")
@@ -529,6 +591,7 @@ def test_tls_with_a_password(tmp_path, start_run, digits, expected_texts):
         untrusted = _cli("send", "--to", f"{base}/in", "--format", "u8")
         assert untrusted.returncode != 0
         assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr.decode()
+        assert "name the one that signed it with ?ca=FILE" in untrusted.stderr.decode()
         app = start_run(f"{base}/in?ca={cert}", f"{base}/out?ca={cert}", "--input-format", "u8")
         client = redis.Redis(HOST, port, password="tls-pw", ssl=True, ssl_ca_certs=str(cert),
                              socket_timeout=TIMEOUT)

@@ -272,8 +272,28 @@ def server_error(url: RedisURL, exc: BaseException) -> UserError:
     if refused:
         return UserError(f"{where} refused the password: {text}")
     if isinstance(exc, (RedisError, OSError)):
-        return UserError(f"cannot reach {where}: {text}")
+        hint = _tls_hint(url, text)
+        return UserError(f"cannot reach {where}: {text.rstrip('.') if hint else text}{hint}")
     return UserError(f"{where}: {text}")
+
+
+def _tls_hint(url: RedisURL, text: str) -> str:
+    """What to do about a TLS failure, when the error says which kind it is."""
+    if not url.tls:
+        return ""
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        if url.ca:
+            return f"; the server's certificate does not verify against {url.ca}"
+        return (
+            "; the server's certificate is not signed by an authority trusted here: name the "
+            "one that signed it with ?ca=FILE"
+        )
+    if not url.cert and ("SSL" in text or "_ssl.c" in text or "EOF occurred" in text):
+        return (
+            "; the TLS handshake failed: if the server asks clients for a certificate "
+            "(tls-auth-clients), give one with ?cert=FILE&key=FILE"
+        )
+    return ""
 
 
 class _Backoff:
