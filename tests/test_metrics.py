@@ -105,6 +105,28 @@ def test_histogram_extremes_and_batches_of_observations():
     assert hist.quantile(1.0) == 100.0
 
 
+def test_class_counts_add_up_over_many_batches_read_at_any_moment():
+    from digitstream.metrics.recorder import FOLD_BATCHES
+
+    m = Metrics("app", STAGES, range(10))
+    expected = np.zeros(10, dtype=np.int64)
+    for i in range(3 * FOLD_BATCHES + 7):
+        result = make_result(1 + i % 50)
+        m.batch_done(result, 0.001)
+        expected += result.class_counts
+        if i in (5, FOLD_BATCHES - 1, FOLD_BATCHES, 2 * FOLD_BATCHES + 3):
+            assert m.snapshot().class_counts == expected.tolist(), i
+        if i % 97 == 0:
+            m.sample()
+    assert len(m._pending_class_counts) < FOLD_BATCHES
+    assert m.snapshot().class_counts == expected.tolist()
+    # counts of another width (a batch of a model with other classes) are left out
+    odd = make_result(5)
+    odd.class_counts = np.ones(3, dtype=np.int64)
+    m.batch_done(odd, 0.001)
+    assert m.class_counts.tolist() == expected.tolist()
+
+
 def test_batch_done_counts_every_message_of_a_batch():
     m = Metrics("app", STAGES, range(10))
     m.connection_opened()

@@ -254,6 +254,12 @@ class Session:
 
     def latency(self, key: str, rate: float, seconds: float) -> dict:
         """Send for ``seconds`` paced at ``rate`` messages/s; per-message latency figures."""
+        lat, rate_sent = self.latencies(key, rate, seconds)
+        return {"rate_target": rate, "rate_sent": rate_sent, **latency_summary(lat)}
+
+    def latencies(self, key: str, rate: float, seconds: float) -> tuple[np.ndarray, float]:
+        """Send for ``seconds`` paced at ``rate`` messages/s: every message's latency (ns, in
+        the order sent) and the rate the sender kept."""
         messages = max(1, int(rate * seconds))
         sent, received = self._run(key, messages, rate=rate, timeline=True)
         lat = latencies_ns(
@@ -261,8 +267,7 @@ class Session:
             as_timeline(np.load(received["timeline"])),
             messages,
         )
-        send_seconds = (sent["end_ns"] - sent["start_ns"]) / 1e9
-        return {"rate_target": rate, "rate_sent": messages / send_seconds, **latency_summary(lat)}
+        return lat, messages / ((sent["end_ns"] - sent["start_ns"]) / 1e9)
 
     def _run(self, key: str, messages: int, rate: float | None, timeline: bool):
         listener, sender = self.listener, self.sender

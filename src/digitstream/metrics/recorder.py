@@ -34,6 +34,8 @@ LATENCY_EDGES: tuple[float, ...] = tuple(
 BATCH_SIZE_EDGES: tuple[int, ...] = tuple(1 << k for k in range(21))
 #: how many per-second samples the throughput history keeps (ten minutes)
 HISTORY_SECONDS = 600
+#: batches whose class counts wait to be summed together (see Metrics.batch_done)
+FOLD_BATCHES = 256
 #: the stage name of whole-message latency, from a frame complete to its result written
 END_TO_END = "end_to_end"
 
@@ -339,8 +341,12 @@ class Metrics:
             self.batches += 1
             if result.rejected:
                 self.rejected.update(result.rejected)
-            # summed when read: a NumPy add per batch costs more than the rest of this call
-            self._pending_class_counts.append(result.class_counts)
+            # summed FOLD_BATCHES at a time: cheaper than an add per batch, and quick enough
+            # not to hold up the event loop (as a second's worth at once did)
+            pending = self._pending_class_counts
+            pending.append(result.class_counts)
+            if len(pending) >= FOLD_BATCHES:
+                self._fold_class_counts()
             if result.labelled:
                 self.labelled += result.labelled
                 self.correct += result.correct
@@ -403,7 +409,8 @@ class Metrics:
         width = len(self._class_counts)
         pending = [counts for counts in pending if len(counts) == width]
         if pending:
-            self._class_counts += np.sum(pending, axis=0, dtype=np.int64)
+            rows = np.concatenate(pending).reshape(len(pending), width)
+            self._class_counts += rows.sum(axis=0, dtype=np.int64)
         return self._class_counts
 
     def sample(self) -> Sample | None:
@@ -413,7 +420,6 @@ class Metrics:
             latency = Histogram()
             for w in self._workers.values():
                 latency.add(w.latency)
-            self._fold_class_counts()  # keeps the pending list to a second's batches
             totals = (
                 now,
                 self.messages_in,
