@@ -452,7 +452,7 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
     }
     session.stop_all([system.key for system in systems])
     log(f"stopped the {len(systems)} systems under test")
-    figures["startup"] = measure_startup(
+    figures["startup"] = time_startups(
         session, [s for s in systems if s.key in STARTUP_SYSTEMS], settings.startup_runs, errors
     )
     figures["ratios"] = compute_ratios(figures)
@@ -477,7 +477,7 @@ def combine_latency_runs(runs: list[dict]) -> dict:
     return combined
 
 
-def measure_startup(session: Session, systems: list[System], runs: int, errors: list[str]) -> dict:
+def time_startups(session: Session, systems: list[System], runs: int, errors: list[str]) -> dict:
     """Seconds from exec to listening on the input port (the model loaded), per system: each
     started alone, with the machine otherwise as quiet as the benchmark leaves it."""
     out = {}
