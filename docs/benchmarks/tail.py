@@ -18,6 +18,7 @@ import numpy as np
 import psutil
 
 from digitstream.bench.runner import SYSTEMS, Session
+from digitstream.tools.measure import latency_summary
 
 RATE = 100_000
 SLOW_MS = 1.0
@@ -62,11 +63,12 @@ def main() -> None:
                 lat_ns, _ = session.latencies(key, RATE, seconds)
                 cpu = sum(proc.cpu_times()[:2]) - before
                 lat = lat_ns / 1e6
-                p50, p99, p999 = np.percentile(lat, [50, 99, 99.9])
+                summary = latency_summary(lat_ns)
                 found = events(lat)
                 print(
-                    f"{round_no} {key:26s} p50 {p50:.3f} p99 {p99:.3f} p99.9 {p999:.3f} "
-                    f"max {lat.max():.2f} ms; CPU {cpu / messages * 1e6:.2f} µs a message; "
+                    f"{round_no} {key:26s} p50 {summary['p50']:.3f} p99 {summary['p99']:.3f} "
+                    f"p99.9 {summary['p99_9']:.3f} max {summary['max']:.2f} ms; "
+                    f"CPU {cpu / messages * 1e6:.2f} µs a message; "
                     f"{int((lat > SLOW_MS).sum())} over {SLOW_MS:g} ms in {len(found)} events "
                     f"{found[:10]}",
                     flush=True,
