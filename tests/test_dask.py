@@ -565,8 +565,9 @@ def test_local_cluster_of_two_workers(start_app, digits, expected_texts):
 def test_the_engine_on_a_local_cluster_answers_as_the_flow_does(model_dir, digits):
     # the engine alone, as the application drives it: streams named by number and by
     # text, both payload layouts, more batches than it takes at once
+    from digitstream.batch import Batch
     from digitstream.model.bundle import load_bundle
-    from digitstream.pipeline import Batch, Flow
+    from digitstream.pipeline import Flow
 
     bundle = load_bundle(model_dir)
     options = FlowOptions(input_format="u8", worker="here")

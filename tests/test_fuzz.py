@@ -277,7 +277,7 @@ def test_every_json_output_frame_is_strict_json(json_flow, tapes):
     """Fuzzed JSON payloads (odd values for pixels, labels and ids: NaN, infinities, huge
     numbers, objects, lists) through a whole flow with json output: one frame per payload,
     each valid RFC 8259 JSON with its sequence number."""
-    from digitstream.pipeline import Batch
+    from digitstream.batch import Batch
     from digitstream.wire.framing import iter_frames
 
     payloads = [_json(Tape(t)) for t in tapes]

@@ -23,11 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from digitstream.addresses import Address
 from digitstream.app import AppConfig, Application
+from digitstream.batch import BatchResult
 from digitstream.metrics.prometheus import make_registry, render
 from digitstream.metrics.recorder import LATENCY_EDGES, Histogram, Metrics
 from digitstream.metrics.server import STATIC_DIR, MetricsServer
 from digitstream.metrics.stats import stats_document
-from digitstream.pipeline import BatchResult
 from helpers import HOST, http_get, send_bytes, wait_for
 
 STAGES = ["decode", "PCA", "Logistic Regression", "encode"]

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from digitstream.batch import Batch
 from digitstream.codecs.inputs import encode_images
 from digitstream.engine.base import EngineOptions
 from digitstream.engine.local import LocalEngine
-from digitstream.pipeline import Batch, Flow, FlowOptions
+from digitstream.pipeline import Flow, FlowOptions
 from digitstream.wire.framing import Payloads, frame_many, split_frames
 from helpers import Collector, send_bytes, wait_for
 from pool_flows import POISON, STALL, DyingFlow, FaultyFlow, StallingFlow, recast

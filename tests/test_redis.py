@@ -312,8 +312,8 @@ def test_one_consumer_answers_every_entry_once_in_order(redis_server, start_run,
 
 
 def test_urls_mask_the_password():
-    from digitstream.connectors import SOURCES, parse_endpoint
     from digitstream.connectors.redis import RedisURL
+    from digitstream.connectors.registry import parse as parse_endpoint
 
     url = RedisURL.parse("user:p%40ss@127.0.0.1:6380/in?db=2", environ={})
     assert (url.username, url.password, url.port, url.stream, url.db) == (
@@ -322,7 +322,7 @@ def test_urls_mask_the_password():
     assert "p@ss" not in repr(url)
     assert RedisURL.parse("h:1/s", environ={"DIGITSTREAM_REDIS_PASSWORD": "env"}).password == "env"
     assert str(RedisURL.parse("h:1/s", tls=True, environ={})) == "rediss://h:1/s"
-    assert str(parse_endpoint("redis://:secret@h:1/s", SOURCES)) == "redis://:***@h:1/s"
+    assert str(parse_endpoint("redis://:secret@h:1/s", "source")) == "redis://:***@h:1/s"
     from digitstream.errors import UserError
 
     with pytest.raises(UserError, match=r"^no stream named in redis://:\*\*\*@h:1: expected"):

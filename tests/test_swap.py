@@ -28,6 +28,7 @@ from sklearn.pipeline import Pipeline
 
 from digitstream.addresses import Address
 from digitstream.app import AppConfig, Application
+from digitstream.batch import Batch
 from digitstream.engine.local import LocalEngine
 from digitstream.metrics.recorder import Metrics
 from digitstream.model.bundle import (
@@ -38,7 +39,6 @@ from digitstream.model.bundle import (
     save_bundle,
 )
 from digitstream.model.swap import ModelWatcher
-from digitstream.pipeline import Batch
 from digitstream.tools.sender import Framed, send_frames
 from digitstream.wire.framing import Payloads, frame_fixed, iter_frames
 from helpers import HOST, Collector, http_get, send_bytes, wait_for

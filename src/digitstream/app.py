@@ -20,13 +20,15 @@ import time
 from typing import TYPE_CHECKING
 
 from digitstream.addresses import is_loopback
+from digitstream.backoff import Backoff
+from digitstream.batch import BatchResult, StreamId
 from digitstream.codecs.inputs import smallest_payload
 from digitstream.config import AppConfig
-from digitstream.connectors import make_sink, make_source
+from digitstream.connectors.registry import make_sink, make_source
 from digitstream.engine.base import Engine, EngineOptions, answer, make_engine
 from digitstream.errors import UserError
 from digitstream.model.stored import StoredPipeline
-from digitstream.pipeline import BatchResult, Flow, FlowOptions, StreamId, failure_reason
+from digitstream.pipeline import Flow, FlowOptions, failure_reason
 from digitstream.sinks import Sink
 from digitstream.sources import InputStream, Source
 
@@ -104,6 +106,8 @@ class Application:
         self._streams: set[asyncio.Task] = set()
         self._accepting: asyncio.Task | None = None
         self._sink_faults = 0
+        # its own log lines say what failed (with the count): the backoff only waits
+        self._sink_backoff = Backoff("the sink", first=0.01, longest=1.0, log=log, quiet=True)
         # a bundle served from its stored arrays, and what loads its real pipeline
         self._stored: Bundle | None = None
         self._finishing: threading.Thread | None = None
@@ -163,9 +167,8 @@ class Application:
         sink = self._given[1] or make_sink(cfg.out_addr, cfg)
         if self.metrics is not None:
             for role, part in (("source", source), ("sink", sink)):
-                counters = getattr(part, "counters", None)
-                if counters is not None:  # a connector that counts its entries (Redis)
-                    self.metrics.connectors[role] = counters
+                if part.counters() is not None:  # a connector that counts its entries
+                    self.metrics.connectors[role] = part.counters
         options = EngineOptions(
             self.flow_options,
             scheduler=cfg.scheduler,
@@ -183,13 +186,9 @@ class Application:
         if self.metrics is not None:
             await self._serve_metrics(source, sink)
         self.sink = sink
-        sink.on_delivered = source.acknowledge
-        pair_with = getattr(source, "pair_with", None)
-        if pair_with is not None:  # a source that asks its sink where a stream stands (--acked)
-            pair_with(sink)
         await sink.start()
         self.source = source
-        await source.start()
+        await source.start(sink)
         self._accepting = asyncio.create_task(self._accept(), name="streams")
         from digitstream.model.swap import ModelWatcher
 
@@ -327,7 +326,7 @@ class Application:
         while (item := await in_flight.get()) is not None:
             batch, future, flow = item
             result = await answer(batch, future, flow)
-            result.meta = batch.meta
+            result.receipt = batch.receipt
             await self._write(result)
             self.frames_out += result.count
             if metrics:
@@ -337,10 +336,11 @@ class Application:
         """Hand ``result`` to the sink; a sink that raises is tried again, never skipped."""
         sink = self.sink
         assert sink is not None  # results come only after start() set the sink
-        delay = 0.01
+        backoff = self._sink_backoff
         while True:
             try:
                 await sink.write(result)
+                backoff.succeeded()
                 return
             except asyncio.CancelledError:
                 raise
@@ -354,8 +354,7 @@ class Application:
                         failure_reason(exc),
                         self._sink_faults,
                     )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                await backoff.failed(exc)
 
     # ------------------------------------------------------------ shutdown
     def request_stop(self) -> None:

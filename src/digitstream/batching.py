@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from digitstream.pipeline import Batch, StreamId
+from digitstream.batch import Batch, StreamId
 from digitstream.wire.framing import Payloads
 
 #: ``read(timeout)``: the next complete payloads; ``[]`` when ``timeout`` (seconds) passes

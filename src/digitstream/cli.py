@@ -39,46 +39,80 @@ ADDRESS = AddressType()
 
 
 class EndpointType(click.ParamType):
-    """An ``--in`` / ``--out`` value: ``HOST:PORT``, or a URL whose scheme names the connector."""
+    """An ``--in`` / ``--out`` value: ``HOST:PORT``, or a URL whose scheme names the
+    connector; its options are checked here, so a bad one is a usage error."""
 
     name = "HOST:PORT|URL"
 
-    def __init__(self, table: str):
-        self.table = table
+    def __init__(self, role: str):
+        self.role = role
 
     def convert(self, value, param, ctx):
-        from digitstream import connectors
+        from digitstream.connectors import registry
 
         try:
-            endpoint = connectors.parse_endpoint(value, getattr(connectors, self.table))
-            if endpoint.scheme == connectors.DEFAULT_SCHEME:
-                parse_address(endpoint.location)
-            elif endpoint.scheme in ("redis", "rediss"):
-                from digitstream.connectors.redis import RedisURL
-
-                RedisURL.parse(endpoint.location, tls=endpoint.scheme == "rediss")
+            return registry.check(value, self.role)
         except (UserError, ValueError) as exc:
             self.fail(str(exc), param, ctx)
+
+
+class BrokerOrAddressType(click.ParamType):
+    """``HOST:PORT`` (an :class:`Address`), or the URL of a broker whose connector has a
+    ``send`` (or ``listen``) tool (an :class:`~digitstream.connectors.kit.Endpoint`)."""
+
+    name = "HOST:PORT|URL"
+
+    def __init__(self, tool: str):
+        self.tool = tool
+
+    def convert(self, value, param, ctx):
+        from digitstream.connectors import registry
+        from digitstream.connectors.kit import Endpoint
+
+        if isinstance(value, (Address, Endpoint)):
+            return value
+        try:
+            _, endpoint = registry.broker(value, self.tool)
+        except UserError as exc:
+            self.fail(str(exc), param, ctx)
+        if endpoint.scheme == "tcp":
+            return ADDRESS.convert(endpoint.location, param, ctx)
         return endpoint
 
 
-class AddressOrRedisType(click.ParamType):
-    """``HOST:PORT`` (an :class:`Address`), or a ``redis://`` / ``rediss://`` URL (an
-    :class:`~digitstream.connectors.Endpoint`) for the tools that also speak Redis Streams."""
+class OptionType(click.ParamType):
+    """A connector's option as a ``run`` flag: checked by the connector's own parser."""
 
-    name = "HOST:PORT|redis://HOST:PORT/STREAM"
+    def __init__(self, option):
+        self.option = option
+        self.name = option.metavar
 
     def convert(self, value, param, ctx):
-        from digitstream import connectors
-
-        if isinstance(value, (Address, connectors.Endpoint)):
+        if not isinstance(value, str):
             return value
-        if str(value).lower().startswith(("redis://", "rediss://")):
-            return connectors.parse_endpoint(value, connectors.SINKS)
-        return ADDRESS.convert(value, param, ctx)
+        try:
+            return self.option.parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
-ADDRESS_OR_REDIS = AddressOrRedisType()
+def connector_flags(command):
+    """The connectors' ``run`` flags (``--group``, ``--max-connections``...), each once."""
+    from digitstream.connectors import registry
+
+    for option in reversed(list(registry.run_flags().values())):
+        if option.default is False:
+            decorator = click.option(f"--{option.name}", is_flag=True, help=option.help)
+        else:
+            decorator = click.option(
+                f"--{option.name}",
+                default=option.default,
+                show_default=True,
+                type=OptionType(option),
+                help=option.help,
+            )
+        command = decorator(command)
+    return command
 
 
 class _Group(click.Group):
@@ -185,7 +219,7 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     "in_addr",
     default=default("in_addr"),
     show_default=True,
-    type=EndpointType("SOURCES"),
+    type=EndpointType("source"),
     help="Where input comes from: HOST:PORT (or tcp://HOST:PORT), the address the TCP "
     "source listens on for input frames; or redis://[:PASSWORD@]HOST:PORT/STREAM (rediss:// "
     "for TLS), read as consumer --name of consumer group --group.",
@@ -195,7 +229,7 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     "out_addr",
     default=default("out_addr"),
     show_default=True,
-    type=EndpointType("SINKS"),
+    type=EndpointType("sink"),
     help="Where results go: HOST:PORT (or tcp://HOST:PORT), the listener the TCP sink connects "
     "to; or redis://[:PASSWORD@]HOST:PORT/STREAM, one result entry per input.",
 )
@@ -285,19 +319,6 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     "Redis consumer group (unique per process of the group).",
 )
 @click.option(
-    "--group",
-    default=default("group"),
-    show_default=True,
-    help="With --in redis://...: the consumer group to read as (created if missing).",
-)
-@click.option(
-    "--claim-idle-ms",
-    default=default("claim_idle_ms"),
-    show_default=True,
-    type=click.IntRange(1, 86_400_000),
-    help="With --in redis://...: take over entries another consumer has held this long.",
-)
-@click.option(
     "--max-batch",
     default=default("max_batch"),
     show_default=True,
@@ -317,21 +338,6 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     show_default=True,
     type=click.IntRange(1, 1 << 30),
     help="Largest accepted frame payload in bytes; a larger header closes that connection.",
-)
-@click.option(
-    "--max-connections",
-    default=default("max_connections"),
-    show_default=True,
-    type=click.IntRange(1, 1 << 20),
-    help="Input connections open at once; one more is closed as it arrives.",
-)
-@click.option(
-    "--max-buffered-mb",
-    default=default("max_buffered") / 2**20,
-    show_default=True,
-    type=click.FloatRange(1, 1 << 20),
-    help="MiB held for all input connections together: past it reading pauses, and the "
-    "connection holding the largest partial frame is closed.",
 )
 @click.option(
     "--compile/--no-compile",
@@ -361,6 +367,7 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     help="Acknowledged, exactly-once delivery: input from `send --acked`, results to "
     "`listen --acked` (see the README).",
 )
+@connector_flags
 def run(
     in_addr,
     out_addr,
@@ -377,17 +384,14 @@ def run(
     tls_key,
     batch_deadline,
     name,
-    group,
-    claim_idle_ms,
     max_batch,
     max_delay_ms,
     max_frame,
-    max_connections,
-    max_buffered_mb,
     compile_model,
     in_flight,
     flush_timeout,
     acked,
+    **connector_flag_values,
 ):
     """The streaming application: read --in, classify, write results to --out.
 
@@ -414,6 +418,7 @@ def run(
     keep_batch_memory()
     _import_start_path(metrics=not no_metrics)
     from digitstream.app import AppConfig, run_app
+    from digitstream.connectors.registry import flag_values
 
     config = AppConfig(
         in_addr=in_addr,
@@ -430,13 +435,10 @@ def run(
         tls_key=tls_key,
         batch_deadline=batch_deadline,
         name=name,
-        group=group,
-        claim_idle_ms=claim_idle_ms,
+        connector_options=flag_values(connector_flag_values),
         max_batch=max_batch,
         max_delay=max_delay_ms / 1000.0,
         max_frame=max_frame,
-        max_connections=max_connections,
-        max_buffered=int(max_buffered_mb * 2**20),
         compile_model=compile_model,
         in_flight=in_flight,
         flush_timeout=flush_timeout,
@@ -480,9 +482,9 @@ def _import_start_path(metrics: bool) -> None:
     "to_addr",
     default="127.0.0.1:8002",
     show_default=True,
-    type=ADDRESS_OR_REDIS,
-    help="Address of the application's input, or redis://[:PASSWORD@]HOST:PORT/STREAM: one "
-    "entry per image (fields data, label, id).",
+    type=BrokerOrAddressType("send"),
+    help="Address of the application's input, or a broker's URL (redis://[:PASSWORD@]"
+    "HOST:PORT/STREAM, ...): one message per image, with its label and id.",
 )
 @click.option(
     "--format",
@@ -540,11 +542,14 @@ def _import_start_path(metrics: bool) -> None:
 def send(to_addr, fmt, dataset, repeat, rate, connections, progress, acked, stream, window):
     """Send a data set to the application, one framed image per message."""
     if not isinstance(to_addr, Address):
-        from digitstream.tools import redis_streams
+        from digitstream.connectors.registry import BY_SCHEME
+        from digitstream.tools import broker
 
         if acked or stream or connections != 1:
-            raise click.UsageError("--acked, --stream and --connections are for TCP, not redis://")
-        sys.exit(redis_streams.send_main(to_addr, fmt, dataset, repeat, rate))
+            raise click.UsageError(
+                f"--acked, --stream and --connections are for TCP, not {to_addr.scheme}://"
+            )
+        sys.exit(broker.send_main(BY_SCHEME[to_addr.scheme], to_addr, fmt, dataset, repeat, rate))
     if acked:
         from digitstream.tools import acked_sender
 
@@ -570,7 +575,9 @@ def send(to_addr, fmt, dataset, repeat, rate, connections, progress, acked, stre
 
 # -------------------------------------------------------------------- listen
 @main.command()
-@click.argument("addr", default="127.0.0.1:7002", type=ADDRESS_OR_REDIS, required=False)
+@click.argument(
+    "addr", default="127.0.0.1:7002", type=BrokerOrAddressType("listen"), required=False
+)
 @click.option(
     "-o",
     "--output",
@@ -596,14 +603,15 @@ def send(to_addr, fmt, dataset, repeat, rate, connections, progress, acked, stre
 @click.option("--fsync", is_flag=True, help="With --acked: fsync FILE before acknowledging.")
 def listen(addr, output, count, progress, acked, fsync):
     """Accept the application's connection and store or print its results
-    (what `nc -l 127.0.0.1 7002 > digits.out` was); or read the result stream ADDR =
-    redis://[:PASSWORD@]HOST:PORT/STREAM from its start, in its order."""
+    (what `nc -l 127.0.0.1 7002 > digits.out` was); or read a broker's result stream ADDR
+    (redis://[:PASSWORD@]HOST:PORT/STREAM, ...) from its start, in its order."""
     if not isinstance(addr, Address):
-        from digitstream.tools import redis_streams
+        from digitstream.connectors.registry import BY_SCHEME
+        from digitstream.tools import broker
 
         if acked or fsync:
-            raise click.UsageError("--acked and --fsync are for TCP, not redis://")
-        sys.exit(redis_streams.listen_main(addr, output, count))
+            raise click.UsageError(f"--acked and --fsync are for TCP, not {addr.scheme}://")
+        sys.exit(broker.listen_main(BY_SCHEME[addr.scheme], addr, output, count))
     if acked:
         from digitstream.tools import acked_listener
 

@@ -6,7 +6,8 @@ down once. Kept free of heavy imports: ``digitstream --help`` reads it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from digitstream.addresses import Address
 
@@ -34,22 +35,16 @@ class AppConfig:
     tls_ca_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
-    #: also the consumer's name in a Redis consumer group: unique per process of a group
+    #: also the consumer's name in a broker's consumer group: unique per process of a group
     name: str = "worker-1"
-    #: the Redis consumer group a redis:// source reads as
-    group: str = "digitstream"
-    #: a redis:// source takes over entries another consumer has held this long (ms)
-    claim_idle_ms: int = 10_000
+    #: the connectors' flags given to ``run`` (``--group``, ``--max-connections``), by option
+    #: name; a connector takes those it declares, and a URL's own parameters win over them
+    connector_options: dict[str, Any] = field(default_factory=dict)
     #: measured best for 64-pixel images: smaller adds per-batch overhead, larger leaves the cache
     max_batch: int = 8192
     #: seconds a batch may wait to fill (0: never wait)
     max_delay: float = 0.0
     max_frame: int = 1 << 20
-    #: input connections open at once; one more is closed as it arrives
-    max_connections: int = 1024
-    #: bytes held for input connections, all together, before reading pauses; a connection
-    #: then holding the largest partial frame is closed
-    max_buffered: int = 256 << 20
     compile_model: bool = True
     #: batches in flight per Dask worker
     in_flight: int = 4

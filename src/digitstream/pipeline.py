@@ -23,94 +23,18 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from digitstream.batch import Batch, BatchResult
 from digitstream.codecs.inputs import Decoder, reason_kind
 from digitstream.codecs.outputs import make_encoder
-from digitstream.wire.framing import Payloads
 
 log = logging.getLogger("digitstream.pipeline")
 
-#: a stream's name: a TCP connection's number, or a stream named by its sender
-StreamId = int | str
-
 #: what a true label outside the model's classes counts as, in live accuracy
 OTHER_LABEL = "(other)"
-
-
-@dataclass
-class Batch:
-    """Consecutive frames of one stream: frame ``first_seq + i`` is ``payloads[i]``."""
-
-    stream: StreamId
-    first_seq: int
-    payloads: Payloads
-    received_ns: int = 0  # time.perf_counter_ns() when the last frame of the batch was complete
-    #: what the source knows of these frames and its sink needs (a broker's entry ids, say);
-    #: it stays in the application process and goes with the batch's result to the sink
-    meta: object = None
-
-    def __len__(self) -> int:
-        return len(self.payloads)
-
-    @property
-    def end_seq(self) -> int:
-        """The sequence number after the batch's last frame."""
-        return self.first_seq + len(self.payloads)
-
-    def part(self, start: int, stop: int) -> Batch:
-        """Frames ``start:stop`` of the batch, as a batch of their own."""
-        return Batch(
-            self.stream, self.first_seq + start, self.payloads.slice(start, stop), self.received_ns
-        )
-
-
-@dataclass
-class BatchResult:
-    """The answer to a :class:`Batch`: one result frame per input frame, in order."""
-
-    stream: StreamId
-    first_seq: int
-    count: int
-    output: bytes
-    stage_seconds: list[tuple[str, float]]
-    class_counts: np.ndarray  # (n_classes,) predictions per class, rejected inputs excluded
-    rejected: Counter = field(default_factory=Counter)  # reason kind -> count
-    worker: str = ""
-    labelled: int = 0  # inputs that carried a true label
-    correct: int = 0  # ... of which were classified as labelled
-    #: (true, predicted) label texts -> frames, over the labelled frames
-    confusion: Counter | None = None
-    #: the batch's ``meta``, set by the application before the result goes to the sink
-    meta: object = None
-
-    @property
-    def end_seq(self) -> int:
-        return self.first_seq + self.count
-
-    def then(self, later: BatchResult) -> BatchResult:
-        """This result followed by ``later``, the answer to the frames right after it."""
-        times = dict(self.stage_seconds)
-        for name, seconds in later.stage_seconds:
-            times[name] = times.get(name, 0.0) + seconds
-        confusion = None
-        if self.confusion is not None or later.confusion is not None:
-            confusion = Counter(self.confusion or ()) + Counter(later.confusion or ())
-        return BatchResult(
-            stream=self.stream,
-            first_seq=self.first_seq,
-            count=self.count + later.count,
-            output=self.output + later.output,
-            stage_seconds=list(times.items()),
-            class_counts=self.class_counts + later.class_counts,
-            rejected=self.rejected + later.rejected,
-            worker=self.worker or later.worker,
-            labelled=self.labelled + later.labelled,
-            correct=self.correct + later.correct,
-            confusion=confusion,
-        )
 
 
 @dataclass(frozen=True)

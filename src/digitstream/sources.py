@@ -1,69 +1,121 @@
 """What a source is: where batches of frames come from.
 
 A source is a set of **streams** (a TCP connection, a named stream of a broker).
-Each stream yields :class:`~digitstream.pipeline.Batch`\\ es in order, numbered
-by the sequence number of their first frame; the application answers each
-stream's batches in that order. A source says in one line of its docstring
-what a crash of each process costs (its delivery guarantee), and lives in
-:mod:`digitstream.connectors` under the URL scheme that names it.
+Each stream yields :class:`~digitstream.batch.Batch`\\ es in order, numbered by
+the sequence number of their first frame; the application answers each stream's
+batches in that order. A source that must know when results are safe (a broker
+that redelivers what is not acknowledged) puts a
+:class:`~digitstream.batch.Receipt` on each batch; the sink hands it back once
+the batch's results are delivered, and :meth:`Source.acknowledge` gets it.
 
-An in-memory source for tests is :class:`digitstream.testing.MemorySource`.
+A source says in one line, its ``guarantee``, what a crash of each process
+costs; a class without one cannot be built, and neither can one that leaves an
+abstract method out. It lives in :mod:`digitstream.connectors` under the URL
+scheme that names it, and is made by :meth:`Source.build` from the endpoint.
 
-A connector that counts its entries (a broker's) may also have ``counters()``,
-returning ``{connector, where, counters: {event: total}, gauges: {name: now}}``;
-the application shows it in the metrics (``/api/stats`` ``connectors``, Prometheus
-``digitstream_connector_*``, the dashboard's source and sink cards).
+A minimal source, for the shape of it (:class:`digitstream.testing.MemorySource`
+is a complete one)::
+
+    class OneShot(Source):
+        guarantee = "at most once: nothing is kept"
+        def __init__(self, batches): self._batches = batches
+        @classmethod
+        def build(cls, endpoint, options, config, metrics=None): ...
+        def describe(self): return "memory"
+        async def start(self, sink): pass
+        async def streams(self):
+            yield MemoryStream(...)
+        async def drain(self): pass
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from digitstream.pipeline import Batch, StreamId
+from digitstream.batch import Batch, Receipt, StreamId
+
+if TYPE_CHECKING:
+    from digitstream.config import AppConfig
+    from digitstream.connectors.kit import Endpoint, Option
+    from digitstream.sinks import Sink
 
 
-class InputStream(Protocol):
+def _check_guarantee(cls: type) -> None:
+    if not isinstance(getattr(cls, "guarantee", None), str):
+        raise TypeError(
+            f"{cls.__name__} cannot be built: it does not say its delivery guarantee "
+            "(a class attribute `guarantee`, one line)"
+        )
+
+
+class InputStream(ABC):
     """One stream of a source."""
 
     #: the stream's name in results, logs and metrics
     id: StreamId
 
+    @abstractmethod
     def batches(self) -> AsyncIterator[Batch]:
         """Its batches in order; ends when the stream ends (its sender closed it, it
         broke, or the source was asked to drain). A stream that ends in the middle of
         a frame, or on a frame it refuses, says so in the log and the metrics; every
         whole frame before that point is in a batch."""
-        ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (an optional hook: nothing to let go of by default)
         """Let go of it (after its last batch is answered)."""
 
 
-class Source(Protocol):
+class Source(ABC):
     """Where input comes from; see the module doc."""
 
-    #: what a crash costs, in one line (its docstring's first line says the same)
-    guarantee: str
+    #: what a crash costs, in one line
+    guarantee: ClassVar[str]
+    #: the URL query parameters it takes (and the ``run`` flags that set them)
+    options: ClassVar[tuple[Option, ...]] = ()
 
+    def __new__(cls, *args: Any, **kwargs: Any):
+        _check_guarantee(cls)
+        return super().__new__(cls)
+
+    @classmethod
+    @abstractmethod
+    def build(
+        cls, endpoint: Endpoint, options: dict[str, Any], config: AppConfig, metrics=None
+    ) -> Source:
+        """The source ``endpoint`` names, with its ``options`` already parsed (see
+        :mod:`digitstream.connectors.kit`); UserError if it is malformed. No I/O: that is
+        for :meth:`start`."""
+
+    @abstractmethod
     def describe(self) -> str:
         """Where it reads, for logs and the metrics UI (``127.0.0.1:8002``)."""
-        ...
 
-    async def start(self) -> None:
-        """Start taking input; UserError if it cannot (an address in use, say)."""
+    @abstractmethod
+    async def start(self, sink: Sink) -> None:
+        """Start taking input for ``sink``; UserError if it cannot (an address in use, a
+        sink it cannot work with)."""
 
+    @abstractmethod
     def streams(self) -> AsyncIterator[InputStream]:
         """Each stream as it opens; ends once the source drains."""
-        ...
 
+    @abstractmethod
     async def drain(self) -> None:
         """Take no new stream and, in each open one, no input after what has been
         sent so far; returns once every stream has been told to end."""
 
-    def acknowledge(self, stream: StreamId, seq: int) -> None:
-        """Every result of ``stream`` before ``seq`` is safely delivered: a source that
-        acknowledges to its upstream does it here (the plain TCP source has no one to tell)."""
+    def acknowledge(self, receipt: Receipt) -> None:  # noqa: B027 (optional hook)
+        """The results of ``receipt``'s frames are safely delivered: a source that tells its
+        upstream does it here. Receipts of one stream come back in order."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release what it holds (sockets, connections)."""
+
+    def counters(self) -> dict | None:
+        """What the metrics show of it, if it counts its entries (a broker's):
+        ``{connector, where, counters: {event: total}, gauges: {name: now}}``, shown in
+        ``/api/stats`` ``connectors``, Prometheus ``digitstream_connector_*`` and the
+        dashboard's source card; None if it counts nothing of its own."""
+        return None

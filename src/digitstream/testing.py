@@ -30,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from digitstream.batch import Batch, BatchResult, Receipt, StreamId
 from digitstream.batching import BatchPolicy, batches
 from digitstream.config import AppConfig
-from digitstream.pipeline import Batch, BatchResult, StreamId
-from digitstream.sinks import DeliveredCallback
+from digitstream.errors import UserError
+from digitstream.sinks import Sink
+from digitstream.sources import InputStream, Source
 from digitstream.wire.framing import Payloads, iter_frames
 
 __all__ = ["MemorySink", "MemorySource", "MemoryStream", "memory_bundle", "run_in_memory"]
@@ -43,17 +45,19 @@ class SourceFailure(ConnectionError):
     """The failure a :class:`MemorySource` stream was told to end with."""
 
 
-class MemoryStream:
+class MemoryStream(InputStream):
     """One stream of a :class:`MemorySource`."""
 
     def __init__(
         self,
+        source: MemorySource,
         stream_id: StreamId,
         payloads: list[bytes],
         policy: BatchPolicy,
         read_size: int,
         fail_after: int | None,
     ):
+        self.source = source
         self.id = stream_id
         self.payloads = payloads
         self.policy = policy
@@ -76,8 +80,10 @@ class MemoryStream:
         self._pos = end
         return [group]
 
-    def batches(self) -> AsyncIterator[Batch]:
-        return batches(self.id, self._read, self.policy)
+    async def batches(self) -> AsyncIterator[Batch]:
+        async for batch in batches(self.id, self._read, self.policy):
+            batch.receipt = Receipt(self.source, self.id, batch.first_seq, batch.end_seq)
+            yield batch
 
     def finish(self) -> None:
         self._finished = True
@@ -86,7 +92,11 @@ class MemoryStream:
         self.closed.set()
 
 
-class MemorySource:
+def _given_not_named(cls, *args, **kwargs):
+    raise UserError(f"{cls.__name__} is given to the application, not named by a URL")
+
+
+class MemorySource(Source):
     """Exactly once, in memory: streams of payloads given up front.
 
     ``streams`` maps a stream id to its payloads (bytes). Each read hands out
@@ -108,16 +118,18 @@ class MemorySource:
         policy = BatchPolicy(max_batch, max_delay)
         fail_after = fail_after or {}
         self.streams_given = [
-            MemoryStream(sid, list(p), policy, read_size, fail_after.get(sid))
+            MemoryStream(self, sid, list(p), policy, read_size, fail_after.get(sid))
             for sid, p in streams.items()
         ]
         self.acknowledged: dict[StreamId, int] = {}
         self._drained = asyncio.Event()
 
+    build = classmethod(_given_not_named)
+
     def describe(self) -> str:
         return "memory"
 
-    async def start(self) -> None:
+    async def start(self, sink: Sink) -> None:
         pass
 
     async def streams(self) -> AsyncIterator[MemoryStream]:
@@ -130,14 +142,13 @@ class MemorySource:
             stream.finish()
         self._drained.set()
 
-    def acknowledge(self, stream: StreamId, seq: int) -> None:
-        self.acknowledged[stream] = max(seq, self.acknowledged.get(stream, 0))
+    def acknowledge(self, receipt: Receipt) -> None:
+        stream = receipt.stream
+        assert receipt.first_seq == self.acknowledged.get(stream, 0), "receipts out of order"
+        self.acknowledged[stream] = receipt.end_seq
 
-    async def close(self) -> None:
-        pass
 
-
-class MemorySink:
+class MemorySink(Sink):
     """Exactly once, in memory: every result frame, per stream, in the order taken.
 
     ``fail(result)`` (if given) picks results whose ``write`` raises ``ConnectionError``
@@ -148,17 +159,15 @@ class MemorySink:
 
     def __init__(self, fail: Callable[[BatchResult], bool] | None = None):
         self.fail = fail
-        self.on_delivered: DeliveredCallback | None = None
         self.frames: dict[StreamId, list[bytes]] = defaultdict(list)
         self.results: list[BatchResult] = []
         self.failures = 0
         self._delivered: dict[StreamId, int] = {}
 
+    build = classmethod(_given_not_named)
+
     def describe(self) -> str:
         return "memory"
-
-    async def start(self) -> None:
-        pass
 
     async def write(self, result: BatchResult) -> None:
         await asyncio.sleep(0)
@@ -174,8 +183,8 @@ class MemorySink:
         self.results.append(result)
         self.frames[result.stream].extend(iter_frames(result.output))
         self._delivered[result.stream] = result.end_seq
-        if self.on_delivered is not None:
-            self.on_delivered(result.stream, result.end_seq)
+        if result.receipt is not None:
+            result.receipt.delivered()
 
     async def flush(self) -> None:
         pass
@@ -186,9 +195,6 @@ class MemorySink:
     @property
     def undelivered(self) -> int:
         return 0
-
-    async def close(self) -> None:
-        pass
 
     def texts(self, stream: StreamId) -> list[str]:
         return [f.decode("utf-8", "replace") for f in self.frames[stream]]

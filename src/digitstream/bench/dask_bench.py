@@ -355,12 +355,13 @@ def round_trip(
     import statistics
     import time
 
+    from digitstream.batch import Batch
     from digitstream.datasets import load_dataset
     from digitstream.engine.base import EngineOptions
     from digitstream.engine.dask import DaskEngine
     from digitstream.model.bundle import load_bundle
     from digitstream.model.runner import make_runner
-    from digitstream.pipeline import Batch, Flow, FlowOptions
+    from digitstream.pipeline import Flow, FlowOptions
     from digitstream.wire.framing import Payloads
 
     options = EngineOptions(

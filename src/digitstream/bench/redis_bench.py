@@ -71,15 +71,15 @@ async def _relay(port: int, stream_in: str, stream_out: str, total: int, count: 
     """Read with the connector's source, write each payload back as its result with its sink."""
     import numpy as np
 
+    from digitstream.batch import BatchResult
     from digitstream.batching import BatchPolicy
     from digitstream.connectors.redis import RedisSink, RedisSource, RedisURL
-    from digitstream.pipeline import BatchResult
     from digitstream.wire.framing import frame_fixed, frame_many
 
     source = RedisSource(RedisURL(HOST, port, stream_in), "relay", "r", BatchPolicy(count))
     sink = RedisSink(RedisURL(HOST, port, stream_out))
     await sink.start()
-    await source.start()
+    await source.start(sink)
     print("listening on", stream_in, flush=True)
     done = 0
     async for stream in source.streams():
@@ -93,7 +93,7 @@ async def _relay(port: int, stream_in: str, stream_out: str, total: int, count: 
             result = BatchResult(
                 batch.stream, batch.first_seq, len(batch), output, [], np.zeros(0, np.int64)
             )
-            result.meta = batch.meta
+            result.receipt = batch.receipt
             await sink.write(result)
             done += len(batch)
             if done >= total:

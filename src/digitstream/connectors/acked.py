@@ -19,13 +19,16 @@ and sends again what was not acknowledged; the listener drops what it holds.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from digitstream.addresses import Address
+from digitstream.batch import Batch, BatchResult, Receipt
 from digitstream.batching import BatchPolicy, batches
+from digitstream.config import AppConfig
+from digitstream.connectors import tcp
+from digitstream.connectors.kit import Endpoint
 from digitstream.connectors.tcp import (
     FrameReader,
     TcpSource,
@@ -33,8 +36,8 @@ from digitstream.connectors.tcp import (
     connect_to_listener,
     tcp_address,
 )
-from digitstream.pipeline import Batch, BatchResult, StreamId
-from digitstream.sinks import DeliveredCallback
+from digitstream.errors import UserError
+from digitstream.sinks import QueuedSink, ResumingSink, Sink
 from digitstream.wire import acked
 from digitstream.wire.framing import HEADER, HEADER_SIZE, FrameTooLarge, Payloads, split_frames
 
@@ -131,9 +134,17 @@ class AckedStream(TcpStream):
     """One acked connection of an :class:`AckedTcpSource`: its frames as batches, numbered
     from where the stream was resumed."""
 
-    def __init__(self, reader: AckedReader, first_seq: int, policy: BatchPolicy, **kwargs):
+    def __init__(
+        self,
+        source: AckedTcpSource,
+        reader: AckedReader,
+        first_seq: int,
+        policy: BatchPolicy,
+        **kwargs,
+    ):
         assert reader.name is not None  # streams are made after the HELLO
         super().__init__(reader.name, reader, policy, **kwargs)
+        self.source = source
         self.first_seq = first_seq
 
     async def batches(self) -> AsyncIterator[Batch]:
@@ -141,6 +152,7 @@ class AckedStream(TcpStream):
             async for batch in batches(
                 self.id, self.reader.read_groups, self.policy, self.first_seq
             ):
+                batch.receipt = Receipt(self.source, self.id, batch.first_seq, batch.end_seq)
                 yield batch
         except (acked.ProtocolError, FrameTooLarge) as exc:
             log.warning("stream %r from %s closed: %s", self.id, self.reader.peer, exc)
@@ -159,14 +171,18 @@ class AckedTcpSource(TcpSource):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.sink: AckedTcpSink | None = None
+        self.sink: ResumingSink | None = None
         self._handshakes: set[asyncio.Task] = set()
 
-    def pair_with(self, sink) -> None:
-        """The sink that says where a stream stands; it must be an :class:`AckedTcpSink`."""
-        if not isinstance(sink, AckedTcpSink):
-            raise TypeError("an acked source needs an acked sink (run --acked)")
+    async def start(self, sink: Sink) -> None:
+        """Start listening; the sink must say where a stream stands (an acked sink)."""
+        if not isinstance(sink, ResumingSink):
+            raise UserError(
+                f"run --acked needs a sink that resumes streams (an acked listener), "
+                f"not {sink.describe()}"
+            )
         self.sink = sink
+        await super().start(sink)
 
     def _new_reader(self) -> FrameReader:
         return AckedReader(self._accepted, self.max_frame, self.budget)
@@ -184,7 +200,7 @@ class AckedTcpSource(TcpSource):
         task.add_done_callback(self._handshakes.discard)
 
     async def _handshake(self, reader: AckedReader) -> None:
-        assert self.sink is not None, "pair_with(sink) first"
+        assert self.sink is not None  # start() set it
         try:
             said_hello = await asyncio.wait_for(reader.read_hello(), HELLO_TIMEOUT)
         except (asyncio.TimeoutError, acked.ProtocolError, FrameTooLarge) as exc:
@@ -214,7 +230,9 @@ class AckedTcpSource(TcpSource):
         reader.expected = seq
         reader.send(acked.resume(name, seq))
         log.info("stream %r from %s resumes at %d", name, reader.peer, seq)
-        stream = AckedStream(reader, seq, self.policy, metrics=self.metrics, on_close=self._closed)
+        stream = AckedStream(
+            self, reader, seq, self.policy, metrics=self.metrics, on_close=self._closed
+        )
         self._open[name] = stream
         self._new.put_nowait(stream)
 
@@ -223,11 +241,12 @@ class AckedTcpSource(TcpSource):
             self._open.pop(stream.id)
         self._trim.soon()
 
-    def acknowledge(self, stream: StreamId, seq: int) -> None:
-        open_stream = self._open.get(stream)
+    def acknowledge(self, receipt: Receipt) -> None:
+        # by name: a sender that reconnected gets what the listener stored of its stream
+        open_stream = self._open.get(receipt.stream)
         if open_stream is not None:
             assert isinstance(open_stream.reader, AckedReader)
-            open_stream.reader.send(acked.ack(str(stream), seq))
+            open_stream.reader.send(acked.ack(str(receipt.stream), receipt.end_seq))
 
     async def close(self) -> None:
         for task in list(self._handshakes):
@@ -238,13 +257,10 @@ class AckedTcpSource(TcpSource):
 @dataclass
 class _SinkStream:
     fingerprint: str
-    acked: int = 0
-    #: (end seq, frames, DATA message) of each result not yet acknowledged, in order
-    kept: collections.deque = field(default_factory=collections.deque)
     waiters: list[asyncio.Future] = field(default_factory=list)
 
 
-class AckedTcpSink:
+class AckedTcpSink(ResumingSink, QueuedSink):
     """Acked TCP sink, exactly once with ``listen --acked``: a crash of the listener costs
     nothing (unacknowledged results are kept here and sent again).
 
@@ -252,53 +268,49 @@ class AckedTcpSink:
     """
 
     guarantee = "exactly once: results are kept until the listener has stored them"
+    confirms_later = True
 
     def __init__(self, addr: Address, high_water: int = 8 << 20, backoff_max: float = 1.0):
+        super().__init__(f"writing to {addr}", quiet_retries=True)
         self.addr = addr
         self.high_water = high_water
         self.backoff_max = backoff_max
-        self.on_delivered: DeliveredCallback | None = None
         self._streams: dict[str, _SinkStream] = {}
-        self._kept_bytes = 0
-        self._kept_results = 0
-        self._space = asyncio.Event()
-        self._space.set()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._writer: asyncio.StreamWriter | None = None
-        self._task: asyncio.Task | None = None
+        self._connection: asyncio.Task | None = None
         self.connects = 0
         self.closed = False
 
     @classmethod
-    def from_config(cls, location: str, config) -> AckedTcpSink:
-        return cls(tcp_address(location))
+    def build(cls, endpoint: Endpoint, options: dict, config: AppConfig) -> AckedTcpSink:
+        return cls(tcp_address(endpoint.location))
 
     def describe(self) -> str:
         return str(self.addr)
 
-    @property
-    def undelivered(self) -> int:
-        return self._kept_results
+    def weight(self, result: BatchResult) -> int:
+        return len(result.output) + acked.DATA_OVERHEAD
 
     @property
     def kept_bytes(self) -> int:
-        return self._kept_bytes
+        return self.held
 
-    def delivered(self, stream: StreamId) -> int:
-        state = self._streams.get(str(stream))
-        return state.acked if state else 0
+    def delivered(self, stream) -> int:
+        return self.confirmed(str(stream))
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="acked sink")
+        self._connection = asyncio.create_task(self._run_connection(), name="acked sink")
+        await super().start()
 
     async def open_stream(self, name: str, fingerprint: str) -> int:
         """Where ``name`` stands at the listener (waits for the listener); StreamRefused if
         the listener holds other data under that name."""
         state = self._streams.get(name)
         if state is None or state.fingerprint != fingerprint:
-            if state is not None and state.kept:
+            if state is not None and self.holds(name):
                 raise StreamRefused(f"stream {name!r} is in use with other data")
+            if state is not None:
+                self.forget(name)
             state = self._streams[name] = _SinkStream(fingerprint)
         waiter = asyncio.get_running_loop().create_future()
         state.waiters.append(waiter)
@@ -306,54 +318,24 @@ class AckedTcpSink:
             self._writer.write(acked.hello(name, fingerprint))
         return await waiter
 
-    async def write(self, result: BatchResult) -> None:
-        if not result.count:
+    async def deliver(self, results: list[BatchResult]) -> None:
+        # kept until the listener acknowledges them (confirm); sent now if it is there, or
+        # with everything unacknowledged once it is back
+        writer = self._writer
+        if writer is None:
             return
-        while self._kept_bytes >= self.high_water:
-            self._space.clear()
-            await self._space.wait()
-        name = str(result.stream)
-        state = self._streams[name]
-        if result.end_seq <= state.acked:
-            return  # the listener holds these already (a resent batch)
-        message = acked.data(name, result.first_seq, result.count, result.output)
-        state.kept.append((result.end_seq, result.count, message))
-        self._kept_bytes += len(message)
-        self._kept_results += result.count
-        self._idle.clear()
-        if self._writer is not None:
-            self._writer.write(message)
-
-    async def flush(self) -> None:
-        """Wait until the listener has acknowledged everything written so far."""
-        await self._idle.wait()
+        for result in results:
+            if result.end_seq > self.confirmed(str(result.stream)):
+                writer.write(_message(result))
 
     async def close(self) -> None:
         self.closed = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await super().close()
+        if self._connection is not None:
+            self._connection.cancel()
+            await asyncio.gather(self._connection, return_exceptions=True)
         if self._writer is not None:
             self._writer.close()
-
-    def _acked(self, name: str, seq: int) -> None:
-        state = self._streams.get(name)
-        if state is None or seq <= state.acked:
-            return
-        state.acked = seq
-        while state.kept and state.kept[0][0] <= seq:
-            _, count, message = state.kept.popleft()
-            self._kept_bytes -= len(message)
-            self._kept_results -= count
-        if self._kept_bytes < self.high_water:
-            self._space.set()
-        if not self._kept_results:
-            self._idle.set()
-        if self.on_delivered is not None:
-            self.on_delivered(name, seq)
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await connect_to_listener(
@@ -364,7 +346,7 @@ class AckedTcpSink:
             limit=1 << 20,
         )
 
-    async def _run(self) -> None:
+    async def _run_connection(self) -> None:
         while not self.closed:
             reader, writer = await self._connect()
             self.connects += 1
@@ -372,14 +354,16 @@ class AckedTcpSink:
             # each HELLO with where the stream stands and drops what it already holds
             for name, state in self._streams.items():
                 writer.write(acked.hello(name, state.fingerprint))
-                for _, _, message in state.kept:
-                    writer.write(message)
+            resent = 0
+            for result in self.unconfirmed():
+                writer.write(_message(result))
+                resent += result.count
             self._writer = writer
             log.info(
                 "connected to the acked listener at %s%s; %d results to send again",
                 self.addr,
                 "" if self.connects == 1 else f" (reconnection {self.connects - 1})",
-                self._kept_results,
+                resent,
             )
             try:
                 await self._read_replies(reader)
@@ -398,7 +382,7 @@ class AckedTcpSink:
                 "acked listener at %s went away (%s); %d results kept, reconnecting",
                 self.addr,
                 reason,
-                self._kept_results,
+                self.undelivered,
             )
 
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
@@ -408,9 +392,9 @@ class AckedTcpSink:
             message = acked.parse(await reader.readexactly(length))
             name = message.stream
             if message.kind == acked.ACK:
-                self._acked(name, message.seq)
+                self.confirm(name, message.seq)
             elif message.kind == acked.RESUME:
-                self._acked(name, message.seq)
+                self.confirm(name, message.seq)
                 state = self._streams.get(name)
                 if state is not None:
                     for waiter in state.waiters:
@@ -424,7 +408,16 @@ class AckedTcpSink:
                         if not waiter.done():
                             waiter.set_exception(StreamRefused(message.reason))
                     state.waiters.clear()
-                    if not state.kept:
+                    if not self.holds(name):
                         del self._streams[name]
             else:
                 raise acked.ProtocolError(f"unexpected {message.kind!r} message from the listener")
+
+
+def _message(result: BatchResult) -> bytes:
+    """The DATA message that carries ``result`` to the listener."""
+    return acked.data(str(result.stream), result.first_seq, result.count, result.output)
+
+
+#: the TCP connector, with the acknowledged parts ``run --acked`` takes
+CONNECTOR = replace(tcp.CONNECTOR, acked_source=AckedTcpSource, acked_sink=AckedTcpSink)

@@ -34,7 +34,6 @@ are written after the reconnection. RELIABILITY.md has measured figures.
 from __future__ import annotations
 
 import asyncio
-import collections
 import ctypes
 import logging
 import socket
@@ -45,10 +44,14 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from digitstream.addresses import Address, parse_address
+from digitstream.backoff import Backoff
+from digitstream.batch import Batch, BatchResult, StreamId
 from digitstream.batching import BatchPolicy, batches
+from digitstream.config import AppConfig
+from digitstream.connectors.kit import Connector, Endpoint, Option, integer, number
 from digitstream.errors import UserError
-from digitstream.pipeline import Batch, BatchResult, StreamId
-from digitstream.sinks import DeliveredCallback
+from digitstream.sinks import QueuedSink, Sink
+from digitstream.sources import InputStream, Source
 from digitstream.wire.framing import HEADER_SIZE, FrameTooLarge, Payloads, split_frames
 
 log = logging.getLogger("digitstream.tcp")
@@ -57,6 +60,26 @@ log = logging.getLogger("digitstream.tcp")
 WRITE_CHUNK = 1 << 20
 #: input buffer per connection; a larger --max-frame makes it larger
 SOURCE_BUFFER = 4 << 20
+
+
+#: ``run`` flags of the TCP source
+MAX_CONNECTIONS = Option(
+    "max-connections",
+    integer(1, 1 << 20),
+    1024,
+    "Input connections open at once; one more is closed as it arrives.",
+    flag=True,
+    metavar="N",
+)
+MAX_BUFFERED = Option(
+    "max-buffered-mb",
+    number(1, 1 << 20),
+    256.0,
+    "MiB held for all input connections together: past it reading pauses, and the "
+    "connection holding the largest partial frame is closed.",
+    flag=True,
+    metavar="MIB",
+)
 
 
 def tcp_address(location: str | Address) -> Address:
@@ -365,7 +388,7 @@ class FrameReader(asyncio.BufferedProtocol):
             self._waiter.set_result(None)
 
 
-class TcpStream:
+class TcpStream(InputStream):
     """One connection of a :class:`TcpSource`: its frames as batches."""
 
     def __init__(
@@ -421,7 +444,7 @@ class TcpStream:
         log.debug("connection %s from %s closed", self.id, self.reader.peer)
 
 
-class TcpSource:
+class TcpSource(Source):
     """TCP source, at most once: a crash of ``run`` loses the frames it had received and
     not yet answered; a crash of the sender loses what its socket had not yet sent.
 
@@ -431,6 +454,7 @@ class TcpSource:
     """
 
     guarantee = "at most once: a crash of run loses the frames received and not yet answered"
+    options = (MAX_CONNECTIONS, MAX_BUFFERED)
 
     def __init__(
         self,
@@ -462,14 +486,14 @@ class TcpSource:
         self._trim = _Trim()
 
     @classmethod
-    def from_config(cls, location: str, config, metrics=None) -> TcpSource:
+    def build(cls, endpoint: Endpoint, options: dict, config: AppConfig, metrics=None) -> TcpSource:
         return cls(
-            tcp_address(location),
+            tcp_address(endpoint.location),
             config.max_frame,
             BatchPolicy(config.max_batch, config.max_delay),
             metrics=metrics,
-            max_connections=config.max_connections,
-            max_buffered=config.max_buffered,
+            max_connections=options["max-connections"],
+            max_buffered=int(options["max-buffered-mb"] * 2**20),
             drain_quiet=config.drain_quiet,
             drain_grace=config.drain_grace,
         )
@@ -477,7 +501,7 @@ class TcpSource:
     def describe(self) -> str:
         return str(self.bound or self.addr)
 
-    async def start(self) -> None:
+    async def start(self, sink: Sink) -> None:
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(
@@ -551,9 +575,6 @@ class TcpSource:
             await asyncio.sleep(min(self.drain_quiet - quiet_for, deadline - now) + 0.001)
         reader.finish()
 
-    def acknowledge(self, stream: StreamId, seq: int) -> None:
-        pass  # the plain TCP wire has no acknowledgements
-
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -591,24 +612,21 @@ async def connect_to_listener(
     addr: Address, start_it: str, first_delay: float, backoff_max: float, limit: int = 1 << 16
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A connection to the listener at ``addr``, with TCP_NODELAY; until it answers, tries
-    again after ``first_delay`` seconds, doubled each time up to ``backoff_max``, and says
-    once in the log how to start it (the command ``start_it``)."""
-    delay = first_delay
-    warned = False
+    again with backoff from ``first_delay`` seconds up to ``backoff_max``, and says once in
+    the log how to start it (the command ``start_it``)."""
+    backoff = Backoff(f"the listener at {addr}", first_delay, backoff_max, log=log, quiet=True)
     while True:
         try:
             reader, writer = await asyncio.open_connection(addr.host, addr.port, limit=limit)
         except OSError as exc:
-            if not warned:
+            if backoff.note_failure(exc):
                 log.info(
                     "waiting for the listener at %s (%s); start it with `%s`",
                     addr,
                     exc.strerror or exc,
                     start_it,
                 )
-                warned = True
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, backoff_max)
+            await asyncio.sleep(backoff.next_delay())
             continue
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -616,86 +634,67 @@ async def connect_to_listener(
         return reader, writer
 
 
-class TcpSink:
+class TcpSink(QueuedSink):
     """TCP sink, at most once: results handed to the socket when the listener crashes
     are lost (never written twice); results still queued here wait for it to return.
 
-    Writes result bytes, in the order given, to the listener at ``addr``. ``write``
-    waits while more than ``high_water`` bytes are queued: that is the
-    back-pressure that stops the source reading when the listener is slow or gone.
-    A result counts as delivered once it is written to the socket.
+    Writes result bytes, in the order given, to the listener at ``addr``, joined into
+    writes of up to ``WRITE_CHUNK`` bytes; ``write`` waits while ``high_water`` bytes
+    are held: that is the back-pressure that stops the source reading when the listener
+    is slow or gone. A result counts as delivered once it is written to the socket. The
+    connection is made (and made again after a failure) in the background, as soon as
+    the sink starts, so a listener that goes away is noticed even while nothing is sent.
     """
 
     guarantee = "at most once: a crash of the listener loses what its socket buffers held"
+    group_limit = WRITE_CHUNK
 
     def __init__(self, addr: Address, high_water: int = 8 << 20, backoff_max: float = 2.0):
+        # the connection's own loop logs its outages: the queue's retries stay quiet
+        super().__init__(f"writing to {addr}", quiet_retries=True)
         self.addr = addr
         self.high_water = high_water
         self.backoff_max = backoff_max
-        self.on_delivered: DeliveredCallback | None = None
-        # (bytes, stream, end seq, results)
-        self._queue: collections.deque[tuple[bytes, StreamId, int, int]] = collections.deque()
-        self._queued = 0
-        self._queued_results = 0
-        self._writing_results = 0  # results of the write in progress
-        self._delivered: dict[StreamId, int] = {}
-        self._has_data = asyncio.Event()
-        self._has_space = asyncio.Event()
-        self._has_space.set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._task: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._connected = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._lost_reason = ""
+        self._keeper: asyncio.Task | None = None
         self.connects = 0
         self.closed = False
         self._peer_eof = False  # the listener closed its side of the connection
         self._peer_reads = False  # ... and it has been seen to read on
 
     @classmethod
-    def from_config(cls, location: str, config) -> TcpSink:
-        return cls(tcp_address(location))
+    def build(cls, endpoint: Endpoint, options: dict, config: AppConfig) -> TcpSink:
+        return cls(tcp_address(endpoint.location))
 
     def describe(self) -> str:
         return str(self.addr)
 
-    @property
-    def queued_bytes(self) -> int:
-        return self._queued
-
-    @property
-    def undelivered(self) -> int:
-        return self._queued_results + self._writing_results
-
-    def delivered(self, stream: StreamId) -> int:
-        return self._delivered.get(stream, 0)
-
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="sink")
-
-    async def write(self, result: BatchResult) -> None:
-        if not result.count:
-            return
-        while self._queued >= self.high_water:
-            self._has_space.clear()
-            await self._has_space.wait()
-        self._queue.append((result.output, result.stream, result.end_seq, result.count))
-        self._queued += len(result.output)
-        self._queued_results += result.count
-        self._idle.clear()
-        self._has_data.set()
+        self._keeper = asyncio.create_task(self._keep_connected(), name="sink connection")
+        await super().start()
 
     async def flush(self) -> None:
         """Wait until everything written so far has been handed to the socket and drained."""
-        await self._idle.wait()
+        while True:
+            await super().flush()
+            writer = self._writer
+            if writer is None or writer.transport.get_write_buffer_size() == 0:
+                if self._idle.is_set():
+                    return
+                continue
+            # drain() returns below asyncio's low-water mark, not at empty, and nothing
+            # signals empty: look again shortly
+            await asyncio.sleep(0.01)
 
     async def close(self) -> None:
         self.closed = True
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await super().close()
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
         if self._writer is not None:
             self._writer.close()
 
@@ -709,7 +708,7 @@ class TcpSink:
         writer.transport.set_write_buffer_limits(high=1 << 20)
         return reader, writer
 
-    async def _run(self) -> None:
+    async def _keep_connected(self) -> None:
         while not self.closed:
             reader, writer = await self._connect()
             self.connects += 1
@@ -718,85 +717,59 @@ class TcpSink:
                 self.addr,
                 "" if self.connects == 1 else f" (reconnection {self.connects - 1})",
             )
-            self._writer = writer
             self._peer_eof = self._peer_reads = False
+            self._lost.clear()
             watch = asyncio.create_task(self._watch_peer(reader))
+            self._writer = writer
+            self._connected.set()
             try:
-                await self._pump(writer, watch)
-            except (ConnectionError, OSError) as exc:
-                log.warning(
-                    "listener at %s went away (%s); %d result bytes queued, reconnecting",
-                    self.addr,
-                    exc,
-                    self._queued,
-                )
+                await self._lost.wait()
             finally:
+                self._connected.clear()
                 self._writer = None
                 watch.cancel()
                 writer.close()
+            log.warning(
+                "listener at %s went away (%s); %d result bytes queued, reconnecting",
+                self.addr,
+                self._lost_reason,
+                self.held,
+            )
 
-    async def _pump(self, writer: asyncio.StreamWriter, watch: asyncio.Task) -> None:
-        queue = self._queue
-        while True:
-            if not queue:
-                unsent = writer.transport.get_write_buffer_size()
-                if unsent == 0:
-                    self._idle.set()
-                self._has_data.clear()
-                waiter = asyncio.ensure_future(self._has_data.wait())
-                # drain() returns below asyncio's low-water mark, not at empty, and nothing
-                # signals empty: while bytes remain, look again shortly, or flush() never ends
-                done, _ = await asyncio.wait(
-                    {waiter, watch},
-                    timeout=0.01 if unsent else None,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if watch in done:
-                    waiter.cancel()
-                    raise ConnectionResetError("the connection to the listener broke")
-                if not done:
-                    waiter.cancel()
-                continue
-            if watch.done():
-                raise ConnectionResetError("the connection to the listener broke")
-            parts = [queue.popleft()]
-            size = len(parts[0][0])
-            while queue and size < WRITE_CHUNK:
-                parts.append(queue.popleft())
-                size += len(parts[-1][0])
-            if writer.transport.is_closing():
-                queue.extendleft(reversed(parts))
-                raise ConnectionResetError("the connection to the listener is closed")
-            chunk = parts[0][0] if len(parts) == 1 else b"".join(p[0] for p in parts)
-            results = sum(p[3] for p in parts)
-            if self._peer_eof and not self._peer_reads:
-                # The listener closed its side: still reading (half-closed), or gone. One
-                # byte asks; if it is gone, that byte is all that is lost, and the whole
-                # chunk goes again to the next listener.
-                writer.write(chunk[:1])
-                if not await _acknowledged(writer):
-                    queue.extendleft(reversed(parts))
-                    raise ConnectionResetError("the listener closed the connection")
-                self._peer_reads = True
-                log.info(
-                    "the listener at %s closed its sending side; it still reads, so results go on",
-                    self.addr,
-                )
-                chunk = chunk[1:]
-            writer.write(chunk)
-            self._queued -= size
-            self._queued_results -= results
-            self._writing_results = results
-            if self._queued < self.high_water:
-                self._has_space.set()
+    def _lose(self, reason: str) -> None:
+        self._lost_reason = reason
+        self._lost.set()
+
+    async def deliver(self, results: list[BatchResult]) -> None:
+        if not self._connected.is_set():
+            await self._connected.wait()
+        writer = self._writer
+        assert writer is not None  # set with _connected
+        if self._lost.is_set() or writer.transport.is_closing():
+            # nothing of these was written: they go again once the keeper reconnects
+            self._lose("the connection to the listener is closed")
+            raise ConnectionResetError("the connection to the listener is closed")
+        chunk = results[0].output if len(results) == 1 else b"".join(r.output for r in results)
+        if self._peer_eof and not self._peer_reads:
+            # The listener closed its side: still reading (half-closed), or gone. One
+            # byte asks; if it is gone, that byte is all that is lost, and the whole
+            # chunk goes again to the next listener.
+            writer.write(chunk[:1])
+            if not await _acknowledged(writer):
+                self._lose("the listener closed the connection")
+                raise ConnectionResetError("the listener closed the connection")
+            self._peer_reads = True
+            log.info(
+                "the listener at %s closed its sending side; it still reads, so results go on",
+                self.addr,
+            )
+            chunk = chunk[1:]
+        writer.write(chunk)
+        try:
             await writer.drain()
-            self._writing_results = 0
-            for _, stream, end_seq, _ in parts:
-                self._delivered[stream] = end_seq
-                if self.on_delivered is not None:
-                    self.on_delivered(stream, end_seq)
-            if not queue and writer.transport.get_write_buffer_size() == 0:
-                self._idle.set()
+        except (ConnectionError, OSError) as exc:
+            # handed to the socket: delivered as far as this wire can tell (at most once)
+            self._lose(str(exc) or type(exc).__name__)
 
     async def _watch_peer(self, reader: asyncio.StreamReader) -> None:
         # The listener never sends. End of stream is a listener that has gone, or one that
@@ -805,7 +778,10 @@ class TcpSink:
         try:
             while await reader.read(65536):
                 pass
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError) as exc:
+            self._lose(str(exc) or type(exc).__name__)
             return
         self._peer_eof = True
-        await asyncio.Event().wait()
+
+
+CONNECTOR = Connector(("tcp",), TcpSource, TcpSink, title="TCP")

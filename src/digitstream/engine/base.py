@@ -38,9 +38,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from digitstream.batch import Batch, BatchResult
 from digitstream.engine import ENGINES
 from digitstream.errors import UserError
-from digitstream.pipeline import Batch, BatchResult, Flow, FlowOptions, failure_reason
+from digitstream.pipeline import Flow, FlowOptions, failure_reason
 
 log = logging.getLogger("digitstream.engine")
 

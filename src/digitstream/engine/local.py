@@ -13,8 +13,9 @@ import asyncio
 
 from threadpoolctl import threadpool_limits
 
+from digitstream.batch import Batch, BatchResult
 from digitstream.engine.base import EngineOptions
-from digitstream.pipeline import Batch, BatchResult, Flow
+from digitstream.pipeline import Flow
 
 
 class LocalEngine:

@@ -58,7 +58,8 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from digitstream.pipeline import Batch, BatchResult, Flow
+from digitstream.batch import Batch, BatchResult
+from digitstream.pipeline import Flow
 from digitstream.wire.framing import Payloads, Spans
 
 log = logging.getLogger("digitstream.engine")

@@ -15,8 +15,9 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
+from digitstream.batch import Batch
 from digitstream.engine.pool import BATCH, FLOW, READY, payloads_of
-from digitstream.pipeline import Batch, Flow
+from digitstream.pipeline import Flow
 
 #: flows kept by generation: a batch submitted before a swap may still be on its way
 KEPT_FLOWS = 4

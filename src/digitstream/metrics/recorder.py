@@ -280,7 +280,7 @@ class Metrics:
         self._last_sample: tuple | None = None
         #: role (``source``, ``sink``) -> a connector's ``counters()``: ``{connector, where,
         #: counters: {event: total}, gauges: {name: now}}``, read at each snapshot
-        self.connectors: dict[str, Callable[[], dict]] = {}
+        self.connectors: dict[str, Callable[[], dict | None]] = {}
 
     # ------------------------------------------------ called by the application
     @property
@@ -486,5 +486,9 @@ class Metrics:
                 model_swaps_total=self._swaps_total,
                 model_swaps_refused=self._refused_total,
                 swap_refusals=[dict(r) for r in self._refusals],
-                connectors={role: counters() for role, counters in self.connectors.items()},
+                connectors={
+                    role: report
+                    for role, counters in self.connectors.items()
+                    if (report := counters()) is not None
+                },
             )

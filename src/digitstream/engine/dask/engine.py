@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from digitstream.batch import Batch, BatchResult
 from digitstream.engine.base import EngineOptions
 from digitstream.engine.dask.logs import _quiet_abandoned_clients, _reason, log
 from digitstream.engine.dask.packing import pack
@@ -22,7 +23,7 @@ from digitstream.engine.dask.scheduler import (
 from digitstream.engine.dask.slots import _Slots
 from digitstream.engine.dask.worker import FlowSpec, ModelPlugin, _hex, classify
 from digitstream.errors import UserError
-from digitstream.pipeline import Batch, BatchResult, Flow
+from digitstream.pipeline import Flow
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable

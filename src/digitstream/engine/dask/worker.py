@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from digitstream.batch import Batch, BatchResult, StreamId
 from digitstream.engine.dask.logs import log
 from digitstream.engine.dask.packing import unpack
-from digitstream.pipeline import Batch, BatchResult, Flow, FlowOptions, StreamId
+from digitstream.pipeline import Flow, FlowOptions
 
 try:
     from distributed import WorkerPlugin
