@@ -14,15 +14,18 @@ A connector module ends with its :class:`Connector`, the one line the registry
 
 from __future__ import annotations
 
+import collections
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from digitstream.addresses import Address
 from digitstream.errors import UserError
 from digitstream.sinks import Sink
 from digitstream.sources import Source
+
+T = TypeVar("T")
 
 #: the scheme of an endpoint written without one
 DEFAULT_SCHEME = "tcp"
@@ -193,6 +196,34 @@ GROUP = Option(
     flag=True,
     metavar="NAME",
 )
+
+
+class ReadLedger(Generic[T]):
+    """What a broker's source read and has not yet put in a batch, read by read: each
+    read's items (entry ids, messages) in order, one per frame. The batching policy cuts
+    batches from the reads' payloads; :meth:`take` gives the items of a batch's frames."""
+
+    def __init__(self) -> None:
+        self._reads: collections.deque[list[T]] = collections.deque()
+
+    def add(self, items: list[T]) -> None:
+        """The items of one read, one per frame, in order."""
+        self._reads.append(items)
+
+    def take(self, n: int) -> list[T]:
+        """The items of the next ``n`` frames."""
+        taken: list[T] = []
+        reads = self._reads
+        while len(taken) < n:
+            head = reads[0]
+            want = n - len(taken)
+            if len(head) <= want:
+                taken.extend(head)
+                reads.popleft()
+            else:
+                taken.extend(head[:want])
+                reads[0] = head[want:]
+        return taken
 
 
 # ---------------------------------------------------------------------------- registry

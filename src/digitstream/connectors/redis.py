@@ -62,6 +62,7 @@ from digitstream.connectors.kit import (
     Connector,
     Endpoint,
     Option,
+    ReadLedger,
     integer,
     resolve_options,
     text,
@@ -389,8 +390,8 @@ class RedisSource(Source):
         self._claim_cursor = b"0-0"
         self._next_claim = 0.0
         self._count = policy.max_batch
-        # ids of entries read and not yet in a batch, one list per read
-        self._unbatched: collections.deque[list[bytes]] = collections.deque()
+        # ids of entries read and not yet in a batch
+        self._unbatched: ReadLedger[bytes] = ReadLedger()
         self._to_ack: list[bytes] = []
         self._ack_wanted = asyncio.Event()
         self._ack_idle = asyncio.Event()
@@ -538,7 +539,7 @@ class RedisSource(Source):
             self._count = max(1, min(self.policy.max_batch, READ_BYTES // per_entry))
         self.counts[kind] += len(ids)
         self.pending += len(ids)
-        self._unbatched.append(ids)
+        self._unbatched.add(ids)
         if kind == "claimed":
             log.info("took over %d entries idle for over %d ms", len(ids), self.claim_idle_ms)
         return Payloads.from_list(payloads)
@@ -546,17 +547,7 @@ class RedisSource(Source):
     def entries_of(self, batch: Batch) -> RedisEntries:
         """The entries of ``batch``, the next one made of what was read; kept until its results
         are delivered."""
-        ids: list[bytes] = []
-        need = len(batch)
-        while len(ids) < need:
-            chunk = self._unbatched[0]
-            take = need - len(ids)
-            if len(chunk) <= take:
-                ids.extend(chunk)
-                self._unbatched.popleft()
-            else:
-                ids.extend(chunk[:take])
-                self._unbatched[0] = chunk[take:]
+        ids = self._unbatched.take(len(batch))
         return RedisEntries(self, batch, ids, self.url.server, self.url.stream)
 
     # ------------------------------------------------------------ acknowledging

@@ -13,7 +13,7 @@ from typing import Any
 
 from digitstream.addresses import Address
 from digitstream.config import AppConfig
-from digitstream.connectors import acked, redis
+from digitstream.connectors import acked, nats, redis
 from digitstream.connectors.kit import Connector, Endpoint, Option, resolve_options
 from digitstream.errors import UserError
 from digitstream.sinks import Sink
@@ -22,6 +22,7 @@ from digitstream.sources import Source
 CONNECTORS: tuple[Connector, ...] = (
     acked.CONNECTOR,  # tcp:// and HOST:PORT, with the parts of run --acked
     redis.CONNECTOR,
+    nats.CONNECTOR,
 )
 
 BY_SCHEME: dict[str, Connector] = {
