@@ -96,23 +96,32 @@ class OptionType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-def connector_flags(command):
-    """The connectors' ``run`` flags (``--group``, ``--max-connections``...), each once."""
-    from digitstream.connectors import registry
+class WithConnectorFlags(click.Command):
+    """A command that also takes the connectors' ``run`` flags (``--group``,
+    ``--max-connections``...), each once, as the registry declares them. They are added
+    when the command is parsed or its help shown, not when the command line is built:
+    the connectors import NumPy, which ``digitstream --help`` has no need of."""
 
-    for option in reversed(list(registry.run_flags().values())):
-        if option.default is False:
-            decorator = click.option(f"--{option.name}", is_flag=True, help=option.help)
-        else:
-            decorator = click.option(
-                f"--{option.name}",
-                default=option.default,
-                show_default=True,
-                type=OptionType(option),
-                help=option.help,
-            )
-        command = decorator(command)
-    return command
+    _added = False
+
+    def get_params(self, ctx):
+        if not self._added:
+            from digitstream.connectors import registry  # start-up time (see above)
+
+            for option in registry.run_flags().values():
+                if option.default is False:
+                    param = click.Option([f"--{option.name}"], is_flag=True, help=option.help)
+                else:
+                    param = click.Option(
+                        [f"--{option.name}"],
+                        default=option.default,
+                        show_default=True,
+                        type=OptionType(option),
+                        help=option.help,
+                    )
+                self.params.append(param)
+            self._added = True
+        return super().get_params(ctx)
 
 
 class _Group(click.Group):
@@ -213,7 +222,7 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
 
 
 # ----------------------------------------------------------------------- run
-@main.command()
+@main.command(cls=WithConnectorFlags)
 @click.option(
     "--in",
     "in_addr",
@@ -367,7 +376,6 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     help="Acknowledged, exactly-once delivery: input from `send --acked`, results to "
     "`listen --acked` (see the README).",
 )
-@connector_flags
 def run(
     in_addr,
     out_addr,
