@@ -183,25 +183,32 @@ class NatsURL:
         if self.user is not None:
             options.update(user=self.user, password=self.password or "")
 
+        seen: list[BaseException] = []
+
         async def quiet(exc: Exception) -> None:
-            # nats-py reports every failed attempt here: one line is logged by the caller
+            # nats-py reports every failed attempt here; the caller logs what matters
+            seen.append(exc)
             log.debug("nats %s: %s", self, exc)
 
         try:
-            return await nats.connect(
+            # a first connection that fails says why at once (one attempt and one more);
+            # once made, it is made again for ever
+            nc = await nats.connect(
                 servers=[f"{scheme}://{host}:{self.port}"],
                 connect_timeout=TIMEOUT,
-                max_reconnect_attempts=-1,
+                max_reconnect_attempts=1,
                 reconnect_time_wait=0.5,
                 allow_reconnect=True,
                 tls=context,
                 tls_hostname=self.host if context else None,
-                error_cb=callbacks.pop("error_cb", quiet),
+                error_cb=quiet,
                 **callbacks,
                 **options,
             )
         except Exception as exc:
-            raise server_error(self, exc) from None
+            raise server_error(self, seen[-1] if seen else exc) from None
+        nc.options["max_reconnect_attempts"] = -1
+        return nc
 
 
 def server_error(url: NatsURL, exc: BaseException) -> UserError:
@@ -253,13 +260,23 @@ async def ensure_stream(js, url: NatsURL, duplicate_window: float | None = None)
             raise
 
 
-async def _open(url: NatsURL, duplicate_window: float | None = None, **callbacks):
-    """A connection and its JetStream context, with the stream made if missing; UserError
-    in one line if that fails."""
+async def _open(
+    url: NatsURL, duplicate_window: float | None = None, create: bool = True, **callbacks
+):
+    """A connection and its JetStream context, with the stream made if missing (UserError
+    if it is missing and not to be made); UserError in one line if that fails."""
+    from nats.js.errors import NotFoundError
+
     nc = await url.connect(**callbacks)
     js = nc.jetstream(timeout=TIMEOUT, publish_async_max_pending=2 * PUBLISH_GROUP)
     try:
-        await ensure_stream(js, url, duplicate_window)
+        if create:
+            await ensure_stream(js, url, duplicate_window)
+        else:
+            await js.stream_info(url.stream)
+    except NotFoundError:
+        await nc.close()
+        raise UserError(f"no stream {url.stream!r} on nats at {url.server}") from None
     except Exception as exc:
         await nc.close()
         if "jetstream not enabled" in str(exc).lower() or "no responders" in str(exc).lower():
@@ -564,10 +581,19 @@ class NatsSink(QueuedSink):
 class _Blocking:
     """A connection driven from synchronous code (``send``, ``listen``): its own event loop."""
 
+    #: a missing stream is made (send), or is an error (listen)
+    creates = True
+
     def __init__(self, endpoint: Endpoint):
         self.url = NatsURL.of(endpoint, resolve_options(CLIENT_OPTIONS, endpoint))
         self.loop = asyncio.new_event_loop()
-        self.nc, self.js = self.loop.run_until_complete(_open(self.url))
+        try:
+            self.nc, self.js = self.loop.run_until_complete(
+                _open(self.url, create=self.creates)
+            )
+        except BaseException:
+            self.loop.close()
+            raise
 
     def describe(self) -> str:
         return str(self.url)
@@ -601,6 +627,8 @@ class NatsPublisher(_Blocking):
 
 class NatsResultReader(_Blocking):
     """``listen nats://...``: every message of the stream from its start, in its order."""
+
+    creates = False
 
     def __init__(self, endpoint: Endpoint):
         super().__init__(endpoint)
