@@ -745,13 +745,22 @@ def demo(model_path, output, repeat, keep_running, through_redis):
     "through the same local redis-server.",
 )
 @click.option(
+    "--nats",
+    "through_nats",
+    is_flag=True,
+    help="Instead: the NATS JetStream connector against a bare nats-py relay through the "
+    "same local nats-server.",
+)
+@click.option(
     "--scheduler",
     default=None,
     help="With --engine dask: instead, only the Dask questions, against the running cluster "
     "at this address (tcp://HOST:PORT), with whatever workers it has (their number is "
     "reported): the cluster beside the local engine, in place of one and two local workers.",
 )
-def bench(quick, json_path, plot_path, engine, soak_minutes, runs, through_redis, scheduler):
+def bench(
+    quick, json_path, plot_path, engine, soak_minutes, runs, through_redis, through_nats, scheduler
+):
     """Benchmark digitstream against the seed's per-message design and a bare relay."""
     if scheduler:
         if engine != "dask":
@@ -763,6 +772,10 @@ def bench(quick, json_path, plot_path, engine, soak_minutes, runs, through_redis
         from digitstream.bench import redis_bench
 
         sys.exit(redis_bench.main(quick=quick, json_path=json_path, runs=runs))
+    if through_nats:
+        from digitstream.bench import nats_bench
+
+        sys.exit(nats_bench.main(quick=quick, json_path=json_path, runs=runs))
     from digitstream.bench import runner
 
     sys.exit(

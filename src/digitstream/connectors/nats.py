@@ -588,9 +588,7 @@ class _Blocking:
         self.url = NatsURL.of(endpoint, resolve_options(CLIENT_OPTIONS, endpoint))
         self.loop = asyncio.new_event_loop()
         try:
-            self.nc, self.js = self.loop.run_until_complete(
-                _open(self.url, create=self.creates)
-            )
+            self.nc, self.js = self.loop.run_until_complete(_open(self.url, create=self.creates))
         except BaseException:
             self.loop.close()
             raise
