@@ -63,6 +63,7 @@ from digitstream.connectors.kit import (
     Endpoint,
     Option,
     ReadLedger,
+    boolean,
     integer,
     resolve_options,
     text,
@@ -157,6 +158,25 @@ CLAIM_IDLE = Option(
     flag=True,
     metavar="MS",
 )
+
+
+TRIM_INPUT = Option(
+    "trim-input",
+    boolean,
+    True,
+    "Remove input entries once every group of the stream has acknowledged them (0: keep "
+    "them all).",
+    metavar="1|0",
+)
+#: seconds between two trims of the input stream
+TRIM_EVERY = 5.0
+
+
+def _entry_id(text: bytes | str) -> tuple[int, int]:
+    """A stream entry id as the two unsigned 64-bit numbers it is (compared exactly)."""
+    raw = text.decode() if isinstance(text, bytes) else str(text)
+    ms, _, seq = raw.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _retried_errors() -> tuple[type[BaseException], ...]:
@@ -365,7 +385,7 @@ class RedisSource(Source):
         "at least once (exactly once with the Redis sink): a crash of run leaves its entries "
         "pending, to be read again"
     )
-    options = (*CLIENT_OPTIONS, GROUP, CLAIM_IDLE)
+    options = (*CLIENT_OPTIONS, GROUP, CLAIM_IDLE, TRIM_INPUT)
 
     def __init__(
         self,
@@ -374,12 +394,14 @@ class RedisSource(Source):
         consumer: str,
         policy: BatchPolicy,
         claim_idle_ms: int = 10_000,
+        trim_input: bool = True,
     ):
         self.url = url
         self.group = group
         self.consumer = consumer
         self.policy = policy
         self.claim_idle_ms = claim_idle_ms
+        self.trim_input = trim_input
         self.client: Any = None
         self._ack_script: Any = None
         self._stream: RedisStream | None = None
@@ -399,7 +421,7 @@ class RedisSource(Source):
         self._tasks: list[asyncio.Task] = []
         self._read_backoff = Backoff(f"reading {url}", log=log)
         self.counts = collections.Counter(
-            read=0, redelivered=0, claimed=0, acknowledged=0, lost=0, reconnects=0
+            read=0, redelivered=0, claimed=0, acknowledged=0, lost=0, reconnects=0, trimmed=0
         )
         self.pending = 0  # entries read and not yet acknowledged, by this process
         self.group_pending: int | None = None  # the whole group's, as XPENDING last said
@@ -415,6 +437,7 @@ class RedisSource(Source):
             config.name,
             BatchPolicy(config.max_batch, config.max_delay),
             claim_idle_ms=options["claim-idle-ms"],
+            trim_input=options["trim-input"],
         )
 
     def describe(self) -> str:
@@ -581,14 +604,45 @@ class RedisSource(Source):
             self._ack_idle.set()
 
     async def _watch_group(self) -> None:
-        """Keeps :attr:`group_pending` current, for the metrics."""
+        """Keeps :attr:`group_pending` current, for the metrics, and trims the input stream
+        every ``TRIM_EVERY`` seconds (``?trim-input=1``, the default)."""
+        next_trim = 0.0
         while True:
             try:
                 summary = await self.client.xpending(self.url.stream, self.group)
                 self.group_pending = int(summary["pending"])
+                if self.trim_input and time.monotonic() >= next_trim:
+                    next_trim = time.monotonic() + TRIM_EVERY
+                    await self.trim()
             except Exception:  # the reader reports a lost connection; this only skips a beat
                 pass
             await asyncio.sleep(1.0)
+
+    async def trim(self) -> int:
+        """Remove the input entries every group of the stream has acknowledged: those before
+        the oldest entry any group has pending, or has not yet read. The number removed."""
+        groups = await self.client.xinfo_groups(self.url.stream)
+        if not groups:
+            return 0
+        keep: list[tuple[int, int]] = []
+        for group in groups:
+            name, pending = group["name"], int(group["pending"])
+            if pending:
+                summary = await self.client.xpending(self.url.stream, name)
+                first = summary["min"]
+            else:
+                first = group["last-delivered-id"]
+            keep.append(_entry_id(first))
+        oldest = min(keep)
+        if oldest == (0, 0):
+            return 0
+        # approximate: Redis frees whole nodes of its radix tree, which costs next to nothing;
+        # limit 0: all of them (an approximate trim stops at 10,000 entries by default)
+        removed = await self.client.xtrim(
+            self.url.stream, minid=f"{oldest[0]}-{oldest[1]}", approximate=True, limit=0
+        )
+        self.counts["trimmed"] += removed
+        return removed
 
     def counters(self) -> dict | None:
         """What the metrics show of it: entries by what happened to them, and pending now."""
