@@ -21,9 +21,11 @@ main suite does, so that a slow spell of the shared machine spreads over all.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -37,7 +39,13 @@ from digitstream.bench.report import print_dask
 from digitstream.bench.session import Session
 from digitstream.bench.settings import Settings
 from digitstream.bench.systems import BenchError, System, start_all
+from digitstream.datasets import load_dataset
+from digitstream.engine.base import EngineOptions
+from digitstream.model.bundle import load_bundle, save_bundle
+from digitstream.model.runner import make_runner
+from digitstream.pipeline import Batch, Flow, FlowOptions
 from digitstream.tools.measure import rate_summary, ratio
+from digitstream.wire.framing import Payloads
 
 #: two workers / one worker, compute-heavy model
 SPEEDUP_TARGET = 1.6
@@ -123,6 +131,7 @@ def cluster_systems(scheduler: str) -> tuple[list[System], list[System]]:
 
 def cluster_workers(scheduler: str) -> int:
     """How many workers the scheduler at ``scheduler`` has now."""
+    # heavy, and optional: distributed, only with --engine dask
     from distributed import Client
 
     with Client(scheduler, timeout=10, set_as_default=False) as client:
@@ -152,12 +161,10 @@ def main(
 
 def heavy_model(directory: Path) -> dict:
     """Fit the compute-heavy model on the digits set and save it as a bundle."""
+    # heavy: scikit-learn, to fit the model
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
-
-    from digitstream.datasets import load_dataset
-    from digitstream.model.bundle import save_bundle
 
     data = load_dataset("digits")
     pipeline = Pipeline(
@@ -352,17 +359,8 @@ def round_trip(
     batches as the cluster takes in a few seconds, ``in_flight`` at a time:
     the most batches per second the engine can turn over.
     """
-    import asyncio
-    import statistics
-    import time
-
-    from digitstream.datasets import load_dataset
-    from digitstream.engine.base import EngineOptions
+    # heavy, and optional: distributed, only with --engine dask
     from digitstream.engine.dask import DaskEngine
-    from digitstream.model.bundle import load_bundle
-    from digitstream.model.runner import make_runner
-    from digitstream.pipeline import Batch, Flow, FlowOptions
-    from digitstream.wire.framing import Payloads
 
     options = EngineOptions(
         flow=FlowOptions(input_format="u8"),

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -252,10 +253,11 @@ def write_json(figures: dict, path: str | Path) -> None:
 def write_plot(figures: dict, path: str | Path) -> None:
     """Throughput bars (log scale, one dot per run) and the latency distributions;
     for a soak, throughput and memory over time."""
+    # heavy: matplotlib, only for --plot
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # once the backend is chosen
 
     if "soak" in figures:
         fig = _plot_soak(plt, figures)
@@ -309,7 +311,7 @@ def _rounds_note(rounds: int) -> str:
 
 def _plot_latency(ax, figures: dict) -> None:
     """Latency by percentile, the tail stretched out: x is -log10(1 - fraction)."""
-    import numpy as np
+    # heavy: matplotlib, only for --plot
     from matplotlib.ticker import FuncFormatter
 
     top = 1

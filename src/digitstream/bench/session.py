@@ -257,7 +257,7 @@ class Session:
 def prepare_model(directory: Path) -> dict:
     """Fit the seed's model (PCA with 40 components, then logistic regression with
     C=3, on the whole digits set) and save it as a bundle in ``directory``."""
-    # heavy: scikit-learn, for the suite but not for the scripts that import a Session
+    # heavy: scikit-learn, only to fit the model
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline

@@ -15,9 +15,14 @@ import sys
 import threading
 import time
 
+from redis.exceptions import RedisError
+
+from digitstream.codecs.inputs import encode_images
 from digitstream.connectors import Endpoint
 from digitstream.connectors.redis import RedisURL, server_error
+from digitstream.datasets import load_dataset
 from digitstream.errors import UserError
+from digitstream.tools.reader import write_lines
 from digitstream.wire.framing import Payloads, frame_many
 
 #: entries per round trip
@@ -46,11 +51,6 @@ def send_main(
     rate: float | None = None,
 ) -> int:
     """``digitstream send --to redis://...``: returns the exit status."""
-    from redis.exceptions import RedisError
-
-    from digitstream.codecs.inputs import encode_images
-    from digitstream.datasets import load_dataset
-
     url = redis_url(endpoint)
     data = load_dataset(dataset)
     payloads = encode_images(data.X, fmt, labels=data.y)
@@ -98,10 +98,6 @@ def listen_main(
 ) -> int:
     """``digitstream listen redis://...``: returns the exit status. Follows the stream until
     ``count`` results are stored, or SIGINT / SIGTERM."""
-    from redis.exceptions import RedisError
-
-    from digitstream.tools.reader import write_lines
-
     url = redis_url(endpoint)
     client = connect(url)
     stop = threading.Event()
