@@ -83,9 +83,24 @@ local ids = {}
 for id in string.gmatch(ARGV[3], '%S+') do ids[#ids + 1] = id end
 local n = #ids
 if n == 0 then return {0, 0} end
+-- An id is two unsigned 64-bit integers, compared here as the decimal strings they are:
+-- Lua's numbers are doubles, which tell integers apart only below 2^53.
 local function parse(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(seq)
+  return string.match(id, '^0*(%d+)-0*(%d+)$')
+end
+-- a < b, decimals without leading zeros: the longer is the larger; of equal lengths,
+-- up to 15 digits are exact as numbers, longer ones are taken 10 digits at a time
+-- (numbers, not strings, which Lua orders by the locale's collation)
+local function below(a, b)
+  if #a ~= #b then return #a < #b end
+  if #a <= 15 then return tonumber(a) < tonumber(b) end
+  local x, y = tonumber(string.sub(a, 1, 10)), tonumber(string.sub(b, 1, 10))
+  if x ~= y then return x < y end
+  return tonumber(string.sub(a, 11)) < tonumber(string.sub(b, 11))
+end
+local function before(ms, seq, other_ms, other_seq)
+  if ms ~= other_ms then return below(ms, other_ms) end
+  return below(seq, other_seq)
 end
 -- one XPENDING over the range the ids span, rather than one per id
 local lo, hi = ids[1], ids[1]
@@ -93,8 +108,8 @@ local lo_ms, lo_seq = parse(lo)
 local hi_ms, hi_seq = lo_ms, lo_seq
 for i = 2, n do
   local ms, seq = parse(ids[i])
-  if ms < lo_ms or (ms == lo_ms and seq < lo_seq) then lo, lo_ms, lo_seq = ids[i], ms, seq end
-  if ms > hi_ms or (ms == hi_ms and seq > hi_seq) then hi, hi_ms, hi_seq = ids[i], ms, seq end
+  if before(ms, seq, lo_ms, lo_seq) then lo, lo_ms, lo_seq = ids[i], ms, seq end
+  if before(hi_ms, hi_seq, ms, seq) then hi, hi_ms, hi_seq = ids[i], ms, seq end
 end
 local owned = {}
 local pending = redis.call('XPENDING', KEYS[1], group, lo, hi, 1000000000, consumer)
