@@ -70,7 +70,7 @@ def cut(data: bytes, chunk: int, repeats: int = 10) -> float:
 
 
 def predict_batches() -> None:
-    from digitstream.bench.runner import prepare_model
+    from digitstream.bench.session import prepare_model
     from digitstream.model import runner as runners
     from digitstream.model.bundle import load_bundle
 

@@ -17,7 +17,8 @@ import sys
 import numpy as np
 import psutil
 
-from digitstream.bench.runner import SYSTEMS, Session
+from digitstream.bench.runner import SYSTEMS
+from digitstream.bench.session import Session
 from digitstream.tools.measure import latency_summary
 
 RATE = 100_000

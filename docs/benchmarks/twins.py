@@ -18,8 +18,10 @@ import statistics
 import sys
 from dataclasses import replace
 
-from digitstream.bench.runner import SYSTEMS, Session, System, run_suite
+from digitstream.bench.runner import SYSTEMS, run_suite
+from digitstream.bench.session import Session
 from digitstream.bench.settings import Settings
+from digitstream.bench.systems import System
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import NamedTuple
 
 
@@ -40,8 +41,6 @@ def parse_address(text: str) -> Address:
 
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and ``localhost``."""
-    import ipaddress
-
     if host == "localhost":
         return True
     try:

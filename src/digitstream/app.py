@@ -123,6 +123,7 @@ class Application:
 
     # ------------------------------------------------------------ start-up
     def load(self) -> None:
+        # start-up time: loaded only when the run needs it (metrics, the stored model)
         from digitstream.model.bundle import load_bundle, load_bundle_stored
 
         cfg = self.config
@@ -160,6 +161,7 @@ class Application:
         serving = self.serving
         assert serving is not None
         if cfg.metrics_addr is not None:
+            # start-up time: loaded only when the run needs it (metrics, the stored model)
             from digitstream.metrics.recorder import Metrics
 
             self.metrics = Metrics(cfg.name, serving.flow.stage_names, serving.flow.runner.classes)
@@ -190,6 +192,7 @@ class Application:
         self.source = source
         await source.start(sink)
         self._accepting = asyncio.create_task(self._accept(), name="streams")
+        # start-up time: loaded only when the run needs it (metrics, the stored model)
         from digitstream.model.swap import ModelWatcher
 
         self.watcher = ModelWatcher(cfg.model_path, serving, self.metrics, poll=cfg.model_poll)
@@ -219,6 +222,7 @@ class Application:
     def _finish_loading(self, bundle) -> None:
         """Load the real pipeline of a bundle served from its stored arrays, on a thread
         of its own; should it fail, the run stops (exit status 1)."""
+        # start-up time: loaded only when the run needs it (metrics, the stored model)
         from digitstream.model.bundle import finish_loading
 
         loop = asyncio.get_running_loop()
@@ -253,6 +257,7 @@ class Application:
         self._finishing.start()
 
     async def _serve_metrics(self, source: Source, sink: Sink) -> None:
+        # start-up time: loaded only when the run needs it (metrics, the stored model)
         from digitstream.metrics.server import MetricsServer
 
         cfg = self.config
@@ -441,6 +446,7 @@ def _raise_open_files_limit() -> None:
     # Every input connection is a file descriptor; the soft limit many shells set (1024,
     # even 256) would stop accepting long before the hard limit does.
     with contextlib.suppress(ImportError, ValueError, OSError):
+        # optional: the resource module exists on Unix only
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -32,6 +32,7 @@ class Dataset:
 def load_dataset(spec: str) -> Dataset:
     """Load ``digits``, ``idx:DIR`` or ``npz:FILE``; raise UserError with a reason."""
     if spec == "digits":
+        # heavy: scikit-learn, for this data set only
         from sklearn.datasets import load_digits
 
         bunch = load_digits()

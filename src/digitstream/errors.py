@@ -7,3 +7,7 @@ class UserError(Exception):
     The command line turns it into ``Error: <message>`` and exit status 1, with no
     traceback; the library raises it without knowing of any command line.
     """
+
+
+class BundleError(UserError):
+    """A model bundle that cannot be served; the message says why, on one line."""

@@ -94,6 +94,7 @@ class Flow:
     @classmethod
     def build(cls, pipeline, options: FlowOptions) -> Flow:
         """The flow that serves a fitted ``pipeline`` with ``options``."""
+        # start-up time: scikit-learn's helpers load only when a flow is built
         from digitstream.model.runner import make_runner
 
         runner = make_runner(pipeline, compile=options.compile_model)

@@ -33,32 +33,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from digitstream.backoff import Backoff
 from digitstream.batch import BatchResult, StreamId
-from digitstream.sources import _check_guarantee
+from digitstream.connectors.options import Declared, Endpoint
 
 if TYPE_CHECKING:
     from digitstream.config import AppConfig
-    from digitstream.connectors.kit import Endpoint, Option
 
 log = logging.getLogger("digitstream.sink")
 
 
-class Sink(ABC):
+class Sink(Declared):
     """Where results go; see the module doc."""
-
-    #: what a crash costs, in one line
-    guarantee: ClassVar[str]
-    #: the URL query parameters it takes (and the ``run`` flags that set them)
-    options: ClassVar[tuple[Option, ...]] = ()
-
-    def __new__(cls, *args: Any, **kwargs: Any):
-        _check_guarantee(cls)
-        return super().__new__(cls)
 
     @classmethod
     @abstractmethod
@@ -69,7 +59,7 @@ class Sink(ABC):
     def describe(self) -> str:
         """Where it writes, for logs and the metrics UI (``127.0.0.1:7002``)."""
 
-    async def start(self) -> None:  # noqa: B027 (optional hook)
+    async def start(self) -> None:
         """Start delivering (a sink may wait for its peer in the background)."""
 
     @abstractmethod
@@ -89,7 +79,7 @@ class Sink(ABC):
     def undelivered(self) -> int:
         """Results taken and not yet delivered."""
 
-    async def close(self) -> None:  # noqa: B027 (optional hook)
+    async def close(self) -> None:
         """Stop; what is not delivered by now stays undelivered."""
 
     def counters(self) -> dict | None:

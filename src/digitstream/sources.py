@@ -32,22 +32,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from digitstream.batch import Batch, Receipt, StreamId
+from digitstream.connectors.options import Declared, Endpoint
 
 if TYPE_CHECKING:
     from digitstream.config import AppConfig
-    from digitstream.connectors.kit import Endpoint, Option
     from digitstream.sinks import Sink
-
-
-def _check_guarantee(cls: type) -> None:
-    if not isinstance(getattr(cls, "guarantee", None), str):
-        raise TypeError(
-            f"{cls.__name__} cannot be built: it does not say its delivery guarantee "
-            "(a class attribute `guarantee`, one line)"
-        )
 
 
 class InputStream(ABC):
@@ -67,17 +59,8 @@ class InputStream(ABC):
         """Let go of it (after its last batch is answered)."""
 
 
-class Source(ABC):
+class Source(Declared):
     """Where input comes from; see the module doc."""
-
-    #: what a crash costs, in one line
-    guarantee: ClassVar[str]
-    #: the URL query parameters it takes (and the ``run`` flags that set them)
-    options: ClassVar[tuple[Option, ...]] = ()
-
-    def __new__(cls, *args: Any, **kwargs: Any):
-        _check_guarantee(cls)
-        return super().__new__(cls)
 
     @classmethod
     @abstractmethod
@@ -106,11 +89,11 @@ class Source(ABC):
         """Take no new stream and, in each open one, no input after what has been
         sent so far; returns once every stream has been told to end."""
 
-    def acknowledge(self, receipt: Receipt) -> None:  # noqa: B027 (optional hook)
+    def acknowledge(self, receipt: Receipt) -> None:
         """The results of ``receipt``'s frames are safely delivered: a source that tells its
         upstream does it here. Receipts of one stream come back in order."""
 
-    async def close(self) -> None:  # noqa: B027 (optional hook)
+    async def close(self) -> None:
         """Release what it holds (sockets, connections)."""
 
     def counters(self) -> dict | None:

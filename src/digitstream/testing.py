@@ -213,6 +213,7 @@ class _MemoryBundle:
 
 def memory_bundle(pipeline) -> _MemoryBundle:
     """A fitted pipeline as the application serves a bundle, without writing it to disk."""
+    # start-up time: scikit-learn's helpers load only when a flow is built
     from digitstream.model.runner import n_features_of, pipeline_steps
 
     digest = hashlib.sha256(pickle.dumps(pipeline)).hexdigest()
@@ -232,6 +233,7 @@ async def run_in_memory(pipeline, source: MemorySource, sink: MemorySink, **opti
     """Run the application on ``source`` and ``sink`` with ``pipeline`` until every stream of
     the source has ended and its results are in the sink; the exit status. ``options`` are
     :class:`~digitstream.config.AppConfig` fields (``input_format="u8"``, say)."""
+    # start-up time: the application (and scikit-learn) load only when a flow runs
     from digitstream.app import Application
 
     config = AppConfig(metrics_addr=None, model_poll=0, **options)

@@ -152,44 +152,12 @@ def run(session, settings, figures: dict) -> dict:
     p99 = u8.get("latency", {}).get("p99")
     out["targets"] = {
         "u8_vs_plain": u8.get("vs_plain"),
+        "u8_vs_plain_target": THROUGHPUT_TARGET,
         "u8_vs_plain_met": None
         if u8.get("vs_plain") is None
         else u8["vs_plain"] >= THROUGHPUT_TARGET,
         "u8_p99_ms": p99,
+        "u8_p99_target_ms": P99_TARGET_MS,
         "u8_p99_met": None if p99 is None else p99 <= P99_TARGET_MS,
     }
     return out
-
-
-def print_report(acked: dict, console) -> None:
-    from rich.table import Table
-
-    def num(value, fmt=",.0f"):
-        return "—" if value is None else format(value, fmt)
-
-    table = Table(title="Acknowledged delivery (--acked): median msg/s, latency to the ACK")
-    for name in ("system", "median msg/s", "plain msg/s", "acked / plain", "p50 ms", "p99 ms"):
-        table.add_column(name, justify="left" if name == "system" else "right")
-    table.add_column("peak RSS MiB", justify="right")
-    for row in acked.get("rows", {}).values():
-        lat = row.get("latency", {})
-        table.add_row(
-            row["label"],
-            num(row.get("median")),
-            num(row.get("plain_median")),
-            num(row.get("vs_plain"), ".2f"),
-            num(lat.get("p50"), ".3f"),
-            num(lat.get("p99"), ".3f"),
-            num(row.get("peak_rss_mb"), ".0f"),
-        )
-    console.print(table)
-    targets = acked.get("targets", {})
-    mark = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "n/a"}
-    console.print(
-        f"acked u8 / plain u8: {num(targets.get('u8_vs_plain'), '.2f')} (target >= "
-        f"{THROUGHPUT_TARGET}) {mark[targets.get('u8_vs_plain_met')]}; acked u8 p99: "
-        f"{num(targets.get('u8_p99_ms'), '.3f')} ms (target <= {P99_TARGET_MS}) "
-        f"{mark[targets.get('u8_p99_met')]}"
-    )
-    for error in acked.get("errors", []):
-        console.print(f"[red]error:[/red] {error}")

@@ -22,6 +22,9 @@ import struct
 import sys
 import time
 
+from digitstream.addresses import parse_address
+from digitstream.model.bundle import load_bundle
+
 HEADER = struct.Struct(">I")
 
 
@@ -76,9 +79,6 @@ def connect_with_retry(host: str, port: int, timeout: float = 30.0) -> socket.so
 
 
 def main(argv: list[str] | None = None) -> int:
-    from digitstream.addresses import parse_address
-    from digitstream.model.bundle import load_bundle
-
     parser = argparse.ArgumentParser(
         prog="python -m digitstream.bench.baseline", description=__doc__.split("\n\n")[0]
     )

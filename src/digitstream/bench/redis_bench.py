@@ -20,6 +20,7 @@ is the median of ``runs`` runs.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import statistics
@@ -29,6 +30,21 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from digitstream.batch import BatchResult
+from digitstream.batching import BatchPolicy
+from digitstream.codecs.inputs import encode_images
+from digitstream.config import DEFAULTS
+from digitstream.connectors.redis import RedisSink, RedisSource, RedisURL
+from digitstream.datasets import load_dataset
+from digitstream.tools.demo import ensure_model
+from digitstream.tools.redis_demo import start_redis
+from digitstream.wire.framing import frame_fixed, frame_many
 
 HOST = "127.0.0.1"
 
@@ -69,13 +85,6 @@ def _rate(client, stream: str, total: int, since_ms: float, procs=(), timeout=30
 
 async def _relay(port: int, stream_in: str, stream_out: str, total: int, count: int) -> None:
     """Read with the connector's source, write each payload back as its result with its sink."""
-    import numpy as np
-
-    from digitstream.batch import BatchResult
-    from digitstream.batching import BatchPolicy
-    from digitstream.connectors.redis import RedisSink, RedisSource, RedisURL
-    from digitstream.wire.framing import frame_fixed, frame_many
-
     source = RedisSource(RedisURL(HOST, port, stream_in), "relay", "r", BatchPolicy(count))
     sink = RedisSink(RedisURL(HOST, port, stream_out))
     await sink.start()
@@ -160,13 +169,6 @@ def _stop(procs) -> None:
 
 def measure(model: Path, total: int = 200_000, runs: int = 3, log=print) -> dict[str, Any]:
     """Every figure (entries/s, medians of ``runs``), and the ratios to the relay."""
-    import redis
-
-    from digitstream.codecs.inputs import encode_images
-    from digitstream.config import DEFAULTS
-    from digitstream.datasets import load_dataset
-    from digitstream.tools.redis_demo import start_redis
-
     data = load_dataset("digits")
     payloads = {fmt: encode_images(data.X, fmt) for fmt in ("u8", "pickle")}
     directory = Path(tempfile.mkdtemp(prefix="digitstream-redis-bench-"))
@@ -245,13 +247,6 @@ def main(
     json_path: str | None = None,
     runs: int | None = None,
 ) -> int:
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from digitstream.tools.demo import ensure_model
-
     console = Console(stderr=True)
     model = ensure_model(console, Path(model_path))
     figures = measure(

@@ -16,6 +16,8 @@ import socket
 import sys
 import threading
 
+from digitstream.addresses import parse_address
+from digitstream.bench.baseline import connect_with_retry
 from digitstream.wire.framing import FrameSplitter
 
 READ_SIZE = 1 << 20
@@ -51,9 +53,6 @@ def forward(conn: socket.socket, out: socket.socket, lock: threading.Lock) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    from digitstream.addresses import parse_address
-    from digitstream.bench.baseline import connect_with_retry
-
     parser = argparse.ArgumentParser(
         prog="python -m digitstream.bench.relay", description=__doc__.split("\n\n")[0]
     )

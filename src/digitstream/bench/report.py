@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -135,14 +136,93 @@ def print_report(figures: dict, console: Console) -> None:
         table.add_row(row["name"], row["target"], text, _mark(row["met"]))
     console.print(table)
     if "dask" in figures:
-        from digitstream.bench.dask_bench import print_report as print_dask
-
         print_dask(figures["dask"], console)
     if "acked" in figures:
-        from digitstream.bench.acked_bench import print_report as print_acked
-
         print_acked(figures["acked"], console)
     for error in figures["errors"]:
+        console.print(f"[red]error:[/red] {error}")
+
+
+def print_dask(figures: dict, console: Console) -> None:
+    """The figures of the Dask benchmark (:mod:`~digitstream.bench.dask_bench`)."""
+    heavy_steps = " -> ".join(figures.get("heavy_model", {}).get("steps", []))
+    for part, title in (
+        ("heavy", f"compute-heavy model ({heavy_steps})"),
+        ("linear", "the seed's linear model"),
+    ):
+        table = Table(title=f"Dask engine, {title}: msg/s, u8, median of runs")
+        for name in ("system", "median msg/s", "min – max", "p50 ms", "p99 ms", "run options"):
+            table.add_column(name, justify="right" if "ms" in name else "left")
+        for fig in figures.get(part, {}).values():
+            lat = fig.get("latency", {})
+            table.add_row(
+                fig["label"],
+                _num(fig["median"]),
+                f"{_num(fig['min'])} – {_num(fig['max'])}",
+                _num(lat.get("p50"), ".2f"),
+                _num(lat.get("p99"), ".2f"),
+                fig["args"],
+            )
+        console.print(table)
+    mark = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "n/a"}[figures.get("met")]
+    console.print(
+        f"compute-heavy model, 2 workers / 1 worker: "
+        f"{_num(figures.get('speedup_2_vs_1'), '.2f')} "
+        f"(target >= {figures.get('speedup_target')}) {mark}"
+    )
+    console.print(
+        f"linear model, Dask with 2 workers / local engine: "
+        f"{_num(figures.get('dask_2_vs_local'), '.2f')}; added median latency at "
+        f"{_num(figures.get('latency_rate'), ',')} msg/s: "
+        f"{_num(figures.get('added_p50_ms'), '.1f')} ms"
+    )
+    probe = figures.get("round_trip")
+    if probe:
+        console.print(
+            f"one batch of {probe['batch_size']:,} messages, nothing queued: "
+            f"{probe['dask_ms']:.1f} ms through Dask, {probe['local_ms']:.1f} ms in "
+            f"process: [bold]{probe['overhead_ms']:.1f} ms overhead per batch[/bold]; "
+            f"at most {probe['batches_per_s']:,.0f} batches/s with "
+            f"{probe['in_flight']} in flight on one worker"
+        )
+    load = figures.get("load_average")
+    if load:
+        console.print(
+            f"load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
+            f"on {figures.get('cores')} cores: other work on the machine shows here"
+        )
+    for error in figures.get("errors", []):
+        console.print(f"[red]dask error:[/red] {error}")
+
+
+def print_acked(acked: dict, console: Console) -> None:
+    """The rows of ``--acked`` (:mod:`~digitstream.bench.acked_bench`)."""
+    table = Table(title="Acknowledged delivery (--acked): median msg/s, latency to the ACK")
+    for name in ("system", "median msg/s", "plain msg/s", "acked / plain", "p50 ms", "p99 ms"):
+        table.add_column(name, justify="left" if name == "system" else "right")
+    table.add_column("peak RSS MiB", justify="right")
+    for row in acked.get("rows", {}).values():
+        lat = row.get("latency", {})
+        table.add_row(
+            row["label"],
+            _num(row.get("median")),
+            _num(row.get("plain_median")),
+            _num(row.get("vs_plain"), ".2f"),
+            _num(lat.get("p50"), ".3f"),
+            _num(lat.get("p99"), ".3f"),
+            _num(row.get("peak_rss_mb"), ".0f"),
+        )
+    console.print(table)
+    targets = acked.get("targets", {})
+    mark = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "n/a"}
+    console.print(
+        f"acked u8 / plain u8: {_num(targets.get('u8_vs_plain'), '.2f')} "
+        f"(target >= {targets.get('u8_vs_plain_target')}) "
+        f"{mark[targets.get('u8_vs_plain_met')]}; "
+        f"acked u8 p99: {_num(targets.get('u8_p99_ms'), '.3f')} ms "
+        f"(target <= {targets.get('u8_p99_target_ms')}) {mark[targets.get('u8_p99_met')]}"
+    )
+    for error in acked.get("errors", []):
         console.print(f"[red]error:[/red] {error}")
 
 
@@ -173,10 +253,11 @@ def write_json(figures: dict, path: str | Path) -> None:
 def write_plot(figures: dict, path: str | Path) -> None:
     """Throughput bars (log scale, one dot per run) and the latency distributions;
     for a soak, throughput and memory over time."""
+    # heavy: matplotlib, only for --plot
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # once the backend is chosen
 
     if "soak" in figures:
         fig = _plot_soak(plt, figures)
@@ -230,7 +311,7 @@ def _rounds_note(rounds: int) -> str:
 
 def _plot_latency(ax, figures: dict) -> None:
     """Latency by percentile, the tail stretched out: x is -log10(1 - fraction)."""
-    import numpy as np
+    # heavy: matplotlib, only for --plot
     from matplotlib.ticker import FuncFormatter
 
     top = 1

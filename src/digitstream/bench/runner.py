@@ -1,7 +1,8 @@
 """``digitstream bench``: digitstream against the seed's design and a bare relay.
 
 One invocation, this machine, loopback only. A sender process and a listener
-process (:mod:`digitstream.bench.worker`) serve the whole benchmark; every
+process (:mod:`digitstream.bench.worker`, driven by a
+:class:`~digitstream.bench.session.Session`) serve the whole benchmark; every
 system under test (:mod:`digitstream.bench.systems`) runs as a process of its
 own between them, all started up front and measured in turns (round robin),
 so that a slow spell of a shared machine spreads over every system instead of
@@ -18,37 +19,21 @@ from __future__ import annotations
 
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
 
-import numpy as np
+from rich.console import Console
 
-from digitstream.addresses import Address
+from digitstream.bench import report
+from digitstream.bench.acked_bench import run as run_acked
+from digitstream.bench.dask_bench import run as run_dask
+from digitstream.bench.session import Session
 from digitstream.bench.settings import Settings, new_figures
 from digitstream.bench.soak import run_soak
-from digitstream.bench.systems import (
-    HOST,
-    BenchError,
-    MemorySampler,
-    Running,
-    System,
-    start_all,
-)
-from digitstream.bench.worker import JsonLines
-from digitstream.tools.measure import (
-    PERCENTILES,
-    as_timeline,
-    latencies_ns,
-    latency_summary,
-    rate_summary,
-    ratio,
-)
+from digitstream.bench.systems import BenchError, Running, System
+from digitstream.tools.measure import PERCENTILES, rate_summary, ratio
 
 SYSTEMS = [
     System("digitstream_u8", "digitstream u8", "digitstream", "u8"),
@@ -87,9 +72,6 @@ MEMORY_SYSTEM = "digitstream_u8"
 #: the systems whose start-up is measured (each started alone, one after another)
 STARTUP_SYSTEMS = ["digitstream_u8", "baseline", "relay_u8"]
 
-#: the slowest plausible rate of each kind (messages/s), for a run's deadline
-_SLOWEST = {"digitstream": 20_000, "baseline": 100, "relay": 50_000}
-
 TARGETS = {
     "u8_msg_per_s": 3_000_000,
     "u8_vs_relay": 0.7,
@@ -104,266 +86,6 @@ TARGETS = {
     "metrics_on_vs_off": 0.95,
     "startup_s": 1.0,
 }
-
-
-# ------------------------------------------------------------------- session
-class WorkerProcess:
-    """A :mod:`digitstream.bench.worker` process and its JSON-lines channel."""
-
-    def __init__(self, role: str, directory: Path):
-        self.role = role
-        self.log_path = directory / f"{role}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - the worker's stderr until close()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "digitstream.bench.worker", role, str(directory)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            bufsize=0,
-        )
-        assert self.proc.stdout is not None and self.proc.stdin is not None  # both are pipes
-        self.channel = JsonLines(self.proc.stdout.fileno(), self.proc.stdin.fileno())
-
-    def request(self, obj: dict) -> None:
-        try:
-            self.channel.write(obj)
-        except BrokenPipeError:
-            raise self._dead() from None
-
-    def reply(self, timeout: float | None) -> dict | None:
-        """The next reply; None if none within ``timeout``."""
-        try:
-            return self.channel.read(timeout)
-        except EOFError:
-            raise self._dead() from None
-
-    def _dead(self) -> BenchError:
-        self.proc.poll()
-        tail = self.log_path.read_text(errors="replace").strip().splitlines()[-10:]
-        return BenchError(
-            f"the benchmark's {self.role} process ended "
-            f"(status {self.proc.returncode}):\n" + "\n".join(tail)
-        )
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.channel.write({"cmd": "quit"})
-                self.proc.wait(10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-
-
-class Session:
-    """The benchmark's fixtures: a work directory, a model, the sender and the
-    listener, a memory sampler, and the systems under test started so far.
-
-    :meth:`throughput` and :meth:`latency` measure one run of one system; an
-    engine-specific benchmark (``--engine dask``) uses the same calls.
-    """
-
-    def __init__(self, log: Callable[[str], None] | None = None) -> None:
-        self.log = log or (lambda text: None)
-        self._tmp = tempfile.TemporaryDirectory(prefix="digitstream-bench-")
-        self.directory = Path(self._tmp.name)
-        self.model_dir = self.directory / "model"
-        self.model_info: dict = {}
-        self.sender: WorkerProcess | None = None
-        self.listener: WorkerProcess | None = None
-        self.listen_addr: Address | None = None
-        self.sampler = MemorySampler()
-        self.running: dict[str, Running] = {}
-        self.answered: dict[str, int] = {}  # messages answered per system, over every run
-
-    def __enter__(self) -> Session:
-        try:
-            self.open()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def open(self) -> None:
-        self.sender = WorkerProcess("send", self.directory)
-        self.listener = WorkerProcess("listen", self.directory)
-        self.model_info = prepare_model(self.model_dir)
-        hello = self.listener.reply(60)
-        if hello is None:
-            raise BenchError("the benchmark's listener did not start within 60 s")
-        self.listen_addr = Address(HOST, hello["port"])
-        self.sampler.start()
-
-    def start(self, systems: list[System]) -> None:
-        """Start systems, all at once, and wait until each one listens."""
-        assert self.listen_addr is not None, "open() the session first"
-        started = start_all(systems, self.listen_addr, self.model_dir, self.directory)
-        for key, proc in started.items():
-            self.running[key] = proc
-            self.sampler.watch(key, proc.pid)
-
-    def attempt(self, system: System, what: str, measure, live: list, errors: list):
-        """``measure()``; if it fails, the failure is recorded in ``errors``, the
-        system stopped and dropped from ``live``, and None returned."""
-        try:
-            return measure()
-        except BenchError as exc:
-            errors.append(f"{system.label}, {what}: {exc}")
-            self.log(f"[red]{system.label}: {what} failed[/red]")
-            self.stop(system.key)
-            live.remove(system)
-            return None
-
-    def stop(self, key: str) -> None:
-        self.stop_all([key])
-
-    def stop_all(self, keys: list[str]) -> None:
-        """Stop these systems; they are all signalled first, so their shutdowns overlap."""
-        procs = [self.running.pop(key) for key in keys if key in self.running]
-        if procs:
-            self.sampler.sample()
-        for proc in procs:
-            self.sampler.unwatch(proc.system.key)
-            proc.terminate()
-        for proc in procs:
-            proc.stop()
-
-    def close(self) -> None:
-        self.stop_all(list(self.running))
-        self.sampler.stop()
-        for worker in (self.sender, self.listener):
-            if worker is not None:
-                worker.close()
-        self._tmp.cleanup()
-
-    # -------------------------------------------------------------- runs
-    def throughput(self, key: str, messages: int) -> dict:
-        """Send ``messages`` as fast as the system takes them; the run's figures."""
-        sent, received = self._run(key, messages, rate=None, timeline=False)
-        seconds = (received["last_ns"] - sent["start_ns"]) / 1e9
-        return {
-            "messages": messages,
-            "seconds": seconds,
-            "msg_per_s": messages / seconds,
-            "sender_msg_per_s": messages / ((sent["end_ns"] - sent["start_ns"]) / 1e9),
-        }
-
-    def latency(self, key: str, rate: float, seconds: float) -> dict:
-        """Send for ``seconds`` paced at ``rate`` messages/s; per-message latency figures."""
-        lat, rate_sent = self.latencies(key, rate, seconds)
-        return {"rate_target": rate, "rate_sent": rate_sent, **latency_summary(lat)}
-
-    def latencies(self, key: str, rate: float, seconds: float) -> tuple[np.ndarray, float]:
-        """Send for ``seconds`` paced at ``rate`` messages/s: every message's latency (ns, in
-        the order sent) and the rate the sender kept."""
-        messages = max(1, int(rate * seconds))
-        sent, received = self._run(key, messages, rate=rate, timeline=True)
-        lat = latencies_ns(
-            as_timeline(np.load(sent["timeline"])),
-            as_timeline(np.load(received["timeline"])),
-            messages,
-        )
-        return lat, messages / ((sent["end_ns"] - sent["start_ns"]) / 1e9)
-
-    def _run(self, key: str, messages: int, rate: float | None, timeline: bool):
-        listener, sender = self.listener, self.sender
-        assert listener is not None and sender is not None, "open() the session first"
-        proc = self.running[key]
-        slowest = min(_SLOWEST[proc.system.kind], rate or float("inf"))
-        deadline = 60 + messages / slowest
-        listener.request(
-            {"cmd": "expect", "messages": messages, "timeout": deadline, "timeline": timeline}
-        )
-        if listener.reply(30) is None:
-            raise BenchError("the benchmark's listener does not answer")
-        sender.request(
-            {
-                "cmd": "send",
-                "to": str(proc.in_addr),
-                "format": proc.system.fmt,
-                "messages": messages,
-                "rate": rate,
-                "timeline": timeline,
-            }
-        )
-        sent = received = None
-        problem = None
-        until = time.monotonic() + deadline
-        while received is None:
-            received = listener.reply(0.1)
-            if sent is None:
-                sent = sender.reply(0)
-            if sent is not None and "error" in sent:
-                problem = proc.failure(f"the sender failed: {sent['error']}")
-            elif not proc.alive():
-                problem = proc.failure("stopped in the middle of a run")
-            elif received is None and time.monotonic() > until:
-                problem = proc.failure(f"{messages:,} results not in after {deadline:.0f} s")
-            if problem is not None and received is None:
-                listener.request({"cmd": "cancel"})
-                listener.reply(30)
-                if sent is None:
-                    self.stop(key)  # unblocks a sender stuck on a full socket
-                    sender.reply(60)
-                self.stop(key)
-                raise problem
-        if sent is None:
-            sent = sender.reply(120)
-            if sent is None:
-                raise BenchError("the benchmark's sender does not answer")
-        if "error" in sent:
-            raise proc.failure(f"the sender failed: {sent['error']}")
-        if not received["ok"]:
-            raise proc.failure(f"only {received['frames']:,} of {messages:,} results arrived")
-        self.answered[key] = self.answered.get(key, 0) + messages
-        return sent, received
-
-    def peak_rss(self, key: str) -> int | None:
-        proc = self.running.get(key)
-        hwm = proc.peak_rss() if proc is not None else None
-        sampled = self.sampler.peak(key)
-        return max(v for v in (hwm, sampled) if v is not None) if (hwm or sampled) else None
-
-
-def prepare_model(directory: Path) -> dict:
-    """Fit the seed's model (PCA with 40 components, then logistic regression with
-    C=3, on the whole digits set) and save it as a bundle in ``directory``."""
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from threadpoolctl import threadpool_limits
-
-    from digitstream.datasets import load_dataset
-    from digitstream.model.bundle import save_bundle
-
-    data = load_dataset("digits")
-    pipeline = Pipeline(
-        [
-            ("PCA", PCA(n_components=40, random_state=0)),
-            ("Logistic Regression", LogisticRegression(C=3, max_iter=5000)),
-        ]
-    )
-    # a fit this small gains nothing from BLAS threads, and on a busy machine
-    # their spinning makes it fifty times slower
-    with threadpool_limits(1):
-        pipeline.fit(data.X, data.y)
-    accuracy = float(np.mean(pipeline.predict(data.X) == data.y))
-    save_bundle(
-        pipeline,
-        directory,
-        {"dataset": "digits", "model": "pca-logistic", "training_accuracy": accuracy},
-    )
-    return {
-        "steps": [name for name, _ in pipeline.steps],
-        "n_features": int(data.X.shape[1]),
-        "dataset": "digits",
-        "fitted_on": f"all {len(data.X)} images",
-        "training_accuracy": accuracy,
-    }
 
 
 # --------------------------------------------------------------------- suite
@@ -658,10 +380,6 @@ def main(
     runs: int | None = None,
 ) -> int:
     """``digitstream bench``; the exit status (1 if any measurement failed)."""
-    from rich.console import Console
-
-    from digitstream.bench import report
-
     # tables wider than a pipe's default 80 columns stay readable in a log file
     console = Console(width=None if sys.stdout.isatty() else 120)
     progress = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
@@ -707,11 +425,7 @@ def _measure(quick: bool, engine: str, soak_minutes: float | None, runs: int | N
         settings = replace(settings, runs=runs)
     with Session(log) as session:
         figures = run_suite(settings, session)
-        from digitstream.bench.acked_bench import run as run_acked
-
         figures["acked"] = run_acked(session, settings, figures)
         if engine == "dask":
-            from digitstream.bench.dask_bench import run as run_dask
-
             figures["dask"] = run_dask(session, settings)
     return figures

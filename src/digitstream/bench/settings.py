@@ -13,7 +13,12 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import psutil
+
+import digitstream
 
 
 @dataclass
@@ -106,8 +111,6 @@ def command_line() -> str:
 
 # ------------------------------------------------------------- environment
 def machine_info() -> dict:
-    import psutil
-
     model = None
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -129,8 +132,6 @@ def machine_info() -> dict:
 
 
 def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     out: dict[str, str | None] = {"python": platform.python_version()}
     for name in ("digitstream", "numpy", "scikit-learn", "skops"):
         try:
@@ -143,8 +144,6 @@ def versions() -> dict:
 
 def _source_revision() -> str | None:
     """The git commit of the source tree digitstream runs from, "+changes" if it differs."""
-    import digitstream
-
     where = Path(digitstream.__file__).parent
     try:
         commit = subprocess.run(

@@ -11,15 +11,19 @@ memory while they run.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import psutil
 
 from digitstream.addresses import Address
 
@@ -140,8 +144,6 @@ class Running:
         be answered by another process that holds the port, while this one failed
         to bind it.
         """
-        import psutil
-
         process = psutil.Process(self.pid)
         deadline = time.monotonic() + timeout
         while True:
@@ -168,9 +170,6 @@ class Running:
         args = self.system.args
         if "--workers" not in args or "--engine" in args or self.metrics_addr is None:
             return
-        import json
-        import urllib.request
-
         wanted = int(args[args.index("--workers") + 1])
         url = f"http://{self.metrics_addr}/api/stats"
         while True:
@@ -221,9 +220,6 @@ class MemorySampler:
     """
 
     def __init__(self, interval: float = 0.25):
-        import psutil
-
-        self._psutil = psutil
         self.interval = interval
         self.series: dict[str, list[tuple[float, int]]] = {}
         self._procs: dict[str, psutil.Process] = {}
@@ -238,7 +234,7 @@ class MemorySampler:
 
     def watch(self, key: str, pid: int) -> None:
         with self._lock:
-            self._procs[key] = self._psutil.Process(pid)
+            self._procs[key] = psutil.Process(pid)
             self.series.setdefault(key, [])
 
     def unwatch(self, key: str) -> None:
@@ -260,7 +256,7 @@ class MemorySampler:
         for key, proc in procs:
             try:
                 rss = proc.memory_info().rss
-            except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             self.series[key].append((now, rss))
 

@@ -34,6 +34,11 @@ from typing import overload
 
 import numpy as np
 
+from digitstream.addresses import Address, parse_address
+from digitstream.errors import UserError
+from digitstream.tools.listener import Listener
+from digitstream.tools.sender import Plan, build_frames, send_frames
+
 
 class JsonLines:
     """One JSON object per line over a pair of file descriptors.
@@ -81,8 +86,6 @@ def _save_timeline(directory: Path, name: str, pairs) -> str:
 # -------------------------------------------------------------------- sender
 def exact_plan(framed, messages: int):
     """A plan of exactly ``messages`` frames: the data set over and over, then a part of it."""
-    from digitstream.tools.sender import Plan
-
     whole, rest = divmod(messages, len(framed))
     parts = []
     if whole:
@@ -93,10 +96,6 @@ def exact_plan(framed, messages: int):
 
 
 def serve_sender(channel: JsonLines, directory: Path) -> None:
-    from digitstream.addresses import parse_address
-    from digitstream.errors import UserError
-    from digitstream.tools.sender import build_frames, send_frames
-
     frames = {}
     while True:
         request = channel.read()
@@ -136,9 +135,6 @@ def serve_sender(channel: JsonLines, directory: Path) -> None:
 
 # ------------------------------------------------------------------ listener
 def serve_listener(channel: JsonLines, directory: Path) -> None:
-    from digitstream.addresses import Address
-    from digitstream.tools.listener import Listener
-
     listener = Listener(Address("127.0.0.1", 0), record_times=True).start()
     channel.write({"port": listener.port})
     try:

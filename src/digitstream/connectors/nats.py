@@ -238,6 +238,7 @@ def _retried_errors() -> tuple[type[BaseException], ...]:
 
 async def ensure_stream(js, url: NatsURL, duplicate_window: float | None = None) -> None:
     """Stream ``url.stream`` (subject the same) exists; created with file storage if not."""
+    # start-up time: the NATS client loads only where NATS is used
     from nats.js.api import StorageType, StreamConfig
     from nats.js.errors import NotFoundError
 
@@ -265,6 +266,7 @@ async def _open(
 ):
     """A connection and its JetStream context, with the stream made if missing (UserError
     if it is missing and not to be made); UserError in one line if that fails."""
+    # start-up time: the NATS client loads only where NATS is used
     from nats.js.errors import NotFoundError
 
     nc = await url.connect(**callbacks)
@@ -375,6 +377,7 @@ class NatsSource(Source):
         return f"{self.url} (consumer group {self.group})"
 
     async def start(self, sink: Sink) -> None:
+        # start-up time: the NATS client loads only where NATS is used
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
         async def reconnected() -> None:
@@ -412,6 +415,7 @@ class NatsSource(Source):
     async def read(self, timeout: float | None) -> list[Payloads] | None:
         """The next messages' data (one group); ``[]`` when ``timeout`` passes first, None
         once draining. Waits out a lost connection."""
+        # start-up time: the NATS client loads only where NATS is used
         import nats.errors
 
         loop = asyncio.get_running_loop()
@@ -630,6 +634,7 @@ class NatsResultReader(_Blocking):
 
     def __init__(self, endpoint: Endpoint):
         super().__init__(endpoint)
+        # start-up time: the NATS client loads only where NATS is used
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
         config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL)
@@ -638,6 +643,7 @@ class NatsResultReader(_Blocking):
         )
 
     def read(self, most: int, timeout: float) -> list[bytes]:
+        # start-up time: the NATS client loads only where NATS is used
         import nats.errors
 
         try:

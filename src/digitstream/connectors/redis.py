@@ -96,9 +96,24 @@ local ids = {}
 for id in string.gmatch(ARGV[3], '%S+') do ids[#ids + 1] = id end
 local n = #ids
 if n == 0 then return {0, 0} end
+-- An id is two unsigned 64-bit integers, compared here as the decimal strings they are:
+-- Lua's numbers are doubles, which tell integers apart only below 2^53.
 local function parse(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(seq)
+  return string.match(id, '^0*(%d+)-0*(%d+)$')
+end
+-- a < b, decimals without leading zeros: the longer is the larger; of equal lengths,
+-- up to 15 digits are exact as numbers, longer ones are taken 10 digits at a time
+-- (numbers, not strings, which Lua orders by the locale's collation)
+local function below(a, b)
+  if #a ~= #b then return #a < #b end
+  if #a <= 15 then return tonumber(a) < tonumber(b) end
+  local x, y = tonumber(string.sub(a, 1, 10)), tonumber(string.sub(b, 1, 10))
+  if x ~= y then return x < y end
+  return tonumber(string.sub(a, 11)) < tonumber(string.sub(b, 11))
+end
+local function before(ms, seq, other_ms, other_seq)
+  if ms ~= other_ms then return below(ms, other_ms) end
+  return below(seq, other_seq)
 end
 -- one XPENDING over the range the ids span, rather than one per id
 local lo, hi = ids[1], ids[1]
@@ -106,8 +121,8 @@ local lo_ms, lo_seq = parse(lo)
 local hi_ms, hi_seq = lo_ms, lo_seq
 for i = 2, n do
   local ms, seq = parse(ids[i])
-  if ms < lo_ms or (ms == lo_ms and seq < lo_seq) then lo, lo_ms, lo_seq = ids[i], ms, seq end
-  if ms > hi_ms or (ms == hi_ms and seq > hi_seq) then hi, hi_ms, hi_seq = ids[i], ms, seq end
+  if before(ms, seq, lo_ms, lo_seq) then lo, lo_ms, lo_seq = ids[i], ms, seq end
+  if before(hi_ms, hi_seq, ms, seq) then hi, hi_ms, hi_seq = ids[i], ms, seq end
 end
 local owned = {}
 local pending = redis.call('XPENDING', KEYS[1], group, lo, hi, 1000000000, consumer)
@@ -164,8 +179,7 @@ TRIM_INPUT = Option(
     "trim-input",
     boolean,
     True,
-    "Remove input entries once every group of the stream has acknowledged them (0: keep "
-    "them all).",
+    "Remove input entries once every group of the stream has acknowledged them (0: keep them all).",
     metavar="1|0",
 )
 #: seconds between two trims of the input stream
@@ -183,6 +197,7 @@ def _retried_errors() -> tuple[type[BaseException], ...]:
     """A lost connection, and any error the server answers: logged and tried again with
     backoff, never skipped, since what is refused now (out of memory, a busy script, a
     server loading its data) may be taken later."""
+    # start-up time: redis-py loads only where Redis is used
     from redis.exceptions import RedisError
 
     return (RedisError, OSError)
@@ -265,6 +280,7 @@ class RedisURL:
         """A ``redis.asyncio`` client (``redis.Redis`` with ``sync``; hiredis parses replies
         when it is installed); it does not retry by itself: the connector does, with its own
         backoff and log lines."""
+        # start-up time: redis-py loads only where Redis is used
         import redis
         import redis.asyncio
         import redis.asyncio.retry
@@ -303,6 +319,7 @@ async def check_server(url: RedisURL, client) -> None:
 def server_error(url: RedisURL, exc: BaseException) -> UserError:
     """What a user reads, in one line and without the password, when a first PING failed: the
     server cannot be reached, or refuses the credentials."""
+    # start-up time: redis-py loads only where Redis is used
     from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
     where = f"redis at {url.host}:{url.port}"
@@ -444,6 +461,7 @@ class RedisSource(Source):
         return f"{self.url.masked()} (group {self.group}, consumer {self.consumer})"
 
     async def start(self, sink: Sink) -> None:
+        # start-up time: redis-py loads only where Redis is used
         from redis.exceptions import ResponseError
 
         self.client = self.url.client()
@@ -464,6 +482,7 @@ class RedisSource(Source):
         ]
 
     async def _create_group(self) -> None:
+        # start-up time: redis-py loads only where Redis is used
         from redis.exceptions import ResponseError
 
         try:
@@ -486,6 +505,7 @@ class RedisSource(Source):
     async def read(self, timeout: float | None) -> list[Payloads] | None:
         """The next entries' payloads (one group); ``[]`` when ``timeout`` passes first, None
         once draining. Waits out a lost connection."""
+        # start-up time: redis-py loads only where Redis is used
         from redis.exceptions import ResponseError
 
         deadline = None if timeout is None else time.monotonic() + timeout

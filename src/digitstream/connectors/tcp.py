@@ -95,6 +95,7 @@ def tcp_address(location: str | Address) -> Address:
 def _hugepage_switch():
     """NumPy's switch for advising huge pages on arrays of 4 MiB and more (NUMPY_MADVISE_HUGEPAGE
     at import); None where this NumPy has none."""
+    # start-up time: only this function needs it
     import importlib
 
     for name in ("numpy._core.multiarray", "numpy.core.multiarray"):  # NumPy 2, NumPy 1

@@ -29,6 +29,7 @@ class LocalEngine:
         workers = options.workers if options is not None else None
         self.pool = None
         if workers:
+            # start-up time: only with --workers
             from digitstream.engine.pool import ProcessPool
 
             assert options is not None

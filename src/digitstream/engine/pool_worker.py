@@ -14,9 +14,11 @@ import sys
 from multiprocessing.connection import Connection
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from digitstream.batch import Batch
 from digitstream.engine.pool import BATCH, FLOW, READY, payloads_of
+from digitstream.memory import keep_batch_memory
 from digitstream.pipeline import Flow
 
 #: flows kept by generation: a batch submitted before a swap may still be on its way
@@ -58,10 +60,6 @@ def main() -> None:
     # Ctrl-C in a terminal reaches the whole process group: the pool stops this process
     # itself, once the application has answered what it received
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from threadpoolctl import threadpool_limits
-
-    from digitstream.memory import keep_batch_memory
-
     keep_batch_memory()
 
     threadpool_limits(1)

@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -127,8 +128,6 @@ class MetricsServer:
             return {}
         if isinstance(card, dict):
             return card
-        from dataclasses import asdict, is_dataclass
-
         # is_dataclass is true of a dataclass class too; asdict refuses that with a TypeError
         return asdict(cast("DataclassInstance", card)) if is_dataclass(card) else dict(vars(card))
 

@@ -8,49 +8,32 @@ training time, and the SHA-256 of ``pipeline.skops``, checked on every load.
 A single ``.skops`` file is accepted too; its card is then derived from the
 pipeline itself.
 
-Loading never unpickles. skops rebuilds only the types it trusts by default
-(scikit-learn estimators, NumPy and SciPy types and functions) plus those in
-``TRUSTED_TYPES``; any other type in the file is refused, by name, before
-anything is built. skops is imported through
-:func:`~digitstream.model.skops_defaults.import_skops_io`, which spares it
-importing every scikit-learn estimator to list the ones it trusts.
+Loading never unpickles: the pipeline is built by
+:func:`~digitstream.model.trusted.load_trusted`, which refuses any type it does
+not trust, by name, before anything is built.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as metadata
 import json
 import os
 import platform
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from digitstream.errors import UserError
-from digitstream.model.runner import n_features_of, pipeline_steps
+from digitstream.errors import BundleError
+from digitstream.model.runner import make_runner, n_features_of, pipeline_steps
 from digitstream.model.skops_defaults import import_skops_io
 from digitstream.model.stored import StoredPipeline, read_stored
+from digitstream.model.trusted import TRUSTED_TYPES, load_trusted
 
 PIPELINE_FILE = "pipeline.skops"
 CARD_FILE = "model.json"
 CARD_FORMAT = "digitstream-model-bundle/1"
-
-# Types skops does not trust by default that fitted classifiers hold. Tree
-# holds raw node indices scikit-learn follows without bounds checks, so every
-# Tree is checked node by node after loading and before any prediction
-# (_check_tree). KD and ball trees are left out on purpose for the same
-# reason: save k-NN models with algorithm="brute".
-TRUSTED_TYPES: tuple[str, ...] = (
-    "sklearn.tree._tree.Tree",
-    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
-    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
-)
-
-
-class BundleError(UserError):
-    """A model bundle that cannot be served; the message says why, on one line."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +52,6 @@ def content_hash(data: bytes) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    import importlib.metadata as metadata
-
     versions = {"python": platform.python_version()}
     for package in ("digitstream", "numpy", "scipy", "scikit-learn", "skops"):
         try:
@@ -147,8 +128,6 @@ def finish_loading(bundle: Bundle) -> Bundle:
     """Load the real pipeline of a bundle from :func:`load_bundle_stored`, check that it
     is fused into exactly the map its stored arrays gave, and hand it to the stored
     pipeline (or the error, which is also raised: BundleError)."""
-    from digitstream.model.runner import make_runner
-
     stored = bundle.pipeline
     assert isinstance(stored, StoredPipeline), "a bundle from load_bundle_stored"
     skops_path = bundle.path / PIPELINE_FILE
@@ -205,7 +184,7 @@ def _read_files(path: Path) -> tuple[dict | None, Path, bytes, str]:
 
 
 def _loaded(path: Path, card: dict | None, skops_path: Path, data: bytes, digest: str) -> Bundle:
-    return _checked(_load_trusted(data, skops_path), path, card, skops_path, digest)
+    return _checked(load_trusted(data, skops_path), path, card, skops_path, digest)
 
 
 def _checked(pipeline, path: Path, card: dict | None, skops_path: Path, digest: str) -> Bundle:
@@ -237,9 +216,7 @@ def _checked(pipeline, path: Path, card: dict | None, skops_path: Path, digest: 
 def inspect_main(path) -> int:
     """`digitstream inspect PATH`: print the card, check the bundle; 0 if it
     can be served, else 1 with a one-line reason."""
-    from rich.console import Console
-
-    from digitstream.model.runner import make_runner
+    from rich.console import Console  # start-up time: only this command prints a card
 
     out, err = Console(), Console(stderr=True)
     try:
@@ -356,34 +333,6 @@ def _try_read_card(path: Path) -> dict | None:
         return None
 
 
-def _load_trusted(data: bytes, source: Path):
-    sio = import_skops_io()
-
-    try:
-        untrusted = sio.get_untrusted_types(data=data)
-    except Exception as exc:
-        raise BundleError(
-            f"{source} is not a readable skops file: "
-            f"{(str(exc) or type(exc).__name__).splitlines()[0]}"
-        ) from None
-    refused = sorted(set(untrusted) - set(TRUSTED_TYPES))
-    if refused:
-        plural = "s" if len(refused) > 1 else ""
-        raise BundleError(
-            f"{source} holds untrusted type{plural} {', '.join(refused)}; "
-            "refusing to load it (only scikit-learn, NumPy and SciPy types "
-            "known to be safe are loaded)"
-        )
-    try:
-        pipeline = sio.loads(data, trusted=list(TRUSTED_TYPES))
-    except Exception as exc:
-        raise BundleError(
-            f"cannot load {source}: {(str(exc) or type(exc).__name__).splitlines()[0]}"
-        ) from None
-    _check_trees(pipeline, source)
-    return pipeline
-
-
 def _check_classifier(obj, what: str) -> None:
     name = type(obj).__name__
     if not callable(getattr(obj, "predict", None)):
@@ -400,70 +349,6 @@ def _check_classifier(obj, what: str) -> None:
         raise BundleError(f"{what}: n_features_in_ is {n_features}, expected a positive integer")
     if np.ndim(classes) != 1 or len(classes) < 2:
         raise BundleError(f"{what}: classes_ must list at least two classes")
-
-
-def _check_trees(root, source: Path) -> None:
-    from sklearn.tree import BaseDecisionTree
-    from sklearn.tree._tree import Tree
-
-    for owner, attribute, value in _walk(root):
-        if isinstance(value, Tree):
-            if not (isinstance(owner, BaseDecisionTree) and attribute == "tree_"):
-                raise BundleError(
-                    f"{source}: a decision tree structure outside a decision "
-                    "tree estimator; refusing to load it"
-                )
-            problem = _check_tree(value, owner.n_features_in_)
-            if problem:
-                raise BundleError(
-                    f"{source}: malformed decision tree ({problem}); refusing to load it"
-                )
-
-
-def _check_tree(tree, n_features: int) -> str | None:
-    """Why scikit-learn could not safely walk this tree, or None."""
-    count = tree.node_count
-    if not 0 < count <= tree.capacity:
-        return f"{count} nodes in storage for {tree.capacity}"
-    if tree.n_features != n_features:
-        return f"{tree.n_features} features in a model of {n_features}"
-    left, right, feature = tree.children_left, tree.children_right, tree.feature
-    node = np.arange(count)
-    leaf = (left == -1) & (right == -1)
-    # Children always come after their parent, so every walk ends at a leaf.
-    inner = (
-        (left > node)
-        & (left < count)
-        & (right > node)
-        & (right < count)
-        & (feature >= 0)
-        & (feature < n_features)
-    )
-    bad = np.flatnonzero(~(leaf | inner))
-    if bad.size:
-        return f"node {int(bad[0])} has a child or feature index out of bounds"
-    return None
-
-
-def _walk(root):
-    """Yield (owner, attribute, value) for everything reachable from root."""
-    seen = set()
-    stack = [(None, None, root)]
-    while stack:
-        owner, attribute, value = stack.pop()
-        yield owner, attribute, value
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        if isinstance(value, dict):
-            stack.extend((value, key, item) for key, item in value.items())
-        elif isinstance(value, (list, tuple)):
-            stack.extend((value, i, item) for i, item in enumerate(value))
-        elif isinstance(value, np.ndarray):
-            if value.dtype == object:
-                stack.extend((value, i, item) for i, item in enumerate(value.ravel()))
-        elif hasattr(value, "__dict__") and not isinstance(value, (type, types.ModuleType)):
-            stack.extend((value, key, item) for key, item in vars(value).items())
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

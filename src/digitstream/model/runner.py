@@ -388,6 +388,7 @@ class _FusedRunner(Runner):
 
     def _confidence(self, X, scores, index, tied) -> np.ndarray | None:
         if self._probability == "sigmoid":
+            # start-up time: SciPy stays off the start path
             from scipy.special import expit
 
             positive = expit(scores)

@@ -48,6 +48,7 @@ RECORDED = "__digitstream_recorded__"
 def installed_versions() -> dict[str, str]:
     """What the recorded names depend on, as installed (importing only the top-level
     packages, which loading a model imports anyway)."""
+    # start-up time: scikit-learn and SciPy only once a model is loaded
     import numpy
     import scipy
     import sklearn
@@ -70,6 +71,7 @@ def import_skops_io() -> types.ModuleType:
         stand_in = _recorded_module()
         if stand_in is not None:
             sys.modules[TRUSTED_TYPES_MODULE] = stand_in
+    # not before the stand-in above is in place
     import skops.io
 
     return skops.io
@@ -84,6 +86,7 @@ def uses_recorded_names() -> bool:
 def differences(module: types.ModuleType) -> list[str]:
     """How the recorded names differ from those in ``module`` (skops' own
     ``_trusted_types``, imported plainly); empty when they are the same."""
+    # start-up time: 600 lines of names, read only as skops is loaded
     from digitstream.model import _skops_defaults_data as data
 
     problems = []
@@ -103,6 +106,7 @@ def differences(module: types.ModuleType) -> list[str]:
 
 
 def _recorded_module() -> types.ModuleType | None:
+    # start-up time: 600 lines of names, read only as skops is loaded
     from digitstream.model import _skops_defaults_data as data
 
     if installed_versions() != data.VERSIONS:
@@ -147,6 +151,7 @@ def main() -> int:
     if uses_recorded_names() or "skops.io" in sys.modules:
         print("run this in a fresh interpreter", file=sys.stderr)
         return 1
+    # imports every estimator: only here, in a fresh interpreter
     import skops.io._trusted_types as computed
 
     for name in NAME_LISTS:

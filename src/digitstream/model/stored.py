@@ -24,11 +24,15 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import zipfile
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from digitstream.model.trusted import load_trusted
 
 #: the schema protocol of skops files read here
 PROTOCOL = 2
@@ -143,17 +147,11 @@ def _same(pipeline):
 
 
 def _loading_elsewhere(steps: list, data: bytes) -> StoredPipeline:
-    import threading
-
     stored = StoredPipeline(steps, data)
 
     def load() -> None:
-        from pathlib import Path
-
-        from digitstream.model.bundle import _load_trusted
-
         try:
-            stored.resolve(_load_trusted(data, Path("the model's pipeline.skops")))
+            stored.resolve(load_trusted(data, Path("the model's pipeline.skops")))
         except BaseException as exc:
             stored.fail(exc)
 

@@ -18,9 +18,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from joblib import Parallel, delayed
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+from sklearn.base import clone
+from sklearn.metrics import confusion_matrix
+from sklearn.model_selection import ParameterGrid, StratifiedKFold, train_test_split
+from threadpoolctl import threadpool_limits
 
 from digitstream.datasets import Dataset, load_dataset
 from digitstream.errors import UserError
+from digitstream.model.bundle import load_bundle, save_bundle
 from digitstream.model.zoo import RECIPES, GridContext, ModelRecipe, get_recipe
 
 if TYPE_CHECKING:
@@ -56,8 +73,6 @@ class TrainResult:
 
 def split_dataset(data: Dataset, test_size: float = 0.25, seed: int = 0) -> Split:
     """The stratified train/held-out split training uses, reproducible by seed."""
-    from sklearn.model_selection import train_test_split
-
     try:
         X_train, X_test, y_train, y_test = train_test_split(
             data.X, data.y, test_size=test_size, stratify=data.y, random_state=seed
@@ -83,9 +98,6 @@ def train_model(
     ``quick`` searches a grid of one or two candidates instead of the full
     one (for tests and smoke runs).
     """
-    from sklearn.metrics import confusion_matrix
-    from threadpoolctl import threadpool_limits
-
     recipe = get_recipe(model_name)
     split = split_dataset(data, test_size, seed)
     started = time.perf_counter()
@@ -138,19 +150,6 @@ def main(
 ) -> Path:
     """`digitstream train`: train, print the held-out accuracy and confusion
     matrix, write the bundle to ``output``; returns its path."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-    from rich.text import Text
-
-    from digitstream.model.bundle import load_bundle, save_bundle
-
     # No markup: paths and labels are printed as they are.
     out = Console(highlight=False, soft_wrap=True, markup=False)
     recipe = get_recipe(model_name)
@@ -219,9 +218,6 @@ def _grid_search(
     quick: bool,
     progress: ProgressCallback | None,
 ) -> dict:
-    from joblib import Parallel, delayed
-    from sklearn.model_selection import ParameterGrid, StratifiedKFold
-
     classes, counts = np.unique(y, return_counts=True)
     folds_possible = int(counts.min())
     n_splits = min(CV_FOLDS, folds_possible)
@@ -285,17 +281,12 @@ def _grid_search(
 
 
 def _fit_and_score(template, params: dict, X: np.ndarray, y: np.ndarray, fold, c: int, f: int):
-    from sklearn.base import clone
-
     train, test = fold
     model = clone(template).set_params(**params).fit(X[train], y[train])
     return c, f, float(np.mean(model.predict(X[test]) == y[test]))
 
 
 def _confusion_table(classes, confusion: np.ndarray):
-    from rich.table import Table
-    from rich.text import Text
-
     table = Table(
         title="Confusion matrix on the held-out part (rows: true, columns: predicted)",
         title_justify="left",

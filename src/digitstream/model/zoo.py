@@ -94,7 +94,7 @@ def _svc_grid(ctx: GridContext, quick: bool) -> ParamGrid:
 # ---------------------------------------------------------------------- knn
 def _knn(seed: int) -> Pipeline:
     # Brute force keeps the fitted model free of KD/ball-tree index arrays,
-    # which the bundle loader does not trust (see bundle.TRUSTED_TYPES).
+    # which the bundle loader does not trust (see trusted.TRUSTED_TYPES).
     return Pipeline([("k-Nearest Neighbors", KNeighborsClassifier(algorithm="brute"))])
 
 

@@ -33,6 +33,7 @@ def send_main(
     rate: float | None = None,
 ) -> int:
     """``digitstream send --to URL``: one message per image; returns the exit status."""
+    # start-up time: the data set and codecs load only when sending
     from digitstream.codecs.inputs import encode_images
     from digitstream.datasets import load_dataset
 
@@ -91,6 +92,7 @@ def listen_main(
 ) -> int:
     """``digitstream listen URL``: returns the exit status. Follows the result stream from
     its start until ``count`` results are stored, or SIGINT / SIGTERM."""
+    # start-up time: the data set and codecs load only when sending
     from digitstream.tools.reader import write_lines
 
     assert connector.result_reader is not None

@@ -82,6 +82,7 @@ def _stop(proc: subprocess.Popen) -> int:
 def ensure_model(console: Console, model: Path) -> Path:
     """``model``, the seed's model trained into it first if it holds no bundle."""
     if not (model / "model.json").exists():
+        # heavy: scikit-learn, only when the model is trained first
         from digitstream.model import train
 
         console.rule("[bold]1. training the seed's model (no bundle yet)")

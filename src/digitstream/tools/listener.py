@@ -402,6 +402,7 @@ def _raise_interrupt(signum, frame):
 
 
 def _progress_bar(count: int | None):
+    # start-up time: only for the progress bar
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 

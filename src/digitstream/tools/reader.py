@@ -16,6 +16,7 @@ from typing import BinaryIO
 import numpy as np
 
 from digitstream.errors import UserError
+from digitstream.wire import acked
 from digitstream.wire.framing import HEADER, HEADER_SIZE, FrameSplitter, FrameTooLarge, Payloads
 
 CHUNK_SIZE = 1 << 20
@@ -114,8 +115,6 @@ def write_lines(groups: Iterable[Payloads], out: BinaryIO) -> int:
 
 def main(file: str, stream: str | None = None) -> int:
     """``digitstream read FILE``: returns the exit status."""
-    from digitstream.wire import acked
-
     out = sys.stdout.buffer
     try:
         with open(file, "rb") as f:

@@ -26,11 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 from rich.console import Console
 from rich.table import Table
 
+from digitstream.codecs.inputs import encode_images
 from digitstream.codecs.outputs import seed_label_text
+from digitstream.datasets import load_dataset
 from digitstream.errors import UserError
+from digitstream.tools.demo import ensure_model
 from digitstream.wire.framing import frame_many
 
 HOST = "127.0.0.1"
@@ -89,12 +93,6 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen, int]:
 
 
 def main(model_path: str = "models", output: str = "digits.out", repeat: int = 1) -> int:
-    import redis
-
-    from digitstream.codecs.inputs import encode_images
-    from digitstream.datasets import load_dataset
-    from digitstream.tools.demo import ensure_model
-
     console = Console(stderr=True)
     model = ensure_model(console, Path(model_path))
     directory = Path(tempfile.mkdtemp(prefix="digitstream-redis-demo-"))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from digitstream.addresses import Address
+from digitstream.codecs.inputs import encode_images
 from digitstream.datasets import Dataset, load_dataset
 from digitstream.errors import UserError
 from digitstream.wire.framing import HEADER_SIZE, FrameSplitter, frame_many
@@ -140,8 +141,6 @@ class SendStats:
 def build_frames(dataset: str | Dataset = "digits", fmt: str = "pickle") -> Framed:
     """Every image of a data set (``digits``, ``idx:DIR``, ``npz:FILE`` or a loaded
     :class:`Dataset`) encoded in ``fmt`` and framed, in data set order."""
-    from digitstream.codecs.inputs import encode_images
-
     data = load_dataset(dataset) if isinstance(dataset, str) else dataset
     return Framed.from_payloads(encode_images(data.X, fmt, labels=data.y))
 
@@ -377,6 +376,7 @@ def _write_plan(
 
 
 def _progress_bar(total: int):
+    # start-up time: only for the progress bar
     from rich.console import Console
     from rich.progress import (
         BarColumn,

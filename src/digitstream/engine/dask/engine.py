@@ -22,7 +22,7 @@ from digitstream.engine.dask.scheduler import (
 )
 from digitstream.engine.dask.slots import _Slots
 from digitstream.engine.dask.worker import FlowSpec, ModelPlugin, _hex, classify
-from digitstream.errors import UserError
+from digitstream.errors import BundleError, UserError
 from digitstream.pipeline import Flow
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ def _security(options: EngineOptions) -> Any:
     """Dask's ``Security`` for the scheduler: the files given, else Dask's configuration
     (``distributed.comm.tls.*``); UserError for a file that is not there, or for a
     ``tls://`` address with no certificate from either."""
+    # optional dependency: distributed (the dask extra)
     import dask
     from distributed.security import Security
 
@@ -174,6 +175,7 @@ class DaskEngine:
     # ---------------------------------------------------------- lifecycle
     async def start(self) -> None:
         try:
+            # optional dependency: without it, the error below
             from distributed import Client
         except ImportError:
             raise UserError(
@@ -207,6 +209,7 @@ class DaskEngine:
             self.link.connected(client, address, local=False, security=security)
             where = f"the Dask scheduler at {address}"
         else:
+            # optional dependency: distributed (the dask extra)
             import dask
             from distributed import LocalCluster
 
@@ -434,8 +437,6 @@ class DaskEngine:
         is answered. With the scheduler lost, the switch is all: the model goes to
         the cluster when it is back.
         """
-        from digitstream.model.bundle import BundleError
-
         link = self.link
         name = None
         while not link.lost:

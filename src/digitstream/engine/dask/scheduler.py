@@ -291,6 +291,7 @@ class SchedulerLink:
     async def _reconnect(self) -> None:
         """Try the scheduler's address until a scheduler with a worker answers, then
         send it the model and send it the batches again."""
+        # optional dependency: distributed (the dask extra)
         from distributed import Client
 
         delay = RECONNECT_FIRST
@@ -415,6 +416,7 @@ class SchedulerLink:
 async def _accepts(address: str) -> bool:
     """Whether a TCP connect to ``address`` succeeds (TLS runs over TCP; other schemes:
     assumed so)."""
+    # optional dependency: distributed (the dask extra)
     from distributed.comm import parse_address
     from distributed.comm.addressing import parse_host_port
 

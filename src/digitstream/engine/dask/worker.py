@@ -12,20 +12,17 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from digitstream.batch import Batch, BatchResult, StreamId
 from digitstream.engine.dask.logs import log
 from digitstream.engine.dask.packing import unpack
+from digitstream.model.bundle import Bundle, load_bundle
 from digitstream.pipeline import Flow, FlowOptions
 
 try:
     from distributed import WorkerPlugin
 except ImportError:  # pragma: no cover - the engine is unusable, start() says so
     WorkerPlugin = object  # type: ignore[misc,assignment]
-
-if TYPE_CHECKING:
-    from digitstream.model.bundle import Bundle
 
 
 @dataclass(frozen=True)
@@ -116,8 +113,6 @@ class ModelPlugin(WorkerPlugin):
                     del _STATE.flows[spec]
 
     def _load(self, local_directory: Path) -> Bundle:
-        from digitstream.model.bundle import load_bundle
-
         directory = local_directory / "digitstream-models" / _hex(self.content_hash)[:32]
         directory.mkdir(parents=True, exist_ok=True)
         for file_name, data in self.files.items():
@@ -139,6 +134,7 @@ def _worker_flow(spec: FlowSpec) -> Flow:
     flow = _STATE.flows.get(spec)
     if flow is not None:
         return flow
+    # optional dependency: distributed (the dask extra)
     from distributed import get_worker
 
     worker = get_worker()

@@ -1,0 +1,212 @@
+"""Endpoints and connector options: what an ``--in`` / ``--out`` value says, checked.
+
+An ``--in`` or ``--out`` value is an :class:`Endpoint`: ``HOST:PORT`` (TCP), or
+``scheme://LOCATION?NAME=VALUE&...`` whose scheme names the connector. Each
+connector class declares the query parameters it takes as :class:`Option`\\ s;
+:func:`resolve_options` parses and checks them, so an unknown name or a bad
+value is one line naming the known ones. An option marked ``flag`` is also a
+``run`` flag (``--group`` sets ``?group=`` for every connector that takes it); a
+value in the URL wins over the flag.
+
+:class:`Declared` is what every source and sink class is: it says its delivery
+guarantee and its options, and cannot be built without the first.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from abc import ABC
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from digitstream.addresses import Address
+from digitstream.errors import UserError
+
+#: the scheme of an endpoint written without one
+DEFAULT_SCHEME = "tcp"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An ``--in`` or ``--out`` value: the connector's scheme, what follows ``scheme://`` up
+    to the query, and the query's parameters (name -> text, in the order written)."""
+
+    scheme: str
+    location: str
+    query: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(
+        cls, value: str | Endpoint | Address, schemes: Mapping[str, object] | None = None
+    ) -> Endpoint:
+        """``HOST:PORT`` (or an :class:`Address`) or ``scheme://...``; UserError naming the
+        known schemes (of ``schemes``, if given) for another, or for a parameter given
+        twice."""
+        if isinstance(value, Endpoint):
+            return value
+        text = str(value).strip()
+        scheme, sep, rest = text.partition("://")
+        if not sep:
+            scheme, rest = DEFAULT_SCHEME, text
+        scheme = scheme.lower()
+        if schemes is not None and scheme not in schemes:
+            raise UserError(
+                f"unknown scheme {scheme!r} in {mask(text)!r}; known: "
+                f"{', '.join(f'{s}://' for s in schemes)} (or HOST:PORT for tcp)"
+            )
+        location, _, query_text = rest.partition("?")
+        pairs = urllib.parse.parse_qsl(query_text, keep_blank_values=True)
+        query: dict[str, str] = {}
+        for name, text_value in pairs:
+            if name in query:
+                raise UserError(f"{name!r} is given twice in {mask(text)}")
+            query[name] = text_value
+        return cls(scheme, location, query)
+
+    @property
+    def url(self) -> str:
+        """The endpoint as written (the password in clear: not for logs)."""
+        query = urllib.parse.urlencode(dict(self.query))
+        return f"{self.scheme}://{self.location}" + (f"?{query}" if query else "")
+
+    def __str__(self) -> str:
+        """What logs and error messages show: a password in the URL is masked."""
+        if self.scheme == DEFAULT_SCHEME and not self.query:
+            return self.location
+        return mask(self.url)
+
+
+def mask(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part, if any, as ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, tail = rest.partition("/")
+    head, at, hosts = authority.rpartition("@")
+    user, colon, _ = head.partition(":")
+    if not (at and colon):
+        return url
+    return f"{scheme}://{user}:***@{hosts}{slash}{tail}"
+
+
+# ---------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class Option:
+    """A query parameter a connector takes: ``parse`` turns its text into the value (and
+    raises ValueError saying what it expects); ``flag``: also the ``run`` flag ``--NAME``."""
+
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    flag: bool = False
+    #: what the value looks like, in help (NUMBER, NAME, FILE)
+    metavar: str = "VALUE"
+
+
+def integer(low: int, high: int) -> Callable[[str], int]:
+    """A parser of whole numbers from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected a number from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def number(low: float, high: float) -> Callable[[str], float]:
+    """A parser of numbers from ``low`` to ``high``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected a number from {low:g} to {high:g}, got {value:g}")
+        return value
+
+    return parse
+
+
+def text(value: str) -> str:
+    """A parser of non-empty text."""
+    value = str(value)
+    if not value:
+        raise ValueError("expected a non-empty value")
+    return value
+
+
+def boolean(value: str | bool) -> bool:
+    """A parser of yes/no: 1, true, yes, on / 0, false, no, off."""
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "on", ""):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected 1 or 0 (true or false), got {value!r}")
+
+
+def resolve_options(
+    declared: tuple[Option, ...],
+    endpoint: Endpoint,
+    flags: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The value of each declared option: from the endpoint's query if there, else from
+    ``flags`` (the ``run`` flags, parsed), else its default. UserError, in one line, for a
+    query parameter not declared or a value its parser refuses."""
+    by_name = {option.name: option for option in declared}
+    shown = str(endpoint)
+    for name in endpoint.query:
+        if name not in by_name:
+            known = ", ".join(sorted(by_name)) or "none"
+            raise UserError(f"unknown option {name!r} in {shown}; known: {known}")
+    values: dict[str, Any] = {}
+    flags = flags or {}
+    for option in declared:
+        if option.name in endpoint.query:
+            try:
+                values[option.name] = option.parse(endpoint.query[option.name])
+            except ValueError as exc:
+                raise UserError(f"option {option.name} in {shown}: {exc}") from None
+        else:
+            values[option.name] = flags.get(option.name, option.default)
+    return values
+
+
+#: a broker source's consumer group (also ``run --group``): every broker takes it
+GROUP = Option(
+    "group",
+    text,
+    "digitstream",
+    "With a broker's --in (redis://, nats://, kafka://): the consumer group to read as "
+    "(created if missing); the run processes of one group share the input.",
+    flag=True,
+    metavar="NAME",
+)
+
+
+class Declared(ABC):
+    """A source or sink class: ``guarantee`` says in one line what a crash of each process
+    costs (a class without it cannot be built), ``options`` the query parameters it takes."""
+
+    #: what a crash costs, in one line
+    guarantee: ClassVar[str]
+    #: the URL query parameters it takes (and the ``run`` flags that set them)
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        if not isinstance(getattr(cls, "guarantee", None), str):
+            raise TypeError(
+                f"{cls.__name__} cannot be built: it does not say its delivery guarantee "
+                "(a class attribute `guarantee`, one line)"
+            )
+        return super().__new__(cls)
