@@ -677,3 +677,36 @@ def test_ids_at_the_edges_of_64_bits_are_acknowledged_once(redis_server, start_r
     assert collector.texts() == expected_texts[:len(_EDGE_IDS)]
     assert counters["read"] == counters["acknowledged"] == len(_EDGE_IDS)
     assert counters["redelivered"] == counters["claimed"] == 0
+
+
+def test_streams_stay_bounded_inputs_trimmed_once_every_group_has_them(redis_server, start_run,
+                                                                       digits):
+    """Input entries go once every group of the stream has acknowledged them (not before: a
+    second group that has read nothing keeps them all), and the result stream keeps about
+    ``?maxlen=`` entries, at its peak as well as at the end; every input still answered
+    once."""
+    client = redis_server.client()
+    payloads = _u8(digits) * 20  # 35,940 entries
+    ids = _add(client, "in", payloads)
+    client.xgroup_create("in", "late", id="0")  # a second group, which reads nothing yet
+    maxlen = 1000
+    app = start_run(redis_server.url("in"), redis_server.url("out") + f"?maxlen={maxlen}",
+                    "--input-format", "u8")
+    peak = 0
+
+    def added() -> int:
+        nonlocal peak
+        peak = max(peak, client.xlen("out"))
+        return int(client.xinfo_stream("out")["entries-added"]) if client.exists("out") else 0
+
+    wait_for(lambda: added() >= len(ids), TIMEOUT * 4, what="every result")
+    time.sleep(6)  # a trim comes every 5 s: it must leave the late group's entries alone
+    assert client.xlen("in") == len(ids)
+    # about maxlen: Redis trims whole nodes of its radix tree (up to 100 entries each)
+    assert peak <= maxlen + 200 and client.xlen("out") <= maxlen + 200, peak
+    assert added() == len(ids) and client.xpending("in", "digitstream")["pending"] == 0
+    client.xgroup_destroy("in", "late")
+    wait_for(lambda: client.xlen("in") < 200, TIMEOUT, what="the input trimmed")
+    counters = app.stats()["connectors"]["source"]["counters"]
+    assert counters["trimmed"] >= len(ids) - 200 and counters["read"] == len(ids)
+    assert app.stop() == 0

@@ -87,11 +87,13 @@ COMMIT_ENTRIES = 8192
 #: KEYS[1] the input stream, KEYS[2] the result stream (absent: acknowledge only);
 #: ARGV: group, consumer, the entry ids joined by spaces, then (with a result stream) the
 #: results as frames (4-byte big-endian length, payload), one per id in order: two long
-#: arguments rather than two per entry, which the client would encode one by one. Adds a
-#: result entry (``data``, ``in``) and acknowledges the input entry for each id this
-#: consumer still owns; returns {owned, not owned}.
+#: arguments rather than two per entry, which the client would encode one by one; then the
+#: result stream's approximate MAXLEN (0: none). Adds a result entry (``data``, ``in``) and
+#: acknowledges the input entry for each id this consumer still owns; returns {owned, not
+#: owned}.
 COMMIT_SCRIPT = """
 local group, consumer, results = ARGV[1], ARGV[2], ARGV[4]
+local maxlen = ARGV[5] or '0'
 local ids = {}
 for id in string.gmatch(ARGV[3], '%S+') do ids[#ids + 1] = id end
 local n = #ids
@@ -139,7 +141,11 @@ for i = 1, n do
   if owned[id] then
     owned[id] = nil
     if results then
-      redis.call('XADD', KEYS[2], '*', 'data', data, 'in', id)
+      if maxlen ~= '0' then
+        redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'data', data, 'in', id)
+      else
+        redis.call('XADD', KEYS[2], '*', 'data', data, 'in', id)
+      end
     end
     ack[#ack + 1] = id
     -- unpack() is bounded by Lua's C stack: acknowledge in slices
@@ -181,6 +187,14 @@ TRIM_INPUT = Option(
     True,
     "Remove input entries once every group of the stream has acknowledged them (0: keep them all).",
     metavar="1|0",
+)
+MAXLEN = Option(
+    "maxlen",
+    integer(0, 1 << 62),
+    1_000_000,
+    "Keep about this many entries in the result stream, the oldest removed as new ones "
+    "come (approximate, as MAXLEN ~; 0: keep them all).",
+    metavar="N",
 )
 #: seconds between two trims of the input stream
 TRIM_EVERY = 5.0
@@ -699,12 +713,15 @@ class RedisSink(QueuedSink):
         "exactly once for entries of a Redis source on the same server, at least once "
         "otherwise: a crash of run loses nothing"
     )
-    options = CLIENT_OPTIONS
+    options = (*CLIENT_OPTIONS, MAXLEN)
     group_limit = COMMIT_ENTRIES
 
-    def __init__(self, url: RedisURL, high_water: int = 4 * COMMIT_ENTRIES):
+    def __init__(
+        self, url: RedisURL, high_water: int = 4 * COMMIT_ENTRIES, maxlen: int = 1_000_000
+    ):
         super().__init__(f"writing {url}")
         self.url = url
+        self.maxlen = maxlen
         self.high_water = high_water
         self.client: Any = None
         self._script: Any = None
@@ -712,7 +729,7 @@ class RedisSink(QueuedSink):
 
     @classmethod
     def build(cls, endpoint: Endpoint, options: dict, config: AppConfig) -> RedisSink:
-        return cls(RedisURL.of(endpoint, options))
+        return cls(RedisURL.of(endpoint, options), maxlen=options["maxlen"])
 
     def describe(self) -> str:
         return self.url.masked()
@@ -748,7 +765,7 @@ class RedisSink(QueuedSink):
             outputs = first.output if len(results) == 1 else b"".join(r.output for r in results)
             done, skipped = await self._script(
                 keys=[receipt.key, self.url.stream],
-                args=[receipt.group, receipt.consumer, ids, outputs],
+                args=[receipt.group, receipt.consumer, ids, outputs, str(self.maxlen)],
             )
             for result in results:
                 _entries(result).settled = True
@@ -772,7 +789,12 @@ class RedisSink(QueuedSink):
                 sources.extend(f"{stream}:{seq}" for seq in range(result.first_seq, result.end_seq))
         pipe = self.client.pipeline(transaction=True)
         for source_id, payload in zip(sources, payloads):
-            pipe.xadd(self.url.stream, {"data": payload, "in": source_id})
+            pipe.xadd(
+                self.url.stream,
+                {"data": payload, "in": source_id},
+                maxlen=self.maxlen or None,
+                approximate=True,
+            )
         await pipe.execute()
         self.counts["committed"] += len(payloads)
 
