@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import socket
 import threading
@@ -24,7 +25,16 @@ from sklearn.preprocessing import FunctionTransformer
 
 from digitstream.codecs.inputs import encode_images
 from digitstream.wire.framing import HEADER, FrameSplitter, frame_many
-from helpers import HOST, TIMEOUT, Collector, app_counts, memory_of, send_bytes, wait_for
+from helpers import (
+    HOST,
+    TIMEOUT,
+    Collector,
+    app_counts,
+    frame_count_of,
+    memory_of,
+    send_bytes,
+    wait_for,
+)
 
 
 def strict_json(text: str):
@@ -422,3 +432,56 @@ def test_sigkill_of_run_in_plain_mode_loses_only_what_it_held(seed, start_app, c
     print(f"seed {seed}: killed at {kill_at:.2f} s, {sent_before_kill} sent before the kill "
           f"({sent} in all), {len(got)} answered: {sent_before_kill - len(got)} of those lost")
     assert 0 <= lost <= held_in + held_out + per_tick, f"seed {seed}: {lost} lost"
+
+
+def test_the_count_of_results_not_delivered_on_a_stop_is_the_loss(start_app, digits):
+    """The listener accepts and reads nothing until ``run`` has exited on SIGTERM (its
+    --flush-timeout passed); then it reads what the kernel still delivers. The line
+    ``N results not delivered`` must be exactly the results of frames ``run`` received
+    that never reached the listener: frames not yet batched, batches not answered, results
+    queued or in asyncio's buffer; results in the kernel's buffer are delivered by the
+    graceful close."""
+    stuck = socket.create_server((HOST, 0))
+    port = stuck.getsockname()[1]
+    go = threading.Event()
+    got = bytearray()
+
+    def listen():
+        conn, _ = stuck.accept()
+        go.wait(60)
+        conn.settimeout(TIMEOUT)
+        while data := conn.recv(1 << 20):
+            got.extend(data)
+        conn.close()
+
+    reader = threading.Thread(target=listen, daemon=True)
+    reader.start()
+    try:
+        app = start_app(port, "--input-format", "u8", "--flush-timeout", "1")
+        chunk = frame_many(encode_images(digits.X, "u8")) * 100
+        sender = socket.create_connection((HOST, app.in_port), timeout=TIMEOUT)
+        sender.settimeout(0.5)
+        try:
+            for _ in range(40):  # until the application stops taking more
+                sender.sendall(chunk)
+        except (TimeoutError, OSError):
+            pass
+        app.signal(signal.SIGTERM)
+        assert app.wait(timeout=30) == 1
+        sender.close()
+        go.set()
+        reader.join(TIMEOUT * 2)
+        assert not reader.is_alive()
+        log = app.log()
+        line = next(line for line in log.splitlines() if "results not delivered" in line)
+        stated = int(line.split(" results not delivered")[0].rsplit(" ", 1)[1])
+        stopped = re.search(r"stopped: (\d+) frames received, (\d+) answered", log)
+        assert stopped, log[-2000:]
+        received, delivered = int(stopped[1]), frame_count_of(bytes(got))
+        print(f"\nreceived {received:,}, reached the listener {delivered:,}, "
+              f"stated lost {stated:,}")
+        assert stated > 0
+        assert stated == received - delivered
+    finally:
+        go.set()
+        stuck.close()

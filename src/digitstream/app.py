@@ -101,6 +101,7 @@ class Application:
         self.positions: dict[StreamId, int] = {}
         self.frames_in = 0  # complete frames received
         self.frames_out = 0  # result frames handed to the sink
+        self.frames_held = 0  # complete frames the source held, not yet batched, at a stop
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._streams: set[asyncio.Task] = set()
@@ -386,21 +387,27 @@ class Application:
             await asyncio.wait_for(self._finish(), cfg.flush_timeout)
         except asyncio.TimeoutError:
             status = 1
-            not_written = self.frames_in - self.frames_out
-            log.error(
-                "%d results not delivered: the sink %s did not take them within %.0f s",
-                not_written + (self.sink.undelivered if self.sink else 0),
-                self.sink.describe() if self.sink else "?",
-                cfg.flush_timeout,
-            )
         for task in [self._accepting, *self._streams]:
             if task is not None:
                 task.cancel()
         await asyncio.gather(
             *(t for t in [self._accepting, *self._streams] if t), return_exceptions=True
         )
+        if status:
+            self.frames_held = self.source.held_frames() if self.source else 0
         if self.sink is not None:
             await self.sink.close()
+        if status:
+            # every frame received whose result did not leave this host: frames not yet in
+            # a batch, batches not answered, results the sink held when it closed (what it
+            # had handed to the kernel still leaves: the close is graceful)
+            not_answered = self.frames_in - self.frames_out
+            log.error(
+                "%d results not delivered: the sink %s did not take them within %.0f s",
+                self.frames_held + not_answered + (self.sink.undelivered if self.sink else 0),
+                self.sink.describe() if self.sink else "?",
+                cfg.flush_timeout,
+            )
         if self.source is not None:
             await self.source.close()
         if self.engine is not None:
@@ -411,7 +418,11 @@ class Application:
             await asyncio.to_thread(self._finishing.join)
         if self._model_failed:
             status = 1
-        log.info("stopped: %d frames received, %d answered", self.frames_in, self.frames_out)
+        log.info(
+            "stopped: %d frames received, %d answered",
+            self.frames_in + self.frames_held,
+            self.frames_out,
+        )
         return status
 
     async def _finish(self) -> None:

@@ -122,7 +122,7 @@ class QueuedSink(Sink):
         self._confirmed: dict[StreamId, int] = {}
         self._held = 0  # weight of everything above and of the group being delivered
         self._undelivered = 0  # results, likewise
-        self._delivering = 0  # results in the deliver() call under way
+        self._delivering = 0  # frames of the results in the deliver() call under way
         self._delivered: dict[StreamId, int] = {}
         self._has_data = asyncio.Event()
         self._has_space = asyncio.Event()
@@ -250,7 +250,7 @@ class QueuedSink(Sink):
                 await self._has_data.wait()
                 continue
             group = self._next_group()
-            self._delivering = len(group)
+            self._delivering = sum(result.count for result in group)
             while True:
                 try:
                     await self.deliver(group)

@@ -96,6 +96,11 @@ class Source(Declared):
     async def close(self) -> None:
         """Release what it holds (sockets, connections)."""
 
+    def held_frames(self) -> int:
+        """Complete frames received and not yet handed out in a batch (what a stop that
+        cannot wait for them leaves unanswered); 0 for a source that holds none."""
+        return 0
+
     def counters(self) -> dict | None:
         """What the metrics show of it, if it counts its entries (a broker's):
         ``{connector, where, counters: {event: total}, gauges: {name: now}}``, shown in

@@ -34,6 +34,7 @@ are written after the reconnection. RELIABILITY.md has measured figures.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import logging
 import socket
@@ -52,7 +53,13 @@ from digitstream.connectors.kit import Connector, Endpoint, Option, integer, num
 from digitstream.errors import UserError
 from digitstream.sinks import QueuedSink, Sink
 from digitstream.sources import InputStream, Source
-from digitstream.wire.framing import HEADER_SIZE, FrameTooLarge, Payloads, split_frames
+from digitstream.wire.framing import (
+    HEADER_SIZE,
+    FrameTooLarge,
+    Payloads,
+    count_frames,
+    split_frames,
+)
 
 log = logging.getLogger("digitstream.tcp")
 
@@ -230,6 +237,10 @@ class FrameReader(asyncio.BufferedProtocol):
         self.last_rx = time.monotonic()
         self.peer = "?"
         self.id: StreamId = 0
+
+    def complete_frames(self) -> int:
+        """Complete frames received and not yet handed out (counted for a stop)."""
+        return count_frames(self._view, self._start, self._end)
 
     @property
     def pending(self) -> int:
@@ -576,6 +587,9 @@ class TcpSource(Source):
             await asyncio.sleep(min(self.drain_quiet - quiet_for, deadline - now) + 0.001)
         reader.finish()
 
+    def held_frames(self) -> int:
+        return sum(stream.reader.complete_frames() for stream in self._open.values())
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -665,6 +679,11 @@ class TcpSink(QueuedSink):
         self.closed = False
         self._peer_eof = False  # the listener closed its side of the connection
         self._peer_reads = False  # ... and it has been seen to read on
+        #: the chunks written last, newest at the end, while asyncio may still hold their
+        #: bytes (what undelivered counts of them)
+        self._recent: collections.deque[bytes] = collections.deque()
+        self._written = False  # the chunk of the deliver() under way is written
+        self._final: int | None = None  # undelivered, as it stood when the sink closed
 
     @classmethod
     def build(cls, endpoint: Endpoint, options: dict, config: AppConfig) -> TcpSink:
@@ -672,6 +691,30 @@ class TcpSink(QueuedSink):
 
     def describe(self) -> str:
         return str(self.addr)
+
+    @property
+    def undelivered(self) -> int:
+        """Results not handed to the kernel: queued, and those whose bytes asyncio still
+        holds (a result in the kernel's socket buffer leaves with a graceful close)."""
+        if self._final is not None:
+            return self._final
+        queued = super().undelivered - (self._delivering if self._written else 0)
+        return queued + self._unsent()
+
+    def _unsent(self) -> int:
+        """Frames of the chunks written last whose bytes asyncio still holds."""
+        writer = self._writer
+        if writer is None:
+            return 0
+        unsent = writer.transport.get_write_buffer_size()
+        frames = 0
+        for chunk in reversed(self._recent):
+            if unsent <= 0:
+                break
+            sent = max(0, len(chunk) - unsent)
+            frames += count_frames(chunk) - count_frames(chunk, 0, sent)
+            unsent -= len(chunk)
+        return frames
 
     async def start(self) -> None:
         self._keeper = asyncio.create_task(self._keep_connected(), name="sink connection")
@@ -691,13 +734,18 @@ class TcpSink(QueuedSink):
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
+        """Stop: what asyncio still holds of the results is dropped (and counted in
+        ``undelivered``); the socket closes gracefully, so the kernel still delivers what
+        it was handed."""
         self.closed = True
+        writer = self._writer
         await super().close()
+        self._final = self.undelivered
+        if writer is not None:
+            writer.transport.abort()  # drops asyncio's buffer only: the close is a FIN
         if self._keeper is not None:
             self._keeper.cancel()
             await asyncio.gather(self._keeper, return_exceptions=True)
-        if self._writer is not None:
-            self._writer.close()
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await connect_to_listener(
@@ -751,6 +799,7 @@ class TcpSink(QueuedSink):
             self._lose("the connection to the listener is closed")
             raise ConnectionResetError("the connection to the listener is closed")
         chunk = results[0].output if len(results) == 1 else b"".join(r.output for r in results)
+        self._written = False
         if self._peer_eof and not self._peer_reads:
             # The listener closed its side: still reading (half-closed), or gone. One
             # byte asks; if it is gone, that byte is all that is lost, and the whole
@@ -766,6 +815,11 @@ class TcpSink(QueuedSink):
             )
             chunk = chunk[1:]
         writer.write(chunk)
+        self._written = True
+        recent = self._recent
+        recent.append(chunk)
+        while len(recent) > 1 and sum(map(len, recent)) - len(recent[0]) > (2 << 20):
+            recent.popleft()  # older than what asyncio's buffer (1 MiB at most) can hold
         try:
             await writer.drain()
         except (ConnectionError, OSError) as exc:

@@ -203,6 +203,21 @@ def iter_frames(data: bytes) -> Iterator[bytes]:
         pos = end
 
 
+def count_frames(buf, start: int = 0, end: int | None = None) -> int:
+    """How many complete frames ``buf[start:end]`` holds (a trailing partial one is not
+    counted): for what a stop leaves behind, not for the hot path."""
+    view = memoryview(buf).cast("B")
+    end = len(view) if end is None else end
+    pos, count = start, 0
+    while pos + HEADER_SIZE <= end:
+        (length,) = HEADER.unpack_from(view, pos)
+        pos += HEADER_SIZE + length
+        if pos > end:
+            break
+        count += 1
+    return count
+
+
 def split_frames(
     buf, start: int, end: int, max_frame: int = DEFAULT_MAX_FRAME, min_run: int = 32
 ) -> tuple[list[Payloads], int]:
