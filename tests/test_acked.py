@@ -314,6 +314,26 @@ def test_a_stream_name_reused_with_other_data_is_refused(setup, labels):
     assert_exactly_once(s.file, "digits", 2 * DIGITS, labels, s.diagnosis())
 
 
+def test_a_stream_name_reused_while_its_sender_sends_leaves_that_stream_alone(setup, labels):
+    """A second sender with other data under the name of a stream whose sender is still
+    sending is refused, and the first stream goes on: its results are still delivered,
+    also across a reconnection of the listener, exactly once."""
+    s = setup()
+    s.start_listener()
+    s.start_app()
+    s.start_sender("digits", 40, "--rate", "15000")
+    wait_for(lambda: s.stored() > 2 * DIGITS, 60, what="the first results")
+    for _ in range(3):  # while it holds results here, and in the gaps when it holds none
+        other = subprocess.run(
+            [*CLI, "send", "--acked", "--stream", "digits", "--to", f"{HOST}:{s.in_port.port}",
+             "--format", "u8", "--repeat", "3"], capture_output=True, timeout=60)
+        assert other.returncode == 1
+        assert b"refused" in other.stderr and b"other data" in other.stderr, other.stderr
+    s.kill("listener")  # the sink says HELLO again for every stream it knows
+    s.wait_senders(120)
+    assert_exactly_once(s.file, "digits", 40 * DIGITS, labels, s.diagnosis())
+
+
 def test_a_torn_last_record_is_cut_off_and_the_file_goes_on(setup, labels):
     s = setup()
     s.start_listener()

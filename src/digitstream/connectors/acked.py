@@ -19,6 +19,7 @@ and sends again what was not acknowledged; the listener drops what it holds.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -276,6 +277,10 @@ class AckedTcpSink(ResumingSink, QueuedSink):
         self.high_water = high_water
         self.backoff_max = backoff_max
         self._streams: dict[str, _SinkStream] = {}
+        #: a new stream under the name of one here, until the listener answers its HELLO
+        self._candidates: dict[str, _SinkStream] = {}
+        #: per stream name, the fingerprints of the HELLOs not yet answered, in order
+        self._asked: dict[str, collections.deque[str]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._connection: asyncio.Task | None = None
         self.connects = 0
@@ -306,17 +311,34 @@ class AckedTcpSink(ResumingSink, QueuedSink):
         """Where ``name`` stands at the listener (waits for the listener); StreamRefused if
         the listener holds other data under that name."""
         state = self._streams.get(name)
-        if state is None or state.fingerprint != fingerprint:
-            if state is not None and self.holds(name):
-                raise StreamRefused(f"stream {name!r} is in use with other data")
-            if state is not None:
-                self.forget(name)
+        if state is None:
             state = self._streams[name] = _SinkStream(fingerprint)
+        elif state.fingerprint != fingerprint:
+            # another stream under a name in use: it replaces the old one only once the
+            # listener takes it, and never while the old one has results here
+            if self.holds(name) or state.waiters or name in self._candidates:
+                raise StreamRefused(f"stream {name!r} is in use with other data")
+            state = self._candidates[name] = _SinkStream(fingerprint)
         waiter = asyncio.get_running_loop().create_future()
         state.waiters.append(waiter)
         if self._writer is not None:
-            self._writer.write(acked.hello(name, fingerprint))
+            self._hello(self._writer, name, fingerprint)
         return await waiter
+
+    def _hello(self, writer: asyncio.StreamWriter, name: str, fingerprint: str) -> None:
+        """Ask the listener where ``name`` stands; its answers come in the order asked."""
+        self._asked.setdefault(name, collections.deque()).append(fingerprint)
+        writer.write(acked.hello(name, fingerprint))
+
+    def _answered(self, name: str) -> tuple[_SinkStream | None, bool]:
+        """The stream the listener's next answer about ``name`` is for, and whether it is a
+        candidate (a new stream under the name of an old one)."""
+        asked = self._asked.get(name)
+        fingerprint = asked.popleft() if asked else None
+        candidate = self._candidates.get(name)
+        if candidate is not None and candidate.fingerprint == fingerprint:
+            return candidate, True
+        return self._streams.get(name), False
 
     async def deliver(self, results: list[BatchResult]) -> None:
         # kept until the listener acknowledges them (confirm); sent now if it is there, or
@@ -352,8 +374,9 @@ class AckedTcpSink(ResumingSink, QueuedSink):
             self.connects += 1
             # every stream again, then what the listener has not acknowledged: it answers
             # each HELLO with where the stream stands and drops what it already holds
-            for name, state in self._streams.items():
-                writer.write(acked.hello(name, state.fingerprint))
+            self._asked.clear()
+            for name, state in [*self._streams.items(), *self._candidates.items()]:
+                self._hello(writer, name, state.fingerprint)
             resent = 0
             for result in self.unconfirmed():
                 writer.write(_message(result))
@@ -394,22 +417,37 @@ class AckedTcpSink(ResumingSink, QueuedSink):
             if message.kind == acked.ACK:
                 self.confirm(name, message.seq)
             elif message.kind == acked.RESUME:
+                state, candidate = self._answered(name)
+                if candidate and self.holds(name):
+                    # the old stream has results here again: the new one waits its turn
+                    self._candidates.pop(name)
+                    assert state is not None
+                    for waiter in state.waiters:
+                        if not waiter.done():
+                            waiter.set_exception(
+                                StreamRefused(f"stream {name!r} is in use with other data")
+                            )
+                    continue
+                if candidate:
+                    self.forget(name)  # the old stream, all of it delivered, goes
+                    self._streams[name] = self._candidates.pop(name)
                 self.confirm(name, message.seq)
-                state = self._streams.get(name)
                 if state is not None:
                     for waiter in state.waiters:
                         if not waiter.done():
                             waiter.set_result(message.seq)
                     state.waiters.clear()
             elif message.kind == acked.REFUSED:
-                state = self._streams.get(name)
+                state, candidate = self._answered(name)
                 if state is not None:
                     for waiter in state.waiters:
                         if not waiter.done():
                             waiter.set_exception(StreamRefused(message.reason))
                     state.waiters.clear()
-                    if not self.holds(name):
-                        del self._streams[name]
+                if candidate:
+                    del self._candidates[name]  # the stream already here stays as it was
+                elif state is not None and not self.holds(name):
+                    del self._streams[name]
             else:
                 raise acked.ProtocolError(f"unexpected {message.kind!r} message from the listener")
 
