@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from sklearn.datasets import load_digits
 from threadpoolctl import threadpool_limits
 
 from digitstream.cli import main as cli
+from digitstream.codecs.inputs import encode_images
 from digitstream.datasets import Dataset, load_dataset, read_idx, write_idx
 from digitstream.errors import UserError
 from digitstream.model import train
@@ -17,6 +21,8 @@ from digitstream.model.augment import augmented
 from digitstream.model.bundle import CARD_FILE, load_bundle, save_bundle
 from digitstream.model.runner import make_runner
 from digitstream.model.zoo import RECIPES, GridContext
+from digitstream.wire.framing import frame_many
+from helpers import send_bytes
 
 MODELS = ["pca-logistic", "svc", "best", "knn", "random-forest", "mlp"]
 
@@ -298,3 +304,25 @@ def test_shift_needs_square_images(tmp_path):
     with pytest.raises(UserError, match="--augment shift needs square images .* 6 features"):
         train.main(dataset=f"npz:{tmp_path / 'wide.npz'}", output=str(tmp_path / "m"),
                    augment="shift")
+
+
+def test_the_best_model_is_served_by_run(tmp_path, start_app, collector, capsys):
+    output = train.main(model_name="best", output=str(tmp_path / "best"), quick=True)
+    pipeline = load_bundle(output).pipeline
+    images = load_dataset("digits").X
+    app = start_app(collector.port, "--input-format", "u8", model=output)
+    send_bytes(app.in_port, frame_many(encode_images(images, "u8")))
+    expected = [str(np.array([label])) for label in pipeline.predict(images)]
+    assert collector.wait_count(len(images)) == expected
+    assert app.stats()["model"]["model"] == "best"
+
+
+def test_the_outside_check_gets_the_cards_figure(tmp_path, capsys):
+    output = train.main(output=str(tmp_path / "default"), quick=True)
+    script = Path(__file__).parents[1] / "docs" / "models" / "check_heldout.py"
+    done = subprocess.run([sys.executable, str(script), str(output)], capture_output=True,
+                          text=True, timeout=120)
+    figure = f"{load_bundle(output).card['heldout_accuracy']:.4f}"
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"held-out accuracy {figure} " in done.stdout
+    assert done.stdout.rstrip().endswith(f"the card says {figure}")

@@ -138,7 +138,8 @@ def main(verbose: int, quiet: bool) -> None:
     "model_name",
     default="pca-logistic",
     show_default=True,
-    help="Which model to train; `digitstream train --list-models` names them.",
+    help="Which model to train: best is the most accurate, and the slowest to serve; "
+    "`digitstream train --list-models` names them all.",
 )
 @click.option(
     "--output",
