@@ -1,6 +1,10 @@
 """`digitstream train`: every model, every kind of data set, an honest card."""
 
+import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,14 +13,18 @@ from sklearn.datasets import load_digits
 from threadpoolctl import threadpool_limits
 
 from digitstream.cli import main as cli
-from digitstream.datasets import load_dataset, read_idx, write_idx
+from digitstream.codecs.inputs import encode_images
+from digitstream.datasets import Dataset, load_dataset, read_idx, write_idx
 from digitstream.errors import UserError
 from digitstream.model import train
+from digitstream.model.augment import augmented
 from digitstream.model.bundle import CARD_FILE, load_bundle, save_bundle
 from digitstream.model.runner import make_runner
 from digitstream.model.zoo import RECIPES, GridContext
+from digitstream.wire.framing import frame_many
+from helpers import send_bytes
 
-MODELS = ["pca-logistic", "svc", "knn", "random-forest", "mlp"]
+MODELS = ["pca-logistic", "svc", "best", "knn", "random-forest", "mlp"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -154,3 +162,167 @@ def test_the_command_lists_its_models():
     assert result.exit_code == 0
     assert [line.split()[0] for line in result.output.splitlines()] == MODELS
     assert [name for name, _ in train.describe_models()] == MODELS
+
+
+# ------------------------------------------------------------------ augmentation
+def one_pixel_shifts(X):
+    """The four one-pixel moves of 8x8 images, worked out here apart from the code under test:
+    rolled one pixel, the row or column that came round blanked."""
+    images = X.reshape(-1, 8, 8)
+    copies = []
+    for axis in (1, 2):
+        for step in (1, -1):
+            moved = np.roll(images, step, axis=axis)
+            edge = [slice(None)] * 3
+            edge[axis] = 0 if step == 1 else -1
+            moved[tuple(edge)] = 0
+            copies.append(moved.reshape(len(X), -1))
+    return np.vstack(copies)
+
+
+def rows(X):
+    return {row.tobytes() for row in np.asarray(X, dtype=np.float64)}
+
+
+def test_shift_adds_the_four_one_pixel_moves_of_each_image():
+    X = load_dataset("digits").X[:50]
+    y = np.arange(50)
+    X_fit, y_fit = augmented("shift", X, y)
+    assert X_fit.shape == (250, 64)
+    np.testing.assert_array_equal(X_fit[:50], X)
+    assert rows(X_fit[50:]) == rows(one_pixel_shifts(X))
+    np.testing.assert_array_equal(y_fit, np.tile(y, 5))
+    X_same, y_same = augmented("none", X, y)
+    assert X_same is X and y_same is y
+
+
+def test_augmentation_reaches_what_is_fitted_and_nothing_that_is_scored(monkeypatch):
+    """No held-out image and no shifted copy of one is in any fit; in the search no
+    validation image and no copy of one is in its fold's fit, and validation folds are
+    scored as they are, while each fit side holds its images and all their shifts."""
+    from sklearn.pipeline import Pipeline
+
+    digits = load_dataset("digits")
+    # Digits has no two equal images and no image equal to another's shift, so a row in
+    # common can only be a leak.
+    all_rows = rows(np.vstack([digits.X, one_pixel_shifts(digits.X)]))
+    assert len(all_rows) == 5 * len(digits.X)
+    keep = np.random.default_rng(0).permutation(len(digits.y))[:600]
+    data = Dataset("digits", digits.X[keep], digits.y[keep], digits.value_range)
+
+    calls = []  # ("fit" | "predict", pipeline, X) in call order
+    real_fit, real_predict = Pipeline.fit, Pipeline.predict
+
+    def fit(self, X, y=None, **params):
+        calls.append(("fit", self, np.array(X)))
+        return real_fit(self, X, y, **params)
+
+    def predict(self, X, **params):
+        calls.append(("predict", self, np.array(X)))
+        return real_predict(self, X, **params)
+
+    monkeypatch.setattr(Pipeline, "fit", fit)
+    monkeypatch.setattr(Pipeline, "predict", predict)
+    # Two candidates, so the search cross-validates, and few images: seconds, not minutes.
+    monkeypatch.setitem(RECIPES, "best", dataclasses.replace(
+        RECIPES["best"], make_grid=lambda ctx, quick: {"RBF SVM__C": [3.0, 10.0]}))
+
+    result = train.train_model(data, "best", seed=0)
+    assert result.card["augment"] == "shift" and result.card["search"]["cv_folds"] == 5
+
+    split = result.split
+    held_out, train_rows = rows(split.X_test), rows(split.X_train)
+    held_out_copies = rows(one_pixel_shifts(split.X_test))
+    fits = [(model, X) for what, model, X in calls if what == "fit"]
+    assert len(fits) == 2 * 5 + 1
+    for _, X in fits:
+        assert not rows(X) & held_out, "a held-out image was fitted on"
+        assert not rows(X) & held_out_copies, "a shifted copy of a held-out image was fitted on"
+
+    fitted_by = {}
+    scored = []
+    for what, model, X in calls:
+        if what == "fit":
+            fitted_by[id(model)] = X
+        else:
+            scored.append((fitted_by[id(model)], X))
+    *folds, (refit, final) = scored
+    assert len(folds) == 10
+    for X_fit, X_valid in folds:
+        valid = rows(X_valid)
+        assert valid <= train_rows, "a validation fold holds an augmented image"
+        assert not rows(X_fit) & valid, "a validation image was fitted on"
+        assert not rows(X_fit) & rows(one_pixel_shifts(X_valid)), (
+            "a shifted copy of a validation image was fitted on")
+        originals = X_fit[: len(X_fit) // 5]
+        assert rows(originals) == train_rows - valid
+        assert rows(X_fit) == rows(originals) | rows(one_pixel_shifts(originals))
+
+    np.testing.assert_array_equal(final, split.X_test)
+    assert len(refit) == result.card["n_fitted"] == 5 * len(split.X_train)
+    assert rows(refit) == train_rows | rows(one_pixel_shifts(split.X_train))
+
+
+def test_the_best_model_is_the_augmented_svm_and_its_card_says_so(tmp_path, capsys):
+    output = train.main(model_name="best", output=str(tmp_path / "best"), quick=True)
+    printed = capsys.readouterr().out
+    bundle = load_bundle(output)
+    card = bundle.card
+    assert card["model"] == "best" and card["augment"] == "shift"
+    assert card["steps"] == ["RBF SVM"]
+    assert card["n_fitted"] == 5 * card["split"]["n_train"] == 5 * 1347
+    assert "Augmentation shift" in printed and "6,735 images" in printed
+    split = train.split_dataset(load_dataset("digits"), 0.25, 0)
+    fresh = float(np.mean(bundle.pipeline.predict(split.X_test) == split.y_test))
+    assert card["heldout_accuracy"] == fresh >= 0.995
+
+
+def test_the_default_model_is_not_augmented_unless_asked(monkeypatch, tmp_path):
+    # One candidate: no search, so the command takes a second.
+    monkeypatch.setitem(RECIPES, "pca-logistic", dataclasses.replace(
+        RECIPES["pca-logistic"], make_grid=lambda ctx, quick: {"PCA__n_components": [40]}))
+    runner = CliRunner()
+    result = runner.invoke(cli, ["train", "--output", str(tmp_path / "plain")])
+    assert result.exit_code == 0, result.output
+    card = load_bundle(tmp_path / "plain").card
+    assert card["augment"] == "none" and card["n_fitted"] == card["split"]["n_train"]
+    assert card["steps"] == ["PCA", "Logistic Regression"]
+
+    result = runner.invoke(cli, ["train", "--augment", "shift", "--output", str(tmp_path / "aug")])
+    assert result.exit_code == 0, result.output
+    card = load_bundle(tmp_path / "aug").card
+    assert card["augment"] == "shift" and card["n_fitted"] == 5 * card["split"]["n_train"]
+    assert make_runner(load_bundle(tmp_path / "aug").pipeline).compiled
+
+    result = runner.invoke(cli, ["train", "--augment", "rotate", "--output", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "'rotate' is not one of 'none', 'shift'" in result.output
+
+
+def test_shift_needs_square_images(tmp_path):
+    np.savez(tmp_path / "wide.npz", X=np.random.default_rng(0).uniform(size=(100, 6)),
+             y=np.arange(100) % 2)
+    with pytest.raises(UserError, match="--augment shift needs square images .* 6 features"):
+        train.main(dataset=f"npz:{tmp_path / 'wide.npz'}", output=str(tmp_path / "m"),
+                   augment="shift")
+
+
+def test_the_best_model_is_served_by_run(tmp_path, start_app, collector, capsys):
+    output = train.main(model_name="best", output=str(tmp_path / "best"), quick=True)
+    pipeline = load_bundle(output).pipeline
+    images = load_dataset("digits").X
+    app = start_app(collector.port, "--input-format", "u8", model=output)
+    send_bytes(app.in_port, frame_many(encode_images(images, "u8")))
+    expected = [str(np.array([label])) for label in pipeline.predict(images)]
+    assert collector.wait_count(len(images)) == expected
+    assert app.stats()["model"]["model"] == "best"
+
+
+def test_the_outside_check_gets_the_cards_figure(tmp_path, capsys):
+    output = train.main(output=str(tmp_path / "default"), quick=True)
+    script = Path(__file__).parents[1] / "docs" / "models" / "check_heldout.py"
+    done = subprocess.run([sys.executable, str(script), str(output)], capture_output=True,
+                          text=True, timeout=120)
+    figure = f"{load_bundle(output).card['heldout_accuracy']:.4f}"
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"held-out accuracy {figure} " in done.stdout
+    assert done.stdout.rstrip().endswith(f"the card says {figure}")

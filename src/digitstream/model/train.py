@@ -6,6 +6,12 @@ part (25% by default, fixed seed). The grid search fits and scores on the
 training part only (stratified k-fold, accuracy); the best candidate is refit
 on the whole training part and evaluated once on the held-out part, which no
 choice has seen. That figure is what the card reports.
+
+An augmentation (``--augment``, see :mod:`digitstream.model.augment`) adds
+copies of the images a model is fitted on, after every split: each fold's
+fitting side in the search, then the whole training part for the refit. The
+images scored (each fold's validation side, the held-out part) are never
+augmented, and no copy of them is fitted on.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from threadpoolctl import threadpool_limits
 
 from digitstream.datasets import Dataset, load_dataset
 from digitstream.errors import UserError
+from digitstream.model.augment import AUGMENTATIONS, augmented, check_augmentation
 from digitstream.model.bundle import load_bundle, save_bundle
 from digitstream.model.zoo import RECIPES, GridContext, ModelRecipe, get_recipe
 
@@ -51,6 +58,14 @@ ProgressCallback = Callable[[int, int], None]
 
 def describe_models() -> list[tuple[str, str]]:
     return [(recipe.name, recipe.description) for recipe in RECIPES.values()]
+
+
+@dataclass
+class Fitted:
+    pipeline: Pipeline  # fitted on the (augmented) training part with the chosen parameters
+    search: dict  # the card's "search" section
+    fits: int  # fits the search made, the refit not counted
+    n_fitted: int  # images the refit was fitted on, augmented copies included
 
 
 @dataclass
@@ -92,25 +107,23 @@ def train_model(
     jobs: int = 1,
     quick: bool = False,
     progress: ProgressCallback | None = None,
+    augment: str | None = None,
 ) -> TrainResult:
     """Search, refit and evaluate one model; no output, no files.
 
     ``quick`` searches a grid of one or two candidates instead of the full
-    one (for tests and smoke runs).
+    one (for tests and smoke runs). ``augment`` names the augmentation; None
+    takes the model's own (``shift`` for ``best``, ``none`` for the others).
     """
     recipe = get_recipe(model_name)
+    augment = recipe.augment if augment is None else augment
+    check_augmentation(augment, data.n_features)
     split = split_dataset(data, test_size, seed)
     started = time.perf_counter()
-    # One BLAS thread per fit: these fits are small, and a second thread
-    # contending for a busy core made them ~25x slower on the 2-core machine.
-    # Parallelism comes from --jobs, one fit per process.
+    fitted = fit_recipe(recipe, split.X_train, split.y_train, seed, jobs, quick, progress, augment)
+    training_seconds = time.perf_counter() - started
+    pipeline, search = fitted.pipeline, fitted.search
     with threadpool_limits(limits=1):
-        search = _grid_search(recipe, split.X_train, split.y_train, seed, jobs, quick, progress)
-        pipeline = recipe.make_pipeline(seed).set_params(**search["best_params"])
-        pipeline.fit(split.X_train, split.y_train)
-        if progress:
-            progress(search["fits"] + 1, search["fits"] + 1)
-        training_seconds = time.perf_counter() - started
         y_pred = pipeline.predict(split.X_test)
     accuracy = float(np.mean(y_pred == split.y_test))
     confusion = confusion_matrix(split.y_test, y_pred, labels=pipeline.classes_)
@@ -130,13 +143,43 @@ def train_model(
             "n_train": len(split.y_train),
             "n_held_out": len(split.y_test),
         },
+        "augment": augment,
+        "n_fitted": fitted.n_fitted,
         "heldout_accuracy": accuracy,
         "confusion_matrix": confusion,
-        "search": search["card"],
+        "search": search,
         "training_seconds": round(training_seconds, 3),
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return TrainResult(pipeline, card, split, y_pred, accuracy, confusion)
+
+
+def fit_recipe(
+    recipe: ModelRecipe,
+    X: np.ndarray,
+    y: np.ndarray,
+    seed: int = 0,
+    jobs: int = 1,
+    quick: bool = False,
+    progress: ProgressCallback | None = None,
+    augment: str = "none",
+) -> Fitted:
+    """Search ``recipe``'s grid by cross-validation on ``X``, ``y`` (the training
+    part: nothing held out may be in it), then refit the best candidate on all of it,
+    each fit on its images augmented by ``augment``."""
+    from threadpoolctl import threadpool_limits  # start-up time: only a fit needs it
+
+    # One BLAS thread per fit: these fits are small, and a second thread
+    # contending for a busy core made them ~25x slower on the 2-core machine.
+    # Parallelism comes from --jobs, one fit per process.
+    with threadpool_limits(limits=1):
+        search = _grid_search(recipe, X, y, seed, jobs, quick, progress, augment)
+        pipeline = recipe.make_pipeline(seed).set_params(**search["best_params"])
+        X_fit, y_fit = augmented(augment, X, y)
+        pipeline.fit(X_fit, y_fit)
+    if progress:
+        progress(search["fits"] + 1, search["fits"] + 1)
+    return Fitted(pipeline, search["card"], search["fits"], len(y_fit))
 
 
 def main(
@@ -147,22 +190,30 @@ def main(
     seed: int = 0,
     jobs: int = 1,
     quick: bool = False,
+    augment: str | None = None,
 ) -> Path:
     """`digitstream train`: train, print the held-out accuracy and confusion
     matrix, write the bundle to ``output``; returns its path."""
     # No markup: paths and labels are printed as they are.
     out = Console(highlight=False, soft_wrap=True, markup=False)
     recipe = get_recipe(model_name)
+    augment = recipe.augment if augment is None else augment
     if jobs == 0 or jobs < -1:
         raise UserError(
             f"--jobs must be a positive number of processes or -1 (all cores), not {jobs}"
         )
     data = load_dataset(dataset)
+    check_augmentation(augment, data.n_features)
     n_classes = len(np.unique(data.y))
     out.print(
         f"Data set {data.name}: {len(data.y)} images of {data.n_features} features, "
         f"{n_classes} classes; {test_size:.0%} held out (stratified, seed {seed})"
     )
+    if augment != "none":
+        out.print(
+            f"Augmentation {augment}: {AUGMENTATIONS[augment]}, in each fit "
+            "(never in a validation fold or the held-out part)"
+        )
     err = Console(stderr=True)
     with Progress(
         SpinnerColumn(),
@@ -180,7 +231,7 @@ def main(
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        result = train_model(data, recipe.name, test_size, seed, jobs, quick, progress)
+        result = train_model(data, recipe.name, test_size, seed, jobs, quick, progress, augment)
     search = result.card["search"]
     chosen = ", ".join(f"{key}={value!r}" for key, value in search["best_params"].items())
     if search["cv_folds"]:
@@ -198,7 +249,10 @@ def main(
     )
     if len(result.pipeline.classes_) <= 20:
         out.print(_confusion_table(result.pipeline.classes_, result.confusion))
-    out.print(f"Training took {result.card['training_seconds']:.1f} s.")
+    out.print(
+        f"Training took {result.card['training_seconds']:.1f} s "
+        f"(the refit on {result.card['n_fitted']:,} images)."
+    )
     directory = save_bundle(result.pipeline, output, result.card)
     bundle = load_bundle(directory)
     out.print(
@@ -217,6 +271,7 @@ def _grid_search(
     jobs: int,
     quick: bool,
     progress: ProgressCallback | None,
+    augment: str,
 ) -> dict:
     classes, counts = np.unique(y, return_counts=True)
     folds_possible = int(counts.min())
@@ -251,7 +306,7 @@ def _grid_search(
         progress(0, fits + 1)
     scores = np.full((len(candidates), len(folds)), np.nan)
     tasks = (
-        delayed(_fit_and_score)(template, candidates[c], X, y, folds[f], c, f)
+        delayed(_fit_and_score)(template, candidates[c], X, y, folds[f], c, f, augment)
         for c in range(len(candidates))
         for f in range(len(folds))
     )
@@ -280,9 +335,14 @@ def _grid_search(
     return {"best_params": candidates[best], "card": card, "fits": fits}
 
 
-def _fit_and_score(template, params: dict, X: np.ndarray, y: np.ndarray, fold, c: int, f: int):
+def _fit_and_score(
+    template, params: dict, X: np.ndarray, y: np.ndarray, fold, c: int, f: int, augment: str
+):
     train, test = fold
-    model = clone(template).set_params(**params).fit(X[train], y[train])
+    # Only the fitting side is augmented: a shifted copy of a validation image
+    # in the fit would inflate the score the candidates are chosen by.
+    X_fit, y_fit = augmented(augment, X[train], y[train])
+    model = clone(template).set_params(**params).fit(X_fit, y_fit)
     return c, f, float(np.mean(model.predict(X[test]) == y[test]))
 
 

@@ -45,6 +45,7 @@ class ModelRecipe:
     description: str
     make_pipeline: Callable[[int], Pipeline]  # seed -> unfitted pipeline
     make_grid: Callable[[GridContext, bool], ParamGrid]  # (context, quick) -> grid
+    augment: str = "none"  # trained with this augmentation unless --augment names another
 
 
 def _capped(values, cap: int) -> list[int]:
@@ -159,6 +160,14 @@ RECIPES: dict[str, ModelRecipe] = {
             _pca_logistic_grid,
         ),
         ModelRecipe("svc", "support vector machine with an RBF kernel", _svc, _svc_grid),
+        ModelRecipe(
+            "best",
+            "the strongest here: svc trained with --augment shift "
+            "(the training images and their one-pixel shifts)",
+            _svc,
+            _svc_grid,
+            augment="shift",
+        ),
         ModelRecipe("knn", "k-nearest neighbours (brute force)", _knn, _knn_grid),
         ModelRecipe(
             "random-forest", "random forest of decision trees", _random_forest, _random_forest_grid
