@@ -432,3 +432,17 @@ def reference_frames(stream: bytes, max_frame: int) -> tuple[list[bytes], bool]:
         frames.append(stream[pos + HEADER_SIZE:pos + HEADER_SIZE + length])
         pos += HEADER_SIZE + length
     return frames, False
+
+
+def plateau(read, settle: float = 1.5, timeout: float = 60) -> int:
+    """Wait until ``read()`` stops growing for ``settle`` seconds; its value."""
+    last, since = read(), time.monotonic()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = read()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= settle:
+            return now
+    raise AssertionError(f"still growing after {timeout} s: {last}")

@@ -25,7 +25,7 @@ import pytest
 
 from digitstream.wire import acked
 from digitstream.wire.framing import HEADER, HEADER_SIZE, frame
-from helpers import HOST, AppProcess, HeldPort, app_counts, memory_of, wait_for
+from helpers import HOST, AppProcess, HeldPort, app_counts, memory_of, plateau, wait_for
 
 DIGITS = 1797
 #: 501,363 messages per stream
@@ -390,18 +390,6 @@ class StalledListener:
         self.sock.close()
 
 
-def _plateau(read, settle: float = 1.5, timeout: float = 60) -> int:
-    """Wait until ``read()`` stops growing for ``settle`` seconds; its value."""
-    last, since = read(), time.monotonic()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = read()
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= settle:
-            return now
-    raise AssertionError(f"still growing after {timeout} s: {last}")
 
 
 @pytest.mark.parametrize("window", [20_000, 10_000_000])
@@ -421,7 +409,7 @@ def test_a_listener_that_stops_reading_bounds_the_window_and_runs_memory(window,
             return app_counts(app.stats())["messages_in"]
 
         wait_for(received, 60, what="the first messages")
-        held = _plateau(received)
+        held = plateau(received)
         assert sender.poll() is None, "the sender ended while nothing was acknowledged"
         if window < DIGITS * repeat // 2:
             assert held <= window, f"run received {held:,} with a window of {window:,}"

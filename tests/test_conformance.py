@@ -37,7 +37,7 @@ from brokers import NatsServer, nats_server_binary
 
 from digitstream.connectors import registry
 from digitstream.connectors.kit import Endpoint
-from helpers import HOST, TIMEOUT, HeldPort, ListenProcess, app_counts, memory_of
+from helpers import HOST, TIMEOUT, HeldPort, ListenProcess, app_counts, memory_of, plateau
 from helpers import wait_for as _wait_for
 from test_redis import RedisApp, RedisServer
 
@@ -376,7 +376,7 @@ def test_a_sink_that_stops_taking_results_stops_the_source(kind, make_harness, e
         return app_counts(app.stats())["messages_in"]
 
     wait_for(lambda: received() > 0, what="the first messages")
-    held = _plateau(received)
+    held = plateau(received, settle=2.0, timeout=90)
     grew = memory_of(app.proc.pid)[0] - rss_before
     print(f"\n{kind}: run held {held:,} of {total:,} messages, grew by {grew >> 20} MiB")
     assert held < total // 2, f"run took {held:,} of {total:,} while its output was stopped"
@@ -392,18 +392,6 @@ def test_a_sink_that_stops_taking_results_stops_the_source(kind, make_harness, e
         assert collections.Counter(texts) >= collections.Counter(expected_texts * repeat)
 
 
-def _plateau(read, settle: float = 2.0, timeout: float = 90) -> int:
-    """Wait until ``read()`` stops growing for ``settle`` seconds; its value."""
-    last, since = read(), time.monotonic()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = read()
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= settle:
-            return now
-    raise AssertionError(f"still growing after {timeout} s: {last}")
 
 
 @pytest.mark.parametrize("kind", KINDS)

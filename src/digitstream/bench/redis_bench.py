@@ -20,7 +20,6 @@ is the median of ``runs`` runs.
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import signal
 import statistics
@@ -33,16 +32,14 @@ from typing import Any
 
 import numpy as np
 import redis
-from rich.console import Console
-from rich.table import Table
 
 from digitstream.batch import BatchResult
 from digitstream.batching import BatchPolicy
+from digitstream.bench.report import broker_main
 from digitstream.codecs.inputs import encode_images
 from digitstream.config import DEFAULTS
 from digitstream.connectors.redis import RedisSink, RedisSource, RedisURL
 from digitstream.datasets import load_dataset
-from digitstream.tools.demo import ensure_model
 from digitstream.tools.redis_demo import start_redis
 from digitstream.wire.framing import frame_fixed, frame_many
 
@@ -247,28 +244,18 @@ def main(
     json_path: str | None = None,
     runs: int | None = None,
 ) -> int:
-    console = Console(stderr=True)
-    model = ensure_model(console, Path(model_path))
-    figures = measure(
-        model,
-        total=50_000 if quick else 200_000,
-        runs=runs or (1 if quick else 3),
-        log=console.print,
+    return broker_main(
+        measure,
+        model_path,
+        quick,
+        json_path,
+        runs,
+        lambda f: (
+            f"Redis Streams, {f['entries']:,} entries, median of {f['runs']} runs",
+            "entries",
+            f["entries_per_s"],
+        ),
     )
-    table = Table(
-        title=f"Redis Streams, {figures['entries']:,} entries, median of {figures['runs']} runs",
-        title_justify="left",
-    )
-    for column in ("system", "entries/s"):
-        table.add_column(column)
-    for name, rate in figures["entries_per_s"].items():
-        table.add_row(name, f"{rate:,.0f}")
-    Console().print(table)
-    for name, value in figures["ratios"].items():
-        print(f"{name}: {value:.2f}")
-    if json_path:
-        Path(json_path).write_text(json.dumps(figures, indent=2))
-    return 0
 
 
 if __name__ == "__main__":  # the relay, as a process of its own: PORT IN OUT TOTAL COUNT

@@ -366,3 +366,39 @@ def _short(value: float) -> str:
     if value >= 1e3:
         return f"{value / 1e3:.1f} k"
     return f"{value:.0f}"
+
+
+def broker_main(measure, model_path: str, quick: bool, json_path, runs, describe) -> int:
+    """``digitstream bench --redis`` / ``--nats``: ``measure`` (a broker bench's) on the model
+    at ``model_path`` (trained if missing), then its table, ratios and JSON;
+    ``describe(figures)`` gives the table's title, the unit and the rates by system."""
+    from digitstream.tools.demo import ensure_model  # start-up time: it imports the trainer
+
+    console = Console(stderr=True)
+    model = ensure_model(console, Path(model_path))
+    figures = measure(
+        model,
+        total=50_000 if quick else 200_000,
+        runs=runs or (1 if quick else 3),
+        log=console.print,
+    )
+    title, unit, rates = describe(figures)
+    print_broker(figures, title, unit, rates, json_path)
+    return 0
+
+
+def print_broker(
+    figures: dict, title: str, unit: str, rates: dict[str, float], json_path: str | None
+) -> None:
+    """A broker benchmark's table (``unit`` per second per system, from ``rates``) and its
+    ratios; and its figures to ``json_path``, if given."""
+    table = Table(title=title, title_justify="left")
+    for column in ("system", f"{unit}/s"):
+        table.add_column(column)
+    for name, rate in rates.items():
+        table.add_row(name, f"{rate:,.0f}")
+    Console().print(table)
+    for name, value in figures["ratios"].items():
+        print(f"{name}: {value:.2f}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=2))

@@ -38,7 +38,6 @@ import collections
 import logging
 import re
 import ssl
-import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,11 +50,11 @@ from digitstream.connectors.kit import (
     GROUP,
     Connector,
     Endpoint,
+    Location,
     Option,
     ReadLedger,
     boolean,
     integer,
-    mask,
     resolve_options,
     text,
 )
@@ -124,16 +123,8 @@ class NatsURL:
     def of(cls, endpoint: Endpoint, options: dict) -> NatsURL:
         """The URL of ``endpoint``; UserError (with the password masked) if malformed."""
         shown = str(endpoint)
-        parts = urllib.parse.urlsplit(f"nats://{endpoint.location}")
-        try:
-            port = parts.port
-        except ValueError:
-            raise UserError(f"the port of {shown} is not a number in 0..65535") from None
-        if not parts.hostname or port is None:
-            raise UserError(f"expected {endpoint.scheme}://HOST:PORT/NAME, got {shown}")
-        stream = urllib.parse.unquote(parts.path.lstrip("/"))
-        if not stream:
-            raise UserError(f"no stream named in {shown}: expected nats://HOST:PORT/NAME")
+        where = Location.of(endpoint, "NAME")
+        stream = where.name
         if not NAME.match(stream):
             raise UserError(
                 f"{stream!r} in {shown} cannot name a JetStream stream: letters, digits, "
@@ -143,11 +134,11 @@ class NatsURL:
         if (options["cert"] is None) != (options["key"] is None):
             raise UserError(f"give both cert= and key= in {shown}, or neither")
         return cls(
-            parts.hostname,
-            port,
+            where.host,
+            where.port,
             stream,
-            urllib.parse.unquote(parts.username) if parts.username else None,
-            urllib.parse.unquote(parts.password) if parts.password is not None else None,
+            where.user,
+            where.password,
             tls,
             options["ca"],
             options["cert"],
@@ -160,12 +151,8 @@ class NatsURL:
         return f"{self.host}:{self.port}"
 
     def __str__(self) -> str:
-        scheme = "tls" if self.tls else "nats"
-        auth = ""
-        if self.user is not None:
-            auth = f"{self.user}:***@" if self.password else f"{self.user}@"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return mask(f"{scheme}://{auth}{host}:{self.port}/{self.stream}")
+        where = Location(self.host, self.port, self.stream, self.user, self.password)
+        return where.shown("tls" if self.tls else "nats")
 
     async def connect(self, **callbacks):
         """A connection to the server (reconnecting by itself for ever once made); UserError

@@ -90,6 +90,50 @@ def mask(url: str) -> str:
     return f"{scheme}://{user}:***@{hosts}{slash}{tail}"
 
 
+@dataclass(frozen=True)
+class Location:
+    """What ``[USER[:PASSWORD]@]HOST:PORT/NAME`` says; the password is never shown."""
+
+    host: str
+    port: int
+    name: str
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, endpoint: Endpoint, what: str = "NAME") -> Location:
+        """The location of ``endpoint``; UserError, in one line with the password masked,
+        if it is malformed (``what`` names the last part in the message)."""
+        shown = str(endpoint)
+        parts = urllib.parse.urlsplit(f"{endpoint.scheme}://{endpoint.location}")
+        try:
+            port = parts.port
+        except ValueError:
+            raise UserError(f"the port of {shown} is not a number in 0..65535") from None
+        if not parts.hostname or port is None:
+            raise UserError(f"expected {endpoint.scheme}://HOST:PORT/{what}, got {shown}")
+        name = urllib.parse.unquote(parts.path.lstrip("/"))
+        if not name:
+            raise UserError(
+                f"no {what.lower()} named in {shown}: expected {endpoint.scheme}://HOST:PORT/{what}"
+            )
+        return cls(
+            parts.hostname,
+            port,
+            name,
+            urllib.parse.unquote(parts.username) if parts.username else None,
+            urllib.parse.unquote(parts.password) if parts.password is not None else None,
+        )
+
+    def shown(self, scheme: str, password: str | None = None, query: str = "") -> str:
+        """The URL for logs and the metrics UI: a password (this one, or ``password``) as
+        ``***``."""
+        user = self.user or ""
+        auth = f"{user}:***@" if (password or self.password) else (f"{user}@" if user else "")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{auth}{host}:{self.port}/{self.name}{query}"
+
+
 # ---------------------------------------------------------------------------- options
 @dataclass(frozen=True)
 class Option:

@@ -48,7 +48,6 @@ import collections
 import logging
 import os
 import time
-import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +60,7 @@ from digitstream.connectors.kit import (
     GROUP,
     Connector,
     Endpoint,
+    Location,
     Option,
     ReadLedger,
     boolean,
@@ -244,29 +244,14 @@ class RedisURL:
     @classmethod
     def of(cls, endpoint: Endpoint, options: dict, environ=os.environ) -> RedisURL:
         """The URL of ``endpoint`` (its :data:`CLIENT_OPTIONS` parsed into ``options``)."""
-        scheme, location = endpoint.scheme, endpoint.location
-        parts = urllib.parse.urlsplit(f"{scheme}://{location}")
-        shown = str(Endpoint(scheme, location))  # the password masked
-        try:
-            port = parts.port
-        except ValueError:
-            raise UserError(f"the port of {shown} is not a number in 0..65535") from None
-        if not parts.hostname or port is None:
-            raise UserError(f"expected {scheme}://HOST:PORT/STREAM, got {shown}")
-        stream = urllib.parse.unquote(parts.path.lstrip("/"))
-        if not stream:
-            raise UserError(f"no stream named in {shown}: expected {scheme}://HOST:PORT/STREAM")
-        password = urllib.parse.unquote(parts.password) if parts.password is not None else None
-        if not password:
-            password = environ.get(PASSWORD_ENV) or None
-        username = urllib.parse.unquote(parts.username) if parts.username else None
+        where = Location.of(Endpoint(endpoint.scheme, endpoint.location), "STREAM")
         return cls(
-            parts.hostname,
-            port,
-            stream,
-            username,
-            password,
-            scheme == "rediss",
+            where.host,
+            where.port,
+            where.name,
+            where.user,
+            where.password or environ.get(PASSWORD_ENV) or None,
+            endpoint.scheme == "rediss",
             options["db"],
             options["ca"],
             options["cert"],
@@ -280,12 +265,10 @@ class RedisURL:
 
     def masked(self) -> str:
         """The URL for logs and the metrics UI: the password, if any, as ``***``."""
-        scheme = "rediss" if self.tls else "redis"
-        user = self.username or ""
-        auth = f"{user}:***@" if self.password else (f"{user}@" if user else "")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        db = f"?db={self.db}" if self.db else ""
-        return f"{scheme}://{auth}{host}:{self.port}/{self.stream}{db}"
+        where = Location(self.host, self.port, self.stream, self.username, self.password)
+        return where.shown(
+            "rediss" if self.tls else "redis", query=f"?db={self.db}" if self.db else ""
+        )
 
     def __str__(self) -> str:
         return self.masked()
