@@ -39,7 +39,7 @@ import logging
 import re
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from digitstream.backoff import Backoff
@@ -53,6 +53,7 @@ from digitstream.connectors.kit import (
     Location,
     Option,
     ReadLedger,
+    ServerURL,
     boolean,
     integer,
     resolve_options,
@@ -106,18 +107,10 @@ DUPLICATE_WINDOW = Option(
 
 
 @dataclass(frozen=True)
-class NatsURL:
+class NatsURL(ServerURL):
     """A parsed ``nats://`` or ``tls://`` endpoint; the password is never in ``str()``."""
 
-    host: str
-    port: int
-    stream: str
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: bool = False
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
+    schemes = ("nats", "tls")
 
     @classmethod
     def of(cls, endpoint: Endpoint, options: dict) -> NatsURL:
@@ -133,26 +126,7 @@ class NatsURL:
         tls = endpoint.scheme == "tls" or bool(options["tls"])
         if (options["cert"] is None) != (options["key"] is None):
             raise UserError(f"give both cert= and key= in {shown}, or neither")
-        return cls(
-            where.host,
-            where.port,
-            stream,
-            where.user,
-            where.password,
-            tls,
-            options["ca"],
-            options["cert"],
-            options["key"],
-        )
-
-    @property
-    def server(self) -> str:
-        """The server as written: two endpoints are one server when equal."""
-        return f"{self.host}:{self.port}"
-
-    def __str__(self) -> str:
-        where = Location(self.host, self.port, self.stream, self.user, self.password)
-        return where.shown("tls" if self.tls else "nats")
+        return cls.located(where, tls, options)
 
     async def connect(self, **callbacks):
         """A connection to the server (reconnecting by itself for ever once made); UserError
@@ -167,8 +141,8 @@ class NatsURL:
         scheme = "tls" if self.tls else "nats"
         host = f"[{self.host}]" if ":" in self.host else self.host
         options: dict[str, Any] = {}
-        if self.user is not None:
-            options.update(user=self.user, password=self.password or "")
+        if self.username is not None:
+            options.update(user=self.username, password=self.password or "")
 
         seen: list[BaseException] = []
 

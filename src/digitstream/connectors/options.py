@@ -134,6 +134,55 @@ class Location:
         return f"{scheme}://{auth}{host}:{self.port}/{self.name}{query}"
 
 
+@dataclass(frozen=True)
+class ServerURL:
+    """A broker's endpoint, parsed: its server, the stream (or topic) named, the credentials
+    and the TLS files (a CA bundle to trust instead of the system's, a client certificate
+    and key). The password is never in ``str()`` or ``repr()``."""
+
+    host: str
+    port: int
+    stream: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    #: the schemes of the plain and the TLS form
+    schemes: ClassVar[tuple[str, str]] = ("", "")
+
+    @classmethod
+    def located(cls, where: Location, tls: bool, options: Mapping[str, Any], **more: Any):
+        """The URL of a parsed location, with the TLS files of ``options``."""
+        return cls(
+            host=where.host,
+            port=where.port,
+            stream=where.name,
+            username=where.user,
+            password=where.password,
+            tls=tls,
+            ca=options["ca"],
+            cert=options["cert"],
+            key=options["key"],
+            **more,
+        )
+
+    @property
+    def server(self) -> str:
+        """The server as written: two endpoints are one server when equal."""
+        return f"{self.host}:{self.port}"
+
+    def masked(self, query: str = "") -> str:
+        """The URL for logs and the metrics UI: the password, if any, as ``***``."""
+        where = Location(self.host, self.port, self.stream, self.username, self.password)
+        return where.shown(self.schemes[self.tls], query=query)
+
+    def __str__(self) -> str:
+        return self.masked()
+
+
 # ---------------------------------------------------------------------------- options
 @dataclass(frozen=True)
 class Option:

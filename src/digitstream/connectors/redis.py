@@ -49,7 +49,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 from digitstream.backoff import Backoff
@@ -63,6 +63,7 @@ from digitstream.connectors.kit import (
     Location,
     Option,
     ReadLedger,
+    ServerURL,
     boolean,
     integer,
     resolve_options,
@@ -218,20 +219,12 @@ def _retried_errors() -> tuple[type[BaseException], ...]:
 
 
 @dataclass(frozen=True)
-class RedisURL:
+class RedisURL(ServerURL):
     """A parsed ``redis://`` or ``rediss://`` endpoint. ``password`` is never in ``str()``."""
 
-    host: str
-    port: int
-    stream: str
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: bool = False
     db: int = 0
-    #: TLS: a CA bundle to trust instead of the system's, and a client certificate and key
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
+
+    schemes = ("redis", "rediss")
 
     @classmethod
     def parse(cls, location: str, tls: bool = False, environ=os.environ) -> RedisURL:
@@ -245,33 +238,17 @@ class RedisURL:
     def of(cls, endpoint: Endpoint, options: dict, environ=os.environ) -> RedisURL:
         """The URL of ``endpoint`` (its :data:`CLIENT_OPTIONS` parsed into ``options``)."""
         where = Location.of(Endpoint(endpoint.scheme, endpoint.location), "STREAM")
-        return cls(
-            where.host,
-            where.port,
-            where.name,
-            where.user,
-            where.password or environ.get(PASSWORD_ENV) or None,
-            endpoint.scheme == "rediss",
-            options["db"],
-            options["ca"],
-            options["cert"],
-            options["key"],
-        )
+        if not where.password:
+            where = replace(where, password=environ.get(PASSWORD_ENV) or None)
+        return cls.located(where, endpoint.scheme == "rediss", options, db=options["db"])
 
     @property
     def server(self) -> str:
         """Which server and database, as written: two endpoints are one server when equal."""
         return f"{self.host}:{self.port}/{self.db}"
 
-    def masked(self) -> str:
-        """The URL for logs and the metrics UI: the password, if any, as ``***``."""
-        where = Location(self.host, self.port, self.stream, self.username, self.password)
-        return where.shown(
-            "rediss" if self.tls else "redis", query=f"?db={self.db}" if self.db else ""
-        )
-
-    def __str__(self) -> str:
-        return self.masked()
+    def masked(self, query: str = "") -> str:
+        return super().masked(query or (f"?db={self.db}" if self.db else ""))
 
     def client(self, sync: bool = False, **options):
         """A ``redis.asyncio`` client (``redis.Redis`` with ``sync``; hiredis parses replies
