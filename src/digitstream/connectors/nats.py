@@ -38,21 +38,20 @@ import collections
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from digitstream.backoff import Backoff
 from digitstream.batch import Batch, BatchResult, Receipt
-from digitstream.batching import BatchPolicy, batches
+from digitstream.batching import BatchPolicy
 from digitstream.config import AppConfig
 from digitstream.connectors.kit import (
     GROUP,
     Connector,
     Endpoint,
+    GroupSource,
     Location,
     Option,
-    ReadLedger,
     ServerURL,
     boolean,
     integer,
@@ -61,7 +60,7 @@ from digitstream.connectors.kit import (
 )
 from digitstream.errors import UserError
 from digitstream.sinks import QueuedSink, Sink
-from digitstream.sources import InputStream, Source
+from digitstream.sources import Source
 from digitstream.wire.framing import Payloads, iter_frames
 
 log = logging.getLogger("digitstream.nats")
@@ -265,23 +264,7 @@ class NatsMessages(Receipt):
         self.group = source.group
 
 
-class NatsStream(InputStream):
-    """What this process fetches from the group: the one stream of a :class:`NatsSource`."""
-
-    def __init__(self, source: NatsSource):
-        self.source = source
-        self.id = source.url.stream
-
-    async def batches(self) -> AsyncIterator[Batch]:
-        source = self.source
-        async for batch in batches(self.id, source.read, source.policy):
-            messages = source.unbatched.take(len(batch))
-            sequences = [m.metadata.sequence.stream for m in messages]
-            batch.receipt = NatsMessages(source, batch, messages, sequences)
-            yield batch
-
-
-class NatsSource(Source):
+class NatsSource(GroupSource):
     """NATS JetStream source, at least once (exactly once with the NATS sink, within the
     result stream's duplicate window): a crash or stop of ``run`` costs nothing, its
     messages are delivered again after ``?ack-wait-ms=``.
@@ -304,25 +287,15 @@ class NatsSource(Source):
     ):
         if not NAME.match(group):
             raise UserError(f"--group {group!r} cannot name a NATS consumer: letters, digits, - _")
+        super().__init__(url.stream, policy, str(url), log)
         self.url = url
         self.group = group
-        self.policy = policy
         self.ack_wait_ms = ack_wait_ms
         self.max_ack_pending = max_ack_pending
         self.nc: Any = None
         self._subscription: Any = None
-        self.unbatched: ReadLedger = ReadLedger()
-        self._stream: NatsStream | None = None
-        self._draining = False
-        self._drained = asyncio.Event()
-        self._to_ack: collections.deque = collections.deque()
-        self._ack_wanted = asyncio.Event()
-        self._ack_idle = asyncio.Event()
-        self._ack_idle.set()
-        self._acking: asyncio.Task | None = None
         self._backoff = Backoff(f"reading {url}", log=log)
         self.counts = collections.Counter(read=0, redelivered=0, acknowledged=0, reconnects=0)
-        self.pending = 0
 
     @classmethod
     def build(cls, endpoint: Endpoint, options: dict, config: AppConfig, metrics=None) -> Source:
@@ -361,17 +334,7 @@ class NatsSource(Source):
         except Exception as exc:
             await self.nc.close()
             raise UserError(f"cannot read {self.url} as group {self.group}: {exc}") from None
-        self._stream = NatsStream(self)
-        self._acking = asyncio.create_task(self._acknowledging(), name="nats acknowledgements")
-
-    async def streams(self) -> AsyncIterator[NatsStream]:
-        if self._stream is not None and not self._draining:
-            yield self._stream
-        await self._drained.wait()
-
-    async def drain(self) -> None:
-        self._draining = True
-        self._drained.set()
+        self.open_stream()
 
     async def read(self, timeout: float | None) -> list[Payloads] | None:
         """The next messages' data (one group); ``[]`` when ``timeout`` passes first, None
@@ -381,7 +344,7 @@ class NatsSource(Source):
 
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        while not self._draining:
+        while not self.draining:
             wait = FETCH_SECONDS
             if deadline is not None:
                 wait = min(wait, deadline - loop.time())
@@ -407,31 +370,19 @@ class NatsSource(Source):
             return [Payloads.from_list([m.data for m in messages])]
         return None
 
-    def acknowledge(self, receipt: Receipt) -> None:
-        assert isinstance(receipt, NatsMessages)  # this source makes no other
-        self._to_ack.append(receipt.messages)
-        self._ack_idle.clear()
-        self._ack_wanted.set()
+    def receipt_for(self, batch: Batch, items: list) -> Receipt:
+        return NatsMessages(self, batch, items, [m.metadata.sequence.stream for m in items])
 
-    async def _acknowledging(self) -> None:
-        backoff = Backoff(f"acknowledging on {self.url}", log=log)
-        while True:
-            await self._ack_wanted.wait()
-            self._ack_wanted.clear()
-            while self._to_ack:
-                messages = self._to_ack[0]
-                try:
-                    for message in messages:
-                        if not message._ackd:
-                            await message.ack()
-                except _retried_errors() as exc:
-                    await backoff.failed(exc)
-                    continue
-                backoff.succeeded()
-                self._to_ack.popleft()
-                self.pending -= len(messages)
-                self.counts["acknowledged"] += len(messages)
-            self._ack_idle.set()
+    def retried_errors(self) -> tuple[type[BaseException], ...]:
+        return _retried_errors()
+
+    async def settle(self, receipts: list[Receipt]) -> None:
+        for receipt in receipts:
+            assert isinstance(receipt, NatsMessages)  # this source makes no other
+            for message in receipt.messages:
+                if not message._ackd:  # acknowledged before a retry, or by nats-py
+                    await message.ack()
+                    self.counts["acknowledged"] += 1
 
     def counters(self) -> dict | None:
         return {
@@ -442,13 +393,7 @@ class NatsSource(Source):
         }
 
     async def close(self) -> None:
-        try:
-            await asyncio.wait_for(self._ack_idle.wait(), 10.0)
-        except asyncio.TimeoutError:
-            log.error("%d batches left unacknowledged: nats did not answer", len(self._to_ack))
-        if self._acking is not None:
-            self._acking.cancel()
-            await asyncio.gather(self._acking, return_exceptions=True)
+        await super().close()
         if self.nc is not None:
             try:
                 await asyncio.wait_for(self.nc.flush(), TIMEOUT)

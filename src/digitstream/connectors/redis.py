@@ -48,21 +48,20 @@ import collections
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 from digitstream.backoff import Backoff
-from digitstream.batch import Batch, BatchResult, Receipt, StreamId
-from digitstream.batching import BatchPolicy, batches
+from digitstream.batch import Batch, BatchResult, Receipt
+from digitstream.batching import BatchPolicy
 from digitstream.config import AppConfig
 from digitstream.connectors.kit import (
     GROUP,
     Connector,
     Endpoint,
+    GroupSource,
     Location,
     Option,
-    ReadLedger,
     ServerURL,
     boolean,
     integer,
@@ -71,7 +70,6 @@ from digitstream.connectors.kit import (
 )
 from digitstream.errors import UserError
 from digitstream.sinks import QueuedSink, Sink
-from digitstream.sources import InputStream, Source
 from digitstream.wire.framing import Payloads, iter_frames
 
 log = logging.getLogger("digitstream.redis")
@@ -349,21 +347,7 @@ class RedisEntries(Receipt):
         self.consumer = source.consumer
 
 
-class RedisStream(InputStream):
-    """What this consumer reads from the group: the one stream of a :class:`RedisSource`."""
-
-    def __init__(self, source: RedisSource):
-        self.source = source
-        self.id: StreamId = source.url.stream
-
-    async def batches(self) -> AsyncIterator[Batch]:
-        source = self.source
-        async for batch in batches(self.id, source.read, source.policy):
-            batch.receipt = source.entries_of(batch)
-            yield batch
-
-
-class RedisSource(Source):
+class RedisSource(GroupSource):
     """Redis Streams source, at least once: a crash of ``run`` costs nothing (its entries stay
     pending and are read again, by it on restart or by another consumer after
     ``--claim-idle-ms``); with the Redis sink on the same server, exactly once into the result
@@ -387,34 +371,23 @@ class RedisSource(Source):
         claim_idle_ms: int = 10_000,
         trim_input: bool = True,
     ):
+        super().__init__(url.stream, policy, str(url), log)
         self.url = url
         self.group = group
         self.consumer = consumer
-        self.policy = policy
         self.claim_idle_ms = claim_idle_ms
         self.trim_input = trim_input
         self.client: Any = None
         self._ack_script: Any = None
-        self._stream: RedisStream | None = None
-        self._drained = asyncio.Event()
-        self._draining = False
         self._reading_own = True  # re-reading this consumer's own pending entries
         self._own_cursor = b"0"
         self._claim_cursor = b"0-0"
         self._next_claim = 0.0
         self._count = policy.max_batch
-        # ids of entries read and not yet in a batch
-        self._unbatched: ReadLedger[bytes] = ReadLedger()
-        self._to_ack: list[bytes] = []
-        self._ack_wanted = asyncio.Event()
-        self._ack_idle = asyncio.Event()
-        self._ack_idle.set()
-        self._tasks: list[asyncio.Task] = []
         self._read_backoff = Backoff(f"reading {url}", log=log)
         self.counts = collections.Counter(
             read=0, redelivered=0, claimed=0, acknowledged=0, lost=0, reconnects=0, trimmed=0
         )
-        self.pending = 0  # entries read and not yet acknowledged, by this process
         self.group_pending: int | None = None  # the whole group's, as XPENDING last said
 
     @classmethod
@@ -449,11 +422,7 @@ class RedisSource(Source):
         # of reading it (see _payload)
         for command in ("XREADGROUP", "XAUTOCLAIM"):
             self.client.set_response_callback(command, _raw_reply)
-        self._stream = RedisStream(self)
-        self._tasks = [
-            asyncio.create_task(self._acknowledging(), name="redis acknowledgements"),
-            asyncio.create_task(self._watch_group(), name="redis group"),
-        ]
+        self.open_stream(self._watch_group())
 
     async def _create_group(self) -> None:
         # start-up time: redis-py loads only where Redis is used
@@ -466,15 +435,6 @@ class RedisSource(Source):
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def streams(self) -> AsyncIterator[RedisStream]:
-        if self._stream is not None and not self._draining:
-            yield self._stream
-        await self._drained.wait()
-
-    async def drain(self) -> None:
-        self._draining = True
-        self._drained.set()
-
     # ------------------------------------------------------------------ reading
     async def read(self, timeout: float | None) -> list[Payloads] | None:
         """The next entries' payloads (one group); ``[]`` when ``timeout`` passes first, None
@@ -483,7 +443,7 @@ class RedisSource(Source):
         from redis.exceptions import ResponseError
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._draining:
+        while not self.draining:
             block = BLOCK_MS
             if deadline is not None:
                 block = int((deadline - time.monotonic()) * 1000)
@@ -556,46 +516,31 @@ class RedisSource(Source):
             self._count = max(1, min(self.policy.max_batch, READ_BYTES // per_entry))
         self.counts[kind] += len(ids)
         self.pending += len(ids)
-        self._unbatched.add(ids)
+        self.unbatched.add(ids)
         if kind == "claimed":
             log.info("took over %d entries idle for over %d ms", len(ids), self.claim_idle_ms)
         return Payloads.from_list(payloads)
 
-    def entries_of(self, batch: Batch) -> RedisEntries:
-        """The entries of ``batch``, the next one made of what was read; kept until its results
-        are delivered."""
-        ids = self._unbatched.take(len(batch))
-        return RedisEntries(self, batch, ids, self.url.server, self.url.stream)
+    def receipt_for(self, batch: Batch, items: list) -> Receipt:
+        """The entries of ``batch`` (their ids are ``items``), kept until its results are
+        delivered."""
+        return RedisEntries(self, batch, items, self.url.server, self.url.stream)
 
     # ------------------------------------------------------------ acknowledging
-    def acknowledge(self, receipt: Receipt) -> None:
-        assert isinstance(receipt, RedisEntries)  # this source makes no other
-        self.pending -= len(receipt.ids)
-        if not receipt.settled:  # the Redis sink's commit acknowledged them already
-            self._to_ack.extend(receipt.ids)
-        if self._to_ack:
-            self._ack_idle.clear()
-            self._ack_wanted.set()
+    def retried_errors(self) -> tuple[type[BaseException], ...]:
+        return _retried_errors()
 
-    async def _acknowledging(self) -> None:
-        backoff = Backoff(f"acknowledging on {self.url}", log=log)
-        while True:
-            await self._ack_wanted.wait()
-            self._ack_wanted.clear()
-            while self._to_ack:
-                ids = self._to_ack[:COMMIT_ENTRIES]
-                try:
-                    done, lost = await self._ack_script(
-                        keys=[self.url.stream], args=[self.group, self.consumer, b" ".join(ids)]
-                    )
-                except _retried_errors() as exc:
-                    await backoff.failed(exc)
-                    continue
-                backoff.succeeded()
-                del self._to_ack[: len(ids)]
-                self.counts["acknowledged"] += done
-                self.counts["lost"] += lost
-            self._ack_idle.set()
+    async def settle(self, receipts: list[Receipt]) -> None:
+        """Acknowledge the entries of ``receipts`` this consumer still owns (the commit
+        script without results), ``COMMIT_ENTRIES`` at a time."""
+        ids = [entry_id for receipt in receipts for entry_id in _ids(receipt)]
+        for start in range(0, len(ids), COMMIT_ENTRIES):
+            done, lost = await self._ack_script(
+                keys=[self.url.stream],
+                args=[self.group, self.consumer, b" ".join(ids[start : start + COMMIT_ENTRIES])],
+            )
+            self.counts["acknowledged"] += done
+            self.counts["lost"] += lost
 
     async def _watch_group(self) -> None:
         """Keeps :attr:`group_pending` current, for the metrics, and trims the input stream
@@ -648,13 +593,7 @@ class RedisSource(Source):
         }
 
     async def close(self) -> None:
-        try:
-            await asyncio.wait_for(self._ack_idle.wait(), 10.0)
-        except asyncio.TimeoutError:
-            log.error("%d entries left unacknowledged: redis did not answer", len(self._to_ack))
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await super().close()
         if self.client is not None:
             await self.client.aclose()
 
@@ -790,6 +729,11 @@ def _payload(fields: list | None) -> bytes:
         if fields[i] == b"data":
             return fields[i + 1]
     return b""
+
+
+def _ids(receipt: Receipt) -> list[bytes]:
+    assert isinstance(receipt, RedisEntries)  # a Redis source makes no other
+    return receipt.ids
 
 
 def _entries(result: BatchResult) -> RedisEntries:
