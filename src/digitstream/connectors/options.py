@@ -252,14 +252,20 @@ def resolve_options(
     declared: tuple[Option, ...],
     endpoint: Endpoint,
     flags: Mapping[str, Any] | None = None,
+    client_settings: bool = False,
 ) -> dict[str, Any]:
     """The value of each declared option: from the endpoint's query if there, else from
     ``flags`` (the ``run`` flags, parsed), else its default. UserError, in one line, for a
-    query parameter not declared or a value its parser refuses."""
+    query parameter not declared or a value its parser refuses. With ``client_settings``,
+    a parameter whose name has a dot (``session.timeout.ms``) is a setting of the client
+    library, passed on as it is: the values under ``settings``."""
     by_name = {option.name: option for option in declared}
     shown = str(endpoint)
+    settings = {
+        name: value for name, value in endpoint.query.items() if client_settings and "." in name
+    }
     for name in endpoint.query:
-        if name not in by_name:
+        if name not in by_name and name not in settings:
             known = ", ".join(sorted(by_name)) or "none"
             raise UserError(f"unknown option {name!r} in {shown}; known: {known}")
     values: dict[str, Any] = {}
@@ -272,6 +278,8 @@ def resolve_options(
                 raise UserError(f"option {option.name} in {shown}: {exc}") from None
         else:
             values[option.name] = flags.get(option.name, option.default)
+    if client_settings:
+        values["settings"] = settings
     return values
 
 
@@ -295,6 +303,8 @@ class Declared(ABC):
     guarantee: ClassVar[str]
     #: the URL query parameters it takes (and the ``run`` flags that set them)
     options: ClassVar[tuple[Option, ...]] = ()
+    #: parameters with a dot in their name are the client library's own settings
+    client_settings: ClassVar[bool] = False
 
     def __new__(cls, *args: Any, **kwargs: Any):
         if not isinstance(getattr(cls, "guarantee", None), str):

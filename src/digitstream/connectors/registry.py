@@ -13,7 +13,7 @@ from typing import Any
 
 from digitstream.addresses import Address
 from digitstream.config import AppConfig
-from digitstream.connectors import acked, nats, redis
+from digitstream.connectors import acked, kafka, nats, redis
 from digitstream.connectors.kit import Connector, Endpoint, Option, resolve_options
 from digitstream.errors import UserError
 from digitstream.sinks import Sink
@@ -23,6 +23,7 @@ CONNECTORS: tuple[Connector, ...] = (
     acked.CONNECTOR,  # tcp:// and HOST:PORT, with the parts of run --acked
     redis.CONNECTOR,
     nats.CONNECTOR,
+    kafka.CONNECTOR,
 )
 
 BY_SCHEME: dict[str, Connector] = {
@@ -59,7 +60,7 @@ def make_source(value: str | Endpoint | Address, config: AppConfig, metrics=None
     endpoint = parse(value, "source")
     cls = part(endpoint, "source", config.acked)
     assert issubclass(cls, Source)
-    options = resolve_options(cls.options, endpoint, config.connector_options)
+    options = resolve_options(cls.options, endpoint, config.connector_options, cls.client_settings)
     return cls.build(endpoint, options, config, metrics)
 
 
@@ -68,7 +69,7 @@ def make_sink(value: str | Endpoint | Address, config: AppConfig) -> Sink:
     endpoint = parse(value, "sink")
     cls = part(endpoint, "sink", config.acked)
     assert issubclass(cls, Sink)
-    options = resolve_options(cls.options, endpoint, config.connector_options)
+    options = resolve_options(cls.options, endpoint, config.connector_options, cls.client_settings)
     return cls.build(endpoint, options, config)
 
 
