@@ -780,6 +780,20 @@ def demo(model_path, output, repeat, keep_running, through_redis):
     "same local nats-server.",
 )
 @click.option(
+    "--kafka",
+    "through_kafka",
+    is_flag=True,
+    help="Instead: the Kafka connector, with and without exactly-once, against a bare "
+    "confluent-kafka relay with and without transactions, on the same broker.",
+)
+@click.option(
+    "--kafka-bootstrap",
+    default=None,
+    metavar="HOST:PORT",
+    help="With --kafka: the broker to use (default: one started from the jars of "
+    "`make kafka-jars`).",
+)
+@click.option(
     "--scheduler",
     default=None,
     help="With --engine dask: instead, only the Dask questions, against the running cluster "
@@ -787,7 +801,17 @@ def demo(model_path, output, repeat, keep_running, through_redis):
     "reported): the cluster beside the local engine, in place of one and two local workers.",
 )
 def bench(
-    quick, json_path, plot_path, engine, soak_minutes, runs, through_redis, through_nats, scheduler
+    quick,
+    json_path,
+    plot_path,
+    engine,
+    soak_minutes,
+    runs,
+    through_redis,
+    through_nats,
+    through_kafka,
+    kafka_bootstrap,
+    scheduler,
 ):
     """Benchmark digitstream against the seed's per-message design and a bare relay."""
     if scheduler:
@@ -807,6 +831,13 @@ def bench(
         from digitstream.bench import nats_bench
 
         sys.exit(nats_bench.main(quick=quick, json_path=json_path, runs=runs))
+    if through_kafka or kafka_bootstrap:
+        # start-up time: each command imports only what it runs (--help stays instant)
+        from digitstream.bench import kafka_bench
+
+        sys.exit(
+            kafka_bench.main(quick=quick, json_path=json_path, runs=runs, bootstrap=kafka_bootstrap)
+        )
     # start-up time: each command imports only what it runs (--help stays instant)
     from digitstream.bench import runner
 
