@@ -210,8 +210,10 @@ def test_two_runs_killed_and_stopped_answer_each_record_exactly_once(
 def _one_line_error(*args: str, timeout: float = TIMEOUT * 6) -> str:
     done = _cli(*args, timeout=timeout)
     assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
+    # run logs its start before it fails: the error is the one line that says Error
+    lines = [line for line in done.stderr.splitlines() if "Error" in line]
     assert len(lines) == 1 and lines[0].startswith("Error:"), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
     return lines[0]
 
 

@@ -90,8 +90,8 @@ def test_nats_in_and_out_answers_every_input_once_in_order(nats_server, model_di
     app = _run(model_dir, nats_server.url(name_in), nats_server.url(name_out)).wait_ready()
     try:
         wait_for(lambda: stored(nats_server, name_out) >= total, what="every result")
-        stats = app.stats()
-        assert stats["connectors"]["source"]["counters"]["acknowledged"] == total
+        wait_for(lambda: app.stats()["connectors"]["source"]["counters"]["acknowledged"]
+                 == total, what="every input acknowledged")
     finally:
         assert app.stop() == 0, app.log()
     _check_exactly_once(read_results(nats_server, name_out), total, expected_texts,
@@ -179,8 +179,10 @@ def _one_line_error(*args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "digitstream.cli", *args],
                           capture_output=True, text=True, timeout=TIMEOUT * 3)
     assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
+    # run logs its start before it fails: the error is the one line that says Error
+    lines = [line for line in done.stderr.splitlines() if "Error" in line]
     assert len(lines) == 1 and lines[0].startswith("Error:"), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
     return lines[0]
 
 

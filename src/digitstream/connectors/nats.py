@@ -153,7 +153,7 @@ class NatsURL(ServerURL):
         try:
             # a first connection that fails says why at once (one attempt and one more);
             # once made, it is made again for ever
-            nc = await nats.connect(
+            connecting = nats.connect(
                 servers=[f"{scheme}://{host}:{self.port}"],
                 connect_timeout=TIMEOUT,
                 max_reconnect_attempts=1,
@@ -165,8 +165,12 @@ class NatsURL(ServerURL):
                 **callbacks,
                 **options,
             )
+            # bounded: after a failed TLS handshake nats-py may wait for ever on the next
+            nc = await asyncio.wait_for(connecting, 2 * TIMEOUT + 1)
         except Exception as exc:
-            raise server_error(self, seen[-1] if seen else exc) from None
+            # the server's own refusal says more than the reset that follows it
+            refusals = [e for e in seen if "authoriz" in str(e).lower()]
+            raise server_error(self, (refusals or seen or [exc])[-1]) from None
         nc.options["max_reconnect_attempts"] = -1
         return nc
 
