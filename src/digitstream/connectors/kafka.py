@@ -239,7 +239,8 @@ class _Client:
             return UserError(
                 f"cannot reach {where} over TLS: the certificate does not verify{hint}"
             )
-        if "TIMED_OUT" in str(exc) or "timed out" in str(exc).lower() or not str(exc):
+        unreachable = ("TIMED_OUT", "_TRANSPORT", "ALL_BROKERS_DOWN", "timed out")
+        if any(word in str(exc) for word in unreachable) or not str(exc):
             return UserError(f"cannot reach {where} within {CONNECT_SECONDS:.0f} s")
         return UserError(f"{where}: {_reason(exc)}")
 
@@ -257,6 +258,7 @@ def _partitions(client, url: KafkaURL, failure: Callable[[BaseException], UserEr
     try:
         metadata = client.list_topics(url.topic, timeout=CONNECT_SECONDS)
     except KafkaException as exc:
+        client.poll(0.5)  # serves the error callbacks: what the broker said, if anything
         raise failure(exc) from None
     topic = metadata.topics.get(url.topic)
     if topic is None or (
