@@ -24,6 +24,7 @@ import sysconfig
 import time
 import uuid
 from pathlib import Path
+from typing import ClassVar
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -243,7 +244,7 @@ class KafkaBroker:
     producing to it unless ``auto_create_topics``.
     """
 
-    SECURE_USERS = {"digitstream": "digitstream-secret"}
+    SECURE_USERS: ClassVar[dict[str, str]] = {"digitstream": "digitstream-secret"}
 
     def __init__(self, directory: Path, jars: Path | None = None, secure: bool = False,
                  users: dict[str, str] | None = None, heap_mb: int = 384,

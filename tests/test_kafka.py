@@ -119,7 +119,7 @@ def test_kafka_in_and_out_answers_every_record_once_in_order(kafka_broker, model
     app = _run(model_dir, kafka_broker.url(name_in), kafka_broker.url(name_out),
                "--group", fresh_name()).wait_ready(TIMEOUT * 2)
     try:
-        wait_for(lambda: len(read_committed(kafka_broker, name_out, total, 2)) >= total,
+        wait_for(lambda: len(read_committed(kafka_broker, name_out, total, 10)) >= total,
                  TIMEOUT * 4, interval=0.5, what="every result")
         counters = app.stats()["connectors"]["sink"]["counters"]
         assert counters["transactions"] > 0 and counters["produced"] == total
@@ -147,6 +147,7 @@ def test_listen_reads_what_run_committed(kafka_broker, model_dir, expected_texts
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_two_runs_killed_and_stopped_answer_each_record_exactly_once(
         kafka_broker, model_dir, expected_texts, fresh_name):
     """300,000 digits in a topic of 3 partitions; two ``run`` processes of one group, one
@@ -172,7 +173,7 @@ def test_two_runs_killed_and_stopped_answer_each_record_exactly_once(
     apps = [killed, stopped]
 
     def answered() -> int:
-        return len(read_committed(kafka_broker, name_out, None, 1))
+        return len(read_committed(kafka_broker, name_out, total, 60))
 
     try:
         killed.wait_ready(TIMEOUT * 2), stopped.wait_ready(TIMEOUT * 2)
@@ -193,7 +194,7 @@ def test_two_runs_killed_and_stopped_answer_each_record_exactly_once(
             apps.append(killed)
             killed.wait_ready(TIMEOUT * 2)
         assert sender.wait(timeout=TIMEOUT * 12) == 0, sender.stderr.read()
-        wait_for(lambda: answered() >= total, timeout=240, interval=2,
+        wait_for(lambda: answered() >= total, timeout=240, interval=1,
                  what=f"every result (seed {seed})")
     finally:
         for app in apps:
@@ -245,7 +246,7 @@ def test_scram_over_tls_and_a_wrong_password(kafka_broker, model_dir, expected_t
     app = _run(model_dir, url_in, kafka_broker.secure_url(name_out, user, password),
                "--group", fresh_name()).wait_ready(TIMEOUT * 2)
     try:
-        wait_for(lambda: len(read_committed(kafka_broker, name_out, None, 1))
+        wait_for(lambda: len(read_committed(kafka_broker, name_out, len(expected_texts), 10))
                  >= len(expected_texts), TIMEOUT * 4, interval=0.5, what="every result")
         assert password not in app.log() and f"{user}:***@" in app.log()
     finally:
@@ -265,7 +266,7 @@ def test_a_bad_record_is_answered_at_its_place(kafka_broker, model_dir, fresh_na
     app = _run(model_dir, kafka_broker.url(name_in), kafka_broker.url(name_out),
                "--group", fresh_name()).wait_ready(TIMEOUT * 2)
     try:
-        wait_for(lambda: len(read_committed(kafka_broker, name_out, 3, 1)) >= 3,
+        wait_for(lambda: len(read_committed(kafka_broker, name_out, 3, 10)) >= 3,
                  TIMEOUT * 4, interval=0.5, what="three results")
     finally:
         app.stop()
@@ -296,7 +297,7 @@ def test_kafka_in_tcp_out_and_tcp_in_kafka_out(kafka_broker, model_dir, expected
         port = int(re.search(rf"listening on {HOST}:(\d+)", tcp.log())[1])
         sent = _cli("send", "--to", f"{HOST}:{port}", "--format", "u8")
         assert sent.returncode == 0, sent.stderr
-        wait_for(lambda: len(read_committed(kafka_broker, name_out, None, 1))
+        wait_for(lambda: len(read_committed(kafka_broker, name_out, len(expected_texts), 10))
                  >= len(expected_texts), TIMEOUT * 4, interval=0.5, what="every result")
     finally:
         tcp.stop()

@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 import pytest
-from certs import Certificates
 
+from certs import Certificates
 from helpers import HOST, TIMEOUT, wait_for
 from test_redis import RedisApp
 

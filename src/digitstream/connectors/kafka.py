@@ -292,30 +292,45 @@ def _create_topic(url: KafkaURL, partitions: int) -> None:
 
 
 # ---------------------------------------------------------------------------- source
-class KafkaRecords(Receipt):
-    """The receipt of a batch read from Kafka: per record its partition, offset and key, and
-    the epoch of the consumer's assignment it was read in."""
+@dataclass(frozen=True)
+class _Read:
+    """What one consume() call's records were read under: the assignment's epoch, and the
+    group's metadata then (its generation: a transaction that commits their offsets must
+    name the generation they were read in, or the broker refuses it)."""
 
-    __slots__ = ("bootstrap", "epoch", "items", "topic")
+    epoch: int
+    group_metadata: Any
+
+
+class KafkaRecords(Receipt):
+    """The receipt of a batch read from Kafka: per record its partition, offset, key and
+    the read it came in (:class:`_Read`)."""
+
+    __slots__ = ("bootstrap", "items", "topic")
 
     def __init__(self, source: KafkaSource, batch: Batch, items: list):
         super().__init__(source, batch.stream, batch.first_seq, batch.end_seq)
-        self.items = items  # (partition, offset, key) per record
+        self.items = items  # (partition, offset, key, read) per record
         self.topic = source.url.topic
         self.bootstrap = source.url.bootstrap
-        self.epoch = source.epoch
 
     @property
     def stale(self) -> bool:
         """Read before a rebalance took the partitions away: neither commit nor write it."""
         source = self.source
         assert isinstance(source, KafkaSource)
-        return self.epoch != source.epoch
+        epoch = source.epoch
+        return self.items[0][3].epoch != epoch or self.items[-1][3].epoch != epoch
+
+    @property
+    def group_metadata(self):
+        """The group's metadata as it was when the batch's last record was read."""
+        return self.items[-1][3].group_metadata
 
     def next_offsets(self) -> dict[int, int]:
         """Partition -> the offset after this batch's last record in it."""
         offsets: dict[int, int] = {}
-        for partition, offset, _ in self.items:
+        for partition, offset, _, _ in self.items:
             if offset >= offsets.get(partition, -1):
                 offsets[partition] = offset + 1
         return offsets
@@ -415,21 +430,29 @@ class KafkaSource(GroupSource):
                 wait = min(wait, deadline - loop.time())
                 if wait <= 0.001:
                     return []
-            records = await self._client.call(consume, self.policy.max_batch, wait)
+            records, read = await self._client.call(self._consume, consume, wait)
             values: list[bytes] = []
-            items: list[tuple[int, int, bytes | None]] = []
+            items: list[tuple[int, int, bytes | None, _Read]] = []
             for record in records:
                 if record.error() is not None:
                     self._error(record.error())
                     continue
                 values.append(record.value() or b"")
-                items.append((record.partition(), record.offset(), record.key()))
+                items.append((record.partition(), record.offset(), record.key(), read))
             if values:
                 self.counts["read"] += len(values)
                 self.pending += len(values)
                 self.unbatched.add(items)
                 return [Payloads.from_list(values)]
         return None
+
+    def _consume(self, consume, wait: float):
+        """On the consumer's thread: records, and what they were read under (taken right
+        after the call, in which any rebalance callback has run)."""
+        records = consume(self.policy.max_batch, wait)
+        if not records:
+            return records, None
+        return records, _Read(self.epoch, self.consumer.consumer_group_metadata())
 
     def _error(self, error) -> None:
         from confluent_kafka import KafkaError  # start-up time: client only
@@ -613,7 +636,7 @@ class KafkaSink(QueuedSink):
             payloads = iter_frames(result.output)
             if isinstance(receipt, KafkaRecords):
                 prefix = f"{receipt.topic}/"
-                for payload, (partition, offset, key) in zip(payloads, receipt.items):
+                for payload, (partition, offset, key, _) in zip(payloads, receipt.items):
                     headers = [("in", f"{prefix}{partition}/{offset}".encode())]
                     if key is None:
                         self._send(producer, topic, payload, None, headers, partition % partitions)
@@ -672,9 +695,7 @@ class KafkaSink(QueuedSink):
         try:
             producer.begin_transaction()
             self._produce(producer, results)
-            producer.send_offsets_to_transaction(
-                positions, source.consumer.consumer_group_metadata(), COMMIT_SECONDS
-            )
+            producer.send_offsets_to_transaction(positions, first.group_metadata, COMMIT_SECONDS)
             producer.commit_transaction(COMMIT_SECONDS)
         except KafkaException as exc:
             self._failed_transaction(exc, results)
