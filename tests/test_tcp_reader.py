@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 
 from digitstream.connectors.tcp import FIRST_BUFFER, OWN_SHARE, BufferBudget, FrameReader
 from digitstream.wire.framing import HEADER, frame_many
@@ -199,3 +200,34 @@ def test_a_frame_larger_than_the_whole_budget_closes_its_connection():
         assert reader.closed_because == "buffer_limit"
 
     asyncio.run(go())
+
+
+def test_a_buffer_nobody_holds_a_payload_of_is_reused_in_place():
+    async def go():
+        budget = BufferBudget(limit=1 << 20)
+        reader = connected(budget)
+        receive(reader, frame_many([b"r" * 996] * 20))  # 20,000 of its 32,768 bytes
+        first = weakref.ref(reader._buf)  # (a reference would hold the buffer)
+        got = await take(reader)  # taken, and let go of as a batch that is done
+        frame = frame_many([b"s" * 15_000])
+        receive(reader, frame[:2000])  # a frame that does not fit in what is left
+        got += await take(reader)
+        assert reader._buf is first() and budget.total == FIRST_BUFFER  # moved to its start
+        receive(reader, frame[2000:])
+        return got + await take(reader)
+
+    assert asyncio.run(go()) == [b"r" * 996] * 20 + [b"s" * 15_000]
+
+
+def test_a_buffer_a_batch_in_flight_holds_is_not_written_again():
+    async def go():
+        reader = connected()
+        chunk = frame_many([bytes([i]) * 996 for i in range(10)])
+        receive(reader, chunk)
+        held = await reader.read_groups(timeout=0)  # a batch still in flight
+        for _ in range(5):
+            receive(reader, frame_many([b"x" * 996] * 10))
+            await take(reader)
+        return [p for g in held for p in g.to_list()]
+
+    assert asyncio.run(go()) == [bytes([i]) * 996 for i in range(10)]

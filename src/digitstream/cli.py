@@ -323,15 +323,18 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     default=default("max_connections"),
     show_default=True,
     type=click.IntRange(1, 1 << 20),
-    help="Input connections open at once; one more is closed as it arrives.",
+    help="Input connections open at once; one more takes the place of the connection quiet "
+    "longest of those that make no progress, or is closed as it arrives if all do.",
 )
 @click.option(
     "--max-buffered-mb",
     default=default("max_buffered") / 2**20,
     show_default=True,
     type=click.FloatRange(1, 1 << 20),
-    help="MiB held for all input connections together: past it reading pauses, and the "
-    "connection holding the largest partial frame is closed.",
+    help="MiB of input buffers for all connections together, batches in flight included "
+    "(each connection also has 64 KiB of its own): past it reading pauses, and a connection "
+    "that sent nothing for a second while others wait gives its buffer back, or is closed "
+    "if it holds a partial frame.",
 )
 @click.option(
     "--compile/--no-compile",

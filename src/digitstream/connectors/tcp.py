@@ -350,8 +350,9 @@ class BufferBudget:
 
     def _break_deadlock(self) -> None:
         """Every byte charged to the limit is in buffers of waiting connections that need
-        bigger ones: nothing will be freed, so close the one holding most (the first to
-        arrive last of all), with a log line."""
+        bigger ones, which nothing else holds: nothing will be freed. Close the one holding
+        most besides the first in line (the first itself if it waits alone: its frame needs
+        more than the limit), with a log line, until the first can be served."""
         while self.waiting:
             stuck = [r for r in self.waiting if r.charge[1] and r.exclusive()]
             if sum(r.charge[0] for r in stuck) < self.shared:
@@ -431,7 +432,6 @@ class FrameReader(asyncio.BufferedProtocol):
         self._filled = False  # a read filled this buffer to its end
         self._eof = False
         self._full = False  # reading paused: no room left in the buffer
-        self._starved = False  # no room for the next buffer yet
         self._reading = True
         self._paused_at = 0.0
         self._waiter: asyncio.Future | None = None
@@ -610,7 +610,7 @@ class FrameReader(asyncio.BufferedProtocol):
         self._buf = _NO_BUFFER
         self._size = self._start = self._end = self._peak = 0
         self.charge = (0, False)
-        self._full = self._filled = self._starved = False
+        self._full = self._filled = False
         self.budget.waiting.pop(self, None)
         self._update_reading()
 
@@ -645,8 +645,12 @@ class FrameReader(asyncio.BufferedProtocol):
         self._start = pos
         self.partial = self._end - pos
         need = self.need
-        move = need > self._size - pos or self._size - self._end < self._size // 4
-        if move and not self._move(self._next_size(), _least_buffer(need)) and groups:
+        if self._size - self._end >= self._size // 4 and need <= self._size - pos:
+            self._update_reading()
+            return groups
+        if not groups:
+            del piece  # nothing cut holds it: the buffer may be reused in place
+        if not self._move(self._next_size(), _least_buffer(need)) and groups:
             # no room for the next buffer: once the batches of these frames are done,
             # their piece lets go of this buffer, and it may be reused in place
             weakref.finalize(piece, self.budget.serve_soon).atexit = False
@@ -679,7 +683,6 @@ class FrameReader(asyncio.BufferedProtocol):
             if in_place and exclusive and need <= self._size:
                 self._compact(tail)
                 return True
-            self._starved = True
             if self._full:
                 self.budget.wait(self)
             return False
@@ -688,7 +691,7 @@ class FrameReader(asyncio.BufferedProtocol):
         # the old buffer is freed here unless payloads still hold it
         self._buf, self._size, self.charge = fresh, len(fresh), (len(fresh), on_limit)
         self._start, self._end = 0, tail
-        self._peak, self._full, self._filled, self._starved = tail, False, False, False
+        self._peak, self._full, self._filled = tail, False, False
         self.budget.waiting.pop(self, None)
         return True
 
@@ -697,7 +700,7 @@ class FrameReader(asyncio.BufferedProtocol):
             base = self._buf.ctypes.data
             ctypes.memmove(base, base + self._start, tail)
         self._start, self._end = 0, tail
-        self._peak, self._full, self._filled, self._starved = tail, False, False, False
+        self._peak, self._full, self._filled = tail, False, False
         self.budget.waiting.pop(self, None)
 
     def _update_reading(self) -> None:
