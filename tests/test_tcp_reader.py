@@ -65,6 +65,14 @@ async def deliver(reader: FrameReader, data: bytes) -> tuple[list[bytes], bytes]
             return got, data
 
 
+async def until(condition, timeout: float = 10.0) -> None:
+    """Let the event loop run until ``condition()`` holds; AssertionError at the deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 def connected(budget: BufferBudget | None = None, max_frame: int = 1 << 16) -> FrameReader:
     reader = FrameReader(lambda r: None, max_frame=max_frame, budget=budget)
     reader.connection_made(Transport())
@@ -162,8 +170,8 @@ def test_back_pressure_over_the_budget_pauses_and_never_closes():
         assert all(r.closed_because is None for r in readers)
         in_flight.clear()  # the engine and the sink are done with them
         gc.collect()
-        await asyncio.sleep(0.05)  # the budget serves the waiting connections from the loop
-        assert all(r.transport.reading for r in readers)
+        # the budget serves the waiting connections from the loop
+        await until(lambda: all(r.transport.reading for r in readers))
         assert all(r.closed_because is None for r in readers)
 
     asyncio.run(go())
@@ -171,7 +179,7 @@ def test_back_pressure_over_the_budget_pauses_and_never_closes():
 
 def test_a_quiet_partial_frame_over_its_own_share_is_closed_when_others_wait():
     async def go():
-        budget = BufferBudget(limit=4 << 20, quiet_after=0.05)
+        budget = BufferBudget(limit=4 << 20, quiet_after=0.5)
         idle, hoarder = connected(budget, 4 << 20), connected(budget, 4 << 20)
         assert await deliver(idle, frame_many([b"i" * 300_000])) == ([b"i" * 300_000], b"")
         # a buffer for its frame, from the limit, and most of the frame
@@ -180,8 +188,9 @@ def test_a_quiet_partial_frame_over_its_own_share_is_closed_when_others_wait():
         newcomer = connected(budget, 4 << 20)
         got, rest = await deliver(newcomer, HEADER.pack(2_800_000) + b"n" * 2_800_000)
         assert rest and newcomer in budget.waiting  # no room: it waits, paused
-        await asyncio.sleep(0.2)  # the others have been quiet since
-        # the one with nothing pending gave its buffer back; the partial frame's was closed
+        # once the others have been quiet for half a second: the one with nothing pending
+        # gives its buffer back, the partial frame's is closed
+        await until(lambda: hoarder.closed_because is not None)
         assert idle.closed_because is None and not idle.charge[1]
         assert hoarder.closed_because == "stalled" and hoarder.transport.closed
         assert newcomer.transport.reading
@@ -196,7 +205,7 @@ def test_a_frame_larger_than_the_whole_budget_closes_its_connection():
         reader = connected(budget, max_frame=1 << 20)
         receive(reader, HEADER.pack(500_000) + b"b" * 100_000)
         await take(reader)
-        await asyncio.sleep(0.01)
+        await until(lambda: reader.closed_because is not None)
         assert reader.closed_because == "buffer_limit"
 
     asyncio.run(go())

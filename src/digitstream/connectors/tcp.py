@@ -422,6 +422,7 @@ class FrameReader(asyncio.BufferedProtocol):
         #: the largest buffer it asks for
         self._largest = max(buffer_size, 2 * (max_frame + HEADER_SIZE))
         self._buf = _NO_BUFFER  # allocated at the first read
+        self._read_view = _NO_VIEW  # of the whole buffer, for the socket's reads
         self._size = 0
         #: (bytes, whether charged to the budget's limit) of the buffer read into
         self.charge = (0, False)
@@ -430,6 +431,7 @@ class FrameReader(asyncio.BufferedProtocol):
         self._view = _NO_VIEW  # what _cut reads, during a take
         self._peak = 0  # most bytes held at once in this buffer
         self._filled = False  # a read filled this buffer to its end
+        self._takes = 0  # takes from this buffer
         self._eof = False
         self._full = False  # reading paused: no room left in the buffer
         self._reading = True
@@ -494,7 +496,9 @@ class FrameReader(asyncio.BufferedProtocol):
 
     def exclusive(self) -> bool:
         """Whether no payload handed out holds the buffer it reads into."""
-        return sys.getrefcount(self._buf) <= 2  # this attribute and the call's argument
+        # each take's payloads hold a view of their own; what is left is this attribute,
+        # the view the socket reads into, and the call's argument
+        return sys.getrefcount(self._buf) <= 3
 
     # ---- the event loop's side
     def connection_made(self, transport) -> None:
@@ -509,17 +513,17 @@ class FrameReader(asyncio.BufferedProtocol):
             # the first read: a connection's own share always has room for its first buffer
             got = self.budget.allocate(self, FIRST_BUFFER, FIRST_BUFFER, first=True)
             assert got is not None
-            self._buf, on_limit = got
-            self._size = len(self._buf)
-            self.charge = (self._size, on_limit)
-        return memoryview(self._buf)[self._end :]  # type: ignore[arg-type]
+            self._use(*got)
+        return self._read_view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
-        self.last_rx = self.active_at = time.monotonic()
-        readers = self.budget.readers
-        if self in readers:
-            readers[self] = readers.pop(self)  # to the end: the most recently active
+        now = time.monotonic()
+        if now - self.active_at > 0.05:  # (the order need not be finer than that)
+            readers = self.budget.readers
+            if self in readers:
+                readers[self] = readers.pop(self)  # to the end: the most recently active
+        self.last_rx = self.active_at = now
         held = self._end - self._start
         if held > self._peak:
             self._peak = held
@@ -606,9 +610,14 @@ class FrameReader(asyncio.BufferedProtocol):
         # nothing more is read into it: the buffer goes now (payloads handed out keep theirs)
         self._drop_buffer()
 
+    def _use(self, buf: np.ndarray, on_limit: bool) -> None:
+        """Read into ``buf`` from now on (the old buffer is freed unless payloads hold it)."""
+        self._buf, self._size, self.charge = buf, len(buf), (len(buf), on_limit)
+        self._read_view = memoryview(buf)  # type: ignore[arg-type]
+
     def _drop_buffer(self) -> None:
-        self._buf = _NO_BUFFER
-        self._size = self._start = self._end = self._peak = 0
+        self._buf, self._read_view = _NO_BUFFER, _NO_VIEW
+        self._size = self._start = self._end = self._peak = self._takes = 0
         self.charge = (0, False)
         self._full = self._filled = False
         self.budget.waiting.pop(self, None)
@@ -631,26 +640,35 @@ class FrameReader(asyncio.BufferedProtocol):
         # The payloads cut now hold this piece of the buffer (a view of it), and through
         # it the buffer: while one is held, that part is never written again.
         piece = self._buf[: self._end]
-        self._view = memoryview(piece)  # type: ignore[arg-type]
+        view = self._view = memoryview(piece)  # type: ignore[arg-type]
         try:
             groups, pos = self._cut(self._start, self._end)
         finally:
             self._view = _NO_VIEW
-        now = time.monotonic()
+        end = self._end
+        # a frame in progress began with the last read, or before
         if pos != self._start:
             self.progressed = True
-            self._frame_began = now if pos != self._end else None
+            self._frame_began = self.last_rx if pos != end else None
         elif self._frame_began is None:
-            self._frame_began = now
+            self._frame_began = self.last_rx
         self._start = pos
-        self.partial = self._end - pos
-        need = self.need
-        if self._size - self._end >= self._size // 4 and need <= self._size - pos:
+        self.partial = end - pos
+        self._takes += 1
+        need = HEADER_SIZE
+        if end - pos >= HEADER_SIZE:
+            need += min(HEADER.unpack_from(view, pos)[0], self.max_frame)
+        size = self._size
+        if size - end >= size >> 2 and need <= size - pos:
             self._update_reading()
             return groups
+        del view
+        want = self._next_size()
         if not groups:
             del piece  # nothing cut holds it: the buffer may be reused in place
-        if not self._move(self._next_size(), _least_buffer(need)) and groups:
+            if need <= size:
+                want = size  # nor was it used up by frames: it need not grow
+        if not self._move(want, _least_buffer(need)) and groups:
             # no room for the next buffer: once the batches of these frames are done,
             # their piece lets go of this buffer, and it may be reused in place
             weakref.finalize(piece, self.budget.serve_soon).atexit = False
@@ -658,12 +676,13 @@ class FrameReader(asyncio.BufferedProtocol):
         return groups
 
     def _next_size(self) -> int:
-        """The size of the next buffer: twice this one's if reads filled it, half if it
-        stayed mostly empty, and no less than the frame in progress needs."""
+        """The size of the next buffer: twice this one's if a read filled it or it served
+        few takes (each move costs an allocation and a copy), half if it served many and
+        stayed mostly empty; no less than the frame in progress needs."""
         size = self._size or FIRST_BUFFER
-        if self._filled:
+        if self._filled or self._takes < 32:
             size *= 2
-        elif self._peak < size // 8:
+        elif self._takes > 256 and self._peak < size // 16:
             size //= 2
         size = min(max(size, FIRST_BUFFER), self._largest)
         return max(size, _least_buffer(self.need))
@@ -688,10 +707,9 @@ class FrameReader(asyncio.BufferedProtocol):
             return False
         fresh, on_limit = got
         fresh[:tail] = self._buf[self._start : self._end]
-        # the old buffer is freed here unless payloads still hold it
-        self._buf, self._size, self.charge = fresh, len(fresh), (len(fresh), on_limit)
+        self._use(fresh, on_limit)
         self._start, self._end = 0, tail
-        self._peak, self._full, self._filled = tail, False, False
+        self._peak, self._full, self._filled, self._takes = tail, False, False, 0
         self.budget.waiting.pop(self, None)
         return True
 
@@ -700,7 +718,7 @@ class FrameReader(asyncio.BufferedProtocol):
             base = self._buf.ctypes.data
             ctypes.memmove(base, base + self._start, tail)
         self._start, self._end = 0, tail
-        self._peak, self._full, self._filled = tail, False, False
+        self._peak, self._full, self._filled, self._takes = tail, False, False, 0
         self.budget.waiting.pop(self, None)
 
     def _update_reading(self) -> None:
