@@ -400,9 +400,9 @@ class FrameReader(asyncio.BufferedProtocol):
     is held (new reads go after it; when the space runs out, the incomplete tail moves
     to a fresh buffer, or to the start of this one once nobody holds a payload of it),
     so the payloads stay valid for as long as anyone holds them. A buffer is sized to what
-    the connection needs: it starts at ``FIRST_BUFFER``, doubles while reads fill it (up
-    to ``buffer_size``, or twice the largest frame), halves while it stays mostly empty,
-    and holds at least the frame in progress. Buffers come from the connections'
+    the connection needs: it starts at ``FIRST_BUFFER``, doubles while the connection uses
+    it up quickly (up to ``buffer_size``, or twice the largest frame), halves while it
+    stays mostly empty, and holds at least the frame in progress. Buffers come from the connections'
     :class:`BufferBudget`. When the consumer falls behind and the buffer fills, or the
     budget has no room for the next buffer, reading pauses: that is the back-pressure the
     sender feels.
