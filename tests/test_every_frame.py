@@ -265,21 +265,23 @@ def test_many_clients_holding_partial_frames_are_bounded_and_let_go(start_app, c
             sock = socket.create_connection((HOST, app.in_port), timeout=TIMEOUT)
             sock.sendall(partial)
             clients.append(sock)
-        # all but those whose partial frames fit the budget together
-        fit = (limit_mb << 20) // (len(partial) - HEADER.size)
-        wait_for(lambda: app_counts(app.stats())["connection_errors"].get("buffer_limit", 0)
+        # each is given a buffer for its frame in turn, and closed once it has sent nothing
+        # for a second while others wait: all but those whose buffers fit the budget together
+        fit = (limit_mb << 20) // ((1 << 20) + HEADER.size)
+        wait_for(lambda: app_counts(app.stats())["connection_errors"].get("stalled", 0)
                  >= 150 - fit - 1, what="connections over the budget closed")
         # what the closed ones held goes back within a second (malloc_trim after the close);
         # the ones still open hold no more than the budget
-        peak_rss = memory_of(app.proc.pid)[0]
+        _, peak_rss = memory_of(app.proc.pid)
         held_rss = wait_for(lambda: (rss := memory_of(app.proc.pid)[0]) - base_rss
                             < (limit_mb + 12) << 20 and rss, timeout=10,
                             what="memory within the budget while the partial frames are held")
-        closed = app_counts(app.stats())["connection_errors"]["buffer_limit"]
-        print(f"RSS {base_rss >> 20} MiB idle, {peak_rss >> 20} MiB just after the closes, "
+        closed = app_counts(app.stats())["connection_errors"]["stalled"]
+        print(f"RSS {base_rss >> 20} MiB idle, peak {peak_rss >> 20} MiB, "
               f"{held_rss >> 20} MiB with the rest of the 150 partial frames of 0.5 MB held "
               f"against {limit_mb} MiB; {closed} connections closed")
-        assert "over the limit of 32 MiB" in app.log()
+        assert peak_rss - base_rss < (limit_mb + 150 * 128 // 1024 + 12) << 20
+        assert "while other connections waited for room (run --max-buffered-mb 32)" in app.log()
         # the application still serves while they are held
         assert exchange(app, collector, encode_images(digits.X[:20], "json")) == expected_texts[:20]
     finally:
@@ -291,24 +293,61 @@ def test_many_clients_holding_partial_frames_are_bounded_and_let_go(start_app, c
     print(f"RSS {memory_of(app.proc.pid)[0] >> 20} MiB once they closed")
 
 
-def test_connections_past_the_limit_are_closed_on_arrival(start_app, collector, digits,
-                                                          expected_texts):
+def test_a_new_connection_at_the_limit_takes_the_place_of_an_idle_one(start_app, collector,
+                                                                      digits, expected_texts):
     app = start_app(collector.port, "--input-format", "u8", "--max-connections", "8")
     held = [socket.create_connection((HOST, app.in_port), timeout=TIMEOUT) for _ in range(8)]
     try:
         wait_for(lambda: app_counts(app.stats())["connections_open"] == 8, what="8 open")
-        extra = socket.create_connection((HOST, app.in_port), timeout=TIMEOUT)
-        assert closed_by_peer(extra)
-        extra.close()
-        assert app_counts(app.stats())["connection_errors"] == {"too_many_connections": 1}
-        assert "the most allowed (run --max-connections)" in app.log()
-        held[0].sendall(frame_many(encode_images(digits.X[:10], "u8")))
+        # none of the 8 has sent a frame: the one open longest makes room for the 9th
+        ninth = socket.create_connection((HOST, app.in_port), timeout=TIMEOUT)
+        assert closed_by_peer(held[0])
+        assert app_counts(app.stats())["connection_errors"] == {"evicted": 1}
+        assert "closed to make room for a new one" in app.log()
+        ninth.sendall(frame_many(encode_images(digits.X[:10], "u8")))
         assert collector.wait_count(10) == expected_texts[:10]
+        ninth.close()
     finally:
         for sock in held:
             sock.close()
     wait_for(lambda: app_counts(app.stats())["connections_open"] == 0, what="all closed")
     assert exchange(app, collector, encode_images(digits.X[10:20], "u8")) == expected_texts[10:20]
+
+
+def test_connections_past_the_limit_are_closed_on_arrival_while_all_make_progress(
+        start_app, collector, digits):
+    app = start_app(collector.port, "--input-format", "u8", "--max-connections", "8")
+    stop = threading.Event()
+    chunk = frame_many(encode_images(digits.X[:50], "u8"))
+
+    def keep_sending(sock):
+        try:
+            while not stop.is_set():
+                sock.sendall(chunk)
+                stop.wait(0.01)
+        except OSError:
+            pass
+
+    busy = [socket.create_connection((HOST, app.in_port), timeout=TIMEOUT) for _ in range(8)]
+    senders = [threading.Thread(target=keep_sending, args=(s,)) for s in busy]
+    for t in senders:
+        t.start()
+    try:
+        wait_for(lambda: app_counts(app.stats())["connections_open"] == 8, what="8 open")
+        wait_for(lambda: collector.count() >= 8 * 50, what="all 8 answered")
+        extra = socket.create_connection((HOST, app.in_port), timeout=TIMEOUT)
+        assert closed_by_peer(extra)
+        extra.close()
+        errors = app_counts(app.stats())["connection_errors"]
+        assert errors == {"too_many_connections": 1}, errors
+        assert "the most allowed (run --max-connections)" in app.log()
+    finally:
+        stop.set()
+        for t in senders:
+            t.join(TIMEOUT)
+        for sock in busy:
+            sock.close()
+    wait_for(lambda: app_counts(app.stats())["connections_open"] == 0, what="all closed")
 
 
 # -------------------------------------------- a stop signal and a listener too slow

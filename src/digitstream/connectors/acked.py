@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -46,12 +47,46 @@ log = logging.getLogger("digitstream.acked")
 
 #: a sender has this long after connecting to say HELLO
 HELLO_TIMEOUT = 10.0
+#: the longest HELLO message (its name is at most 255 bytes, its body a short JSON object)
+MAX_HELLO = 4096
 #: the sender's DATA messages hold at most this many bytes of frames (or one larger frame)
 MAX_DATA = 1 << 20
 
 
 class StreamRefused(Exception):
     """The listener refused a stream (its name is taken by other data); the text says why."""
+
+
+def hello_fingerprint(message: acked.Message) -> str:
+    """The fingerprint of a HELLO every field of which is what the wire says; ProtocolError,
+    saying which is not, otherwise."""
+    name = message.stream
+    if not name:
+        raise acked.ProtocolError("a HELLO without a stream name")
+    size = len(name.encode("utf-8"))
+    if size > acked.MAX_NAME:
+        raise acked.ProtocolError(
+            f"a stream name of {size} bytes in HELLO: at most {acked.MAX_NAME} bytes"
+        )
+    try:
+        fields = json.loads(bytes(message.body))
+    except ValueError:  # UnicodeDecodeError too
+        raise acked.ProtocolError(f"stream {name!r}: the HELLO's body is not JSON") from None
+    if not isinstance(fields, dict):
+        raise acked.ProtocolError(f"stream {name!r}: the HELLO's body is not a JSON object")
+    version = fields.get("version")
+    if type(version) is not int or version != acked.VERSION:
+        raise acked.ProtocolError(
+            f"stream {name!r}: protocol version {version!r} in HELLO, this side speaks "
+            f"{acked.VERSION}"
+        )
+    fingerprint = fields.get("fingerprint")
+    if not isinstance(fingerprint, str) or not 0 < len(fingerprint) <= acked.MAX_NAME:
+        raise acked.ProtocolError(
+            f"stream {name!r}: the HELLO's fingerprint is {fingerprint!r}, not a string of "
+            f"1 to {acked.MAX_NAME} characters"
+        )
+    return fingerprint
 
 
 class AckedReader(FrameReader):
@@ -72,6 +107,10 @@ class AckedReader(FrameReader):
         pos = start
         while pos + HEADER_SIZE <= end:
             (length,) = HEADER.unpack_from(view, pos)
+            if self.name is None and length > MAX_HELLO:
+                raise acked.ProtocolError(
+                    f"a first message of {length} bytes: a HELLO has at most {MAX_HELLO}"
+                )
             if length > self.max_frame:
                 raise FrameTooLarge(length, self.max_frame, groups, pos)
             stop = pos + HEADER_SIZE + length
@@ -81,7 +120,7 @@ class AckedReader(FrameReader):
             if self.name is None:
                 if message.kind != acked.HELLO:
                     raise acked.ProtocolError("the first message is not HELLO")
-                self.fingerprint = str(message.hello()["fingerprint"])
+                self.fingerprint = hello_fingerprint(message)
                 self.name = message.stream
                 return groups, stop  # the rest waits for the RESUME
             if message.kind != acked.DATA or message.stream != self.name:
@@ -189,30 +228,55 @@ class AckedTcpSource(TcpSource):
         return AckedReader(self._accepted, self.max_frame, self.budget)
 
     def _accepted(self, reader: FrameReader) -> None:
-        if self._draining:
-            reader.close()
-            return
-        if len(self._open) + len(self._handshakes) >= self.max_connections:
-            self._refuse(reader)
+        # a connection counts against max_connections from its arrival, HELLO or not
+        if not self._admit(reader):
             return
         assert isinstance(reader, AckedReader)
         task = asyncio.ensure_future(self._handshake(reader))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
+    def _handshake_failed(self, reader: AckedReader, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.connection_error(kind)
+        reader.close()
+
     async def _handshake(self, reader: AckedReader) -> None:
+        try:
+            await self._shake_hands(reader)
+        except Exception:
+            # whatever went wrong, the connection does not stay open uncounted
+            log.exception("connection from %s closed: its handshake failed", reader.peer)
+            self._handshake_failed(reader, "protocol")
+
+    async def _shake_hands(self, reader: AckedReader) -> None:
         assert self.sink is not None  # start() set it
         try:
             said_hello = await asyncio.wait_for(reader.read_hello(), HELLO_TIMEOUT)
-        except (asyncio.TimeoutError, acked.ProtocolError, FrameTooLarge) as exc:
-            log.warning("connection from %s closed: no valid HELLO (%s)", reader.peer, exc)
-            reader.close()
+        except asyncio.TimeoutError:
+            self.budget.notes.warning(
+                "hello_timeout",
+                "connection from %s closed: no HELLO within %.0f s",
+                reader.peer,
+                HELLO_TIMEOUT,
+            )
+            self._handshake_failed(reader, "hello_timeout")
+            return
+        except (acked.ProtocolError, FrameTooLarge) as exc:
+            self.budget.notes.warning(
+                "protocol", "connection from %s refused: %s", reader.peer, exc
+            )
+            reader.send(acked.refused("", str(exc)))  # its one error, then the end
+            self._handshake_failed(reader, "protocol")
             return
         if not said_hello:
+            if reader.closed_because is not None:
+                self._handshake_failed(reader, reader.closed_because)
             reader.close()
             return
         assert reader.name is not None and reader.fingerprint is not None
         name = reader.name
+        reader.held_by_us = True  # what it waits for now is the listener's RESUME
         try:
             seq = await self.sink.open_stream(name, reader.fingerprint)
         except StreamRefused as exc:
@@ -220,6 +284,8 @@ class AckedTcpSource(TcpSource):
             reader.send(acked.refused(name, str(exc)))
             reader.close()
             return
+        finally:
+            reader.held_by_us = False
         if self._draining or reader.transport is None or reader.transport.is_closing():
             reader.close()
             return

@@ -3,13 +3,24 @@
 **Source.** An asyncio server; each connection is a stream, numbered from 1 in
 the order they are accepted. Its bytes are read straight into a buffer of ours
 and cut into frames in place (:class:`FrameReader`), then into batches by the
-run's :class:`~digitstream.batching.BatchPolicy`. Bounds: ``max_connections``
-open at once (one more is closed on arrival, with a log line), and
-``max_buffered`` bytes held for all connections together: past it, reading
-pauses on the connection that went over, and if what is held is not complete
-frames waiting for the engine but partial frames, the connection holding the
-largest is closed, with a log line. What closed connections held goes back to the
-system within a second (glibc's ``malloc_trim``).
+run's :class:`~digitstream.batching.BatchPolicy`. Bounds, none of which closes a
+connection that makes progress or waits for the application:
+
+* ``max_connections`` open at once. One more takes the place of the connection
+  that has been quiet longest among those that make no progress (never completed
+  a frame, or sent nothing for ``QUIET_AFTER`` seconds while they could); with
+  none, it is closed on arrival. Either way with a log line.
+* ``max_buffered`` bytes of input buffers, plus ``OWN_SHARE`` per connection
+  (:class:`BufferBudget`): a buffer counts until it is freed, also while the
+  batches in flight hold frames of it. A connection that needs a buffer the
+  budget has no room for pauses; meanwhile connections quiet for ``QUIET_AFTER``
+  seconds give theirs back, and are closed if they hold a partial frame their
+  own share cannot.
+* A frame once begun is complete within ``frame_timeout`` seconds (time the
+  application did not read it not counted), or its connection is closed.
+
+What closed connections held goes back to the system within a second (glibc's
+``malloc_trim``).
 
 **Sink.** One client connection to the listener; it waits for the listener to
 appear, reconnects with backoff when a write fails, and keeps results that
@@ -39,7 +50,9 @@ import ctypes
 import logging
 import socket
 import sys
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -54,6 +67,7 @@ from digitstream.errors import UserError
 from digitstream.sinks import QueuedSink, Sink
 from digitstream.sources import InputStream, Source
 from digitstream.wire.framing import (
+    HEADER,
     HEADER_SIZE,
     FrameTooLarge,
     Payloads,
@@ -65,8 +79,25 @@ log = logging.getLogger("digitstream.tcp")
 
 #: queued results are joined into writes of about this size: fewer system calls
 WRITE_CHUNK = 1 << 20
-#: input buffer per connection; a larger --max-frame makes it larger
+#: a connection's first input buffer; a busy connection's grow from it, up to SOURCE_BUFFER
+FIRST_BUFFER = 32 << 10
+#: the largest input buffer of a connection (a larger --max-frame: twice the frame)
 SOURCE_BUFFER = 4 << 20
+#: what a connection's input buffers may hold outside --max-buffered-mb: the buffer it reads
+#: into and the next, so that a connection whose frames fit there always makes progress
+OWN_SHARE = 2 * FIRST_BUFFER
+#: what an open input connection may cost beyond --max-buffered-mb: its own share, and its
+#: transport, reader, stream and tasks (measured: see RELIABILITY.md); the README's bound
+#: is ``max_buffered + PER_CONNECTION x connections``
+PER_CONNECTION = 128 << 10
+#: a connection that has sent nothing this long while it could makes no progress: it gives
+#: way to a new connection at --max-connections, and its buffer to connections that wait
+QUIET_AFTER = 1.0
+#: a frame once begun must be complete within this long (time the application did not read
+#: the connection not counted), or its connection is closed
+FRAME_TIMEOUT = 30.0
+#: how often the source looks for frames past that time
+WATCH_EVERY = 1.0
 
 
 #: ``run`` flags of the TCP source
@@ -74,7 +105,8 @@ MAX_CONNECTIONS = Option(
     "max-connections",
     integer(1, 1 << 20),
     1024,
-    "Input connections open at once; one more is closed as it arrives.",
+    "Input connections open at once; one more takes the place of the connection quiet "
+    "longest of those that make no progress, or is closed as it arrives if all do.",
     flag=True,
     metavar="N",
 )
@@ -82,10 +114,21 @@ MAX_BUFFERED = Option(
     "max-buffered-mb",
     number(1, 1 << 20),
     256.0,
-    "MiB held for all input connections together: past it reading pauses, and the "
-    "connection holding the largest partial frame is closed.",
+    "MiB of input buffers for all connections together, batches in flight included "
+    "(each connection also has 64 KiB of its own): past it reading pauses, and a connection "
+    "that sent nothing for a second while others wait gives its buffer back, or is closed "
+    "if it holds a partial frame.",
     flag=True,
     metavar="MIB",
+)
+FRAME_TIMEOUT_OPTION = Option(
+    "frame-timeout",
+    number(0.1, 86_400),
+    30.0,
+    "Seconds a frame once begun may take to complete (time run did not read the "
+    "connection not counted); past it the connection is closed.",
+    flag=True,
+    metavar="S",
 )
 
 
@@ -131,6 +174,15 @@ def _buffer(size: int) -> np.ndarray:
         _set_hugepage(was)
 
 
+_NO_BUFFER = np.empty(0, dtype=np.uint8)
+_NO_VIEW = memoryview(b"")
+
+
+def _least_buffer(need: int) -> int:
+    """The smallest buffer worth taking for a frame that needs ``need`` bytes."""
+    return max(-(-need // 4096) * 4096, FIRST_BUFFER)
+
+
 def _malloc_trim():
     """glibc's malloc_trim, which hands the heap's free pages back to the system; None elsewhere."""
     try:
@@ -158,39 +210,229 @@ class _Trim:
         self._trim(0)
 
 
-class BufferBudget:
-    """Bytes held by all connections' readers together, against ``limit``."""
+class _Share:
+    """The bytes of one connection's live input buffers charged to its own share; it
+    outlives the connection, as a buffer a batch in flight still holds does."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
         self.held = 0
-        self.readers: set[FrameReader] = set()
-        self.paused: set[FrameReader] = set()  # paused because the budget ran out
 
-    @property
-    def over(self) -> bool:
-        return self.held > self.limit
 
-    def make_room(self, reader: FrameReader) -> None:
-        """Held bytes went over the limit as ``reader`` received: close the connections holding
-        the largest partial frames until they are under it again, and if complete frames
-        waiting for the engine are what fills it, pause ``reader``."""
-        while self.over:
-            largest = max(self.readers, key=lambda r: r.partial, default=None)
-            if largest is None or not largest.partial:
+class _RareLog:
+    """Warnings an attack can cause by the thousand: one line a second at most of each
+    kind, which says how many went unsaid since the last."""
+
+    def __init__(self, every: float = 1.0):
+        self.every = every
+        self._next: dict[str, float] = {}
+        self._unsaid: collections.Counter = collections.Counter()
+
+    def warning(self, kind: str, message: str, *args) -> None:
+        now = time.monotonic()
+        if now < self._next.get(kind, 0.0):
+            self._unsaid[kind] += 1
+            return
+        self._next[kind] = now + self.every
+        unsaid = self._unsaid.pop(kind, 0)
+        if unsaid:
+            message += " (and %d more such since the last line)"
+            args = (*args, unsaid)
+        log.warning(message, *args)
+
+
+class BufferBudget:
+    """The input buffers of all connections, against ``limit`` bytes.
+
+    A buffer counts from its allocation until it is freed: until its connection has moved
+    on to another and no batch in flight holds a frame of it (``weakref.finalize``), so
+    what batches waiting for the engine or the sink keep counts as what connections hold.
+    Each connection may also hold ``own`` bytes of buffers outside ``limit`` (the buffer it
+    reads into and the next), so that one whose frames fit there always makes progress:
+    all connections together hold at most ``limit + own`` x connections.
+
+    A connection that needs a buffer the limit has no room for pauses (``waiting``) until
+    one is freed, in order of arrival. Meanwhile room is made from connections that make
+    no progress: one that has sent nothing for ``quiet_after`` seconds while it could
+    gives back its buffer if what it holds fits its own share, and is closed otherwise.
+    ``readers`` are the open connections, the least recently active first.
+    """
+
+    def __init__(self, limit: int, own: int = OWN_SHARE, quiet_after: float = QUIET_AFTER):
+        self.limit = limit
+        self.own = own
+        self.quiet_after = quiet_after
+        self.shared = 0  # bytes of live buffers charged to the limit
+        self.total = 0  # bytes of all live buffers, own shares included
+        self.readers: dict[FrameReader, None] = {}
+        self.waiting: dict[FrameReader, None] = {}
+        self.notes = _RareLog()
+        # freed buffers are counted by whichever thread frees them (a batch may end anywhere)
+        self._lock = threading.RLock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._serve_soon = False
+        self._relief: asyncio.Handle | None = None
+
+    def allocate(
+        self, reader: FrameReader, want: int, need: int, credit: int = 0, first: bool = False
+    ) -> tuple[np.ndarray, bool] | None:
+        """A buffer of ``want`` bytes, or else of ``need``, for ``reader``: from its own share
+        if that has room, else from the limit if no connection waits there before it; None
+        if neither. ``credit``: bytes of the reader's current buffer that go as this one
+        comes (nothing else holds it). ``first``: its first buffer, which its own share
+        always has room for. The flag says whether the limit was charged."""
+        share = reader.share
+        on_limit = reader.charge[1]
+        own_credit = credit if not on_limit else 0
+        limit_credit = credit if on_limit else 0
+        with self._lock:
+            for size in (want, need) if want > need else (need,):
+                if first or share.held - own_credit + size <= self.own:
+                    charged = False
+                    share.held += size
+                elif self.shared - limit_credit + size <= self.limit and (
+                    next(iter(self.waiting), reader) is reader
+                ):
+                    charged = True
+                    self.shared += size
+                else:
+                    continue
+                self.total += size
                 break
-            largest.evict(self)
-        if self.over and reader in self.readers and not reader.budget_paused:
-            reader.budget_paused = True
-            self.paused.add(reader)
+            else:
+                return None
+        buf = _buffer(size)
+        weakref.finalize(buf, self._freed, share, size, charged).atexit = False
+        return buf, charged
 
-    def after_take(self) -> None:
-        """Frames were handed out: resume the readers paused for the budget once there is
-        room again."""
-        if self.paused and self.held <= self.limit * 3 // 4:
-            for paused in list(self.paused):
-                paused.budget_resume()
-            self.paused.clear()
+    def _freed(self, share: _Share, size: int, charged: bool) -> None:
+        with self._lock:
+            if charged:
+                self.shared -= size
+            else:
+                share.held -= size
+            self.total -= size
+        self.serve_soon()
+
+    def serve_soon(self) -> None:
+        """Give the waiting connections another try, from the event loop (never in the
+        middle of what freed a buffer)."""
+        if not self.waiting or self._serve_soon or self._loop is None:
+            return
+        self._serve_soon = True
+        try:
+            self._loop.call_soon_threadsafe(self._serve)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    def _serve(self) -> None:
+        self._serve_soon = False
+        for reader in list(self.waiting):
+            if reader in self.waiting:
+                reader.retry()
+
+    def wait(self, reader: FrameReader) -> None:
+        """``reader`` pauses until it can have the buffer it needs."""
+        if reader in self.waiting:
+            return
+        self.waiting[reader] = None
+        if self._loop is None:
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:  # driven without an event loop (a unit test): no timers
+                self.relieve()
+                return
+        if self._relief is None:
+            self._relief = self._loop.call_soon(self.relieve)
+
+    def leave(self, reader: FrameReader) -> None:
+        """``reader`` is closed (its buffers count until they are freed)."""
+        self.readers.pop(reader, None)
+        self.waiting.pop(reader, None)
+
+    def relieve(self) -> None:
+        """Make room for the connections that wait (see the class doc): first from quiet
+        connections that can give their buffer back, then by closing quiet ones that hold
+        partial frames, the least recently active first, until the first waiting can have
+        its buffer. While some still wait, look again a little later."""
+        if self._relief is not None:
+            self._relief.cancel()
+            self._relief = None
+        if not self.waiting:
+            return
+        now = time.monotonic()
+        quiet = []
+        for reader in list(self.readers):
+            if now - reader.active_at < self.quiet_after:
+                break  # the rest were active more recently
+            if reader.charge[1] and reader.stalled_for(now) >= self.quiet_after:
+                quiet.append(reader)
+        for reader in quiet:
+            reader.give_back()
+        self._serve()
+        for reader in quiet:
+            first = next(iter(self.waiting), None)
+            if first is None or self.shared + first.need <= self.limit:
+                break  # served, or it will be as soon as the buffers just let go of are freed
+            if reader.charge[1] and reader.closed_because is None:
+                reader.evict(
+                    "stalled",
+                    "connection %s from %s closed: it held %.2f MiB of a partial frame and "
+                    "sent nothing for %.1f s while other connections waited for room (run "
+                    "--max-buffered-mb %.0f)",
+                    reader.id,
+                    reader.peer,
+                    reader.partial / 2**20,
+                    now - reader.active_at,
+                    self.limit / 2**20,
+                )
+                self._serve()
+        self._break_deadlock()
+        if self.waiting and self._loop is not None:
+            self._relief = self._loop.call_later(self.quiet_after / 4, self.relieve)
+
+    def _break_deadlock(self) -> None:
+        """Every byte charged to the limit is in buffers of waiting connections that need
+        bigger ones, which nothing else holds: nothing will be freed. Close the one holding
+        most besides the first in line (the first itself if it waits alone: its frame needs
+        more than the limit), with a log line, until the first can be served."""
+        while self.waiting:
+            stuck = [r for r in self.waiting if r.charge[1] and r.exclusive()]
+            if sum(r.charge[0] for r in stuck) < self.shared:
+                return
+            first = next(iter(self.waiting))
+            others = [r for r in stuck if r is not first]
+            victim = max(others, key=lambda r: r.charge[0]) if others else first
+            victim.evict(
+                "buffer_limit",
+                "connection %s from %s closed: its partial frame needs %.1f MiB, and the "
+                "partial frames of the connections waiting need more than --max-buffered-mb "
+                "%.0f holds",
+                victim.id,
+                victim.peer,
+                victim.need / 2**20,
+                self.limit / 2**20,
+            )
+            self._serve()
+
+    def quietest(self, now: float, exclude: FrameReader) -> FrameReader | None:
+        """The connection to close to make room for ``exclude``, a new one, at the most
+        connections allowed: of those making no progress (see :meth:`FrameReader.stalled_for`)
+        and that never completed a frame or have sent nothing for ``quiet_after`` seconds,
+        the one active least recently; None if there is none."""
+        for reader in self.readers:
+            if reader is exclude:
+                continue
+            quiet = reader.stalled_for(now)
+            if quiet >= self.quiet_after or (quiet >= 0 and not reader.progressed):
+                return reader
+        return None
+
+    def over_time(self, now: float, frame_timeout: float) -> list[FrameReader]:
+        """The connections whose partial frame began ``frame_timeout`` seconds ago or more
+        (time the application did not read them not counted)."""
+        return [r for r in self.readers if r.frame_age(now) >= frame_timeout]
 
 
 class FrameReader(asyncio.BufferedProtocol):
@@ -198,11 +440,16 @@ class FrameReader(asyncio.BufferedProtocol):
     frames are cut out of it in place: fixed-width payloads are views of the
     buffer, with no copy between the kernel and the decoder.
 
-    A region of the buffer, once handed out, is never written again (new reads
-    go after it, and a fresh buffer is taken when the space runs out), so the
-    payloads stay valid for as long as anyone holds them. When the consumer
-    falls behind and the buffer fills, or all connections together hold their
-    budget, reading pauses: that is the back-pressure the sender feels.
+    A region of the buffer, once handed out, is not written again while a payload of it
+    is held (new reads go after it; when the space runs out, the incomplete tail moves
+    to a fresh buffer, or to the start of this one once nobody holds a payload of it),
+    so the payloads stay valid for as long as anyone holds them. A buffer is sized to what
+    the connection needs: it starts at ``FIRST_BUFFER``, doubles while the connection uses
+    it up quickly (up to ``buffer_size``, or twice the largest frame), halves while it
+    stays mostly empty, and holds at least the frame in progress. Buffers come from the connections'
+    :class:`BufferBudget`. When the consumer falls behind and the buffer fills, or the
+    budget has no room for the next buffer, reading pauses: that is the back-pressure the
+    sender feels.
     """
 
     def __init__(
@@ -215,18 +462,24 @@ class FrameReader(asyncio.BufferedProtocol):
         self._on_connect = on_connect
         self.max_frame = max_frame
         self.budget = budget or BufferBudget(1 << 62)
-        self._size = max(buffer_size, 2 * (max_frame + HEADER_SIZE))
-        #: below this much free space at the end, the next take moves to a fresh buffer
-        self._low = max(self._size // 4, max_frame + HEADER_SIZE)
-        self._buf = _buffer(self._size)
-        # numpy's stubs declare ndarray.__buffer__ only for Python 3.12 and later
-        self._view = memoryview(self._buf)  # type: ignore[arg-type]
+        self.share = _Share()
+        #: the largest buffer it asks for
+        self._largest = max(buffer_size, 2 * (max_frame + HEADER_SIZE))
+        self._buf = _NO_BUFFER  # allocated at the first read
+        self._read_view = _NO_VIEW  # of the whole buffer, for the socket's reads
+        self._size = 0
+        #: (bytes, whether charged to the budget's limit) of the buffer read into
+        self.charge = (0, False)
         self._start = 0  # first byte not yet handed out
         self._end = 0  # end of received bytes
+        self._view = _NO_VIEW  # what _cut reads, during a take
+        self._peak = 0  # most bytes held at once in this buffer
+        self._filled = False  # a read filled this buffer to its end
+        self._takes = 0  # takes from this buffer
         self._eof = False
         self._full = False  # reading paused: no room left in the buffer
-        self.budget_paused = False  # reading paused: all connections hold their budget
         self._reading = True
+        self._paused_at = 0.0
         self._waiter: asyncio.Future | None = None
         self.transport: asyncio.Transport | None = None
         self.error: BaseException | None = None
@@ -234,39 +487,96 @@ class FrameReader(asyncio.BufferedProtocol):
         self.closed_because: str | None = None
         #: bytes of an incomplete frame after the last take
         self.partial = 0
-        self.last_rx = time.monotonic()
+        #: whether it ever completed a frame
+        self.progressed = False
+        #: the application, not the peer, is what it waits for (an acked HELLO that
+        #: waits for the listener's RESUME, say)
+        self.held_by_us = False
+        now = time.monotonic()
+        self.last_rx = now
+        #: when it last received bytes, or could again after a pause of ours
+        self.active_at = now
+        self._frame_began: float | None = None
         self.peer = "?"
         self.id: StreamId = 0
 
     def complete_frames(self) -> int:
         """Complete frames received and not yet handed out (counted for a stop)."""
-        return count_frames(self._view, self._start, self._end)
+        return count_frames(self._buf, self._start, self._end) if self._end > self._start else 0
 
     @property
     def pending(self) -> int:
         """Bytes received but not yet part of a complete frame handed out."""
         return self._end - self._start
 
+    @property
+    def need(self) -> int:
+        """Bytes from the first not handed out that the frame in progress needs."""
+        tail = self._end - self._start
+        if tail < HEADER_SIZE:
+            return HEADER_SIZE
+        (length,) = HEADER.unpack_from(self._buf, self._start)  # type: ignore[arg-type]
+        return HEADER_SIZE + min(length, self.max_frame)
+
+    def _complete_waiting(self) -> bool:
+        """Whether a complete frame (or a header the consumer will refuse) is received and
+        not yet taken by the consumer."""
+        tail = self._end - self._start
+        if tail < HEADER_SIZE:
+            return False
+        (length,) = HEADER.unpack_from(self._buf, self._start)  # type: ignore[arg-type]
+        return length > self.max_frame or tail >= HEADER_SIZE + length
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds it has sent nothing while it could: reading not paused by the
+        application, no complete frame waiting to be taken, nothing awaited from the
+        application; -1 if it waits for the application."""
+        if not self._reading or self._eof or self.held_by_us or self._complete_waiting():
+            return -1.0
+        return now - self.active_at
+
+    def frame_age(self, now: float) -> float:
+        """Seconds since its partial frame began (not counting pauses of the application);
+        -1 if it has none, or waits for the application."""
+        if self._frame_began is None or self.stalled_for(now) < 0:
+            return -1.0
+        return now - self._frame_began
+
+    def exclusive(self) -> bool:
+        """Whether no payload handed out holds the buffer it reads into."""
+        # each take's payloads hold a view of their own; what is left is this attribute,
+        # the view the socket reads into, and the call's argument
+        return sys.getrefcount(self._buf) <= 3
+
     # ---- the event loop's side
     def connection_made(self, transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.budget.readers.add(self)
+        self.budget.readers[self] = None
         self._on_connect(self)
 
     def get_buffer(self, sizehint: int):
-        return self._view[self._end :]
+        if not self._size:
+            # the first read: a connection's own share always has room for its first buffer
+            got = self.budget.allocate(self, FIRST_BUFFER, FIRST_BUFFER, first=True)
+            assert got is not None
+            self._use(*got)
+        return self._read_view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
-        if self in self.budget.readers:
-            self.budget.held += nbytes
-        self.last_rx = time.monotonic()
+        now = time.monotonic()
+        if now - self.active_at > 0.05:  # (the order need not be finer than that)
+            readers = self.budget.readers
+            if self in readers:
+                readers[self] = readers.pop(self)  # to the end: the most recently active
+        self.last_rx = self.active_at = now
+        held = self._end - self._start
+        if held > self._peak:
+            self._peak = held
         if self._size == self._end:
-            self._full = True
-        if self.budget.over:
-            self.budget.make_room(self)
+            self._full = self._filled = True
         self._update_reading()
         self._wake()
 
@@ -309,47 +619,57 @@ class FrameReader(asyncio.BufferedProtocol):
         self._update_reading()
         self._wake()
 
-    def evict(self, budget: BufferBudget) -> None:
-        """Close the connection: it holds the largest partial frame while the budget is spent."""
-        self.closed_because = "buffer_limit"
-        log.warning(
-            "connection %s from %s closed: it held %.1f MiB of a partial frame while "
-            "all connections held %.0f MiB, over the limit of %.0f MiB "
-            "(run --max-buffered-mb)",
-            self.id,
-            self.peer,
-            self.partial / 2**20,
-            budget.held / 2**20,
-            budget.limit / 2**20,
-        )
+    def evict(self, kind: str, message: str, *args) -> None:
+        """Close the connection for ``kind`` (a connection error of the metrics), saying
+        ``message`` in the log (at most once a second for each kind); what it holds that is
+        not a complete frame goes at once."""
+        self.closed_because = kind
+        self.budget.notes.warning(kind, message, *args)
         self._eof = True
         if self.transport is not None:
             self.transport.abort()
-        # its complete frames are still taken and answered; the budget no longer counts it
-        self._leave_budget()
+        self.budget.leave(self)
+        if not self._complete_waiting():
+            self._drop_buffer()
         self._wake()
 
-    def budget_resume(self) -> None:
-        self.budget_paused = False
+    def give_back(self) -> None:
+        """It makes no progress while others wait for the budget: let go of the buffer
+        charged to the limit if what it holds fits its own share (the buffer goes, or the
+        partial frame moves to a buffer of its own share)."""
+        tail = self._end - self._start
+        if not tail and self.share.held + FIRST_BUFFER <= self.budget.own:
+            self._drop_buffer()  # the next read takes a buffer of its own share
+            return
+        need = _least_buffer(self.need)
+        if self.share.held + need <= self.budget.own:
+            self._move(need, need, in_place=False)
+
+    def retry(self) -> None:
+        """The budget may have room now for the buffer it waits for."""
+        self._move(self._next_size(), _least_buffer(self.need))
         self._update_reading()
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-        self._leave_budget()
-        self._start = self._end
+        self.budget.leave(self)
+        self.partial = 0
         # nothing more is read into it: the buffer goes now (payloads handed out keep theirs)
-        self._buf = np.empty(0, dtype=np.uint8)
-        self._view = memoryview(self._buf)  # type: ignore[arg-type]
-        self._start = self._end = 0
+        self._drop_buffer()
 
-    def _leave_budget(self) -> None:
-        budget = self.budget
-        if self in budget.readers:
-            budget.readers.discard(self)
-            budget.paused.discard(self)
-            budget.held -= self._end - self._start
-            self.partial = 0
+    def _use(self, buf: np.ndarray, on_limit: bool) -> None:
+        """Read into ``buf`` from now on (the old buffer is freed unless payloads hold it)."""
+        self._buf, self._size, self.charge = buf, len(buf), (len(buf), on_limit)
+        self._read_view = memoryview(buf)  # type: ignore[arg-type]
+
+    def _drop_buffer(self) -> None:
+        self._buf, self._read_view = _NO_BUFFER, _NO_VIEW
+        self._size = self._start = self._end = self._peak = self._takes = 0
+        self.charge = (0, False)
+        self._full = self._filled = False
+        self.budget.waiting.pop(self, None)
+        self._update_reading()
 
     def _cut(self, start: int, end: int) -> tuple[list[Payloads], int]:
         """The complete frames in ``self._view[start:end]`` and where the rest begins (a
@@ -365,34 +685,109 @@ class FrameReader(asyncio.BufferedProtocol):
     def _take(self) -> list[Payloads]:
         if self._end == self._start:
             return []
-        groups, pos = self._cut(self._start, self._end)
-        if self in self.budget.readers:
-            self.budget.held -= pos - self._start
+        # The payloads cut now hold this piece of the buffer (a view of it), and through
+        # it the buffer: while one is held, that part is never written again.
+        piece = self._buf[: self._end]
+        view = self._view = memoryview(piece)  # type: ignore[arg-type]
+        try:
+            groups, pos = self._cut(self._start, self._end)
+        finally:
+            self._view = _NO_VIEW
+        end = self._end
+        # a frame in progress began with the last read, or before
+        if pos != self._start:
+            self.progressed = True
+            self._frame_began = self.last_rx if pos != end else None
+        elif self._frame_began is None:
+            self._frame_began = self.last_rx
         self._start = pos
-        self.partial = self._end - self._start
-        if self._size - self._end < self._low:
-            # Move the incomplete tail to a fresh buffer; the old one lives on
-            # for as long as the payloads just handed out are referenced.
-            tail = self._end - self._start
-            fresh = _buffer(self._size)
-            fresh[:tail] = self._buf[self._start : self._end]
-            self._buf, self._view = fresh, memoryview(fresh)  # type: ignore[arg-type]
-            self._start, self._end = 0, tail
-            self._full = False
+        self.partial = end - pos
+        self._takes += 1
+        need = HEADER_SIZE
+        if end - pos >= HEADER_SIZE:
+            need += min(HEADER.unpack_from(view, pos)[0], self.max_frame)
+        size = self._size
+        if size - end >= size >> 2 and need <= size - pos:
+            self._update_reading()
+            return groups
+        del view
+        want = self._next_size()
+        if not groups:
+            del piece  # nothing cut holds it: the buffer may be reused in place
+            if need <= size:
+                want = size  # nor was it used up by frames: it need not grow
+        if not self._move(want, _least_buffer(need)) and groups:
+            # no room for the next buffer: once the batches of these frames are done,
+            # their piece lets go of this buffer, and it may be reused in place
+            weakref.finalize(piece, self.budget.serve_soon).atexit = False
         self._update_reading()
-        self.budget.after_take()
         return groups
+
+    def _next_size(self) -> int:
+        """The size of the next buffer: twice this one's if a read filled it or it served
+        few takes (each move costs an allocation and a copy), half if it served many and
+        stayed mostly empty; no less than the frame in progress needs."""
+        size = self._size or FIRST_BUFFER
+        if self._filled or self._takes < 32:
+            size *= 2
+        elif self._takes > 256 and self._peak < size // 16:
+            size //= 2
+        size = min(max(size, FIRST_BUFFER), self._largest)
+        return max(size, _least_buffer(self.need))
+
+    def _move(self, want: int, need: int, in_place: bool = True) -> bool:
+        """Move the incomplete tail to a buffer of ``want`` bytes (at least ``need``), or
+        to the start of this one when nobody holds a payload of it and it is the size
+        wanted (``in_place``). False if the budget has no room for the one it needs yet:
+        reading goes on in what is left of this one, then waits for it."""
+        tail = self._end - self._start
+        exclusive = self.exclusive()
+        if in_place and exclusive and want == self._size:
+            self._compact(tail)
+            return True
+        got = self.budget.allocate(self, want, need, credit=self.charge[0] if exclusive else 0)
+        if got is None:
+            if in_place and exclusive and need <= self._size:
+                self._compact(tail)
+                return True
+            if self._full:
+                self.budget.wait(self)
+            return False
+        fresh, on_limit = got
+        fresh[:tail] = self._buf[self._start : self._end]
+        self._use(fresh, on_limit)
+        self._start, self._end = 0, tail
+        self._peak, self._full, self._filled, self._takes = tail, False, False, 0
+        self.budget.waiting.pop(self, None)
+        return True
+
+    def _compact(self, tail: int) -> None:
+        if tail and self._start:
+            base = self._buf.ctypes.data
+            ctypes.memmove(base, base + self._start, tail)
+        self._start, self._end = 0, tail
+        self._peak, self._full, self._filled, self._takes = tail, False, False, 0
+        self.budget.waiting.pop(self, None)
 
     def _update_reading(self) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        wanted = not (self._eof or self._full or self.budget_paused)
+        wanted = not (self._eof or self._full)
         if wanted != self._reading:
             self._reading = wanted
+            now = time.monotonic()
             if wanted:
+                # the time it could not send is not held against it
+                if self._frame_began is not None:
+                    self._frame_began += now - self._paused_at
+                self.active_at = now
+                readers = self.budget.readers
+                if self in readers:
+                    readers[self] = readers.pop(self)
                 transport.resume_reading()
             else:
+                self._paused_at = now
                 transport.pause_reading()
 
     def _wake(self) -> None:
@@ -466,7 +861,7 @@ class TcpSource(Source):
     """
 
     guarantee = "at most once: a crash of run loses the frames received and not yet answered"
-    options = (MAX_CONNECTIONS, MAX_BUFFERED)
+    options = (MAX_CONNECTIONS, MAX_BUFFERED, FRAME_TIMEOUT_OPTION)
 
     def __init__(
         self,
@@ -478,6 +873,7 @@ class TcpSource(Source):
         max_buffered: int = 256 << 20,
         drain_quiet: float = 0.2,
         drain_grace: float = 5.0,
+        frame_timeout: float = FRAME_TIMEOUT,
     ):
         self.addr = addr
         self.max_frame = max_frame
@@ -487,6 +883,7 @@ class TcpSource(Source):
         self.budget = BufferBudget(max_buffered)
         self.drain_quiet = drain_quiet
         self.drain_grace = drain_grace
+        self.frame_timeout = frame_timeout
         self.bound: Address | None = None
         self._server: asyncio.base_events.Server | None = None
         self._new: asyncio.Queue[TcpStream | None] = asyncio.Queue()
@@ -496,6 +893,7 @@ class TcpSource(Source):
         self._refused = 0
         self._refused_logged = 0.0
         self._trim = _Trim()
+        self._watch: asyncio.Task | None = None
 
     @classmethod
     def build(cls, endpoint: Endpoint, options: dict, config: AppConfig, metrics=None) -> TcpSource:
@@ -505,6 +903,7 @@ class TcpSource(Source):
             BatchPolicy(config.max_batch, config.max_delay),
             metrics=metrics,
             max_connections=options["max-connections"],
+            frame_timeout=options["frame-timeout"],
             max_buffered=int(options["max-buffered-mb"] * 2**20),
             drain_quiet=config.drain_quiet,
             drain_grace=config.drain_grace,
@@ -526,16 +925,58 @@ class TcpSource(Source):
             raise UserError(f"cannot listen on {self.addr}: {exc.strerror or exc}") from None
         port = self._server.sockets[0].getsockname()[1]
         self.bound = Address(self.addr.host, port)
+        self._watch = asyncio.create_task(self._watch_progress(), name="source bounds")
 
     def _new_reader(self) -> FrameReader:
         return FrameReader(self._accepted, self.max_frame, self.budget)
 
-    def _accepted(self, reader: FrameReader) -> None:
+    async def _watch_progress(self) -> None:
+        """Close the connections whose frame is past ``frame_timeout``; look again for
+        room for connections that wait for the budget."""
+        budget = self.budget
+        while True:
+            await asyncio.sleep(min(WATCH_EVERY, self.frame_timeout / 4))
+            now = time.monotonic()
+            for reader in budget.over_time(now, self.frame_timeout):
+                reader.evict(
+                    "frame_timeout",
+                    "connection %s from %s closed: a frame begun %.0f s ago is still not "
+                    "complete (%d bytes of it received)",
+                    reader.id,
+                    reader.peer,
+                    reader.frame_age(now),
+                    reader.pending,
+                )
+            budget.relieve()
+
+    def _admit(self, reader: FrameReader) -> bool:
+        """Whether a new connection may stay: at ``max_connections``, the quietest that makes
+        no progress is closed to make room for it (:meth:`BufferBudget.quietest`), and it
+        is closed itself if there is none."""
         if self._draining:
             reader.close()
-            return
-        if len(self._open) >= self.max_connections:
-            self._refuse(reader)
+            return False
+        if len(self.budget.readers) > self.max_connections:  # the new one is among them
+            now = time.monotonic()
+            victim = self.budget.quietest(now, reader)
+            if victim is None:
+                self._refuse(reader)
+                return False
+            victim.evict(
+                "evicted",
+                "connection %s from %s closed to make room for a new one: %d connections "
+                "are open, the most allowed (run --max-connections), and it had sent "
+                "nothing for %.1f s, %d bytes of a frame",
+                victim.id or "(handshake)",
+                victim.peer,
+                self.max_connections,
+                now - victim.active_at,
+                victim.pending,
+            )
+        return True
+
+    def _accepted(self, reader: FrameReader) -> None:
+        if not self._admit(reader):
             return
         self._ids += 1
         stream = TcpStream(self._ids, reader, self.policy, self.metrics, on_close=self._closed)
@@ -551,9 +992,9 @@ class TcpSource(Source):
             self._refused_logged = now
             log.warning(
                 "connection from %s closed: %d connections are open, the most allowed "
-                "(run --max-connections); %d refused so far",
+                "(run --max-connections), and all of them make progress; %d refused so far",
                 reader.peer,
-                len(self._open),
+                len(self.budget.readers) - 1,
                 self._refused,
             )
         reader.close()
@@ -591,6 +1032,8 @@ class TcpSource(Source):
         return sum(stream.reader.complete_frames() for stream in self._open.values())
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         if self._server is not None:
             self._server.close()
         for stream in list(self._open.values()):
