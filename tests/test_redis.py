@@ -678,6 +678,7 @@ def test_streams_stay_bounded_inputs_trimmed_once_every_group_has_them(redis_ser
     # about maxlen: Redis trims whole nodes of its radix tree (up to 100 entries each)
     assert peak <= maxlen + 200 and client.xlen("out") <= maxlen + 200, peak
     assert added() == len(ids) and client.xpending("in", "digitstream")["pending"] == 0
+    print(f"\nresult stream: at most {peak:,} entries at its peak (maxlen {maxlen:,})")
     client.xgroup_destroy("in", "late")
     wait_for(lambda: client.xlen("in") < 200, TIMEOUT, what="the input trimmed")
     counters = app.stats()["connectors"]["source"]["counters"]
