@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from certs import Certificates
 from helpers import HOST, TIMEOUT, _log_text, http_get, wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -31,34 +32,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 redis = pytest.importorskip("redis")
-
-
-class Certificates:
-    """A certificate authority of the test's own, and certificates it signs (``openssl``)."""
-
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.ca, ca_key = self.directory / "ca.pem", self.directory / "ca-key.pem"
-        self._ca_key = ca_key
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key),
-                 "-out", str(self.ca), "-days", "1", "-subj", "/CN=digitstream test CA")
-
-    def issue(self, name: str, san: str | None = None) -> tuple[Path, Path]:
-        """A certificate and key for ``name`` signed by the CA; ``san``: its subjectAltName."""
-        cert, key = self.directory / f"{name}.pem", self.directory / f"{name}-key.pem"
-        csr, ext = self.directory / f"{name}.csr", self.directory / f"{name}.ext"
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-                 "-subj", f"/CN={name}")
-        ext.write_text(f"subjectAltName={san}\n" if san else "")
-        _openssl("x509", "-req", "-in", str(csr), "-CA", str(self.ca), "-CAkey",
-                 str(self._ca_key), "-CAcreateserial", "-out", str(cert), "-days", "1",
-                 "-extfile", str(ext))
-        return cert, key
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=TIMEOUT)
 
 
 class RedisServer:
