@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install bytecode clean
+.PHONY: demo test lint bench install bytecode clean kafka-jars
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,21 @@ lint: bytecode
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src
 	$(BIN)/mypy
+
+# The Kafka broker the tests start, from its jars on Maven Central: fetched once into a cache
+# (Java and Maven needed; the tests that need a broker are skipped without them).
+KAFKA_POM := tests/kafka/pom.xml
+KAFKA_VERSION := $(shell sed -n 's:.*<kafka\.version>\(.*\)</kafka\.version>.*:\1:p' $(KAFKA_POM))
+DIGITSTREAM_KAFKA_JARS ?= $(HOME)/.cache/digitstream/kafka-$(KAFKA_VERSION)
+# named by the pom's content, not its time: a fresh checkout fetches nothing again
+KAFKA_STAMP := $(DIGITSTREAM_KAFKA_JARS)/.fetched-$(shell sha256sum $(KAFKA_POM) | cut -c1-16)
+
+kafka-jars: $(KAFKA_STAMP)
+
+$(KAFKA_STAMP):
+	mvn -B -q -f $(KAFKA_POM) dependency:copy-dependencies -DincludeScope=runtime \
+		-DoutputDirectory='$(DIGITSTREAM_KAFKA_JARS)'
+	touch '$@'
 
 bench: bytecode
 	$(BIN)/digitstream bench
