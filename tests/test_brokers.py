@@ -263,6 +263,10 @@ class _Relay:
             # membership): the batch is relayed again from the offsets the group holds
             if isinstance(exc, KafkaException) and not exc.args[0].txn_requires_abort():
                 raise
+            # librdkafka may send EndTxn before the coordinator has taken the transaction's
+            # partitions, which it answers with a fatal INVALID_TXN_STATE
+            # (confluentinc/librdkafka#4849); a partition's first delivery shows it has them
+            self.producer.flush(TIMEOUT)
             self.producer.abort_transaction(TIMEOUT)
             self._rewind()
             return 0
