@@ -232,10 +232,12 @@ class _Relay:
 
     def __init__(self, broker, source: str, sink: str, group: str):
         self.sink = sink
+        # a broker killed and started again has forgotten the consumer, and its rejoining
+        # waits out the session of the member it was: keep that short
         self.consumer = Consumer(broker.config(
             group_id=group, auto_offset_reset="earliest", enable_auto_commit=False,
-            isolation_level="read_committed", session_timeout_ms=6000,
-            heartbeat_interval_ms=500, **_KEEP_BROKERS))
+            isolation_level="read_committed", session_timeout_ms=2000,
+            heartbeat_interval_ms=300, **_KEEP_BROKERS))
         self.consumer.subscribe([source])
         self.producer = Producer(broker.config(transactional_id=f"{group}-relay",
                                                transaction_timeout_ms=30000, **_KEEP_BROKERS))
