@@ -24,7 +24,6 @@ import sysconfig
 import time
 import uuid
 from pathlib import Path
-from typing import ClassVar
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -244,8 +243,6 @@ class KafkaBroker:
     producing to it unless ``auto_create_topics``.
     """
 
-    SECURE_USERS: ClassVar[dict[str, str]] = {"digitstream": "digitstream-secret"}
-
     def __init__(self, directory: Path, jars: Path | None = None, secure: bool = False,
                  users: dict[str, str] | None = None, heap_mb: int = 384,
                  auto_create_topics: bool = False):
@@ -260,7 +257,10 @@ class KafkaBroker:
         self.port: int | None = None
         self.controller_port: int | None = None
         self.secure_port: int | None = None
-        self.users = dict(users if users is not None else self.SECURE_USERS) if secure else {}
+        #: SCRAM users of the SASL_SSL listener, name to password
+        self.users: dict[str, str] = {}
+        if secure:
+            self.users = dict(users) if users is not None else {"digitstream": "digitstream-secret"}
         self.secure = secure
         self.ca: Path | None = None
         self._keystore_password = "keystore-" + uuid.uuid4().hex[:12]
@@ -358,6 +358,11 @@ class KafkaBroker:
             "group.min.session.timeout.ms=500",
             "group.consumer.min.session.timeout.ms=500",
             "group.consumer.min.heartbeat.interval.ms=100",
+            # started again after SIGKILL, the broker may register only once the controller
+            # has given up on the killed one's session (9 s by default); too short, and a
+            # broker starved of CPU for that long fences itself
+            "broker.session.timeout.ms=3000",
+            "broker.heartbeat.interval.ms=500",
             # small buffers and few threads: the broker shares two cores and a small heap
             "num.network.threads=2",
             "num.io.threads=2",
