@@ -236,7 +236,7 @@ def test_errors_are_one_line(kafka_broker, model_dir, fresh_name):
 
 def test_scram_over_tls_and_a_wrong_password(kafka_broker, model_dir, expected_texts,
                                              fresh_name):
-    user, password = next(iter(kafka_broker.SECURE_USERS.items()))
+    user, password = next(iter(kafka_broker.users.items()))
     name_in, name_out = fresh_name(), fresh_name()
     wrong = kafka_broker.secure_url(name_in, user, "not-the-password")
     line = _one_line_error("send", "--to", wrong)
