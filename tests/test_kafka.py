@@ -304,3 +304,32 @@ def test_kafka_in_tcp_out_and_tcp_in_kafka_out(kafka_broker, model_dir, expected
     results = read_committed(kafka_broker, name_out)
     assert [value.decode() for _, _, value in results] == expected_texts
     assert [tag for _, tag, _ in results] == [f"1:{i}" for i in range(len(expected_texts))]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_broker_restarted_mid_stream_loses_and_duplicates_nothing(
+        kafka_broker, model_dir, expected_texts, fresh_name):
+    """The broker is stopped and started again while ``run`` writes results: the clients
+    reconnect, a transaction the restart cut is aborted and done again, and a read_committed
+    reader finds one result per input record."""
+    name_in, name_out = fresh_name(), fresh_name()
+    repeat = 60
+    total = repeat * len(expected_texts)
+    kafka_broker.create_topic(name_in, 3)
+    sent = _cli("send", "--to", kafka_broker.url(name_in), "--format", "u8", "--repeat",
+                str(repeat))
+    assert sent.returncode == 0, sent.stderr
+    app = _run(model_dir, f"{kafka_broker.url(name_in)}?{FAST_GROUP}",
+               kafka_broker.url(name_out), "--group", fresh_name(), "--max-batch", "2048",
+               "--name", "restart").wait_ready(TIMEOUT * 2)
+    try:
+        wait_for(lambda: app.stats()["messages"]["out"] > 0, TIMEOUT * 2, what="results")
+        kafka_broker.restart()
+        wait_for(lambda: len(read_committed(kafka_broker, name_out, total, 30)) >= total,
+                 240, interval=1, what="every result after the restart")
+    finally:
+        assert app.stop() == 0, app.log()
+    results = read_committed(kafka_broker, name_out, total)
+    print(f"\n{len(results):,} results for {total:,} records across a broker restart")
+    _check(results, _inputs(kafka_broker, name_in), expected_texts, name_in)

@@ -183,7 +183,16 @@ class KafkaURL:
 
     def config(self, **more: Any) -> dict:
         """The librdkafka settings of a client of this URL, with ``more``."""
-        config: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "logger": _CLIENT_LOG}
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap,
+            "logger": _CLIENT_LOG,
+            # Since librdkafka 2.10 a client that finds every broker down forgets them all
+            # and then waits on a group coordinator it dropped (librdkafka issue 5511): a
+            # transaction's offsets would hang after a broker restart. Without that
+            # recovery the client keeps its brokers and reconnects to them.
+            "metadata.recovery.strategy": "none",
+            "reconnect.backoff.max.ms": 500,
+        }
         if self.username:
             protocol = "SASL_SSL" if self.tls else "SASL_PLAINTEXT"
             config.update(
@@ -718,6 +727,9 @@ class KafkaSink(QueuedSink):
             self._drop(results, error.str())
             return
         try:
+            # what is still queued first: an abort that reaches the broker before it knows
+            # the transaction's partitions fails for good (librdkafka issue 4849)
+            self.transactional.flush(COMMIT_SECONDS)
             self.transactional.abort_transaction(COMMIT_SECONDS)
         except Exception as abort:
             log.warning("kafka %s: abort failed (%s); a new producer takes over", self.url, abort)
