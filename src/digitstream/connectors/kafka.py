@@ -549,7 +549,7 @@ class KafkaSink(QueuedSink):
         name: str,
         transactions: bool = True,
         partitions: int = 1,
-        high_water: int = 1 << 17,
+        high_water: int = 1 << 16,
     ):
         super().__init__(f"producing to {url}")
         self.url = url
