@@ -333,3 +333,16 @@ def test_the_broker_restarted_mid_stream_loses_and_duplicates_nothing(
     results = read_committed(kafka_broker, name_out, total)
     print(f"\n{len(results):,} results for {total:,} records across a broker restart")
     _check(results, _inputs(kafka_broker, name_in), expected_texts, name_in)
+
+
+def test_demo_through_a_broker_the_user_names(kafka_broker, model_dir, fresh_name):
+    """``demo --kafka URL``: two runs of one group, one killed half-way; its summary says
+    0 duplicates and 0 missing, and it exits 0."""
+    done = _cli("demo", "--model", str(model_dir), "--kafka",
+                f"{kafka_broker.url(fresh_name())}?partitions=3", timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = dict(line.split(None, 1) for line in done.stdout.splitlines()
+                   if line.split(None, 1)[:1] and line.split()[0] in ("duplicates", "missing",
+                                                                       "results", "inputs"))
+    assert summary["duplicates"].strip() == "0" and summary["missing"].strip() == "0", done.stdout
+    assert summary["results"].strip() == summary["inputs"].strip() == "1,797"

@@ -708,9 +708,27 @@ def read(file, stream):
     help="Through Redis Streams instead: a local redis-server, three consumers in one group, "
     "one killed half-way; ends with duplicates and missing (both 0).",
 )
-def demo(model_path, output, repeat, keep_running, through_redis):
+@click.option(
+    "--kafka",
+    "kafka_url",
+    default=None,
+    metavar="URL",
+    help="Through the Kafka broker at URL (kafka://HOST:PORT/TOPIC, ?partitions=N for a new "
+    "topic) instead: two runs of one group writing TOPIC-results, one killed half-way; ends "
+    "with duplicates and missing (both 0).",
+)
+def demo(model_path, output, repeat, keep_running, through_redis, kafka_url):
     """The seed's whole flow on this machine: train (if needed), run, listen,
     send, then a summary."""
+    if kafka_url:
+        # start-up time: each command imports only what it runs (--help stays instant)
+        from digitstream.tools import broker_demo
+
+        if keep_running or through_redis:
+            raise click.UsageError("--kafka goes without --redis and --keep-running")
+        if not kafka_url.lower().startswith(("kafka://", "kafkas://")):
+            raise click.UsageError("--kafka takes a kafka:// or kafkas:// URL")
+        sys.exit(broker_demo.main(kafka_url, model_path=model_path, repeat=repeat))
     if through_redis:
         # start-up time: each command imports only what it runs (--help stays instant)
         from digitstream.tools import redis_demo
