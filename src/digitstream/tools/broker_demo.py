@@ -145,7 +145,9 @@ def main(url: str, model_path: str = "models", repeat: int = 1) -> int:
     seen = Counter(r.get("id") for r in found)
     truth = dict(zip(ids, labels))
     correct = sum(1 for r in found if truth.get(str(r.get("id"))) == r.get("label"))
-    table = Table(title=f"demo through {endpoint}", title_justify="left", show_header=False)
+    table = Table(
+        title=f"demo through {endpoint}", title_justify="left", show_header=False, box=None
+    )
     for name, value in (
         ("inputs", f"{n:,}"),
         ("results", f"{len(found):,}"),
