@@ -28,6 +28,7 @@ from digitstream.connectors.registry import make_sink, make_source
 from digitstream.engine.base import Engine, EngineOptions, answer, make_engine
 from digitstream.errors import UserError
 from digitstream.model.stored import StoredPipeline
+from digitstream.monitor import Monitor
 from digitstream.pipeline import Flow, FlowOptions, failure_reason
 from digitstream.sinks import Sink
 from digitstream.sources import InputStream, Source
@@ -65,7 +66,7 @@ class Serving:
 
     def build_flow(self, bundle) -> Flow:
         """The flow that would serve ``bundle`` with this run's formats."""
-        return Flow.build(bundle.pipeline, self.options)
+        return Flow.build(bundle.pipeline, self.options, bundle.profile)
 
     async def switch(self, bundle, flow: Flow) -> dict[StreamId, int]:
         """Serve ``bundle`` with ``flow`` from each stream's next batch on; those
@@ -88,7 +89,11 @@ class Application:
         self.config = config
         self._given = (source, sink, bundle)
         self.flow_options = FlowOptions(
-            config.input_format, config.output_format, config.compile_model, worker=config.name
+            config.input_format,
+            config.output_format,
+            config.compile_model,
+            worker=config.name,
+            drift=config.drift,
         )
         self.serving: Serving | None = None
         self.engine: Engine | None = None
@@ -98,6 +103,8 @@ class Application:
         self.metrics_server: MetricsServer | None = None
         # swaps in a new model bundle written to the --model path
         self.watcher: ModelWatcher | None = None
+        # watches the model serving: drift (digitstream.monitor)
+        self.monitor: Monitor | None = None
         self.positions: dict[StreamId, int] = {}
         self.frames_in = 0  # complete frames received
         self.frames_out = 0  # result frames handed to the sink
@@ -135,7 +142,7 @@ class Application:
             self._stored = bundle
         if bundle is None:
             bundle = load_bundle(cfg.model_path)
-        flow = Flow.build(bundle.pipeline, self.flow_options)
+        flow = Flow.build(bundle.pipeline, self.flow_options, bundle.profile)
         runner = flow.runner
         smallest = smallest_payload(cfg.input_format, runner.n_features)
         if smallest > cfg.max_frame:
@@ -165,6 +172,9 @@ class Application:
             from digitstream.metrics.recorder import Metrics
 
             self.metrics = Metrics(cfg.name, serving.flow.stage_names, serving.flow.runner.classes)
+        self.monitor = Monitor(serving.flow.profile, cfg.drift, cfg.drift_window, cfg.drift_seconds)
+        if self.metrics is not None:
+            self.metrics.monitor = self.monitor.report
         source = self._given[0] or make_source(cfg.in_addr, cfg, self.metrics)
         sink = self._given[1] or make_sink(cfg.out_addr, cfg)
         if self.metrics is not None:
@@ -336,6 +346,8 @@ class Application:
             self.frames_out += result.count
             if metrics:
                 metrics.batch_done(result, (time.perf_counter_ns() - batch.received_ns) * 1e-9)
+            if self.monitor is not None:
+                self.monitor.batch_done(result, flow)
 
     async def _write(self, result: BatchResult) -> None:
         """Hand ``result`` to the sink; a sink that raises is tried again, never skipped."""

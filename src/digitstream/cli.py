@@ -379,6 +379,27 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     help="Acknowledged, exactly-once delivery: input from `send --acked`, results to "
     "`listen --acked` (see the README).",
 )
+@click.option(
+    "--drift/--no-drift",
+    default=default("drift"),
+    show_default=True,
+    help="Judge drift against the model's reference profile, and estimate its accuracy "
+    "without labels (when its bundle has a profile).",
+)
+@click.option(
+    "--drift-window",
+    default=default("drift_window"),
+    show_default=True,
+    type=click.IntRange(100, 1 << 30),
+    help="The drift window: the latest N messages (in 16 chunks; at least N) ...",
+)
+@click.option(
+    "--drift-seconds",
+    default=default("drift_seconds"),
+    show_default=True,
+    type=click.FloatRange(1, 86_400),
+    help="... none older than this many seconds.",
+)
 def run(
     in_addr,
     out_addr,
@@ -402,6 +423,9 @@ def run(
     in_flight,
     flush_timeout,
     acked,
+    drift,
+    drift_window,
+    drift_seconds,
     **connector_flag_values,
 ):
     """The streaming application: read --in, classify, write results to --out.
@@ -456,6 +480,9 @@ def run(
         in_flight=in_flight,
         flush_timeout=flush_timeout,
         acked=acked,
+        drift=drift,
+        drift_window=drift_window,
+        drift_seconds=drift_seconds,
     )
     sys.exit(run_app(config))
 
@@ -807,6 +834,37 @@ def bench(
             runs=runs,
         )
     )
+
+
+# ------------------------------------------------------------------- profile
+@main.command()
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    help="A model bundle directory, or a single .skops file (the profile goes beside it, "
+    "as NAME.profile.json).",
+)
+@click.option(
+    "--dataset",
+    required=True,
+    help="What the model was trained on: digits, idx:DIR or npz:FILE (as for train).",
+)
+@click.option(
+    "--test-size",
+    default=0.25,
+    show_default=True,
+    type=click.FloatRange(0.05, 0.9),
+    help="Fraction held out (stratified): the reference is the rest.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
+def profile(model_path, dataset, test_size, seed):
+    """Add a reference profile to a model bundle or .skops file: what `run` judges drift
+    and estimates accuracy against. `train` stores one in every bundle it writes."""
+    # start-up time: each command imports only what it runs (--help stays instant)
+    from digitstream.tools import profiler
+
+    profiler.main(model_path, dataset, test_size=test_size, seed=seed)
 
 
 # ------------------------------------------------------------------- inspect

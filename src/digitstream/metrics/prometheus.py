@@ -35,6 +35,15 @@ name                                        type       labels
                                                        ``claimed``, ``committed``, ...)
 ``digitstream_connector_pending_entries``   gauge      ``role``, ``connector``, ``state``
                                                        (``pending``, ``group_pending``)
+``digitstream_drift_score``                 gauge      ``feature`` (its index): the feature's
+                                                       Jensen-Shannon distance from the
+                                                       reference, over the drift window
+``digitstream_drift_detected``              gauge      (1 while drift is detected)
+``digitstream_drift_overall_score``         gauge      (the verdict's score ...)
+``digitstream_drift_threshold``             gauge      (... and its threshold)
+``digitstream_drift_classes_score``         gauge      (the predicted classes' distance)
+``digitstream_drift_window_messages``       gauge
+``digitstream_estimated_accuracy``          gauge      (confidence-based, without labels)
 ==========================================  =========  ======================================
 
 plus ``process_*`` and ``python_*`` from ``prometheus_client``'s own collectors.
@@ -228,6 +237,7 @@ class StreamCollector:
         if s.connectors:
             yield entries
             yield now
+        yield from _monitor_families(s.monitor)
         card = self.card() if callable(self.card) else self.card
         if card:
             info = InfoMetricFamily("digitstream_model", "The model being served.")
@@ -240,6 +250,46 @@ class StreamCollector:
                     "The model's accuracy on data held out from training.",
                     value=accuracy,
                 )
+
+
+def _monitor_families(monitor: dict):
+    drift = monitor.get("drift")
+    if not drift:
+        return
+    yield GaugeMetricFamily(
+        "digitstream_drift_detected",
+        "1 while the model monitor sees drift from the reference profile, else 0.",
+        value=1 if drift["detected"] else 0,
+    )
+    if not drift.get("enabled"):
+        return
+    scores = GaugeMetricFamily(
+        "digitstream_drift_score",
+        "Each input feature's Jensen-Shannon distance from the reference, over the window.",
+        labels=["feature"],
+    )
+    for feature, score in enumerate(drift["features"]):
+        scores.add_metric([str(feature)], score)
+    yield scores
+    for name, key, text in (
+        (
+            "overall_score",
+            "score",
+            "The drift verdict's score: standard deviations above "
+            "the reference's own windows, the largest of the tests'.",
+        ),
+        ("threshold", "threshold", "The score above which drift is detected."),
+        ("classes_score", "classes", "The predicted classes' distance from the reference."),
+        ("window_messages", "window", "Messages in the drift window."),
+    ):
+        if drift.get(key) is not None:
+            yield GaugeMetricFamily(f"digitstream_drift_{name}", text, value=drift[key])
+    if monitor.get("estimated_accuracy") is not None:
+        yield GaugeMetricFamily(
+            "digitstream_estimated_accuracy",
+            "Accuracy expected over the drift window from the winning probabilities (no labels).",
+            value=monitor["estimated_accuracy"],
+        )
 
 
 def _held_out_accuracy(card: dict) -> float | None:

@@ -58,6 +58,21 @@ def stats_document(
     - ``classes``: ``labels`` and ``counts`` of predicted classes (rejected inputs excluded).
     - ``accuracy``: ``labelled``, ``correct``, ``accuracy`` (null until a label arrives),
       ``confusion``: ``{"labels": [...], "matrix": [[...]]}``, rows true, columns predicted.
+    - ``drift``: the model monitor's verdict on the current window (see
+      :mod:`digitstream.monitor.drift`): ``enabled`` (false, with a ``reason``, without a
+      reference profile or with ``--no-drift``), ``detected``, ``score`` (the largest of the
+      tests' scores: standard deviations above the reference's own windows) and
+      ``threshold``, ``since`` (Unix time drift was first seen, null while none),
+      ``features`` (each input feature's Jensen-Shannon distance from the reference, in
+      feature order), ``classes`` (the predicted classes' distance), ``window`` (messages in
+      the window), ``rows`` (sampled rows in it), ``tests`` (``inputs``, ``classes``,
+      ``confidence``: ``statistic``, ``n``, ``threshold``, ``score``), ``episodes`` (drifts
+      detected so far), ``limits`` (``messages``, ``seconds``), ``image`` (``[height,
+      width]`` when the features are a square image), ``history`` (``t``, ``score`` of the
+      last 600 verdicts).
+    - ``estimated_accuracy``: the accuracy expected over the drift window from the winning
+      probabilities and the profile's calibration (confidence-based, no labels); null
+      without a profile or probabilities.
     - ``model``: the model card of the bundle (data set, held-out accuracy, step names,
       library versions, ...), as in its ``model.json``; after a swap, the new model's.
     - ``model_swaps``: the last 100 models swapped in while running, oldest first:
@@ -173,6 +188,8 @@ def stats_document(
             "accuracy": s.correct / s.labelled if s.labelled else None,
             "confusion": {"labels": labels, "matrix": matrix},
         },
+        "drift": s.monitor.get("drift"),
+        "estimated_accuracy": s.monitor.get("estimated_accuracy"),
         "model": _jsonable(info.get("model") or {}),
         "model_swaps": s.model_swaps,
         "model_swaps_total": s.model_swaps_total,

@@ -2,8 +2,8 @@
 replaces the model serving, between two batches.
 
 **Noticing it.** Every ``poll`` seconds (0.5 by default) the watcher looks at
-the size, modification time and inode of ``model.json`` and
-``pipeline.skops`` (or of the single ``.skops`` file); SIGHUP makes it load
+the size, modification time and inode of ``model.json``, ``pipeline.skops`` and
+``profile.json`` (or of the single ``.skops`` file and its profile); SIGHUP makes it load
 the path at once. A bundle directory is taken as soon as its card names the
 content hash of its pipeline file, which :func:`~digitstream.model.bundle.save_bundle`
 (and any writer that renames ``model.json`` into place last) makes true only
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from datetime import datetime
@@ -49,8 +48,9 @@ from digitstream.model.bundle import (
     CARD_FILE,
     PIPELINE_FILE,
     BundleError,
-    content_hash,
     load_bundle,
+    peek,
+    profile_path,
 )
 
 log = logging.getLogger("digitstream.swap")
@@ -149,6 +149,7 @@ class ModelWatcher:
             if self.path.is_dir()
             else [self.path]
         )
+        files.append(profile_path(self.path))
         signature: list[_FileStat] = []
         for file in files:
             try:
@@ -160,21 +161,9 @@ class ModelWatcher:
         return tuple(signature)
 
     def _peek(self) -> tuple[str | None, bool]:
-        """The content hash of the pipeline file (None if unreadable), and whether a
+        """The content hash of the bundle's files (None if unreadable), and whether a
         card names that hash (a bundle directory whose writer has finished)."""
-        is_dir = self.path.is_dir()
-        pipeline = self.path / PIPELINE_FILE if is_dir else self.path
-        try:
-            digest = content_hash(pipeline.read_bytes())
-        except OSError:
-            return None, False
-        if not is_dir:
-            return digest, False
-        try:
-            card = json.loads((self.path / CARD_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return digest, False
-        return digest, isinstance(card, dict) and card.get("content_hash") == digest
+        return peek(self.path)
 
     async def _swap(self, trigger: str) -> None:
         serving = self.serving

@@ -39,6 +39,7 @@ from digitstream.datasets import Dataset, load_dataset
 from digitstream.errors import UserError
 from digitstream.model.bundle import load_bundle, save_bundle
 from digitstream.model.zoo import RECIPES, GridContext, ModelRecipe, get_recipe
+from digitstream.monitor.profile import profile_of_split
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
@@ -199,7 +200,8 @@ def main(
     if len(result.pipeline.classes_) <= 20:
         out.print(_confusion_table(result.pipeline.classes_, result.confusion))
     out.print(f"Training took {result.card['training_seconds']:.1f} s.")
-    directory = save_bundle(result.pipeline, output, result.card)
+    profile = profile_of_split(result.pipeline, result.split, data.value_range, data.name, seed)
+    directory = save_bundle(result.pipeline, output, result.card, profile=profile)
     bundle = load_bundle(directory)
     out.print(
         f"Model bundle written to {directory}/ (pipeline.skops, model.json; "
