@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import signal
@@ -29,6 +30,7 @@ from digitstream.engine.base import Engine, EngineOptions, answer, make_engine
 from digitstream.errors import UserError
 from digitstream.model.stored import StoredPipeline
 from digitstream.monitor import Monitor
+from digitstream.monitor.labels import LabelFeed
 from digitstream.pipeline import Flow, FlowOptions, failure_reason
 from digitstream.sinks import Sink
 from digitstream.sources import InputStream, Source
@@ -94,6 +96,8 @@ class Application:
             config.compile_model,
             worker=config.name,
             drift=config.drift,
+            # late labels find the predictions of the inputs they are for by id
+            predictions=config.labels is not None,
         )
         self.serving: Serving | None = None
         self.engine: Engine | None = None
@@ -103,8 +107,9 @@ class Application:
         self.metrics_server: MetricsServer | None = None
         # swaps in a new model bundle written to the --model path
         self.watcher: ModelWatcher | None = None
-        # watches the model serving: drift (digitstream.monitor)
+        # watches the model serving: drift, late labels (digitstream.monitor)
         self.monitor: Monitor | None = None
+        self.label_feed: LabelFeed | None = None
         self.positions: dict[StreamId, int] = {}
         self.frames_in = 0  # complete frames received
         self.frames_out = 0  # result frames handed to the sink
@@ -172,7 +177,16 @@ class Application:
             from digitstream.metrics.recorder import Metrics
 
             self.metrics = Metrics(cfg.name, serving.flow.stage_names, serving.flow.runner.classes)
-        self.monitor = Monitor(serving.flow.profile, cfg.drift, cfg.drift_window, cfg.drift_seconds)
+        self.monitor = Monitor(
+            serving.flow.profile,
+            cfg.drift,
+            cfg.drift_window,
+            cfg.drift_seconds,
+            classes=serving.flow.runner.classes,
+            labels=cfg.labels is not None,
+            label_window=cfg.label_window,
+            metrics=self.metrics,
+        )
         if self.metrics is not None:
             self.metrics.monitor = self.monitor.report
         source = self._given[0] or make_source(cfg.in_addr, cfg, self.metrics)
@@ -202,6 +216,11 @@ class Application:
         self.source = source
         await source.start(sink)
         self._accepting = asyncio.create_task(self._accept(), name="streams")
+        if cfg.labels is not None:
+            labels = make_source(cfg.labels, dataclasses.replace(cfg, acked=False))
+            self.label_feed = LabelFeed(labels, self.monitor.labels_received)
+            await self.label_feed.start(sink)
+            log.info("late labels from %s", self.label_feed.describe())
         # start-up time: loaded only when the run needs it (metrics, the stored model)
         from digitstream.model.swap import ModelWatcher
 
@@ -289,7 +308,11 @@ class Application:
                 "pipeline_loaded": self.pipeline_loaded(),
                 "input_format": cfg.input_format,
                 "output_format": cfg.output_format,
-                "addresses": {"in": source.describe(), "out": sink.describe()},
+                "addresses": {
+                    "in": source.describe(),
+                    "out": sink.describe(),
+                    **({"labels": self.label_feed.describe()} if self.label_feed else {}),
+                },
             }
 
         self.metrics_server = MetricsServer(
@@ -389,6 +412,8 @@ class Application:
         cfg = self.config
         if self.watcher is not None:
             await self.watcher.close()
+        if self.label_feed is not None:
+            await self.label_feed.close()
         if self.metrics is not None:
             self.metrics.ready = False
         status = 0

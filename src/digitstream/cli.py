@@ -400,6 +400,21 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     type=click.FloatRange(1, 86_400),
     help="... none older than this many seconds.",
 )
+@click.option(
+    "--labels",
+    default=None,
+    type=EndpointType("source"),
+    help='Labels that arrive later, records {"id": ..., "label": ...} joined by id to the '
+    "predictions of inputs that carried that id: HOST:PORT (run listens there for framed "
+    "JSON records) or a broker's URL, as --in.",
+)
+@click.option(
+    "--label-window",
+    default=default("label_window"),
+    show_default=True,
+    type=click.IntRange(1, 1 << 30),
+    help="With --labels: most predictions awaiting a label; the oldest go first.",
+)
 def run(
     in_addr,
     out_addr,
@@ -426,6 +441,8 @@ def run(
     drift,
     drift_window,
     drift_seconds,
+    labels,
+    label_window,
     **connector_flag_values,
 ):
     """The streaming application: read --in, classify, write results to --out.
@@ -483,6 +500,8 @@ def run(
         drift=drift,
         drift_window=drift_window,
         drift_seconds=drift_seconds,
+        labels=labels,
+        label_window=label_window,
     )
     sys.exit(run_app(config))
 

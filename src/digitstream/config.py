@@ -64,6 +64,10 @@ class AppConfig:
     drift_window: int = 20_000
     #: ... none older than this many seconds
     drift_seconds: float = 60.0
+    #: where labels that arrive later come from (``HOST:PORT`` or a URL, as ``in_addr``)
+    labels: str | Address | None = None
+    #: the most predictions awaiting a late label
+    label_window: int = 100_000
 
 
 DEFAULTS = AppConfig()

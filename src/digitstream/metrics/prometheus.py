@@ -44,6 +44,11 @@ name                                        type       labels
 ``digitstream_drift_classes_score``         gauge      (the predicted classes' distance)
 ``digitstream_drift_window_messages``       gauge
 ``digitstream_estimated_accuracy``          gauge      (confidence-based, without labels)
+``digitstream_labels_total``                counter    ``event`` (``received``, ``matched``,
+                                                       ``unknown``, ``expired``, ``invalid``)
+``digitstream_labels_pending``              gauge      (predictions awaiting a late label)
+``digitstream_window_accuracy``             gauge      (over the labels of the last window)
+``digitstream_accuracy_drop_detected``      gauge      (1 while an accuracy drop is flagged)
 ==========================================  =========  ======================================
 
 plus ``process_*`` and ``python_*`` from ``prometheus_client``'s own collectors.
@@ -253,6 +258,32 @@ class StreamCollector:
 
 
 def _monitor_families(monitor: dict):
+    labels = monitor.get("labels")
+    if labels and labels.get("enabled"):
+        events = CounterMetricFamily(
+            "digitstream_labels", "Late label records, by what became of them.", labels=["event"]
+        )
+        for event in ("received", "matched", "unknown", "expired", "invalid"):
+            events.add_metric([event], labels[event])
+        yield events
+        yield GaugeMetricFamily(
+            "digitstream_labels_pending",
+            "Predictions awaiting a late label.",
+            value=labels["pending"],
+        )
+    accuracy = monitor.get("accuracy")
+    if accuracy:
+        if accuracy["window"]["accuracy"] is not None:
+            yield GaugeMetricFamily(
+                "digitstream_window_accuracy",
+                "Accuracy over the labels (inline or late) of the last window.",
+                value=accuracy["window"]["accuracy"],
+            )
+        yield GaugeMetricFamily(
+            "digitstream_accuracy_drop_detected",
+            "1 while a change detector on the error rate flags an accuracy drop.",
+            value=1 if accuracy["drop"]["detected"] else 0,
+        )
     drift = monitor.get("drift")
     if not drift:
         return

@@ -359,6 +359,14 @@ class Metrics:
                 if result.confusion:
                     self.confusion.update(result.confusion)
 
+    def labels_joined(self, labelled: int, correct: int, confusion: Counter) -> None:
+        """Labels that arrived after their inputs (``run --labels``), joined to the answers
+        given: counted in the live accuracy as inline labels are."""
+        with self._lock:
+            self.labelled += labelled
+            self.correct += correct
+            self.confusion.update(confusion)
+
     def worker_event(self, name: str, event: str) -> None:
         """A worker ``"joined"`` or was ``"lost"`` (engines that have workers call this)."""
         with self._lock:

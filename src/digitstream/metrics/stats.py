@@ -56,8 +56,19 @@ def stats_document(
       batches, out_per_s, latency: {end_to_end, stages}}``; ``worker_events``: the last
       100 ``{time, worker, event}``.
     - ``classes``: ``labels`` and ``counts`` of predicted classes (rejected inputs excluded).
-    - ``accuracy``: ``labelled``, ``correct``, ``accuracy`` (null until a label arrives),
-      ``confusion``: ``{"labels": [...], "matrix": [[...]]}``, rows true, columns predicted.
+    - ``accuracy``: from every label that reached the application, inline or late
+      (``run --labels``): ``labelled``, ``correct``, ``accuracy`` (null until a label
+      arrives), ``confusion``: ``{"labels": [...], "matrix": [[...]]}``, rows true, columns
+      predicted; ``per_class`` (true label -> ``{labelled, correct, accuracy}``);
+      ``window`` (``labelled``, ``correct``, ``accuracy``, ``seconds``: the labels that
+      arrived in the last ``--drift-seconds``); ``estimated`` (``estimated_accuracy``, for
+      comparison); ``drop`` (``detected``, ``since``, ``episodes``: an accuracy drop flagged
+      by a change detector on the error rate).
+    - ``labels``: late labels (``run --labels``): ``enabled``, ``received`` (well-formed
+      records), ``matched`` (joined to a prediction), ``unknown`` (no prediction awaited that
+      id), ``expired`` (predictions dropped, oldest first, past ``--label-window``),
+      ``pending`` (predictions awaiting a label now), ``invalid`` (records that are not
+      ``{"id", "label"}``), ``capacity``.
     - ``drift``: the model monitor's verdict on the current window (see
       :mod:`digitstream.monitor.drift`): ``enabled`` (false, with a ``reason``, without a
       reference profile or with ``--no-drift``), ``detected``, ``score`` (the largest of the
@@ -187,7 +198,11 @@ def stats_document(
             "correct": s.correct,
             "accuracy": s.correct / s.labelled if s.labelled else None,
             "confusion": {"labels": labels, "matrix": matrix},
+            "per_class": _per_class(labels, matrix),
+            **s.monitor.get("accuracy", {}),
+            "estimated": s.monitor.get("estimated_accuracy"),
         },
+        "labels": s.monitor.get("labels"),
         "drift": s.monitor.get("drift"),
         "estimated_accuracy": s.monitor.get("estimated_accuracy"),
         "model": _jsonable(info.get("model") or {}),
@@ -210,6 +225,16 @@ def stats_document(
             },
         },
     }
+
+
+def _per_class(labels: list[str], matrix: list[list[int]]) -> dict:
+    out = {}
+    for i, label in enumerate(labels):
+        labelled = sum(matrix[i])
+        if labelled:
+            correct = matrix[i][i]
+            out[label] = {"labelled": labelled, "correct": correct, "accuracy": correct / labelled}
+    return out
 
 
 def _ordered(stage_names: list[str], present) -> list[str]:

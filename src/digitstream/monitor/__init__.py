@@ -19,18 +19,30 @@ accuracy estimated without labels.
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 
+import numpy as np
+
+from digitstream.monitor.accuracy import AccuracyWatch
 from digitstream.monitor.drift import DriftMonitor, disabled
+from digitstream.monitor.labels import LabelJoin
 
 log = logging.getLogger("digitstream.monitor")
 
 __all__ = ["Monitor"]
 
+#: a true label the model has no class for, in the confusion matrix (as pipeline.OTHER_LABEL)
+OTHER_LABEL = "(other)"
+
 
 class Monitor:
     """The model monitor of one run, starting with the ``profile`` of the model serving (the
     flow's: None without one, or with ``run --no-drift``, which ``drift`` says);
-    ``window_messages`` and ``window_seconds`` bound the drift window."""
+    ``window_messages`` and ``window_seconds`` bound the drift window (and the latter the
+    accuracy window). With ``labels`` (``run --labels``), predictions of inputs with ids
+    await late labels, at most ``label_window`` of them. ``classes`` are the model's class
+    labels; ``metrics``, if given, counts late labels in the live accuracy."""
 
     def __init__(
         self,
@@ -38,13 +50,22 @@ class Monitor:
         drift: bool = True,
         window_messages: int = 20_000,
         window_seconds: float = 60.0,
+        classes=(),
+        labels: bool = False,
+        label_window: int = 100_000,
+        metrics=None,
     ):
         self.drift_on = drift
         self.window_messages = window_messages
         self.window_seconds = window_seconds
+        self.classes = [str(c) for c in classes]
+        self.metrics = metrics
         self._profile = profile
         self.drift: DriftMonitor | None = None
         self._judge_against(profile)
+        self.accuracy = AccuracyWatch(window_seconds)
+        self.join = LabelJoin(self.classes, label_window) if labels else None
+        self._invalid_logged = 0.0
 
     def batch_done(self, result, flow) -> None:
         """A served batch's result, and the flow that served it."""
@@ -53,6 +74,38 @@ class Monitor:
             self._judge_against(flow.profile)
         if self.drift is not None:
             self.drift.add(result)
+        if result.labelled:
+            self.accuracy.add(result.labelled, result.correct)
+        if self.join is not None:
+            self.join.predictions(result)
+
+    def labels_received(self, records: list) -> None:
+        """Label records that arrived (``run --labels``): joined to their predictions and
+        counted in the live accuracy."""
+        join = self.join
+        assert join is not None, "labels without run --labels"
+        invalid = join.invalid
+        matched = join.labels(records)
+        if matched:
+            true = np.fromiter((t for _, t, _ in matched), dtype=np.intp, count=len(matched))
+            predicted = np.fromiter((p for _, _, p in matched), dtype=np.intp, count=len(matched))
+            correct = int(np.count_nonzero(true == predicted))
+            self.accuracy.add(len(matched), correct)
+            if self.metrics is not None:
+                texts = [*self.classes, OTHER_LABEL]
+                confusion = Counter(
+                    (texts[t], texts[p]) for t, p in zip(true.tolist(), predicted.tolist())
+                )
+                self.metrics.labels_joined(len(matched), correct, confusion)
+        if join.invalid > invalid:
+            now = time.monotonic()
+            if now - self._invalid_logged >= 10.0:  # a flood of them: one line every 10 s
+                self._invalid_logged = now
+                log.warning(
+                    'label records that are not {"id": ..., "label": ...} are counted as '
+                    "invalid (%d so far)",
+                    join.invalid,
+                )
 
     def _judge_against(self, profile) -> None:
         self._profile = profile
@@ -63,7 +116,20 @@ class Monitor:
         )
 
     def report(self) -> dict:
-        """What ``/api/stats`` and ``/metrics`` show of the monitor."""
+        """What ``/api/stats`` and ``/metrics`` show of the monitor: ``drift``,
+        ``estimated_accuracy``, ``labels`` and ``accuracy`` (the window and drops)."""
+        if self.join is not None:
+            labels = {"enabled": True, **self.join.report()}
+        else:
+            labels = {
+                "enabled": False,
+                "received": 0,
+                "matched": 0,
+                "unknown": 0,
+                "expired": 0,
+                "pending": 0,
+            }
+        report = {"labels": labels, "accuracy": self.accuracy.report()}
         if self.drift is None:
             reason = (
                 "off (run --no-drift)"
@@ -71,5 +137,9 @@ class Monitor:
                 else "the model has no reference profile: `digitstream profile --model PATH "
                 "--dataset SPEC` adds one"
             )
-            return {"drift": disabled(reason), "estimated_accuracy": None}
-        return {"drift": self.drift.report(), "estimated_accuracy": self.drift.estimated_accuracy}
+            return {**report, "drift": disabled(reason), "estimated_accuracy": None}
+        return {
+            **report,
+            "drift": self.drift.report(),
+            "estimated_accuracy": self.drift.estimated_accuracy,
+        }
