@@ -31,6 +31,7 @@ from digitstream.errors import UserError
 from digitstream.model.stored import StoredPipeline
 from digitstream.monitor import Monitor
 from digitstream.monitor.labels import LabelFeed
+from digitstream.monitor.shadow import Shadow
 from digitstream.pipeline import Flow, FlowOptions, failure_reason
 from digitstream.sinks import Sink
 from digitstream.sources import InputStream, Source
@@ -96,8 +97,9 @@ class Application:
             config.compile_model,
             worker=config.name,
             drift=config.drift,
-            # late labels find the predictions of the inputs they are for by id
-            predictions=config.labels is not None,
+            # late labels find the predictions of the inputs they are for by id; the shadow
+            # model's answers are compared with them
+            predictions=config.labels is not None or config.shadow is not None,
         )
         self.serving: Serving | None = None
         self.engine: Engine | None = None
@@ -110,6 +112,8 @@ class Application:
         # watches the model serving: drift, late labels (digitstream.monitor)
         self.monitor: Monitor | None = None
         self.label_feed: LabelFeed | None = None
+        self.shadow: Shadow | None = None
+        self.shadow_watcher: ModelWatcher | None = None
         self.positions: dict[StreamId, int] = {}
         self.frames_in = 0  # complete frames received
         self.frames_out = 0  # result frames handed to the sink
@@ -157,6 +161,8 @@ class Application:
                 f"--max-frame {cfg.max_frame}"
             )
         self.serving = Serving(bundle, flow, self.flow_options, None, self.positions)
+        if cfg.shadow is not None:
+            self._load_shadow(bundle)
         log.info(
             "model %s: %s, %d features, classes %s%s",
             cfg.model_path,
@@ -164,6 +170,29 @@ class Application:
             runner.n_features,
             " ".join(str(c) for c in runner.classes),
             " (fused)" if runner.compiled else "",
+        )
+
+    def _load_shadow(self, served) -> None:
+        """The shadow model (``run --shadow``), checked against the served one."""
+        # start-up time: loaded only when the run needs it (metrics, the stored model)
+        from digitstream.model.bundle import load_bundle
+
+        cfg = self.config
+        assert cfg.shadow is not None
+        shadow = load_bundle(cfg.shadow)
+        classes = [str(c) for c in served.classes]
+        if shadow.n_features != served.n_features or [str(c) for c in shadow.classes] != classes:
+            raise UserError(
+                f"the shadow model at {cfg.shadow} takes {shadow.n_features} features into "
+                f"classes {' '.join(map(str, shadow.classes))}; the model served takes "
+                f"{served.n_features} into {' '.join(classes)}: they must be the same"
+            )
+        self.shadow = Shadow(shadow, self.flow_options, classes, cfg.label_window)
+        log.info(
+            "shadow model %s: %s (%s)",
+            cfg.shadow,
+            " -> ".join(shadow.step_names),
+            shadow.content_hash,
         )
 
     async def start(self) -> None:
@@ -189,6 +218,9 @@ class Application:
         )
         if self.metrics is not None:
             self.metrics.monitor = self.monitor.report
+        if self.shadow is not None:
+            self.monitor.shadow = self.shadow
+            self.shadow.start()
         source = self._given[0] or make_source(cfg.in_addr, cfg, self.metrics)
         sink = self._given[1] or make_sink(cfg.out_addr, cfg)
         if self.metrics is not None:
@@ -226,6 +258,11 @@ class Application:
 
         self.watcher = ModelWatcher(cfg.model_path, serving, self.metrics, poll=cfg.model_poll)
         self.watcher.start()
+        if self.shadow is not None and cfg.shadow is not None:
+            self.shadow_watcher = ModelWatcher(
+                cfg.shadow, self.shadow, poll=cfg.model_poll, role="shadow model"
+            )
+            self.shadow_watcher.start()
         if self.metrics is not None:
             self.metrics.ready = True
         # What start-up made (modules, the model) lives as long as the process: kept out of
@@ -370,7 +407,7 @@ class Application:
             if metrics:
                 metrics.batch_done(result, (time.perf_counter_ns() - batch.received_ns) * 1e-9)
             if self.monitor is not None:
-                self.monitor.batch_done(result, flow)
+                self.monitor.batch_done(result, flow, batch)
 
     async def _write(self, result: BatchResult) -> None:
         """Hand ``result`` to the sink; a sink that raises is tried again, never skipped."""
@@ -414,6 +451,10 @@ class Application:
             await self.watcher.close()
         if self.label_feed is not None:
             await self.label_feed.close()
+        if self.shadow_watcher is not None:
+            await self.shadow_watcher.close()
+        if self.shadow is not None:
+            await self.shadow.close()
         if self.metrics is not None:
             self.metrics.ready = False
         status = 0

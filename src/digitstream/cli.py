@@ -415,6 +415,13 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     type=click.IntRange(1, 1 << 30),
     help="With --labels: most predictions awaiting a label; the oldest go first.",
 )
+@click.option(
+    "--shadow",
+    default=None,
+    help="A second model bundle (or .skops file) scored on the same batches, off the served "
+    "path: agreement, disagreement and both accuracies in the metrics. A new bundle written "
+    "there is swapped in; `digitstream promote` serves it.",
+)
 def run(
     in_addr,
     out_addr,
@@ -443,6 +450,7 @@ def run(
     drift_seconds,
     labels,
     label_window,
+    shadow,
     **connector_flag_values,
 ):
     """The streaming application: read --in, classify, write results to --out.
@@ -502,6 +510,7 @@ def run(
         drift_seconds=drift_seconds,
         labels=labels,
         label_window=label_window,
+        shadow=shadow,
     )
     sys.exit(run_app(config))
 
@@ -884,6 +893,31 @@ def profile(model_path, dataset, test_size, seed):
     from digitstream.tools import profiler
 
     profiler.main(model_path, dataset, test_size=test_size, seed=seed)
+
+
+# ------------------------------------------------------------------- promote
+@main.command()
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    help="The bundle directory a run serves (its --model).",
+)
+@click.option(
+    "--shadow",
+    "shadow_path",
+    required=True,
+    help="The shadow model's bundle directory or .skops file (the run's --shadow).",
+)
+def promote(model_dir, shadow_path):
+    """Make the shadow model the served one, and the served one the shadow.
+
+    The bundles' files are exchanged (each renamed into place, the card last); a run
+    serving them swaps both in without losing a message."""
+    # start-up time: each command imports only what it runs (--help stays instant)
+    from digitstream.tools import promote as promoting
+
+    promoting.main(model_dir, shadow_path)
 
 
 # ------------------------------------------------------------------- inspect

@@ -68,6 +68,8 @@ class AppConfig:
     labels: str | Address | None = None
     #: the most predictions awaiting a late label
     label_window: int = 100_000
+    #: a second bundle scored on the same batches, off the served path
+    shadow: str | None = None
 
 
 DEFAULTS = AppConfig()

@@ -49,6 +49,11 @@ name                                        type       labels
 ``digitstream_labels_pending``              gauge      (predictions awaiting a late label)
 ``digitstream_window_accuracy``             gauge      (over the labels of the last window)
 ``digitstream_accuracy_drop_detected``      gauge      (1 while an accuracy drop is flagged)
+``digitstream_shadow_scored_total``         counter    (messages both models scored)
+``digitstream_shadow_agreement``            gauge      (the share of those given one class)
+``digitstream_shadow_skipped_batches_total`` counter   (batches the shadow did not score)
+``digitstream_shadow_accuracy``             gauge      ``model`` (``served``, ``shadow``), on
+                                                       labelled messages both scored
 ==========================================  =========  ======================================
 
 plus ``process_*`` and ``python_*`` from ``prometheus_client``'s own collectors.
@@ -284,6 +289,33 @@ def _monitor_families(monitor: dict):
             "1 while a change detector on the error rate flags an accuracy drop.",
             value=1 if accuracy["drop"]["detected"] else 0,
         )
+    shadow = monitor.get("shadow")
+    if shadow:
+        yield CounterMetricFamily(
+            "digitstream_shadow_scored",
+            "Messages scored by both the served and the shadow model (since either changed).",
+            value=shadow["scored"],
+        )
+        yield CounterMetricFamily(
+            "digitstream_shadow_skipped_batches",
+            "Batches the shadow model did not score (full, not ready, or lost them).",
+            value=shadow["skipped_batches"],
+        )
+        if shadow["agreement"] is not None:
+            yield GaugeMetricFamily(
+                "digitstream_shadow_agreement",
+                "The share of messages both models scored that they gave the same class.",
+                value=shadow["agreement"],
+            )
+        if shadow["labelled"]:
+            both = GaugeMetricFamily(
+                "digitstream_shadow_accuracy",
+                "Accuracy on the labelled messages both models scored.",
+                labels=["model"],
+            )
+            both.add_metric(["served"], shadow["served_accuracy"])
+            both.add_metric(["shadow"], shadow["shadow_accuracy"])
+            yield both
     drift = monitor.get("drift")
     if not drift:
         return

@@ -84,6 +84,16 @@ def stats_document(
     - ``estimated_accuracy``: the accuracy expected over the drift window from the winning
       probabilities and the profile's calibration (confidence-based, no labels); null
       without a profile or probabilities.
+    - ``shadow``: with ``run --shadow``, the shadow model scored off the served path (see
+      :mod:`digitstream.monitor.shadow`): ``model`` (its card), ``path``, ``content_hash``,
+      ``ready``, ``since`` (when this comparison started: at start, or when either model
+      changed), ``offered_batches``, ``batches`` (scored by both), ``scored`` (messages scored
+      by both), ``agreement`` (the share of those given the same class), ``disagreement``
+      (``labels``, ``matrix``: served class x shadow class), ``labelled`` (labelled messages
+      scored by both), ``served_accuracy`` and ``shadow_accuracy`` (on those; null until
+      one), ``skipped_batches`` and ``skipped_messages`` (not scored: the shadow was full,
+      not ready, or lost them), ``in_flight``, ``seconds_per_batch`` (``served``,
+      ``shadow``), ``swaps``, ``restarts``; null without a shadow.
     - ``model``: the model card of the bundle (data set, held-out accuracy, step names,
       library versions, ...), as in its ``model.json``; after a swap, the new model's.
     - ``model_swaps``: the last 100 models swapped in while running, oldest first:
@@ -203,6 +213,7 @@ def stats_document(
             "estimated": s.monitor.get("estimated_accuracy"),
         },
         "labels": s.monitor.get("labels"),
+        "shadow": _jsonable(s.monitor["shadow"]) if s.monitor.get("shadow") else None,
         "drift": s.monitor.get("drift"),
         "estimated_accuracy": s.monitor.get("estimated_accuracy"),
         "model": _jsonable(info.get("model") or {}),

@@ -162,6 +162,56 @@ def save_profile(bundle: Bundle, profile: Profile) -> Path:
     return target
 
 
+def bundle_files(path) -> dict[str, bytes]:
+    """The files of the bundle at ``path`` as they are now, by name: of a directory, its
+    pipeline, its profile if the card names one, and its card (last); of a ``.skops``
+    file, the file and its profile beside it, if any. Nothing is checked here."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            card = _read_card(path)
+            names = [PIPELINE_FILE, *([PROFILE_FILE] if card.get("profile_file") else [])]
+            return {name: (path / name).read_bytes() for name in [*names, CARD_FILE]}
+        files = {path.name: path.read_bytes()}
+        if profile_path(path).exists():
+            files[profile_path(path).name] = profile_path(path).read_bytes()
+        return files
+    except OSError as exc:
+        raise BundleError(f"cannot read the bundle at {path}: {exc.strerror or exc}") from None
+
+
+def files_hash(files: dict[str, bytes], path) -> str:
+    """The content hash of a bundle's ``files`` (from :func:`bundle_files`)."""
+    path = Path(path)
+    if CARD_FILE in files:
+        return bundle_hash(files[PIPELINE_FILE], files.get(PROFILE_FILE))
+    return bundle_hash(files[path.name], files.get(profile_path(path).name))
+
+
+def write_bundle_files(directory, files: dict[str, bytes]) -> None:
+    """Write a bundle directory's ``files`` (from :func:`bundle_files` of another one) into
+    ``directory``, each renamed into place, ``model.json`` last, as :func:`save_bundle`
+    writes; a profile the new card does not name is removed after it."""
+    directory = Path(directory)
+    for name, data in files.items():
+        if name != CARD_FILE:
+            _write_atomically(directory / name, data)
+    _write_atomically(directory / CARD_FILE, files[CARD_FILE])
+    if PROFILE_FILE not in files:
+        (directory / PROFILE_FILE).unlink(missing_ok=True)
+
+
+def write_skops(path, pipeline_data: bytes, profile_data: bytes | None) -> None:
+    """Write a single ``.skops`` file and its profile beside it (or remove the profile it
+    had, if ``profile_data`` is None), each renamed into place."""
+    path = Path(path)
+    _write_atomically(path, pipeline_data)
+    if profile_data is not None:
+        _write_atomically(profile_path(path), profile_data)
+    else:
+        profile_path(path).unlink(missing_ok=True)
+
+
 def peek(path) -> tuple[str | None, bool]:
     """The content hash of the bundle files at ``path`` as they are now (None if they
     cannot be read), and whether a card names that hash (a bundle directory whose writer

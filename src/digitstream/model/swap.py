@@ -70,7 +70,8 @@ class ModelWatcher:
     serving now, builds the flow for a new bundle and switches to it, returning
     each open stream's switch point; ``metrics``, if given, records swaps and
     refusals. ``poll`` is in seconds (0: only on :meth:`request_reload`);
-    ``clock`` is monotonic seconds.
+    ``clock`` is monotonic seconds; ``role`` names the model in log lines ("model", or
+    "shadow model" for ``run --shadow``'s).
     """
 
     def __init__(
@@ -81,7 +82,9 @@ class ModelWatcher:
         poll: float = POLL_SECONDS,
         settle: float = SETTLE_SECONDS,
         clock=time.monotonic,
+        role: str = "model",
     ):
+        self.role = role
         self.serving = serving
         self.metrics = metrics
         self.path = Path(path)
@@ -119,7 +122,7 @@ class ModelWatcher:
                 await self.check(forced)
             except Exception:  # a bug here must not stop the stream, nor later swaps
                 log.exception(
-                    "looking for a new model at %s failed; the model serving stays", self.path
+                    "looking for a new %s at %s failed; the one serving stays", self.role, self.path
                 )
 
     async def check(self, forced: bool = False) -> None:
@@ -173,8 +176,9 @@ class ModelWatcher:
             if bundle.content_hash == old.content_hash:
                 log.log(
                     logging.INFO if trigger == "SIGHUP" else logging.DEBUG,
-                    "%s: the model at %s is the one serving (%s); nothing to swap",
+                    "%s: the %s at %s is the one serving (%s); nothing to swap",
                     trigger,
+                    self.role,
                     self.path,
                     old.content_hash,
                 )
@@ -201,12 +205,13 @@ class ModelWatcher:
             for stream, seq in sorted(at.items(), key=lambda kv: str(kv[0]))
         )
         log.info(
-            "model swapped at %s (%s): %s -> %s; the new model answers from message: %s",
+            "%s swapped at %s (%s): %s -> %s; the new model answers from message: %s",
+            self.role,
             datetime.fromtimestamp(when).astimezone().isoformat(timespec="milliseconds"),
             trigger,
             old.content_hash,
             bundle.content_hash,
-            points or "no connection open",
+            points or ("no connection open" if self.role == "model" else "its next batch"),
         )
 
     def _refused(self, trigger: str, reason: str, unexpected: bool = False) -> None:
@@ -214,7 +219,8 @@ class ModelWatcher:
         the traceback if ``unexpected``, else a WARNING) and the metrics' count."""
         log.log(
             logging.ERROR if unexpected else logging.WARNING,
-            "model at %s not swapped in (%s): %s; still serving %s",
+            "%s at %s not swapped in (%s): %s; still serving %s",
+            self.role,
             self.path,
             trigger,
             reason,

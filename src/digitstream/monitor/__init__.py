@@ -27,6 +27,7 @@ import numpy as np
 from digitstream.monitor.accuracy import AccuracyWatch
 from digitstream.monitor.drift import DriftMonitor, disabled
 from digitstream.monitor.labels import LabelJoin
+from digitstream.monitor.shadow import Shadow
 
 log = logging.getLogger("digitstream.monitor")
 
@@ -66,9 +67,12 @@ class Monitor:
         self.accuracy = AccuracyWatch(window_seconds)
         self.join = LabelJoin(self.classes, label_window) if labels else None
         self._invalid_logged = 0.0
+        #: the shadow model (run --shadow), set by the application
+        self.shadow: Shadow | None = None
 
-    def batch_done(self, result, flow) -> None:
-        """A served batch's result, and the flow that served it."""
+    def batch_done(self, result, flow, batch=None) -> None:
+        """A served batch's result, the flow that served it, and the batch (for the shadow
+        model, if there is one)."""
         if flow.profile is not self._profile:
             log.info("the model serving changed: drift windows start again against its profile")
             self._judge_against(flow.profile)
@@ -78,6 +82,8 @@ class Monitor:
             self.accuracy.add(result.labelled, result.correct)
         if self.join is not None:
             self.join.predictions(result)
+        if self.shadow is not None and batch is not None:
+            self.shadow.offer(batch, result, flow)
 
     def labels_received(self, records: list) -> None:
         """Label records that arrived (``run --labels``): joined to their predictions and
@@ -91,6 +97,8 @@ class Monitor:
             predicted = np.fromiter((p for _, _, p in matched), dtype=np.intp, count=len(matched))
             correct = int(np.count_nonzero(true == predicted))
             self.accuracy.add(len(matched), correct)
+            if self.shadow is not None:
+                self.shadow.labels_joined(matched)
             if self.metrics is not None:
                 texts = [*self.classes, OTHER_LABEL]
                 confusion = Counter(
@@ -117,7 +125,8 @@ class Monitor:
 
     def report(self) -> dict:
         """What ``/api/stats`` and ``/metrics`` show of the monitor: ``drift``,
-        ``estimated_accuracy``, ``labels`` and ``accuracy`` (the window and drops)."""
+        ``estimated_accuracy``, ``labels``, ``accuracy`` (the window and drops) and
+        ``shadow``."""
         if self.join is not None:
             labels = {"enabled": True, **self.join.report()}
         else:
@@ -129,7 +138,11 @@ class Monitor:
                 "expired": 0,
                 "pending": 0,
             }
-        report = {"labels": labels, "accuracy": self.accuracy.report()}
+        report = {
+            "labels": labels,
+            "accuracy": self.accuracy.report(),
+            "shadow": self.shadow.report() if self.shadow is not None else None,
+        }
         if self.drift is None:
             reason = (
                 "off (run --no-drift)"
