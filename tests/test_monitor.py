@@ -16,6 +16,7 @@ import logging
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ from digitstream.monitor import Monitor
 from digitstream.monitor.drift import DriftMonitor
 from digitstream.monitor.profile import PROFILE_FILE, Profile, profile_of_split
 from digitstream.monitor.sketch import Sketcher
-from digitstream.pipeline import Flow, FlowOptions
+from digitstream.pipeline import SKETCH_BURST, SKETCH_SHARE, Flow, FlowOptions
 from digitstream.wire.framing import Payloads, frame_many
 from helpers import http_get, send_bytes, wait_for
 
@@ -87,11 +88,19 @@ def mixed(X: np.ndarray, y: np.ndarray, rng, n: int = 20_000):
     return X[at], y[at]
 
 
-class Stream:
-    """Batches of u8 frames through a real flow into a drift monitor, in this process."""
+#: the rate the in-process streams keep time by: slow enough that every chunk of the
+#: window gets its verdict (a run judges at most 20 times a second)
+RATE = 20_000
 
-    def __init__(self, flow: Flow, monitor: DriftMonitor):
-        self.flow, self.monitor, self.seq = flow, monitor, 0
+
+class Stream:
+    """Batches of u8 frames through a real flow into a drift monitor (``profile``'s, with
+    ``window``), in this process; the monitor's clock moves as at ``rate`` messages/s."""
+
+    def __init__(self, flow: Flow, profile: Profile, rate: float = RATE, **window):
+        self.now = 1_000_000.0
+        self.flow, self.seq, self.rate = flow, 0, rate
+        self.monitor = DriftMonitor(profile, clock=lambda: self.now, **window)
         self.max_score = -np.inf
 
     def run(self, X: np.ndarray, messages: int, batch_sizes) -> int | None:
@@ -107,6 +116,7 @@ class Stream:
             result = self.flow.process(Batch(0, self.seq, Payloads(fixed=rows[index])))
             self.seq += n
             sent += n
+            self.now += n / self.rate
             self.monitor.add(result)
             score = self.monitor._verdict.score
             if score is not None:
@@ -122,8 +132,12 @@ def every(n):
 
 
 def u8_flow(trained) -> Flow:
+    """The flow a run builds; it sketches every batch, as a run below saturation does (in
+    this process it runs flat out, where a run's flow keeps to its share of the time)."""
     result, profile = trained
-    return Flow.build(result.pipeline, FlowOptions("u8", "text"), profile)
+    flow = Flow.build(result.pipeline, FlowOptions("u8", "text"), profile)
+    flow.sketch_share = 1e9
+    return flow
 
 
 # ------------------------------------------------------------------ the profile
@@ -236,13 +250,12 @@ def test_profile_command_adds_one_to_a_skops_file_and_to_a_bundle(trained, tmp_p
 # ------------------------------------------------------------------ the sketch
 def test_sketch_samples_about_one_in_eight_and_leaves_rejected_rows_out():
     sketcher = Sketcher(4, 0.0, 16.0, 16, np.array([0.0, 0.5, 1.0]))
-    rows = sketcher.rows(0, 2000)
-    assert 200 < len(rows) < 300 and np.all(np.diff(rows) > 0)
-    # by position among the messages seen: the same messages whatever the batches
-    assert np.array_equal(sketcher.rows(100, 50) + 100, rows[(rows >= 100) & (rows < 150)])
-    assert len(sketcher.rows(0, 100_000)) <= 256 + 40  # a big batch: about max_rows
+    rng = np.random.default_rng(3)
+    rows = sketcher.rows(1000, None, rng)
+    assert 80 < len(rows) < 170 and np.all(np.diff(rows) > 0)
+    assert len(sketcher.rows(100_000, None, rng)) == sketcher.max_rows  # a big batch
     errors = {int(r): "bad" for r in rows[:5]}
-    assert not set(sketcher.rows(0, 2000, errors)) & set(errors)
+    assert not set(sketcher.rows(1000, errors, np.random.default_rng(3))) & set(errors)
     X = np.array([[0, 15.9, 16, 99], [-3, 8, 8.5, 1]], dtype=np.float32)
     counts = sketcher.feature_counts(X).reshape(4, 16)
     assert counts.sum() == 8 and counts[0, 0] == 2 and counts[1, 15] == 1 and counts[3, 15] == 1
@@ -253,22 +266,42 @@ def test_results_carry_the_sketch_and_failed_halves_keep_it(trained, digits):
     flow = u8_flow(trained)
     rows = np.ascontiguousarray(digits.X, dtype=np.uint8)
     result = flow.process(Batch(0, 0, Payloads(fixed=rows)))
-    assert result.sampled == len(flow.sketcher.rows(0, len(rows)))
+    assert 0 < result.sampled <= flow.sketcher.max_rows
     assert result.feature_counts.sum() == result.sampled * 64
     assert result.confidence_counts.sum() == result.sampled
-    # the same images again sample other rows of them: the position moved on
+    # the same images again sample other rows of them
     again = flow.process(Batch(1, 0, Payloads(fixed=rows)))
     assert not np.array_equal(again.feature_counts, result.feature_counts)
     # a batch with bad frames is answered in parts; the parts' sketches add up
     payloads = [r.tobytes() for r in rows[:300]]
     payloads[7] = payloads[7][:10]
-    flow = u8_flow(trained)
     split = flow.process(Batch(0, 0, Payloads.from_list(payloads)))
-    assert split.sampled == len(flow.sketcher.rows(0, 300, {7: "short"}))
-    assert split.feature_counts.sum() == split.sampled * 64
+    assert 0 < split.sampled < 300 and split.feature_counts.sum() == split.sampled * 64
     # --no-drift: nothing sketched
     plain = Flow.build(trained[0].pipeline, FlowOptions("u8", "text", drift=False), trained[1])
     assert plain.process(Batch(0, 0, Payloads(fixed=rows))).feature_counts is None
+
+
+def test_a_flow_keeps_its_sketches_to_their_share_of_the_time(trained, digits):
+    """Flat out, a flow sketches a few of its batches (SKETCH_SHARE of its time); given time
+    between batches, as a run below saturation has, every one."""
+    result, profile = trained
+    flow = Flow.build(result.pipeline, FlowOptions("u8", "text"), profile)
+    rows = np.ascontiguousarray(digits.X[np.arange(8192) % len(digits.X)], dtype=np.uint8)
+    batch = Batch(0, 0, Payloads(fixed=rows))
+    started = time.perf_counter()
+    sketched = sum(flow.process(batch).feature_counts is not None for _ in range(400))
+    spent = time.perf_counter() - started
+    assert 0 < sketched < 200, sketched
+    # what they took: their share of the time, one burst and the last sketch at most
+    assert flow.sketch_seconds <= SKETCH_SHARE * spent + 2 * SKETCH_BURST
+    # below saturation: a pause between batches earns every one its sketch
+    small = Batch(0, 0, Payloads(fixed=rows[:200]))
+    paused = []
+    for _ in range(10):
+        time.sleep(0.02)
+        paused.append(flow.process(small).feature_counts is not None)
+    assert all(paused)
 
 
 # ------------------------------------------------------------------ drift
@@ -279,7 +312,7 @@ def test_held_out_digits_repeated_to_two_million_messages_raise_no_alarm(trained
     seed = 20240601
     rng = np.random.default_rng(seed)
     sizes = iter(lambda: int(rng.integers(1, 8193)), None)
-    stream = Stream(u8_flow(trained), DriftMonitor(profile))
+    stream = Stream(u8_flow(trained), profile)
     detected_after = stream.run(result.split.X_test, 2_000_000, sizes)
     assert detected_after is None, f"seed {seed}: drift after {detected_after} messages"
     assert stream.max_score < profile.z, f"seed {seed}"
@@ -291,7 +324,7 @@ def test_drift_is_flagged_within_the_stated_messages(trained, drift, caplog):
     result, profile = trained
     rng = np.random.default_rng(7)
     X, y = result.split.X_test, result.split.y_test
-    stream = Stream(u8_flow(trained), DriftMonitor(profile))
+    stream = Stream(u8_flow(trained), profile)
     assert stream.run(X, 60_000, every(1024)) is None
     within = {"shift": WITHIN_SHIFT, "noise": WITHIN_NOISE, "mix": WITHIN_MIX}[drift]
     drifted = {"shift": lambda: shifted(X), "noise": lambda: noisy(X, rng),
@@ -324,7 +357,7 @@ def test_the_heat_map_shows_where_a_shift_is(trained):
     result, profile = trained
     heat = {}
     for name, move in (("right", shifted), ("down", shifted_down)):
-        stream = Stream(u8_flow(trained), DriftMonitor(profile))
+        stream = Stream(u8_flow(trained), profile)
         stream.run(move(result.split.X_test), 20_000, every(1024))
         report = stream.monitor.report()
         assert report["detected"] and report["image"] == [8, 8]
@@ -347,13 +380,13 @@ def test_estimated_accuracy_is_within_the_margin_without_a_shift(trained):
     X, y = result.split.X_test, result.split.y_test
     cases = {"held-out": (X, y), "noisy": (noisy(X, rng), y), "mixed": mixed(X, y, rng)}
     for name, (images, labels) in cases.items():
-        stream = Stream(u8_flow(trained), DriftMonitor(profile))
+        stream = Stream(u8_flow(trained), profile)
         stream.run(images, 20_000, every(1024))
         # over what the window holds: the images cycled, so their measured accuracy
         measured = float(np.mean(pipeline.predict(images) == labels))
         estimated = stream.monitor.estimated_accuracy
         assert abs(estimated - measured) <= ESTIMATE_MARGIN, (name, estimated, measured)
-    stream = Stream(u8_flow(trained), DriftMonitor(profile))
+    stream = Stream(u8_flow(trained), profile)
     stream.run(shifted(X), 20_000, every(1024))
     measured = float(np.mean(pipeline.predict(shifted(X)) == y))
     assert stream.monitor.detected
@@ -362,17 +395,13 @@ def test_estimated_accuracy_is_within_the_margin_without_a_shift(trained):
 
 def test_the_window_is_bounded_by_time_too(trained):
     result, profile = trained
-    now = [1000.0]
-    monitor = DriftMonitor(profile, window_messages=10**9, window_seconds=16.0,
-                           clock=lambda: now[0])
-    stream = Stream(u8_flow(trained), monitor)
-    for _ in range(40):
-        stream.run(result.split.X_test, 100, every(100))
-        now[0] += 1.0
-    report = monitor.report()
-    assert 1500 <= report["window"] <= 1800  # 16 s of 100 a second, in whole 1 s chunks
-    now[0] += 100.0
-    assert monitor.report()["window"] == 0
+    stream = Stream(u8_flow(trained), profile, rate=100, window_messages=10**9,
+                    window_seconds=16.0)
+    stream.run(result.split.X_test, 4000, every(100))  # 40 s of 100 a second
+    report = stream.monitor.report()
+    assert 1500 <= report["window"] <= 1800  # 16 s of it, in whole 1 s chunks
+    stream.now += 100.0
+    assert stream.monitor.report()["window"] == 0
 
 
 def test_a_model_without_a_profile_says_so():

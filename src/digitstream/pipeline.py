@@ -35,6 +35,12 @@ log = logging.getLogger("digitstream.pipeline")
 
 #: what a true label outside the model's classes counts as, in live accuracy
 OTHER_LABEL = "(other)"
+#: the most of a flow's time its drift sketches may take: a sketch is made when the flow
+#: has that share of the time since its last one to spend (a token bucket of at most
+#: SKETCH_BURST seconds), so a flow below saturation sketches every batch and a saturated
+#: one keeps 98% of its speed
+SKETCH_SHARE = 0.02
+SKETCH_BURST = 0.0005
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,11 @@ class Flow:
         #: each batch is sketched for the drift monitor where its pixels are decoded
         self.profile = profile
         self.sketcher = profile.sketcher() if profile is not None else None
-        self._position = 0  # messages this flow has sketched from: where the sample stands
+        self.sketch_share = SKETCH_SHARE
+        self.sketch_seconds = 0.0  # spent sketching so far
+        self._sketch_credit = SKETCH_BURST  # seconds of sketching it may spend now
+        self._sketch_clock: float | None = None
+        self._rng = np.random.default_rng()
         self.decoder = Decoder(input_format, runner.n_features)
         self.encoder = make_encoder(output_format, runner.classes)
         self.stage_names = ["decode", *runner.stage_names, "encode"]
@@ -214,9 +224,20 @@ class Flow:
             result.predicted = predicted
             result.true = true.astype(np.int32) if true is not None else None
             result.ids = decoded.ids
-        if self.sketcher is not None:
+        if self.sketcher is not None and self._sketch_due(t3):
             self._sketch(result, decoded.X, errors, prediction.confidence)
+            spent = clock() - t3
+            self._sketch_credit -= spent
+            self.sketch_seconds += spent
         return result
+
+    def _sketch_due(self, now: float) -> bool:
+        """Whether the sketch budget (SKETCH_SHARE of the time) allows one now."""
+        last, self._sketch_clock = self._sketch_clock, now
+        if last is not None:
+            earned = (now - last) * self.sketch_share
+            self._sketch_credit = min(self._sketch_credit + earned, SKETCH_BURST)
+        return self._sketch_credit > 0
 
     def _sketch(
         self,
@@ -230,8 +251,7 @@ class Flow:
         alone when the output did not need them."""
         sketcher = self.sketcher
         assert sketcher is not None
-        rows = sketcher.rows(self._position, len(X), errors)
-        self._position += len(X)
+        rows = sketcher.rows(len(X), errors, self._rng)
         if not len(rows):
             return
         sample = X[rows]
@@ -239,9 +259,7 @@ class Flow:
         result.feature_counts = sketcher.feature_counts(sample)
         if sketcher.confidence_edges is not None:
             if confidence is None:
-                confidence = self.runner.predict(
-                    sample, want_confidence=True, max_abs=self.decoder.max_abs
-                ).confidence
+                confidence = self.runner.winning_probability(sample)
             else:
                 confidence = confidence[rows]
             if confidence is not None:

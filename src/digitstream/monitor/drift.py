@@ -2,11 +2,13 @@
 
 The application hands each served batch's result to :meth:`DriftMonitor.add`. Its sketch
 (:mod:`digitstream.monitor.sketch`) and its predicted classes go into the open *chunk*; a
-chunk closes after 1/16 of the window's messages or of its seconds, and the window is the
-newest chunks holding at least ``window_messages`` messages (dropping older ones), none of
-them older than ``window_seconds``. So the window is whole chunks, its memory is at most
-17 chunks of ``n_features * bins`` counts whatever the rate, and it is judged each time a
-chunk closes (and when read).
+chunk closes after 1/16 of the window's messages and of :data:`WINDOW_ROWS` sampled rows,
+or of its seconds, and the window is the newest chunks holding at least ``window_messages``
+messages and ``WINDOW_ROWS`` sampled rows (dropping older ones), none of them older than
+``window_seconds``. So the window is whole chunks, its memory is about 17 chunks of
+``n_features * bins`` counts whatever the rate, and a saturated run, which sketches fewer
+of its batches, still judges on enough rows. The window is judged each time a chunk
+closes, at most 20 times a second (and when read).
 
 **Three tests, one verdict.** Each compares a histogram of the window with the profile's:
 
@@ -44,6 +46,10 @@ log = logging.getLogger("digitstream.monitor")
 
 #: chunks per window
 CHUNKS = 16
+#: sampled rows a window holds at least (if its time allows)
+WINDOW_ROWS = 1024
+#: the shortest time between two verdicts
+JUDGE_SECONDS = 0.05
 #: evaluations of the score kept for the dashboard's chart
 HISTORY = 600
 
@@ -70,7 +76,7 @@ class _Chunk:
 class _Verdict:
     score: float | None = None
     tests: dict = field(default_factory=dict)
-    features: list[float] = field(default_factory=list)
+    features: np.ndarray | None = None  # each feature's distance
     classes: float | None = None
     estimated_accuracy: float | None = None
 
@@ -93,7 +99,9 @@ class DriftMonitor:
         self.window_seconds = window_seconds
         self._clock = clock
         self._chunk_messages = max(1, window_messages // CHUNKS)
+        self._chunk_rows = WINDOW_ROWS // CHUNKS
         self._chunk_seconds = window_seconds / CHUNKS
+        self._judged_at = -float("inf")
         d, bins = profile.reference.shape
         self._shape = (d * bins, len(profile.classes), _confidence_bins(profile))
         self._reference = profile.reference
@@ -101,6 +109,7 @@ class DriftMonitor:
         self._totals = self._empty(0.0)  # of the closed chunks
         self._open: _Chunk | None = None
         self._dirty = False
+        self._closed_since_judged = False
         self._verdict = _Verdict()
         self.detected = False
         self.since: float | None = None
@@ -138,8 +147,10 @@ class DriftMonitor:
             chunk.confidence += confidence
         chunk.ended = now
         self._dirty = True
-        if chunk.messages >= self._chunk_messages or now - chunk.started >= self._chunk_seconds:
+        full = chunk.messages >= self._chunk_messages and chunk.rows >= self._chunk_rows
+        if full or now - chunk.started >= self._chunk_seconds:
             self._close(now)
+        if now - self._judged_at >= JUDGE_SECONDS and self._closed_since_judged:
             self._judge(now)
 
     def _close(self, now: float) -> None:
@@ -148,13 +159,18 @@ class DriftMonitor:
             self._open = None
             self._closed.append(chunk)
             self._totals.add(chunk)
+            self._closed_since_judged = True
         self._evict(now)
 
     def _evict(self, now: float) -> None:
         closed, totals = self._closed, self._totals
         open_messages = self._open.messages if self._open is not None else 0
+        open_rows = self._open.rows if self._open is not None else 0
         while closed and (
-            totals.messages + open_messages - closed[0].messages >= self.window_messages
+            (
+                totals.messages + open_messages - closed[0].messages >= self.window_messages
+                and totals.rows + open_rows - closed[0].rows >= WINDOW_ROWS
+            )
             or closed[0].ended < now - self.window_seconds
         ):
             totals.add(closed.popleft(), -1)
@@ -169,16 +185,16 @@ class DriftMonitor:
         return window
 
     def _judge(self, now: float) -> None:
-        self._dirty = False
+        self._dirty = self._closed_since_judged = False
+        self._judged_at = now
         profile = self.profile
         window = self._window()
         tests: dict[str, dict] = {}
-        features: list[float] = []
+        features = None
         if window.rows:
-            distances = js_distance(window.features.reshape(self._reference.shape), self._reference)
-            features = [round(float(v), 4) for v in distances]
+            features = js_distance(window.features.reshape(self._reference.shape), self._reference)
             tests["inputs"] = _test(
-                float(distances.mean()), window.rows, profile.input_null, profile.z
+                float(features.mean()), window.rows, profile.input_null, profile.z
             )
         classes = None
         if window.messages:
@@ -246,7 +262,7 @@ class DriftMonitor:
             "score": None if verdict.score is None else round(verdict.score, 3),
             "threshold": self.profile.z,
             "since": self.since,
-            "features": verdict.features,
+            "features": [] if verdict.features is None else np.round(verdict.features, 4).tolist(),
             "classes": verdict.classes,
             "window": window.messages,
             "rows": window.rows,
@@ -299,8 +315,8 @@ def _said(tests: dict) -> str:
     )
 
 
-def _furthest(features: list[float], most: int = 5) -> str:
-    if not features:
+def _furthest(features: np.ndarray | None, most: int = 5) -> str:
+    if features is None:
         return "none sampled"
     order = np.argsort(features)[::-1][:most]
     return ", ".join(f"{int(i)} ({features[int(i)]:.2f})" for i in order)

@@ -5,11 +5,13 @@ served path.
 go to one worker process of the shadow's own (``digitstream.engine.pool_worker``, as the
 local engine's workers), which decodes and classifies them with the shadow's flow. Nothing
 served waits for it: the served results are written before the shadow sees the batch, the
-batch goes by a thread, and its answer comes back by another. It may lag, and is bounded:
-at most ``in_flight`` batches (64) and 32,768 messages are with it at once; a batch that
-finds it full (or not ready: starting, or started again after it died) is skipped whole and
-counted. The shadow
-runs here whatever the engine serves with (this process, worker processes, Dask).
+batch goes by a thread, and its answer comes back by another; consecutive batches go
+together (up to 8,192 messages, or 10 ms after the first), so that small batches cost it
+little. It may lag, and is bounded: at most ``in_flight`` groups (64)
+and 32,768 messages are with it at once, and its process may take at most 15% of a core
+(:data:`SHARE`, its CPU time as the system counts it); a batch that finds it full, out of
+time or not ready (starting, or started again after it died) is skipped whole and counted.
+The shadow runs here whatever the engine serves with (this process, worker processes, Dask).
 
 Its answers are compared, message by message, with the served model's: ``scored`` (messages
 both answered), ``agreement`` (the share given the same class), ``disagreement`` (served
@@ -37,11 +39,13 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 
 import numpy as np
+import psutil
 
 from digitstream.batch import Batch, BatchResult
 from digitstream.engine.pool import BATCH, FLOW, READY, pack
 from digitstream.monitor.labels import id_key
 from digitstream.pipeline import Flow, FlowOptions
+from digitstream.wire.framing import Payloads
 
 log = logging.getLogger("digitstream.monitor")
 
@@ -51,6 +55,18 @@ IN_FLIGHT = 64
 IN_FLIGHT_MESSAGES = 32_768
 #: the longest wait before a shadow process that died is started again (seconds)
 MAX_RESTART_DELAY = 10.0
+#: the share of one core the shadow's process may take (its CPU time, read every
+#: CPU_EVERY seconds): a batch is offered while the shadow has CPU time in hand (a token
+#: bucket earning SHARE of the time, holding at most SHARE_BURST seconds). Below
+#: saturation it scores every batch; a saturated run, whose machine has no core to spare,
+#: skips shadow batches rather than slowing
+SHARE = 0.15
+SHARE_BURST = 0.05
+CPU_EVERY = 0.02
+#: batches go to the shadow together, up to this many messages or this long after the
+#: first: a stream of small batches costs it one round trip per group
+GROUP_MESSAGES = 8192
+GROUP_SECONDS = 0.01
 
 
 class ShadowProcess:
@@ -72,6 +88,8 @@ class ShadowProcess:
         self._closing = False
         self._restart_delay = 0.5
         self._restart: asyncio.TimerHandle | None = None
+        self._cpu_before = 0.0  # CPU seconds of the processes before this one, once ready
+        self._cpu_at_ready = 0.0  # this one's when it became ready
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -112,6 +130,15 @@ class ShadowProcess:
         )
         sender.start()
         receiver.start()
+
+    def cpu_seconds(self) -> float | None:
+        """CPU seconds the shadow's processes have used since each was ready, all of them
+        together (None if the system does not say)."""
+        process = self._process
+        if process is None or not self.ready:
+            return self._cpu_before
+        used = _cpu_of(process)
+        return None if used is None else self._cpu_before + used - self._cpu_at_ready
 
     def set_flow(self, flow: Flow) -> None:
         """Batches sent from now on are answered by ``flow``."""
@@ -193,6 +220,8 @@ class ShadowProcess:
         if process is self._process and not self._closing:
             if not self.ready:
                 log.info("shadow model's process (pid %d) is ready", process.pid)
+                # what it took to start (imports, the model) is not the shadow's running cost
+                self._cpu_at_ready = _cpu_of(process) or 0.0
             self.ready = True
             self._restart_delay = 0.5
 
@@ -203,6 +232,9 @@ class ShadowProcess:
     def _gone(self, process: subprocess.Popen) -> None:
         if process is not self._process:
             return
+        if self.ready:
+            used = _cpu_of(process)  # None once reaped: what it used is then not counted
+            self._cpu_before += 0.0 if used is None else used - self._cpu_at_ready
         self.ready = False
         jobs, self._jobs = self._jobs, set()
         if not self._closing:
@@ -239,6 +271,15 @@ class ShadowProcess:
             await asyncio.to_thread(_reap, process)
 
 
+def _cpu_of(process: subprocess.Popen) -> float | None:
+    """CPU seconds (user and system) ``process`` has used; None if it cannot be read."""
+    try:
+        times = psutil.Process(process.pid).cpu_times()
+    except (psutil.Error, OSError):
+        return None
+    return times.user + times.system
+
+
 def _reap(process: subprocess.Popen, timeout: float = 5.0) -> None:
     try:
         process.wait(timeout)
@@ -254,6 +295,30 @@ class _Job:
     ids: list | None
     served_seconds: float
     epoch: int
+    batches: int = 1  # the served batches it holds
+
+    @staticmethod
+    def joined(jobs: list[_Job]) -> _Job:
+        """Consecutive jobs as one."""
+        if len(jobs) == 1:
+            return jobs[0]
+        trues = [j.true for j in jobs]
+        return _Job(
+            np.concatenate([j.served for j in jobs]),
+            None
+            if all(t is None for t in trues)
+            else np.concatenate(
+                [t if t is not None else np.full(len(j.served), -1) for t, j in zip(trues, jobs)]
+            ),
+            None
+            if all(j.ids is None for j in jobs)
+            else [
+                i for j in jobs for i in (j.ids if j.ids is not None else [None] * len(j.served))
+            ],
+            sum(j.served_seconds for j in jobs),
+            jobs[0].epoch,
+            sum(j.batches for j in jobs),
+        )
 
 
 class Shadow:
@@ -280,6 +345,12 @@ class Shadow:
         self._clock = clock
         self._jobs: dict[int, _Job] = {}
         self._messages = 0  # in the batches with the shadow
+        self._group: list[tuple[Payloads, _Job]] = []  # held back to go together
+        self._grouped = 0  # messages in them
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._credit = SHARE_BURST  # seconds of CPU the shadow may spend now
+        self._measured_at = time.monotonic()
+        self._cpu_seen = 0.0  # the shadow process's CPU seconds when last read
         self._numbers = itertools.count()
         self._served_flow: Flow | None = None
         self._epoch = 0
@@ -332,20 +403,61 @@ class Shadow:
             not self._process.ready
             or len(self._jobs) >= self.in_flight
             or self._messages + result.count > IN_FLIGHT_MESSAGES
+            or not self._time_to_spare()
         ):
             self.skipped_batches += 1
             self.skipped_messages += result.count
             return
-        number = next(self._numbers)
-        self._messages += result.count
-        self._jobs[number] = _Job(
+        job = _Job(
             result.predicted,
             result.true,
             result.ids,
             sum(seconds for _, seconds in result.stage_seconds),
             self._epoch,
         )
+        self._messages += result.count
+        self._group.append((batch.payloads, job))
+        self._grouped += result.count
+        if self._grouped >= GROUP_MESSAGES:
+            self._flush()
+        elif self._flush_timer is None:
+            loop = asyncio.get_running_loop()
+            self._flush_timer = loop.call_later(GROUP_SECONDS, self._flush)
+
+    def _flush(self) -> None:
+        """Send the batches held back to be sent together, as one."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        group, self._group, self._grouped = self._group, [], 0
+        if not group:
+            return
+        parts = [payloads for payloads, _ in group]
+        widths = {p.fixed.shape[1] if p.fixed is not None else None for p in parts}
+        if len(parts) == 1:
+            payloads = parts[0]
+        elif None not in widths and len(widths) == 1:
+            payloads = Payloads(fixed=np.concatenate([p.fixed for p in parts]))
+        else:  # frames of varying lengths: joined as a list
+            payloads = Payloads.from_list([item for p in parts for item in p.to_list()])
+        self._send([job for _, job in group], Batch("shadow", 0, payloads))
+
+    def _send(self, jobs: list[_Job], batch: Batch) -> None:
+        number = next(self._numbers)
+        self._jobs[number] = _Job.joined(jobs)
         self._process.send(number, batch)
+
+    def _time_to_spare(self) -> bool:
+        """Whether the shadow's share of a core (SHARE) allows it another batch now."""
+        now = time.monotonic()
+        if now - self._measured_at >= CPU_EVERY:
+            used = self._process.cpu_seconds()
+            if used is not None:
+                self._credit -= max(0.0, used - self._cpu_seen)
+                self._cpu_seen = used
+            self._credit = min(self._credit + (now - self._measured_at) * SHARE, SHARE_BURST)
+            self._measured_at = now
+        return self._credit > 0
 
     def _answered(self, number: int, result: BatchResult | None, error: str) -> None:
         job = self._jobs.pop(number, None)
@@ -355,7 +467,7 @@ class Shadow:
         if job.epoch != self._epoch:
             return
         if result is None or result.predicted is None or len(result.predicted) != len(job.served):
-            self.skipped_batches += 1
+            self.skipped_batches += job.batches
             self.skipped_messages += len(job.served)
             if error:
                 log.warning("the shadow model could not answer a batch: %s", error)
@@ -367,7 +479,7 @@ class Shadow:
         self.disagreement += np.bincount(pairs, minlength=k * k).reshape(k, k)
         self.scored += int(both.sum())
         self.agreed += int(np.count_nonzero(served[both] == shadow[both]))
-        self.batches += 1
+        self.batches += job.batches
         self.served_seconds += job.served_seconds
         self.shadow_seconds += sum(seconds for _, seconds in result.stage_seconds)
         awaiting = both
@@ -401,7 +513,7 @@ class Shadow:
             if job is not None:
                 self._messages -= len(job.served)
             if job is not None and job.epoch == self._epoch:
-                self.skipped_batches += 1
+                self.skipped_batches += job.batches
                 self.skipped_messages += len(job.served)
 
     def labels_joined(self, matched: list[tuple[str, int, int]]) -> None:
@@ -445,4 +557,6 @@ class Shadow:
         }
 
     async def close(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
         await self._process.close()

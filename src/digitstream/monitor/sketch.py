@@ -7,27 +7,22 @@ sampled rows fell in each bin of each feature, and in each bin of the winning pr
 Those are sufficient statistics: a window's histograms are the sums of its batches', so the
 application adds arrays and never sees a pixel.
 
-The sample is about one message in ``stride`` (fewer in a batch that would give more than
-``max_rows``), chosen by a hash of its position among all the messages the flow has seen, so
-its cost is a fixed share of the batch and a batch of one message costs nothing most of the
-time. A hash of the position, not every ``stride``-th sequence number: a stream that repeats
-a data set whose length shares a factor with the stride, or senders that each send the same
-images from sequence number 0, would otherwise show the same few images again and again.
-Binning is one vectorised pass and one ``np.bincount`` over ``feature * bins + bin``; there
-is no per-message Python.
+The sample is about one message in ``stride``, at most ``max_rows`` of a batch, drawn at
+random: every ``stride``-th message would show a stream that repeats a data set whose
+length shares a factor with the stride (or senders that each send the same images) the same
+few images again and again. Binning is one vectorised pass and one ``np.bincount`` over
+``feature * bins + bin``; there is no per-message Python. What a sketch costs is bounded by
+the flow (:data:`digitstream.pipeline.SKETCH_SHARE`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-#: one message in STRIDE is sampled ...
+#: about one message in STRIDE is sampled ...
 STRIDE = 8
-#: Fibonacci hashing: the top bits of ``seq * GOLDEN`` (mod 2**64) spread consecutive numbers
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_TOP = np.uint64(40)  # 24 bits of the hash are used
 #: ... and at most this many rows of one batch
-MAX_ROWS = 256
+MAX_ROWS = 128
 
 
 class Sketcher:
@@ -67,7 +62,7 @@ class Sketcher:
         self.stride = stride
         self.max_rows = max_rows
         self._scale = bins / (self.high - self.low) if self.high > self.low else 0.0
-        self._offsets = (np.arange(n_features, dtype=np.intp) * bins)[None, :]
+        self._offsets = (np.arange(n_features, dtype=np.int32) * bins)[None, :]
 
     def __getstate__(self):
         return (
@@ -88,23 +83,26 @@ class Sketcher:
         """Length of a batch's feature counts: ``n_features * bins``."""
         return self.n_features * self.bins
 
-    def rows(self, position: int, n: int, errors: dict[int, str] | None = None) -> np.ndarray:
-        """Indices of the rows of a batch of ``n`` frames to sample, the first of which is
-        the ``position``-th message the flow sees: about one in ``stride`` (or
-        ``n / max_rows``), by a hash of the position, rejected rows left out."""
-        step = max(self.stride, -(-n // self.max_rows))
-        seqs = np.arange(position, position + n, dtype=np.uint64)
-        seqs *= _GOLDEN
-        seqs >>= _TOP
-        rows = np.flatnonzero(seqs < (1 << 24) // step)
+    def rows(self, n: int, errors: dict[int, str] | None = None, rng=None) -> np.ndarray:
+        """Indices of the rows to sample of a batch of ``n`` frames: each with a chance of one
+        in ``stride`` (a batch that would give more than ``max_rows``: ``max_rows`` drawn
+        with replacement), rejected rows left out. ``rng``: a NumPy Generator."""
+        rng = rng if rng is not None else np.random.default_rng()
+        if n <= self.stride * self.max_rows:
+            rows = np.flatnonzero(rng.random(n) < 1.0 / self.stride)
+        else:
+            rows = rng.integers(0, n, self.max_rows)
         if errors:
             rows = rows[~np.isin(rows, np.fromiter(errors, dtype=np.intp, count=len(errors)))]
         return rows
 
     def bin_index(self, X: np.ndarray) -> np.ndarray:
         """(n, n_features) flat bin numbers, ``feature * bins + bin``."""
-        index = ((X - self.low) * self._scale).astype(np.intp)
-        np.clip(index, 0, self.bins - 1, out=index)
+        scaled = X - np.asarray(self.low, dtype=X.dtype)
+        scaled *= np.asarray(self._scale, dtype=X.dtype)
+        index = scaled.astype(np.int32)
+        np.maximum(index, 0, out=index)
+        np.minimum(index, self.bins - 1, out=index)
         index += self._offsets
         return index
 
