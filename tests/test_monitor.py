@@ -441,3 +441,38 @@ def test_run_reports_drift_in_stats_metrics_and_log(start_app, collector, profil
     assert "digitstream_drift_detected 1.0" in text
     assert re.search(r'^digitstream_drift_score\{feature="63"\} 0\.\d+', text, re.M)
     assert re.search(r"^digitstream_estimated_accuracy 0\.\d+", text, re.M)
+
+
+@pytest.mark.parametrize("engine", [["--workers", "2"], ["--engine", "dask", "--workers", "1"]])
+def test_drift_is_judged_with_worker_processes_and_dask(start_app, collector, profiled_dir,
+                                                        trained, engine):
+    """The sketch is made where the batch is classified and travels back on its result."""
+    result, _ = trained
+    app = start_app(collector.port, "--input-format", "u8", "--drift-window", "2000", *engine,
+                    model=profiled_dir)
+    X = result.split.X_test
+    moved = frame_many(r.tobytes() for r in np.ascontiguousarray(shifted(X), dtype=np.uint8))
+    for _ in range(10):
+        send_bytes(app.in_port, moved)
+    collector.wait_count(10 * len(X))
+    stats = wait_for(lambda: (s := app.stats())["drift"]["detected"] and s)
+    assert stats["drift"]["rows"] > 0 and len(stats["drift"]["features"]) == 64
+
+
+def test_a_profile_added_while_serving_is_swapped_in(start_app, collector, trained, tmp_path,
+                                                     digits):
+    result, _ = trained
+    bundle = tmp_path / "bundle"
+    save_bundle(result.pipeline, bundle, result.card)
+    app = start_app(collector.port, "--input-format", "u8", model=bundle)
+    assert "no reference profile" in app.stats()["drift"]["reason"]
+    done = subprocess.run([sys.executable, "-m", "digitstream.cli", "profile", "--model",
+                           str(bundle), "--dataset", "digits"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: app.stats()["model_swaps_total"] == 1, what="the swap")
+    send_bytes(app.in_port, frame_many(r.tobytes() for r in digits.X.astype(np.uint8)))
+    collector.wait_count(len(digits.X))
+    stats = wait_for(lambda: (s := app.stats())["drift"]["enabled"] and s["drift"]["window"] and s)
+    assert stats["model"]["profile_file"] == "profile.json"
+    assert "drift windows start again" in app.log()

@@ -31,7 +31,6 @@ from digitstream.errors import UserError
 from digitstream.model.stored import StoredPipeline
 from digitstream.monitor import Monitor
 from digitstream.monitor.labels import LabelFeed
-from digitstream.monitor.shadow import Shadow
 from digitstream.pipeline import Flow, FlowOptions, failure_reason
 from digitstream.sinks import Sink
 from digitstream.sources import InputStream, Source
@@ -41,6 +40,7 @@ if TYPE_CHECKING:
     from digitstream.metrics.server import MetricsServer
     from digitstream.model.bundle import Bundle
     from digitstream.model.swap import ModelWatcher
+    from digitstream.monitor.shadow import Shadow
 
 __all__ = ["AppConfig", "Application", "Serving", "run_app"]
 
@@ -174,8 +174,9 @@ class Application:
 
     def _load_shadow(self, served) -> None:
         """The shadow model (``run --shadow``), checked against the served one."""
-        # start-up time: loaded only when the run needs it (metrics, the stored model)
+        # start-up time: loaded only when the run needs it (a shadow model)
         from digitstream.model.bundle import load_bundle
+        from digitstream.monitor.shadow import Shadow
 
         cfg = self.config
         assert cfg.shadow is not None

@@ -21,13 +21,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from digitstream.monitor.accuracy import AccuracyWatch
 from digitstream.monitor.drift import DriftMonitor, disabled
 from digitstream.monitor.labels import LabelJoin
-from digitstream.monitor.shadow import Shadow
+
+if TYPE_CHECKING:
+    from digitstream.monitor.shadow import Shadow
 
 log = logging.getLogger("digitstream.monitor")
 
