@@ -391,7 +391,8 @@ def train(dataset, model_name, output, test_size, seed, jobs, list_models):
     default=default("drift_window"),
     show_default=True,
     type=click.IntRange(100, 1 << 30),
-    help="The drift window: the latest N messages (in 16 chunks; at least N) ...",
+    help="The drift window: at least the latest N messages and 1,024 sampled rows (in 16 "
+    "chunks) ...",
 )
 @click.option(
     "--drift-seconds",
