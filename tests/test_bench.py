@@ -232,7 +232,7 @@ def test_exact_plan_sends_exactly_the_count_asked():
 # ----------------------------------------------------------------- the suite
 EXPECTED_SYSTEMS = {"digitstream_u8", "digitstream_u8_no_metrics", "digitstream_pickle",
                     "digitstream_f32", "digitstream_json", "digitstream_json_workers", "baseline",
-                    "relay_u8", "relay_pickle"}
+                    "relay_u8", "relay_pickle", "digitstream_u8_drift", "digitstream_u8_shadow"}
 
 
 @pytest.mark.slow
@@ -261,6 +261,9 @@ def test_bench_quick_produces_every_figure(tmp_path):
     for ratios in (figures["ratios"], figures["ratios_paired"]):
         assert ratios and all(value > 0 for value in ratios.values()), ratios
     assert figures["memory"]["peak_rss_mb"] > 0 and figures["memory"]["samples_mb"]
+    shadow = figures["shadow"]
+    assert 0 < shadow["throughput"] <= 1 and 0 < shadow["paced"] <= 1
+    assert shadow["paced_rate"] == figures["settings"]["latency_rate"]
     assert all(row["measured"] is not None for row in figures["targets"])
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for word in ("Throughput", "Latency", "Ratios", "Targets"):

@@ -213,3 +213,80 @@ def test_dashboard_shows_model_swaps_and_marks_them_on_the_chart(
     assert "refused" in events
     assert "shifted" in model_card
     assert not problems, problems
+
+
+def test_dashboard_shows_drift_its_heat_map_and_the_shadow(start_app, collector, digits, tmp_path):
+    """The model monitor's panel: the held-out digits, then the same digits moved one pixel
+    to the right, with a shadow model beside the served one; the screenshot is
+    test-artifacts/dashboard-monitor.png."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    from digitstream.datasets import Dataset
+    from digitstream.model.bundle import save_bundle
+    from digitstream.model.train import train_model
+    from digitstream.monitor.profile import profile_of_split
+    from digitstream.tools.sender import build_frames
+
+    result = train_model(digits, "pca-logistic", quick=True)
+    served = tmp_path / "served"
+    save_bundle(result.pipeline, served, result.card,
+                profile=profile_of_split(result.pipeline, result.split, digits.value_range,
+                                         "digits"))
+    other = Pipeline([("PCA", PCA(n_components=8, random_state=0)),
+                      ("Logistic Regression", LogisticRegression(C=0.001, max_iter=2000))])
+    other.fit(result.split.X_train, result.split.y_train)
+    save_bundle(other, tmp_path / "shadow", {"model": "small-pca", "dataset": "digits"})
+
+    held_out = Dataset("held-out", result.split.X_test, result.split.y_test, (0.0, 16.0))
+    images = result.split.X_test.reshape(-1, 8, 8)
+    moved = np.roll(images, 1, axis=2)
+    moved[:, :, 0] = 0
+    shifted = Dataset("shifted", moved.reshape(-1, 64), result.split.y_test, (0.0, 16.0))
+
+    app = start_app(collector.port, "--input-format", "json", "--drift-window", "2000",
+                    "--shadow", str(tmp_path / "shadow"), model=served)
+    sender = PacedSender(app.in_port, build_frames(held_out, "json"), per_second=2000)
+    sender.start()
+    ARTIFACTS.mkdir(exist_ok=True)
+    problems: list[str] = []
+    try:
+        with dashboard_page(app.metrics_url, problems) as page:
+            page.wait_for_function(
+                "() => document.getElementById('drift-state').textContent === 'no drift'"
+                " && document.getElementById('drift-heat').dataset.cells === '64'",
+                timeout=30_000)
+            calm = page.inner_text("#drift-state")
+            page.wait_for_function(
+                "() => document.getElementById('shadow-facts').textContent.includes('% of')",
+                timeout=30_000)
+            sender.stop()
+            sender = PacedSender(app.in_port, build_frames(shifted, "json"), per_second=2000)
+            sender.start()
+            page.wait_for_function(
+                "() => document.getElementById('drift-state').textContent.startsWith('drift since')",
+                timeout=30_000)
+            time.sleep(2.5)  # a few more verdicts on the chart for the screenshot
+            page.locator("#monitor").scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "dashboard-monitor.png"), full_page=True)
+            heat_max = float(page.get_attribute("#drift-heat", "data-max"))
+            tests = page.inner_text("#drift-tests")
+            facts = page.inner_text("#monitor-facts")
+            shadow = page.inner_text("#shadow-facts")
+            matrix_cells = page.locator("#shadow-matrix td").count()
+            charts = page.locator("#chart-drift canvas").count()
+    finally:
+        sender.stop()
+
+    assert sender.error is None, sender.error
+    assert calm.lower() == "no drift"
+    assert heat_max > 0.3  # a moved digit lights its columns up
+    assert all(name in tests for name in ("inputs", "classes", "confidence"))
+    assert "not to be trusted while the inputs drift" in facts
+    assert re.search(r"agreement\s+\d+\.\d\d% of [\d,]+ messages", shadow), shadow
+    assert "served" in shadow and "shadow" in shadow
+    assert matrix_cells == 100
+    assert charts == 1
+    assert not problems, problems
+    assert (ARTIFACTS / "dashboard-monitor.png").stat().st_size > 10_000

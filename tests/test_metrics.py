@@ -282,7 +282,8 @@ STATS_FIELDS = {"name", "version", "status", "ready", "now", "started_at", "upti
                 "bytes", "throughput", "latency", "batches", "rejected", "connections", "workers",
                 "worker_events", "classes", "accuracy", "model", "model_swaps", "model_swaps_total",
                 "model_swaps_refused", "last_swap_refused", "swap_refusals", "history",
-                "cluster", "connectors", "pipeline_loaded"}
+                "cluster", "connectors", "pipeline_loaded", "drift", "estimated_accuracy", "labels",
+                "shadow"}
 
 
 def test_stats_fields_are_the_documented_ones():

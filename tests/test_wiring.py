@@ -137,8 +137,8 @@ def test_frames_out_equal_frames_in_whatever_fails(data, faulty_pipeline, digits
 
     real_build = pipeline_module.Flow.build.__func__
 
-    def build(cls, pipeline, options):
-        flow = real_build(cls, pipeline, options)
+    def build(cls, pipeline, options, profile=None):
+        flow = real_build(cls, pipeline, options, profile)
         flow.encoder = FailingEncoder(flow.encoder, encode_bad)
         return flow
 

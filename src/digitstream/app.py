@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import signal
@@ -28,6 +29,8 @@ from digitstream.connectors.registry import make_sink, make_source
 from digitstream.engine.base import Engine, EngineOptions, answer, make_engine
 from digitstream.errors import UserError
 from digitstream.model.stored import StoredPipeline
+from digitstream.monitor import Monitor
+from digitstream.monitor.labels import LabelFeed
 from digitstream.pipeline import Flow, FlowOptions, failure_reason
 from digitstream.sinks import Sink
 from digitstream.sources import InputStream, Source
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
     from digitstream.metrics.server import MetricsServer
     from digitstream.model.bundle import Bundle
     from digitstream.model.swap import ModelWatcher
+    from digitstream.monitor.shadow import Shadow
 
 __all__ = ["AppConfig", "Application", "Serving", "run_app"]
 
@@ -65,7 +69,7 @@ class Serving:
 
     def build_flow(self, bundle) -> Flow:
         """The flow that would serve ``bundle`` with this run's formats."""
-        return Flow.build(bundle.pipeline, self.options)
+        return Flow.build(bundle.pipeline, self.options, bundle.profile)
 
     async def switch(self, bundle, flow: Flow) -> dict[StreamId, int]:
         """Serve ``bundle`` with ``flow`` from each stream's next batch on; those
@@ -88,7 +92,14 @@ class Application:
         self.config = config
         self._given = (source, sink, bundle)
         self.flow_options = FlowOptions(
-            config.input_format, config.output_format, config.compile_model, worker=config.name
+            config.input_format,
+            config.output_format,
+            config.compile_model,
+            worker=config.name,
+            drift=config.drift,
+            # late labels find the predictions of the inputs they are for by id; the shadow
+            # model's answers are compared with them
+            predictions=config.labels is not None or config.shadow is not None,
         )
         self.serving: Serving | None = None
         self.engine: Engine | None = None
@@ -98,6 +109,11 @@ class Application:
         self.metrics_server: MetricsServer | None = None
         # swaps in a new model bundle written to the --model path
         self.watcher: ModelWatcher | None = None
+        # watches the model serving: drift, late labels (digitstream.monitor)
+        self.monitor: Monitor | None = None
+        self.label_feed: LabelFeed | None = None
+        self.shadow: Shadow | None = None
+        self.shadow_watcher: ModelWatcher | None = None
         self.positions: dict[StreamId, int] = {}
         self.frames_in = 0  # complete frames received
         self.frames_out = 0  # result frames handed to the sink
@@ -136,7 +152,7 @@ class Application:
             self._stored = bundle
         if bundle is None:
             bundle = load_bundle(cfg.model_path)
-        flow = Flow.build(bundle.pipeline, self.flow_options)
+        flow = Flow.build(bundle.pipeline, self.flow_options, bundle.profile)
         runner = flow.runner
         smallest = smallest_payload(cfg.input_format, runner.n_features)
         if smallest > cfg.max_frame:
@@ -146,6 +162,8 @@ class Application:
                 f"--max-frame {cfg.max_frame}"
             )
         self.serving = Serving(bundle, flow, self.flow_options, None, self.positions)
+        if cfg.shadow is not None:
+            self._load_shadow(bundle)
         log.info(
             "model %s: %s, %d features, classes %s%s",
             cfg.model_path,
@@ -153,6 +171,30 @@ class Application:
             runner.n_features,
             " ".join(str(c) for c in runner.classes),
             " (fused)" if runner.compiled else "",
+        )
+
+    def _load_shadow(self, served) -> None:
+        """The shadow model (``run --shadow``), checked against the served one."""
+        # start-up time: loaded only when the run needs it (a shadow model)
+        from digitstream.model.bundle import load_bundle
+        from digitstream.monitor.shadow import Shadow
+
+        cfg = self.config
+        assert cfg.shadow is not None
+        shadow = load_bundle(cfg.shadow)
+        classes = [str(c) for c in served.classes]
+        if shadow.n_features != served.n_features or [str(c) for c in shadow.classes] != classes:
+            raise UserError(
+                f"the shadow model at {cfg.shadow} takes {shadow.n_features} features into "
+                f"classes {' '.join(map(str, shadow.classes))}; the model served takes "
+                f"{served.n_features} into {' '.join(classes)}: they must be the same"
+            )
+        self.shadow = Shadow(shadow, self.flow_options, classes, cfg.label_window)
+        log.info(
+            "shadow model %s: %s (%s)",
+            cfg.shadow,
+            " -> ".join(shadow.step_names),
+            shadow.content_hash,
         )
 
     async def start(self) -> None:
@@ -166,6 +208,21 @@ class Application:
             from digitstream.metrics.recorder import Metrics
 
             self.metrics = Metrics(cfg.name, serving.flow.stage_names, serving.flow.runner.classes)
+        self.monitor = Monitor(
+            serving.flow.profile,
+            cfg.drift,
+            cfg.drift_window,
+            cfg.drift_seconds,
+            classes=serving.flow.runner.classes,
+            labels=cfg.labels is not None,
+            label_window=cfg.label_window,
+            metrics=self.metrics,
+        )
+        if self.metrics is not None:
+            self.metrics.monitor = self.monitor.report
+        if self.shadow is not None:
+            self.monitor.shadow = self.shadow
+            self.shadow.start()
         source = self._given[0] or make_source(cfg.in_addr, cfg, self.metrics)
         sink = self._given[1] or make_sink(cfg.out_addr, cfg)
         if self.metrics is not None:
@@ -193,11 +250,21 @@ class Application:
         self.source = source
         await source.start(sink)
         self._accepting = asyncio.create_task(self._accept(), name="streams")
+        if cfg.labels is not None:
+            labels = make_source(cfg.labels, dataclasses.replace(cfg, acked=False))
+            self.label_feed = LabelFeed(labels, self.monitor.labels_received)
+            await self.label_feed.start(sink)
+            log.info("late labels from %s", self.label_feed.describe())
         # start-up time: loaded only when the run needs it (metrics, the stored model)
         from digitstream.model.swap import ModelWatcher
 
         self.watcher = ModelWatcher(cfg.model_path, serving, self.metrics, poll=cfg.model_poll)
         self.watcher.start()
+        if self.shadow is not None and cfg.shadow is not None:
+            self.shadow_watcher = ModelWatcher(
+                cfg.shadow, self.shadow, poll=cfg.model_poll, role="shadow model"
+            )
+            self.shadow_watcher.start()
         if self.metrics is not None:
             self.metrics.ready = True
         # What start-up made (modules, the model) lives as long as the process: kept out of
@@ -280,7 +347,11 @@ class Application:
                 "pipeline_loaded": self.pipeline_loaded(),
                 "input_format": cfg.input_format,
                 "output_format": cfg.output_format,
-                "addresses": {"in": source.describe(), "out": sink.describe()},
+                "addresses": {
+                    "in": source.describe(),
+                    "out": sink.describe(),
+                    **({"labels": self.label_feed.describe()} if self.label_feed else {}),
+                },
             }
 
         self.metrics_server = MetricsServer(
@@ -337,6 +408,8 @@ class Application:
             self.frames_out += result.count
             if metrics:
                 metrics.batch_done(result, (time.perf_counter_ns() - batch.received_ns) * 1e-9)
+            if self.monitor is not None:
+                self.monitor.batch_done(result, flow, batch)
 
     async def _write(self, result: BatchResult) -> None:
         """Hand ``result`` to the sink; a sink that raises is tried again, never skipped."""
@@ -378,6 +451,12 @@ class Application:
         cfg = self.config
         if self.watcher is not None:
             await self.watcher.close()
+        if self.label_feed is not None:
+            await self.label_feed.close()
+        if self.shadow_watcher is not None:
+            await self.shadow_watcher.close()
+        if self.shadow is not None:
+            await self.shadow.close()
         if self.metrics is not None:
             self.metrics.ready = False
         status = 0

@@ -104,6 +104,19 @@ class BatchResult:
     confusion: Counter | None = None
     #: the batch's receipt, set by the application before the result goes to the sink
     receipt: Receipt | None = None
+    #: for the model monitor (digitstream.monitor.sketch): rows of the batch sampled, how
+    #: many of them fell in each bin of each feature ((n_features * bins,) int32), and in
+    #: each bin of the winning probability; None when the flow does not sketch
+    sampled: int = 0
+    feature_counts: np.ndarray | None = None
+    confidence_counts: np.ndarray | None = None
+    #: per message, when the flow is asked for them (late labels, a shadow model): its
+    #: predicted class's index (-1: rejected), its true label's code (the class's index, the
+    #: number of classes for a label the model has no class for, -1 for none) and its id
+    #: (None where it had none, or the list is None: a format without ids)
+    predicted: np.ndarray | None = None
+    true: np.ndarray | None = None
+    ids: list | None = None
 
     @property
     def end_seq(self) -> int:
@@ -129,4 +142,29 @@ class BatchResult:
             labelled=self.labelled + later.labelled,
             correct=self.correct + later.correct,
             confusion=confusion,
+            sampled=self.sampled + later.sampled,
+            feature_counts=_summed(self.feature_counts, later.feature_counts),
+            confidence_counts=_summed(self.confidence_counts, later.confidence_counts),
+            predicted=_joined(self.predicted, later.predicted, self.count, later.count),
+            true=_joined(self.true, later.true, self.count, later.count),
+            ids=(
+                None
+                if self.ids is None and later.ids is None
+                else (self.ids or [None] * self.count) + (later.ids or [None] * later.count)
+            ),
         )
+
+
+def _joined(a: np.ndarray | None, b: np.ndarray | None, n_a: int, n_b: int) -> np.ndarray | None:
+    """Per-message codes of two consecutive results, -1 where one had none."""
+    if a is None and b is None:
+        return None
+    return np.concatenate(
+        [a if a is not None else np.full(n_a, -1), b if b is not None else np.full(n_b, -1)]
+    )
+
+
+def _summed(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return a + b

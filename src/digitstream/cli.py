@@ -392,6 +392,50 @@ def train(dataset, model_name, output, test_size, seed, jobs, augment, list_mode
     help="Acknowledged, exactly-once delivery: input from `send --acked`, results to "
     "`listen --acked` (see the README).",
 )
+@click.option(
+    "--drift/--no-drift",
+    default=default("drift"),
+    show_default=True,
+    help="Judge drift against the model's reference profile, and estimate its accuracy "
+    "without labels (when its bundle has a profile).",
+)
+@click.option(
+    "--drift-window",
+    default=default("drift_window"),
+    show_default=True,
+    type=click.IntRange(100, 1 << 30),
+    help="The drift window: at least the latest N messages and 1,024 sampled rows (in 16 "
+    "chunks) ...",
+)
+@click.option(
+    "--drift-seconds",
+    default=default("drift_seconds"),
+    show_default=True,
+    type=click.FloatRange(1, 86_400),
+    help="... none older than this many seconds.",
+)
+@click.option(
+    "--labels",
+    default=None,
+    type=EndpointType("source"),
+    help='Labels that arrive later, records {"id": ..., "label": ...} joined by id to the '
+    "predictions of inputs that carried that id: HOST:PORT (run listens there for framed "
+    "JSON records) or a broker's URL, as --in.",
+)
+@click.option(
+    "--label-window",
+    default=default("label_window"),
+    show_default=True,
+    type=click.IntRange(1, 1 << 30),
+    help="With --labels: most predictions awaiting a label; the oldest go first.",
+)
+@click.option(
+    "--shadow",
+    default=None,
+    help="A second model bundle (or .skops file) scored on the same batches, off the served "
+    "path: agreement, disagreement and both accuracies in the metrics. A new bundle written "
+    "there is swapped in; `digitstream promote` serves it.",
+)
 def run(
     in_addr,
     out_addr,
@@ -415,6 +459,12 @@ def run(
     in_flight,
     flush_timeout,
     acked,
+    drift,
+    drift_window,
+    drift_seconds,
+    labels,
+    label_window,
+    shadow,
     **connector_flag_values,
 ):
     """The streaming application: read --in, classify, write results to --out.
@@ -469,6 +519,12 @@ def run(
         in_flight=in_flight,
         flush_timeout=flush_timeout,
         acked=acked,
+        drift=drift,
+        drift_window=drift_window,
+        drift_seconds=drift_seconds,
+        labels=labels,
+        label_window=label_window,
+        shadow=shadow,
     )
     sys.exit(run_app(config))
 
@@ -869,6 +925,62 @@ def bench(
             runs=runs,
         )
     )
+
+
+# ------------------------------------------------------------------- profile
+@main.command()
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    help="A model bundle directory, or a single .skops file (the profile goes beside it, "
+    "as NAME.profile.json).",
+)
+@click.option(
+    "--dataset",
+    required=True,
+    help="What the model was trained on: digits, idx:DIR or npz:FILE (as for train).",
+)
+@click.option(
+    "--test-size",
+    default=0.25,
+    show_default=True,
+    type=click.FloatRange(0.05, 0.9),
+    help="Fraction held out (stratified): the reference is the rest.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
+def profile(model_path, dataset, test_size, seed):
+    """Add a reference profile to a model bundle or .skops file: what `run` judges drift
+    and estimates accuracy against. `train` stores one in every bundle it writes."""
+    # start-up time: each command imports only what it runs (--help stays instant)
+    from digitstream.tools import profiler
+
+    profiler.main(model_path, dataset, test_size=test_size, seed=seed)
+
+
+# ------------------------------------------------------------------- promote
+@main.command()
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    help="The bundle directory a run serves (its --model).",
+)
+@click.option(
+    "--shadow",
+    "shadow_path",
+    required=True,
+    help="The shadow model's bundle directory or .skops file (the run's --shadow).",
+)
+def promote(model_dir, shadow_path):
+    """Make the shadow model the served one, and the served one the shadow.
+
+    The bundles' files are exchanged (each renamed into place, the card last); a run
+    serving them swaps both in without losing a message."""
+    # start-up time: each command imports only what it runs (--help stays instant)
+    from digitstream.tools import promote as promoting
+
+    promoting.main(model_dir, shadow_path)
 
 
 # ------------------------------------------------------------------- inspect

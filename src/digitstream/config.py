@@ -58,6 +58,18 @@ class AppConfig:
     flush_timeout: float = 30.0
     #: acknowledged, exactly-once delivery: ``send --acked`` in, ``listen --acked`` out
     acked: bool = False
+    #: judge drift against the model's reference profile (digitstream.monitor)
+    drift: bool = True
+    #: the drift window: at least this many messages ...
+    drift_window: int = 20_000
+    #: ... none older than this many seconds
+    drift_seconds: float = 60.0
+    #: where labels that arrive later come from (``HOST:PORT`` or a URL, as ``in_addr``)
+    labels: str | Address | None = None
+    #: the most predictions awaiting a late label
+    label_window: int = 100_000
+    #: a second bundle scored on the same batches, off the served path
+    shadow: str | None = None
 
 
 DEFAULTS = AppConfig()

@@ -35,6 +35,12 @@ log = logging.getLogger("digitstream.pipeline")
 
 #: what a true label outside the model's classes counts as, in live accuracy
 OTHER_LABEL = "(other)"
+#: the most of a flow's time its drift sketches may take: a sketch is made when the flow
+#: has that share of the time since its last one to spend (a token bucket of at most
+#: SKETCH_BURST seconds), so a flow below saturation sketches every batch and a saturated
+#: one keeps 98% of its speed
+SKETCH_SHARE = 0.02
+SKETCH_BURST = 0.0005
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,11 @@ class FlowOptions:
     output_format: str = "text"
     compile_model: bool = True
     worker: str = ""
+    #: sketch each batch for the drift monitor, when the model has a reference profile
+    drift: bool = True
+    #: put each message's predicted class, true label and id on the result (late labels,
+    #: a shadow model)
+    predictions: bool = False
 
 
 class StageFailed(Exception):
@@ -79,8 +90,26 @@ def failure_reason(exc: BaseException) -> str:
 class Flow:
     """Decode, classify and encode batches for one model and one pair of formats."""
 
-    def __init__(self, runner, input_format: str, output_format: str, worker: str = ""):
+    def __init__(
+        self,
+        runner,
+        input_format: str,
+        output_format: str,
+        worker: str = "",
+        profile=None,
+        predictions: bool = False,
+    ):
         self.runner = runner
+        self.predictions = predictions
+        #: the model's reference profile (digitstream.monitor.profile), or None; with one,
+        #: each batch is sketched for the drift monitor where its pixels are decoded
+        self.profile = profile
+        self.sketcher = profile.sketcher() if profile is not None else None
+        self.sketch_share = SKETCH_SHARE
+        self.sketch_seconds = 0.0  # spent sketching so far
+        self._sketch_credit = SKETCH_BURST  # seconds of sketching it may spend now
+        self._sketch_clock: float | None = None
+        self._rng = np.random.default_rng()
         self.decoder = Decoder(input_format, runner.n_features)
         self.encoder = make_encoder(output_format, runner.classes)
         self.stage_names = ["decode", *runner.stage_names, "encode"]
@@ -92,13 +121,22 @@ class Flow:
         self._int_classes = _int_classes(runner.classes)
 
     @classmethod
-    def build(cls, pipeline, options: FlowOptions) -> Flow:
-        """The flow that serves a fitted ``pipeline`` with ``options``."""
+    def build(cls, pipeline, options: FlowOptions, profile=None) -> Flow:
+        """The flow that serves a fitted ``pipeline`` with ``options``; ``profile``, the
+        model's reference profile, if it has one (sketched for unless ``options.drift`` is
+        off)."""
         # start-up time: scikit-learn's helpers load only when a flow is built
         from digitstream.model.runner import make_runner
 
         runner = make_runner(pipeline, compile=options.compile_model)
-        return cls(runner, options.input_format, options.output_format, worker=options.worker)
+        return cls(
+            runner,
+            options.input_format,
+            options.output_format,
+            worker=options.worker,
+            profile=profile if options.drift else None,
+            predictions=options.predictions,
+        )
 
     def process(self, batch: Batch) -> BatchResult:
         """The answer to every frame of ``batch``, whatever a stage does (see the module doc)."""
@@ -115,7 +153,7 @@ class Flow:
     def failed(self, batch: Batch, reason: str, ids: list | None = None) -> BatchResult:
         """Every frame of ``batch`` answered with the error ``reason`` (and its id, if known)."""
         n = len(batch)
-        return BatchResult(
+        result = BatchResult(
             stream=batch.stream,
             first_seq=batch.first_seq,
             count=n,
@@ -125,6 +163,11 @@ class Flow:
             rejected=Counter({reason_kind(reason): n}),
             worker=self.worker,
         )
+        if self.predictions:
+            result.predicted = np.full(n, -1, dtype=np.int32)
+            result.true = np.full(n, -1, dtype=np.int32)
+            result.ids = ids
+        return result
 
     def _process(self, batch: Batch) -> BatchResult:
         clock = time.perf_counter
@@ -171,19 +214,67 @@ class Flow:
             rejected=rejected,
             worker=self.worker,
         )
+        true = None
         if decoded.labels is not None:
-            self._score(result, decoded.labels, class_index, errors)
+            true = self._score(result, decoded.labels, class_index, errors)
+        if self.predictions:
+            predicted = class_index.astype(np.int32)
+            if errors:
+                predicted[list(errors)] = -1
+            result.predicted = predicted
+            result.true = true.astype(np.int32) if true is not None else None
+            result.ids = decoded.ids
+        if self.sketcher is not None and self._sketch_due(t3):
+            self._sketch(result, decoded.X, errors, prediction.confidence)
+            spent = clock() - t3
+            self._sketch_credit -= spent
+            self.sketch_seconds += spent
         return result
+
+    def _sketch_due(self, now: float) -> bool:
+        """Whether the sketch budget (SKETCH_SHARE of the time) allows one now."""
+        last, self._sketch_clock = self._sketch_clock, now
+        if last is not None:
+            earned = (now - last) * self.sketch_share
+            self._sketch_credit = min(self._sketch_credit + earned, SKETCH_BURST)
+        return self._sketch_credit > 0
+
+    def _sketch(
+        self,
+        result: BatchResult,
+        X: np.ndarray,
+        errors: dict[int, str],
+        confidence: np.ndarray | None,
+    ) -> None:
+        """The batch's sample for the drift monitor (digitstream.monitor.sketch), on
+        ``result``; the winning probabilities of the sampled rows are computed for them
+        alone when the output did not need them."""
+        sketcher = self.sketcher
+        assert sketcher is not None
+        rows = sketcher.rows(len(X), errors, self._rng)
+        if not len(rows):
+            return
+        sample = X[rows]
+        result.sampled = len(rows)
+        result.feature_counts = sketcher.feature_counts(sample)
+        if sketcher.confidence_edges is not None:
+            if confidence is None:
+                confidence = self.runner.winning_probability(sample)
+            else:
+                confidence = confidence[rows]
+            if confidence is not None:
+                result.confidence_counts = sketcher.confidence_counts(confidence)
 
     def _score(
         self, result: BatchResult, labels: list, class_index: np.ndarray, errors: dict[int, str]
-    ) -> None:
+    ) -> np.ndarray:
         """Live accuracy: the labelled frames of the batch, and their (true, predicted)
         label texts counted; a true label is ``str(label)``, or ``OTHER_LABEL`` when the
-        model has no such class."""
+        model has no such class. Returns the true labels' codes (see :meth:`true_codes`;
+        -1 for a rejected frame too)."""
         texts = self._label_text
         k = len(texts)  # also the code of OTHER_LABEL
-        true = self._true_codes(labels)
+        true = self.true_codes(labels)
         if errors:
             true[list(errors)] = -1
         scored = true >= 0
@@ -196,8 +287,9 @@ class Flow:
         result.labelled = int(scored.sum())
         result.correct = int(np.trace(matrix))
         result.confusion = confusion
+        return true
 
-    def _true_codes(self, labels: list) -> np.ndarray:
+    def true_codes(self, labels: list) -> np.ndarray:
         """Per frame: the index of its label's class, ``len(classes)`` for a label the
         model has no class for, -1 for none."""
         other = len(self._label_text)

@@ -209,9 +209,10 @@ class _MemoryBundle:
     classes: np.ndarray
     step_names: list[str]
     content_hash: str
+    profile: object = None  # a reference profile (digitstream.monitor.profile), if given
 
 
-def memory_bundle(pipeline) -> _MemoryBundle:
+def memory_bundle(pipeline, profile=None) -> _MemoryBundle:
     """A fitted pipeline as the application serves a bundle, without writing it to disk."""
     # start-up time: scikit-learn's helpers load only when a flow is built
     from digitstream.model.runner import n_features_of, pipeline_steps
@@ -226,6 +227,7 @@ def memory_bundle(pipeline) -> _MemoryBundle:
         np.asarray(pipeline.classes_),
         steps,
         f"sha256:{digest}",
+        profile,
     )
 
 

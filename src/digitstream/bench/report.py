@@ -106,6 +106,8 @@ def print_report(figures: dict, console: Console) -> None:
         "u8_vs_relay": "digitstream u8 / relay u8 (the ceiling)",
         "pickle_vs_relay": "digitstream pickle / relay pickle",
         "metrics_on_vs_off": "digitstream u8, metrics on / off",
+        "drift_on_vs_off": "digitstream u8, drift on / off",
+        "shadow_vs_none": "digitstream u8, with a shadow / without",
     }
     paired = figures.get("ratios_paired", {})
     for key, value in figures["ratios"].items():

@@ -44,6 +44,20 @@ SYSTEMS = [
         "u8",
         metrics=False,
     ),
+    System(
+        "digitstream_u8_drift",
+        "digitstream u8, drift on",
+        "digitstream",
+        "u8",
+        monitor="drift",
+    ),
+    System(
+        "digitstream_u8_shadow",
+        "digitstream u8, shadow of the same model",
+        "digitstream",
+        "u8",
+        monitor="shadow",
+    ),
     System("digitstream_pickle", "digitstream pickle", "digitstream", "pickle"),
     System("digitstream_f32", "digitstream f32", "digitstream", "f32"),
     System(
@@ -65,7 +79,9 @@ SYSTEMS = [
     System("relay_pickle", "relay pickle", "relay", "pickle"),
 ]
 #: the systems whose latency is measured at the paced rate
-LATENCY_SYSTEMS = ["digitstream_u8", "digitstream_pickle", "relay_u8"]
+LATENCY_SYSTEMS = ["digitstream_u8", "digitstream_pickle", "relay_u8", "digitstream_u8_shadow"]
+#: the system whose shadow model's share of batches scored is reported
+SHADOW_SYSTEM = "digitstream_u8_shadow"
 #: the system the memory target is about
 MEMORY_SYSTEM = "digitstream_u8"
 
@@ -85,6 +101,8 @@ TARGETS = {
     "memory_messages": 20_000_000,
     "metrics_on_vs_off": 0.95,
     "startup_s": 1.0,
+    "drift_on_vs_off": 0.95,
+    "shadow_vs_none": 0.8,
 }
 
 
@@ -109,6 +127,7 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
         )
 
     runs: dict[str, list[dict]] = {s.key: [] for s in systems}
+    shadow_before = _shadow_counts(session)
     for round_no in range(1, settings.runs + 1):
         for system in list(live):
             result = attempt(
@@ -124,6 +143,8 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
                     f"{result['seconds']:.2f} s)"
                 )
 
+    shadow_share = {"throughput": _scored_share(shadow_before, _shadow_counts(session))}
+    paced: list[float] = []
     # in turns, as the throughput runs: a slow spell of the host spreads over every system
     latency_runs: dict[str, list[dict]] = {}
     for round_no in range(1, settings.latency_rounds + 1):
@@ -131,11 +152,15 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
             found = next((s for s in live if s.key == key), None)
             if found is None:
                 continue
+            before = _shadow_counts(session) if key == SHADOW_SYSTEM else None
             result = attempt(
                 found,
                 f"latency, round {round_no}",
                 partial(session.latency, key, settings.latency_rate, settings.latency_seconds),
             )
+            share = _scored_share(before, _shadow_counts(session)) if before else None
+            if share is not None:
+                paced.append(share)
             if result is not None:
                 latency_runs.setdefault(key, []).append(result)
                 log(
@@ -165,6 +190,9 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
             "messages_answered": session.answered.get(system.key, 0),
         }
     figures["latency"] = latency
+    shadow_share["paced"] = statistics.median(paced) if paced else None
+    shadow_share["paced_rate"] = settings.latency_rate
+    figures["shadow"] = shadow_share
     memory_samples = session.sampler.series.get(MEMORY_SYSTEM, [])
     figures["memory"] = {
         "system": MEMORY_SYSTEM,
@@ -181,6 +209,22 @@ def run_suite(settings: Settings, session: Session, systems: list[System] = SYST
     figures["ratios_paired"] = compute_paired_ratios(figures)
     figures["targets"] = evaluate_targets(figures)
     return figures
+
+
+def _shadow_counts(session: Session) -> tuple[int, int] | None:
+    """(batches scored, batches offered) of the shadow system's shadow model, now."""
+    proc = session.running.get(SHADOW_SYSTEM)
+    shadow = (proc.stats().get("shadow") if proc is not None else None) or {}
+    if "batches" not in shadow:
+        return None
+    return shadow["batches"], shadow["offered_batches"]
+
+
+def _scored_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the batches offered between two counts that the shadow scored."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def combine_latency_runs(runs: list[dict]) -> dict:
@@ -235,6 +279,8 @@ RATIOS = {
     "u8_vs_relay": ("digitstream_u8", "relay_u8"),
     "pickle_vs_relay": ("digitstream_pickle", "relay_pickle"),
     "metrics_on_vs_off": ("digitstream_u8", "digitstream_u8_no_metrics"),
+    "drift_on_vs_off": ("digitstream_u8_drift", "digitstream_u8"),
+    "shadow_vs_none": ("digitstream_u8_shadow", "digitstream_u8"),
 }
 
 
@@ -366,8 +412,25 @@ def evaluate_targets(figures: dict) -> list[dict]:
         ),
         memory_row,
         ratio_row("metrics on / off (u8)", "metrics_on_vs_off", t["metrics_on_vs_off"]),
+        ratio_row("drift on / off (u8)", "drift_on_vs_off", t["drift_on_vs_off"]),
+        _shadow_row(
+            ratio_row("served u8 with a shadow / without", "shadow_vs_none", t["shadow_vs_none"]),
+            figures.get("shadow") or {},
+        ),
     ]
     return rows
+
+
+def _shadow_row(row: dict, share: dict) -> dict:
+    """The shadow's ratio row, with the share of batches its shadow scored beside it."""
+    said = []
+    if share.get("throughput") is not None:
+        said.append(f"shadow scored {share['throughput']:.0%} of batches at full speed")
+    if share.get("paced") is not None:
+        said.append(f"{share['paced']:.0%} at {share['paced_rate']:,.0f} msg/s paced")
+    if said:
+        row["note"] = "; ".join([*([row["note"]] if row.get("note") else []), *said])
+    return row
 
 
 # ---------------------------------------------------------------------- main

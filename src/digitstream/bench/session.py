@@ -19,6 +19,7 @@ import numpy as np
 from digitstream.addresses import Address
 from digitstream.bench.systems import (
     HOST,
+    PROFILED_MODEL,
     BenchError,
     MemorySampler,
     Running,
@@ -265,6 +266,8 @@ def prepare_model(directory: Path) -> dict:
 
     from digitstream.datasets import load_dataset
     from digitstream.model.bundle import save_bundle
+    from digitstream.model.train import split_dataset
+    from digitstream.monitor.profile import profile_of_split
 
     data = load_dataset("digits")
     pipeline = Pipeline(
@@ -278,11 +281,12 @@ def prepare_model(directory: Path) -> dict:
     with threadpool_limits(1):
         pipeline.fit(data.X, data.y)
     accuracy = float(np.mean(pipeline.predict(data.X) == data.y))
-    save_bundle(
-        pipeline,
-        directory,
-        {"dataset": "digits", "model": "pca-logistic", "training_accuracy": accuracy},
-    )
+    card = {"dataset": "digits", "model": "pca-logistic", "training_accuracy": accuracy}
+    save_bundle(pipeline, directory, card)
+    # the same model with a reference profile, for the drift-on system (its held-out part
+    # was seen in the fit: the calibration is optimistic, the cost the same)
+    profile = profile_of_split(pipeline, split_dataset(data), data.value_range, "digits")
+    save_bundle(pipeline, directory.parent / PROFILED_MODEL, card, profile=profile)
     return {
         "steps": [name for name, _ in pipeline.steps],
         "n_features": int(data.X.shape[1]),

@@ -38,6 +38,8 @@ class Settings:
         messages = {
             "digitstream_u8": 20_000_000,
             "digitstream_u8_no_metrics": 20_000_000,
+            "digitstream_u8_drift": 20_000_000,
+            "digitstream_u8_shadow": 20_000_000,
             "digitstream_pickle": 5_000_000,
             "digitstream_f32": 5_000_000,
             "digitstream_json": 2_000_000,
@@ -53,6 +55,8 @@ class Settings:
         messages = {
             "digitstream_u8": 1_000_000,
             "digitstream_u8_no_metrics": 1_000_000,
+            "digitstream_u8_drift": 1_000_000,
+            "digitstream_u8_shadow": 1_000_000,
             "digitstream_pickle": 300_000,
             "digitstream_f32": 300_000,
             "digitstream_json": 100_000,

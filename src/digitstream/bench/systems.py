@@ -45,6 +45,14 @@ class System:
     fmt: str  # the payload format the sender sends
     metrics: bool = True  # digitstream only: the metrics UI on or off
     args: tuple[str, ...] = ()  # digitstream only: more options of `digitstream run`
+    #: digitstream only: "drift" serves the model's bundle with a reference profile (the
+    #: plain bundle has none: drift is not judged), "shadow" scores the same model as a
+    #: shadow (run --shadow)
+    monitor: str = ""
+
+
+#: beside the bench's model bundle: the same model with a reference profile
+PROFILED_MODEL = "model-profiled"
 
 
 def free_port() -> int:
@@ -58,6 +66,11 @@ def command(
 ) -> list[str]:
     if system.kind == "digitstream":
         metrics = ["--metrics", f"{HOST}:{free_port()}"] if system.metrics else ["--no-metrics"]
+        monitor: list[str] = []
+        if system.monitor == "drift":
+            model_dir = Path(model_dir).parent / PROFILED_MODEL
+        elif system.monitor == "shadow":
+            monitor = ["--shadow", str(model_dir)]
         return [
             sys.executable,
             "-m",
@@ -73,6 +86,7 @@ def command(
             "--input-format",
             system.fmt,
             *metrics,
+            *monitor,
             *system.args,
         ]
     if system.kind == "baseline":
@@ -156,12 +170,35 @@ class Running:
                 ):
                     listening = time.monotonic() - self.started_at
                     self._wait_workers(deadline)
+                    self._wait_shadow(deadline)
                     return listening
             except psutil.NoSuchProcess:
                 continue
             if time.monotonic() > deadline:
                 raise self.failure(f"not listening after {timeout:.0f} s")
             time.sleep(interval)
+
+    def stats(self) -> dict:
+        """Its ``/api/stats`` (empty without a metrics UI, or if it does not answer)."""
+        if self.metrics_addr is None:
+            return {}
+        try:
+            with urllib.request.urlopen(f"http://{self.metrics_addr}/api/stats", timeout=5) as r:
+                return json.loads(r.read())
+        except OSError:
+            return {}
+
+    def _wait_shadow(self, deadline: float) -> None:
+        """With a shadow model: wait until its process is ready, so that no run counts the
+        batches it skips while it starts."""
+        if self.system.monitor != "shadow":
+            return
+        while not (self.stats().get("shadow") or {}).get("ready"):
+            if not self.alive():
+                raise self.failure("did not start")
+            if time.monotonic() > deadline:
+                raise self.failure("the shadow model not ready in time")
+            time.sleep(0.05)
 
     def _wait_workers(self, deadline: float) -> None:
         """With ``--workers N`` (the local engine's worker processes): wait until all N are

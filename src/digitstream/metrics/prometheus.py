@@ -35,6 +35,25 @@ name                                        type       labels
                                                        ``claimed``, ``committed``, ...)
 ``digitstream_connector_pending_entries``   gauge      ``role``, ``connector``, ``state``
                                                        (``pending``, ``group_pending``)
+``digitstream_drift_score``                 gauge      ``feature`` (its index): the feature's
+                                                       Jensen-Shannon distance from the
+                                                       reference, over the drift window
+``digitstream_drift_detected``              gauge      (1 while drift is detected)
+``digitstream_drift_overall_score``         gauge      (the verdict's score ...)
+``digitstream_drift_threshold``             gauge      (... and its threshold)
+``digitstream_drift_classes_score``         gauge      (the predicted classes' distance)
+``digitstream_drift_window_messages``       gauge
+``digitstream_estimated_accuracy``          gauge      (confidence-based, without labels)
+``digitstream_labels_total``                counter    ``event`` (``received``, ``matched``,
+                                                       ``unknown``, ``expired``, ``invalid``)
+``digitstream_labels_pending``              gauge      (predictions awaiting a late label)
+``digitstream_window_accuracy``             gauge      (over the labels of the last window)
+``digitstream_accuracy_drop_detected``      gauge      (1 while an accuracy drop is flagged)
+``digitstream_shadow_scored_total``         counter    (messages both models scored)
+``digitstream_shadow_agreement``            gauge      (the share of those given one class)
+``digitstream_shadow_skipped_batches_total`` counter   (batches the shadow did not score)
+``digitstream_shadow_accuracy``             gauge      ``model`` (``served``, ``shadow``), on
+                                                       labelled messages both scored
 ==========================================  =========  ======================================
 
 plus ``process_*`` and ``python_*`` from ``prometheus_client``'s own collectors.
@@ -228,6 +247,7 @@ class StreamCollector:
         if s.connectors:
             yield entries
             yield now
+        yield from _monitor_families(s.monitor)
         card = self.card() if callable(self.card) else self.card
         if card:
             info = InfoMetricFamily("digitstream_model", "The model being served.")
@@ -240,6 +260,99 @@ class StreamCollector:
                     "The model's accuracy on data held out from training.",
                     value=accuracy,
                 )
+
+
+def _monitor_families(monitor: dict):
+    labels = monitor.get("labels")
+    if labels and labels.get("enabled"):
+        events = CounterMetricFamily(
+            "digitstream_labels", "Late label records, by what became of them.", labels=["event"]
+        )
+        for event in ("received", "matched", "unknown", "expired", "invalid"):
+            events.add_metric([event], labels[event])
+        yield events
+        yield GaugeMetricFamily(
+            "digitstream_labels_pending",
+            "Predictions awaiting a late label.",
+            value=labels["pending"],
+        )
+    accuracy = monitor.get("accuracy")
+    if accuracy:
+        if accuracy["window"]["accuracy"] is not None:
+            yield GaugeMetricFamily(
+                "digitstream_window_accuracy",
+                "Accuracy over the labels (inline or late) of the last window.",
+                value=accuracy["window"]["accuracy"],
+            )
+        yield GaugeMetricFamily(
+            "digitstream_accuracy_drop_detected",
+            "1 while a change detector on the error rate flags an accuracy drop.",
+            value=1 if accuracy["drop"]["detected"] else 0,
+        )
+    shadow = monitor.get("shadow")
+    if shadow:
+        yield CounterMetricFamily(
+            "digitstream_shadow_scored",
+            "Messages scored by both the served and the shadow model (since either changed).",
+            value=shadow["scored"],
+        )
+        yield CounterMetricFamily(
+            "digitstream_shadow_skipped_batches",
+            "Batches the shadow model did not score (full, not ready, or lost them).",
+            value=shadow["skipped_batches"],
+        )
+        if shadow["agreement"] is not None:
+            yield GaugeMetricFamily(
+                "digitstream_shadow_agreement",
+                "The share of messages both models scored that they gave the same class.",
+                value=shadow["agreement"],
+            )
+        if shadow["labelled"]:
+            both = GaugeMetricFamily(
+                "digitstream_shadow_accuracy",
+                "Accuracy on the labelled messages both models scored.",
+                labels=["model"],
+            )
+            both.add_metric(["served"], shadow["served_accuracy"])
+            both.add_metric(["shadow"], shadow["shadow_accuracy"])
+            yield both
+    drift = monitor.get("drift")
+    if not drift:
+        return
+    yield GaugeMetricFamily(
+        "digitstream_drift_detected",
+        "1 while the model monitor sees drift from the reference profile, else 0.",
+        value=1 if drift["detected"] else 0,
+    )
+    if not drift.get("enabled"):
+        return
+    scores = GaugeMetricFamily(
+        "digitstream_drift_score",
+        "Each input feature's Jensen-Shannon distance from the reference, over the window.",
+        labels=["feature"],
+    )
+    for feature, score in enumerate(drift["features"]):
+        scores.add_metric([str(feature)], score)
+    yield scores
+    for name, key, text in (
+        (
+            "overall_score",
+            "score",
+            "The drift verdict's score: standard deviations above "
+            "the reference's own windows, the largest of the tests'.",
+        ),
+        ("threshold", "threshold", "The score above which drift is detected."),
+        ("classes_score", "classes", "The predicted classes' distance from the reference."),
+        ("window_messages", "window", "Messages in the drift window."),
+    ):
+        if drift.get(key) is not None:
+            yield GaugeMetricFamily(f"digitstream_drift_{name}", text, value=drift[key])
+    if monitor.get("estimated_accuracy") is not None:
+        yield GaugeMetricFamily(
+            "digitstream_estimated_accuracy",
+            "Accuracy expected over the drift window from the winning probabilities (no labels).",
+            value=monitor["estimated_accuracy"],
+        )
 
 
 def _held_out_accuracy(card: dict) -> float | None:

@@ -211,6 +211,9 @@ class Snapshot:
     #: role (``source``, ``sink``) -> what a connector that counts reports (see
     #: :attr:`Metrics.connectors`)
     connectors: dict[str, dict] = field(default_factory=dict)
+    #: what the model monitor reports (see :attr:`Metrics.monitor`): ``drift``,
+    #: ``estimated_accuracy``; empty without one
+    monitor: dict = field(default_factory=dict)
 
     @property
     def last_swap_refused(self) -> dict | None:
@@ -281,6 +284,9 @@ class Metrics:
         #: role (``source``, ``sink``) -> a connector's ``counters()``: ``{connector, where,
         #: counters: {event: total}, gauges: {name: now}}``, read at each snapshot
         self.connectors: dict[str, Callable[[], dict | None]] = {}
+        #: the model monitor's report (digitstream.monitor.Monitor.report), read at each
+        #: snapshot
+        self.monitor: Callable[[], dict] | None = None
 
     # ------------------------------------------------ called by the application
     @property
@@ -352,6 +358,14 @@ class Metrics:
                 self.correct += result.correct
                 if result.confusion:
                     self.confusion.update(result.confusion)
+
+    def labels_joined(self, labelled: int, correct: int, confusion: Counter) -> None:
+        """Labels that arrived after their inputs (``run --labels``), joined to the answers
+        given: counted in the live accuracy as inline labels are."""
+        with self._lock:
+            self.labelled += labelled
+            self.correct += correct
+            self.confusion.update(confusion)
 
     def worker_event(self, name: str, event: str) -> None:
         """A worker ``"joined"`` or was ``"lost"`` (engines that have workers call this)."""
@@ -491,4 +505,5 @@ class Metrics:
                     for role, counters in self.connectors.items()
                     if (report := counters()) is not None
                 },
+                monitor=self.monitor() if self.monitor is not None else {},
             )

@@ -56,8 +56,44 @@ def stats_document(
       batches, out_per_s, latency: {end_to_end, stages}}``; ``worker_events``: the last
       100 ``{time, worker, event}``.
     - ``classes``: ``labels`` and ``counts`` of predicted classes (rejected inputs excluded).
-    - ``accuracy``: ``labelled``, ``correct``, ``accuracy`` (null until a label arrives),
-      ``confusion``: ``{"labels": [...], "matrix": [[...]]}``, rows true, columns predicted.
+    - ``accuracy``: from every label that reached the application, inline or late
+      (``run --labels``): ``labelled``, ``correct``, ``accuracy`` (null until a label
+      arrives), ``confusion``: ``{"labels": [...], "matrix": [[...]]}``, rows true, columns
+      predicted; ``per_class`` (true label -> ``{labelled, correct, accuracy}``);
+      ``window`` (``labelled``, ``correct``, ``accuracy``, ``seconds``: the labels that
+      arrived in the last ``--drift-seconds``); ``estimated`` (``estimated_accuracy``, for
+      comparison); ``drop`` (``detected``, ``since``, ``episodes``: an accuracy drop flagged
+      by a change detector on the error rate).
+    - ``labels``: late labels (``run --labels``): ``enabled``, ``received`` (well-formed
+      records), ``matched`` (joined to a prediction), ``unknown`` (no prediction awaited that
+      id), ``expired`` (predictions dropped, oldest first, past ``--label-window``),
+      ``pending`` (predictions awaiting a label now), ``invalid`` (records that are not
+      ``{"id", "label"}``), ``capacity``.
+    - ``drift``: the model monitor's verdict on the current window (see
+      :mod:`digitstream.monitor.drift`): ``enabled`` (false, with a ``reason``, without a
+      reference profile or with ``--no-drift``), ``detected``, ``score`` (the largest of the
+      tests' scores: standard deviations above the reference's own windows) and
+      ``threshold``, ``since`` (Unix time drift was first seen, null while none),
+      ``features`` (each input feature's Jensen-Shannon distance from the reference, in
+      feature order), ``classes`` (the predicted classes' distance), ``window`` (messages in
+      the window), ``rows`` (sampled rows in it), ``tests`` (``inputs``, ``classes``,
+      ``confidence``: ``statistic``, ``n``, ``threshold``, ``score``), ``episodes`` (drifts
+      detected so far), ``limits`` (``messages``, ``seconds``), ``image`` (``[height,
+      width]`` when the features are a square image), ``history`` (``t``, ``score`` of the
+      last 600 verdicts).
+    - ``estimated_accuracy``: the accuracy expected over the drift window from the winning
+      probabilities and the profile's calibration (confidence-based, no labels); null
+      without a profile or probabilities.
+    - ``shadow``: with ``run --shadow``, the shadow model scored off the served path (see
+      :mod:`digitstream.monitor.shadow`): ``model`` (its card), ``path``, ``content_hash``,
+      ``ready``, ``since`` (when this comparison started: at start, or when either model
+      changed), ``offered_batches``, ``batches`` (scored by both), ``scored`` (messages scored
+      by both), ``agreement`` (the share of those given the same class), ``disagreement``
+      (``labels``, ``matrix``: served class x shadow class), ``labelled`` (labelled messages
+      scored by both), ``served_accuracy`` and ``shadow_accuracy`` (on those; null until
+      one), ``skipped_batches`` and ``skipped_messages`` (not scored: the shadow was full,
+      not ready, or lost them), ``in_flight``, ``seconds_per_batch`` (``served``,
+      ``shadow``), ``swaps``, ``restarts``; null without a shadow.
     - ``model``: the model card of the bundle (data set, held-out accuracy, step names,
       library versions, ...), as in its ``model.json``; after a swap, the new model's.
     - ``model_swaps``: the last 100 models swapped in while running, oldest first:
@@ -172,7 +208,14 @@ def stats_document(
             "correct": s.correct,
             "accuracy": s.correct / s.labelled if s.labelled else None,
             "confusion": {"labels": labels, "matrix": matrix},
+            "per_class": _per_class(labels, matrix),
+            **s.monitor.get("accuracy", {}),
+            "estimated": s.monitor.get("estimated_accuracy"),
         },
+        "labels": s.monitor.get("labels"),
+        "shadow": _jsonable(s.monitor["shadow"]) if s.monitor.get("shadow") else None,
+        "drift": s.monitor.get("drift"),
+        "estimated_accuracy": s.monitor.get("estimated_accuracy"),
         "model": _jsonable(info.get("model") or {}),
         "model_swaps": s.model_swaps,
         "model_swaps_total": s.model_swaps_total,
@@ -193,6 +236,16 @@ def stats_document(
             },
         },
     }
+
+
+def _per_class(labels: list[str], matrix: list[list[int]]) -> dict:
+    out = {}
+    for i, label in enumerate(labels):
+        labelled = sum(matrix[i])
+        if labelled:
+            correct = matrix[i][i]
+            out[label] = {"labelled": labelled, "correct": correct, "accuracy": correct / labelled}
+    return out
 
 
 def _ordered(stage_names: list[str], present) -> list[str]:

@@ -155,6 +155,14 @@ class Runner:
         (a runner that is not fused has none)."""
         return False
 
+    def winning_probability(self, X: np.ndarray) -> np.ndarray | None:
+        """The highest class probability of each row of ``X`` (the model's confidence, for
+        the drift monitor's sample; no tie rule: it is not an answer), or None for a model
+        without probabilities."""
+        if not self._has_proba:
+            return None
+        return np.asarray(self.pipeline.predict_proba(np.asarray(X, dtype=np.float64))).max(axis=1)
+
     def _empty(self, want_confidence: bool) -> Prediction:
         confidence = np.empty(0) if want_confidence and self._has_proba else None
         return Prediction(
@@ -307,6 +315,20 @@ class _FusedRunner(Runner):
             and self._term_per_unit_x == other._term_per_unit_x
             and self._term_constant == other._term_constant
         )
+
+    def winning_probability(self, X: np.ndarray) -> np.ndarray | None:
+        if self._probability is None:
+            return super().winning_probability(X)
+        X = np.asarray(X, dtype=np.float64)
+        if self._binary:
+            w, b = self._double
+            positive = 1.0 / (1.0 + np.exp(-(X @ w + b)))
+            return np.maximum(positive, 1.0 - positive)
+        A, b, _ = self._double
+        scores = X @ A
+        scores += b[:, 0]
+        scores -= scores.max(axis=1, keepdims=True)
+        return 1.0 / np.exp(scores).sum(axis=1)
 
     def _weights(self, affine: _Affine, dtype) -> tuple:
         if self._binary:

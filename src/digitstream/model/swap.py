@@ -2,8 +2,8 @@
 replaces the model serving, between two batches.
 
 **Noticing it.** Every ``poll`` seconds (0.5 by default) the watcher looks at
-the size, modification time and inode of ``model.json`` and
-``pipeline.skops`` (or of the single ``.skops`` file); SIGHUP makes it load
+the size, modification time and inode of ``model.json``, ``pipeline.skops`` and
+``profile.json`` (or of the single ``.skops`` file and its profile); SIGHUP makes it load
 the path at once. A bundle directory is taken as soon as its card names the
 content hash of its pipeline file, which :func:`~digitstream.model.bundle.save_bundle`
 (and any writer that renames ``model.json`` into place last) makes true only
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from datetime import datetime
@@ -49,8 +48,9 @@ from digitstream.model.bundle import (
     CARD_FILE,
     PIPELINE_FILE,
     BundleError,
-    content_hash,
     load_bundle,
+    peek,
+    profile_path,
 )
 
 log = logging.getLogger("digitstream.swap")
@@ -70,7 +70,8 @@ class ModelWatcher:
     serving now, builds the flow for a new bundle and switches to it, returning
     each open stream's switch point; ``metrics``, if given, records swaps and
     refusals. ``poll`` is in seconds (0: only on :meth:`request_reload`);
-    ``clock`` is monotonic seconds.
+    ``clock`` is monotonic seconds; ``role`` names the model in log lines ("model", or
+    "shadow model" for ``run --shadow``'s).
     """
 
     def __init__(
@@ -81,7 +82,9 @@ class ModelWatcher:
         poll: float = POLL_SECONDS,
         settle: float = SETTLE_SECONDS,
         clock=time.monotonic,
+        role: str = "model",
     ):
+        self.role = role
         self.serving = serving
         self.metrics = metrics
         self.path = Path(path)
@@ -119,7 +122,7 @@ class ModelWatcher:
                 await self.check(forced)
             except Exception:  # a bug here must not stop the stream, nor later swaps
                 log.exception(
-                    "looking for a new model at %s failed; the model serving stays", self.path
+                    "looking for a new %s at %s failed; the one serving stays", self.role, self.path
                 )
 
     async def check(self, forced: bool = False) -> None:
@@ -149,6 +152,7 @@ class ModelWatcher:
             if self.path.is_dir()
             else [self.path]
         )
+        files.append(profile_path(self.path))
         signature: list[_FileStat] = []
         for file in files:
             try:
@@ -160,21 +164,9 @@ class ModelWatcher:
         return tuple(signature)
 
     def _peek(self) -> tuple[str | None, bool]:
-        """The content hash of the pipeline file (None if unreadable), and whether a
+        """The content hash of the bundle's files (None if unreadable), and whether a
         card names that hash (a bundle directory whose writer has finished)."""
-        is_dir = self.path.is_dir()
-        pipeline = self.path / PIPELINE_FILE if is_dir else self.path
-        try:
-            digest = content_hash(pipeline.read_bytes())
-        except OSError:
-            return None, False
-        if not is_dir:
-            return digest, False
-        try:
-            card = json.loads((self.path / CARD_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return digest, False
-        return digest, isinstance(card, dict) and card.get("content_hash") == digest
+        return peek(self.path)
 
     async def _swap(self, trigger: str) -> None:
         serving = self.serving
@@ -184,8 +176,9 @@ class ModelWatcher:
             if bundle.content_hash == old.content_hash:
                 log.log(
                     logging.INFO if trigger == "SIGHUP" else logging.DEBUG,
-                    "%s: the model at %s is the one serving (%s); nothing to swap",
+                    "%s: the %s at %s is the one serving (%s); nothing to swap",
                     trigger,
+                    self.role,
                     self.path,
                     old.content_hash,
                 )
@@ -212,12 +205,13 @@ class ModelWatcher:
             for stream, seq in sorted(at.items(), key=lambda kv: str(kv[0]))
         )
         log.info(
-            "model swapped at %s (%s): %s -> %s; the new model answers from message: %s",
+            "%s swapped at %s (%s): %s -> %s; the new model answers from message: %s",
+            self.role,
             datetime.fromtimestamp(when).astimezone().isoformat(timespec="milliseconds"),
             trigger,
             old.content_hash,
             bundle.content_hash,
-            points or "no connection open",
+            points or ("no connection open" if self.role == "model" else "its next batch"),
         )
 
     def _refused(self, trigger: str, reason: str, unexpected: bool = False) -> None:
@@ -225,7 +219,8 @@ class ModelWatcher:
         the traceback if ``unexpected``, else a WARNING) and the metrics' count."""
         log.log(
             logging.ERROR if unexpected else logging.WARNING,
-            "model at %s not swapped in (%s): %s; still serving %s",
+            "%s at %s not swapped in (%s): %s; still serving %s",
+            self.role,
             self.path,
             trigger,
             reason,

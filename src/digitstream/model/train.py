@@ -46,6 +46,7 @@ from digitstream.errors import UserError
 from digitstream.model.augment import AUGMENTATIONS, augmented, check_augmentation
 from digitstream.model.bundle import load_bundle, save_bundle
 from digitstream.model.zoo import RECIPES, GridContext, ModelRecipe, get_recipe
+from digitstream.monitor.profile import profile_of_split
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
@@ -253,7 +254,8 @@ def main(
         f"Training took {result.card['training_seconds']:.1f} s "
         f"(the refit on {result.card['n_fitted']:,} images)."
     )
-    directory = save_bundle(result.pipeline, output, result.card)
+    profile = profile_of_split(result.pipeline, result.split, data.value_range, data.name, seed)
+    directory = save_bundle(result.pipeline, output, result.card, profile=profile)
     bundle = load_bundle(directory)
     out.print(
         f"Model bundle written to {directory}/ (pipeline.skops, model.json; "

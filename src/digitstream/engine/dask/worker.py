@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from digitstream.batch import Batch, BatchResult, StreamId
@@ -33,18 +33,34 @@ class FlowSpec:
     input_format: str
     output_format: str
     compile_model: bool
+    drift: bool = True
+    predictions: bool = False
 
     @classmethod
     def of(cls, content_hash: str, options: FlowOptions) -> FlowSpec:
         """The spec of the run's flow ``options`` serving the model ``content_hash``."""
-        return cls(content_hash, options.input_format, options.output_format, options.compile_model)
+        return cls(
+            content_hash,
+            options.input_format,
+            options.output_format,
+            options.compile_model,
+            options.drift,
+            options.predictions,
+        )
 
     def serving(self, content_hash: str) -> FlowSpec:
         """The same flow, serving another model."""
-        return FlowSpec(content_hash, self.input_format, self.output_format, self.compile_model)
+        return replace(self, content_hash=content_hash)
 
     def options(self, worker: str) -> FlowOptions:
-        return FlowOptions(self.input_format, self.output_format, self.compile_model, worker=worker)
+        return FlowOptions(
+            self.input_format,
+            self.output_format,
+            self.compile_model,
+            worker=worker,
+            drift=self.drift,
+            predictions=self.predictions,
+        )
 
 
 class _WorkerState:
@@ -149,7 +165,7 @@ def _worker_flow(spec: FlowSpec) -> Flow:
                     f"{worker.address} (see that worker's log)"
                 )
             label = worker_label(worker.name, worker.address)
-            flow = Flow.build(bundle.pipeline, spec.options(label))
+            flow = Flow.build(bundle.pipeline, spec.options(label), bundle.profile)
             _STATE.flows[spec] = flow
     return flow
 

@@ -411,12 +411,144 @@ function drawModelCard(s) {
   box.replaceChildren(...items);
 }
 
+// ------------------------------------------------------------ the model monitor
+// Per-pixel drift as an image: each feature's Jensen-Shannon distance from the reference,
+// 0 dark to 0.5 and more bright. The canvas records what it drew (data-cells, data-max).
+const HEAT_STOPS = [[0, [11, 14, 19]], [0.25, [59, 31, 92]], [0.5, [181, 49, 91]],
+  [0.75, [247, 165, 65]], [1, [255, 243, 176]]];
+
+function heatColor(value) {
+  const x = Math.min(1, Math.max(0, value / 0.5));
+  for (let i = 1; i < HEAT_STOPS.length; i++) {
+    const [x1, c1] = HEAT_STOPS[i];
+    if (x <= x1) {
+      const [x0, c0] = HEAT_STOPS[i - 1];
+      const f = (x - x0) / (x1 - x0);
+      return c0.map((c, k) => Math.round(c + f * (c1[k] - c)));
+    }
+  }
+  return HEAT_STOPS[HEAT_STOPS.length - 1][1];
+}
+
+function drawHeat(drift) {
+  const canvas = $("drift-heat");
+  const values = drift.features || [];
+  const side = Math.ceil(Math.sqrt(values.length)) || 1;
+  const [h, w] = drift.image || [side, side];
+  if (canvas.width !== w || canvas.height !== h) { canvas.width = w; canvas.height = h; }
+  const ctx = canvas.getContext("2d");
+  const image = ctx.createImageData(w, h);
+  values.forEach((v, i) => {
+    const [r, g, b] = heatColor(v);
+    image.data.set([r, g, b, 255], 4 * i);
+  });
+  ctx.putImageData(image, 0, 0);
+  canvas.dataset.cells = String(values.length);
+  canvas.dataset.max = values.length ? Math.max(...values).toFixed(3) : "";
+}
+
+const TEST_TITLES = {
+  inputs: "the mean over features of each feature's distance from the reference (training part)",
+  classes: "the predicted classes' distance from those on the held-out part",
+  confidence: "the winning probabilities' distance from those on the held-out part",
+};
+
+function drawDrift(s) {
+  const drift = s.drift || { enabled: false, reason: "no monitor" };
+  const state = $("drift-state");
+  $("drift-off").hidden = drift.enabled;
+  $("drift-body").hidden = !drift.enabled;
+  if (!drift.enabled) {
+    state.className = "pill";
+    setText("drift-state", "off");
+    setText("drift-off", "Not judged: " + drift.reason + ".");
+    setText("drift-summary", "");
+    return;
+  }
+  state.className = "pill " + (drift.detected ? "drift" : "calm");
+  setText("drift-state", drift.detected ? "drift since " + fmtTime(drift.since) : "no drift");
+  setText("drift-summary", `window ${fmtCount(drift.window)} messages · ${fmtCount(drift.rows)} sampled`);
+  drawHeat(drift);
+  const rows = Object.entries(drift.tests || {}).map(([name, t]) => el("tr", {},
+    el("td", { title: TEST_TITLES[name] || "" }, name),
+    el("td", { class: t.score != null && t.score > drift.threshold ? "bad-text" : "" },
+      t.score == null ? "–" : t.score.toFixed(1)),
+    el("td", {}, t.statistic.toFixed(3) + (t.threshold == null ? "" : " / " + t.threshold.toFixed(3))),
+    el("td", {}, fmtCount(t.n))));
+  $("drift-tests").tBodies[0].replaceChildren(...rows);
+  const a = s.accuracy || {}, window = a.window || {}, labels = s.labels || {}, drop = a.drop || {};
+  const facts = [["threshold", `score above ${drift.threshold} · ${drift.episodes || 0} drift(s) so far`]];
+  const estimate = s.estimated_accuracy == null ? "–" : fmtPercent(s.estimated_accuracy, 1);
+  const measured = window.accuracy == null ? "no labels in the window"
+    : `measured ${fmtPercent(window.accuracy, 1)} (${fmtCount(window.labelled)} labels)`;
+  facts.push(["estimated accuracy", `${estimate} · ${measured}`]);
+  if (drift.detected && s.estimated_accuracy != null) {
+    facts.push(["", el("span", { class: "warn-text" }, "not to be trusted while the inputs drift")]);
+  }
+  if (labels.enabled) {
+    facts.push(["late labels", `${fmtCount(labels.matched)} of ${fmtCount(labels.received)} matched · ` +
+      `${fmtCount(labels.unknown)} unknown · ${fmtCount(labels.expired)} expired · ${fmtCount(labels.pending)} pending`]);
+  }
+  facts.push(["accuracy drop", drop.detected ? el("span", { class: "bad-text" }, "since " + fmtTime(drop.since)) : "none"]);
+  $("monitor-facts").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+}
+
+function drawDriftChart(drift) {
+  if (!window.uPlot) return;
+  const history = (drift && drift.history) || { t: [], score: [] };
+  driftThreshold = drift && drift.threshold != null ? drift.threshold : 5;
+  if (!charts.drift) {
+    charts.drift = makeChart("chart-drift", [
+      { label: "score", stroke: "#5ab0ff", fill: "rgba(90,176,255,0.10)" },
+      { label: "threshold", stroke: "#ff6b6b", dash: [6, 4] },
+    ], {
+      scale: { range: (u, min, max) => [Math.min(0, min ?? 0), Math.max(1.5 * driftThreshold, (max ?? 0) * 1.1)] },
+      format: (v) => (v == null ? "–" : v.toFixed(1)),
+    });
+  }
+  setData(charts.drift, [history.t, history.score, history.t.map(() => driftThreshold)]);
+}
+
+function drawShadow(s) {
+  const shadow = s.shadow;
+  $("shadow-off").hidden = !!shadow;
+  $("shadow-body").hidden = !shadow;
+  if (!shadow) { setText("shadow-name", ""); return; }
+  const card = shadow.model || {};
+  setText("shadow-name", `${modelName(card)} · ${shortHash(shadow.content_hash)}`);
+  const perBatch = shadow.seconds_per_batch || {};
+  const facts = [
+    ["agreement", shadow.agreement == null ? "–"
+      : `${fmtPercent(shadow.agreement, 2)} of ${fmtCount(shadow.scored)} messages`],
+    ["accuracy", shadow.labelled
+      ? `served ${fmtPercent(shadow.served_accuracy, 2)} · shadow ${fmtPercent(shadow.shadow_accuracy, 2)} (${fmtCount(shadow.labelled)} labelled)`
+      : "no labelled message scored by both yet"],
+    ["time per batch", `served ${fmtDur(perBatch.served)} · shadow ${fmtDur(perBatch.shadow)}`],
+    ["batches", `${fmtCount(shadow.batches)} scored · ${fmtCount(shadow.skipped_batches)} skipped of ` +
+      `${fmtCount(shadow.offered_batches)} · ${fmtCount(shadow.in_flight)} in flight`],
+    ["since", fmtTime(shadow.since) + (shadow.swaps ? ` · ${shadow.swaps} swap(s)` : "")],
+  ];
+  $("shadow-facts").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+  const { labels, matrix } = shadow.disagreement;
+  const max = Math.max(1, ...matrix.flat());
+  const head = el("tr", {}, el("th", { title: "rows: served class, columns: shadow class" }, "╲"),
+    ...labels.map((l) => el("th", {}, l)));
+  const rows = matrix.map((row, i) => el("tr", {}, el("th", {}, labels[i]), ...row.map((c, j) => {
+    const alpha = c ? 0.15 + 0.85 * Math.sqrt(c / max) : 0;
+    const color = i === j ? `rgba(71,201,126,${alpha})` : `rgba(255,107,107,${alpha})`;
+    return el("td", { class: i === j ? "diag" : "", title: `served ${labels[i]}, shadow ${labels[j]}: ${c}`,
+      style: { background: color } }, c ? fmtShort(c) : "");
+  })));
+  $("shadow-matrix").replaceChildren(el("table", { class: "matrix" }, head, ...rows));
+}
+
 // ------------------------------------------------------------ the loop
 const HISTORY_POINTS = 600;
 const COLUMNS = ["t", "in_per_s", "out_per_s", "bytes_in_per_s", "rejected_per_s", "latency_p50", "latency_p99"];
 let history = null;
 let startedAt = null;
 let markTimes = {};  // Unix times of model swaps and refused bundles, marked on the throughput chart
+let driftThreshold = 5;  // the drift verdict's threshold, drawn on its chart
 
 // After the first answer only the new seconds are asked for (?since=), so a poll
 // costs the application little however long the history is.
@@ -455,6 +587,9 @@ function draw(s, incremental) {
   drawRejected(s);
   drawConfusion(s);
   drawModelCard(s);
+  drawDrift(s);
+  drawDriftChart(s.drift);
+  drawShadow(s);
 }
 
 async function poll() {
