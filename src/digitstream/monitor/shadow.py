@@ -8,7 +8,7 @@ served waits for it: the served results are written before the shadow sees the b
 batch goes by a thread, and its answer comes back by another; consecutive batches go
 together (up to 8,192 messages, or 10 ms after the first), so that small batches cost it
 little. It may lag, and is bounded: at most ``in_flight`` groups (64)
-and 32,768 messages are with it at once, and its process may take at most 15% of a core
+and 32,768 messages are with it at once, and its process may take at most 8% of a core
 (:data:`SHARE`, its CPU time as the system counts it); a batch that finds it full, out of
 time or not ready (starting, or started again after it died) is skipped whole and counted.
 The shadow runs here whatever the engine serves with (this process, worker processes, Dask).
@@ -60,7 +60,7 @@ MAX_RESTART_DELAY = 10.0
 #: bucket earning SHARE of the time, holding at most SHARE_BURST seconds). Below
 #: saturation it scores every batch; a saturated run, whose machine has no core to spare,
 #: skips shadow batches rather than slowing
-SHARE = 0.15
+SHARE = 0.08
 SHARE_BURST = 0.05
 CPU_EVERY = 0.02
 #: batches go to the shadow together, up to this many messages or this long after the
