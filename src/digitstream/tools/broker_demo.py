@@ -104,7 +104,12 @@ def main(url: str, model_path: str = "models", repeat: int = 1) -> int:
     finally:
         publisher.close()
     console.print(f"published {n:,} digits to {endpoint}")
-    in_url, out_url = endpoint.url, results_endpoint.url
+    # run's source and the result reader take the URLs without what only a publisher or a
+    # sink takes (partitions)
+    source_query = {k: v for k, v in endpoint.query.items() if k != "partitions"}
+    in_url = Endpoint(endpoint.scheme, endpoint.location, source_query).url
+    out_url = results_endpoint.url
+    results_endpoint = Endpoint(results_endpoint.scheme, results_endpoint.location, source_query)
     runs = [_run(model, in_url, out_url, group, f"demo-{k}", logs / f"run-{k}.log") for k in (1, 2)]
     found: list[dict] = []
     killed = False
@@ -112,6 +117,8 @@ def main(url: str, model_path: str = "models", repeat: int = 1) -> int:
     try:
         deadline = time.monotonic() + WAIT_SECONDS
         while len(found) < n and time.monotonic() < deadline:
+            if all(run.poll() is not None for run in runs):
+                raise UserError(f"the runs exited; their logs are in {logs}")
             if reader is None:
                 try:
                     reader = connector.result_reader(results_endpoint)
