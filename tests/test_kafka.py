@@ -341,8 +341,10 @@ def test_demo_through_a_broker_the_user_names(kafka_broker, model_dir, fresh_nam
     done = _cli("demo", "--model", str(model_dir), "--kafka",
                 f"{kafka_broker.url(fresh_name())}?partitions=3", timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
-    summary = dict(line.split(None, 1) for line in done.stdout.splitlines()
-                   if line.split(None, 1)[:1] and line.split()[0] in ("duplicates", "missing",
-                                                                       "results", "inputs"))
+    summary: dict[str, str] = {}
+    for line in done.stdout.splitlines():
+        words = line.split()
+        if len(words) == 2:  # "inputs 1,797", "duplicates 0"...
+            summary.setdefault(words[0], words[1])
     assert summary["duplicates"].strip() == "0" and summary["missing"].strip() == "0", done.stdout
     assert summary["results"].strip() == summary["inputs"].strip() == "1,797"
