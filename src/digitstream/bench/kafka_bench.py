@@ -22,10 +22,8 @@ of ``runs`` runs; the ratios are paired (each run's ratio, then the median).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +37,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from digitstream.bench.report import broker_main
+from digitstream.bench.systems import free_port, stop_process, wait_listening
 from digitstream.codecs.inputs import encode_images
 from digitstream.config import DEFAULTS
 from digitstream.datasets import load_dataset
@@ -63,19 +62,13 @@ def _jars() -> Path:
     return found[-1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def start_broker(directory: Path, timeout: float = 120) -> tuple[subprocess.Popen, str]:
     """A Kafka broker and controller in one process (KRaft) in ``directory``; (its process,
     its bootstrap address)."""
     if shutil.which("java") is None:
         raise UserError("no java for the Kafka broker: give one with --kafka-bootstrap")
     jars = _jars()
-    port, controller = _free_port(), _free_port()
+    port, controller = free_port(), free_port()
     properties = directory / "server.properties"
     properties.write_text(
         "\n".join(
@@ -238,24 +231,6 @@ def _relay(bootstrap: str, topic_in: str, topic_out: str, batch: int, txn: bool)
             consumer.commit(offsets=positions, asynchronous=False)
 
 
-def _ready(proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not re.search("listening on", log.read_text(errors="replace")):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"did not start: see {log}")
-        time.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-
-
 SYSTEMS = ("relay", "relay_transactions", "digitstream", "digitstream_exactly_once")
 
 
@@ -310,10 +285,10 @@ def measure(
                 with open(log_path, "wb") as out:
                     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
                 try:
-                    _ready(proc, log_path)
+                    wait_listening(proc, log_path)
                     rate = _rate(bootstrap, f"{tag}-out", total, [proc])
                 finally:
-                    _stop(proc)
+                    stop_process(proc)
                 rates.setdefault(system, []).append(rate)
             log(
                 f"run {run + 1} of {runs}: "

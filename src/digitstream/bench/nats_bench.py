@@ -37,6 +37,7 @@ import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from digitstream.bench.report import broker_main
+from digitstream.bench.systems import stop_process, wait_listening
 from digitstream.codecs.inputs import encode_images
 from digitstream.config import DEFAULTS
 from digitstream.datasets import load_dataset
@@ -166,24 +167,6 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
 
 
-def _ready(proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while "listening on" not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"did not start: see {log}")
-        time.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-
-
 def measure(model: Path, total: int = 200_000, runs: int = 3, log=print) -> dict[str, Any]:
     """Every figure (messages/s, medians of ``runs``), and the paired ratios to the relay."""
 
@@ -228,10 +211,10 @@ def measure(model: Path, total: int = 200_000, runs: int = 3, log=print) -> dict
                     log_path = directory / f"{tag}.log"
                     proc = _start(args, log_path)
                     try:
-                        _ready(proc, log_path)
+                        wait_listening(proc, log_path)
                         rate = asyncio.run(_span(port, f"{tag}-out", total, [proc]))
                     finally:
-                        _stop(proc)
+                        stop_process(proc)
                     rates.setdefault(f"{system}_{fmt}", []).append(rate)
             log(
                 f"run {run + 1} of {runs}: "

@@ -61,6 +61,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Wait until ``proc`` writes ``listening on`` to ``log``; RuntimeError if it exits first
+    or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while "listening on" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"did not start: see {log}")
+        time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM ``proc`` and wait for it (SIGKILL after 30 s)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 def command(
     system: System, in_addr: Address, out_addr: Address, model_dir: str | Path
 ) -> list[str]:
