@@ -321,18 +321,6 @@ class KafkaHarness(BrokerHarness):
     def topic(self, name: str) -> str:
         return f"{name}-{self.tmp.parent.name}-{self.tmp.name}"
 
-    def stall_output(self):
-        self.output.proc.send_signal(signal.SIGSTOP)
-
-    def resume_output(self):
-        self.output.proc.send_signal(signal.SIGCONT)
-
-    def unreachable(self):
-        held = HeldPort()
-        self.held = held
-        url = f"kafka://{HOST}:{held.port}/x"
-        return [("--in", url), ("--out", url)]
-
     def close(self):
         if self._reader is not None:
             self._reader.close()
