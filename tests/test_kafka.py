@@ -205,7 +205,26 @@ def test_two_runs_killed_and_stopped_answer_each_record_exactly_once(
             sender.wait(timeout=TIMEOUT)
     results = read_committed(kafka_broker, name_out, total)
     print(f"{len(results):,} results for {total:,} records; kills {kills}")
-    _check(results, _inputs(kafka_broker, name_in), expected_texts, name_in)
+    try:
+        _check(results, _inputs(kafka_broker, name_in), expected_texts, name_in)
+    except AssertionError:
+        _explain(results, apps, seed)
+        raise
+
+
+def _explain(results, apps, seed: int) -> None:
+    """What a failed exactly-once check needs to be understood: where the twice-answered
+    inputs are, and what each run logged about its group and transactions."""
+    seen: dict[str, list[int]] = {}
+    for p_out, tag, _ in results:
+        seen.setdefault(tag, []).append(p_out)
+    twice = sorted(tag for tag, outs in seen.items() if len(outs) > 1)
+    print(f"seed {seed}: {len(twice)} inputs answered twice; first {twice[:3]}, "
+          f"last {twice[-3:]}")
+    for app in apps:
+        lines = [line for line in app.log().splitlines()
+                 if "kafka" in line]
+        print(f"--- {app.proc.args[-1]} (pid {app.proc.pid}):", *lines[-30:], sep="\n")
 
 
 def _one_line_error(*args: str, timeout: float = TIMEOUT * 6) -> str:

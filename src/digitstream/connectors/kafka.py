@@ -81,6 +81,8 @@ _CLIENT_LOG.setLevel(logging.ERROR)
 CONNECT_SECONDS = 10.0
 #: seconds a transaction's commit (or a flush) may take before it is tried again
 COMMIT_SECONDS = 60.0
+#: how long one flush waits before the sink looks whether it is closing
+FLUSH_SECONDS = 1.0
 #: the longest one read waits for records before looking again (for a drain)
 POLL_SECONDS = 0.5
 #: a topic name (Kafka's own rule)
@@ -562,6 +564,7 @@ class KafkaSink(QueuedSink):
         self.topic_partitions = 1
         self._client = _Client(url, "kafka-producer")
         self._failed: list[str] = []
+        self._closing = False
         self.counts.update(produced=0, transactions=0, aborted=0, dropped=0)
 
     @classmethod
@@ -591,7 +594,11 @@ class KafkaSink(QueuedSink):
     def _open(self):
         from confluent_kafka import Producer  # start-up time: client only
 
-        producer = Producer(self._producer_config(**{"enable.idempotence": True}))
+        # a record waits for a broker that is away as long as it takes (back-pressure stops
+        # the source meanwhile), rather than failing after 5 minutes and being produced again
+        producer = Producer(
+            self._producer_config(**{"enable.idempotence": True, "message.timeout.ms": 0})
+        )
         partitions = _partitions(producer, self.url, self._client.failure)
         if partitions is None:
             _create_topic(self.url, self.partitions)
@@ -679,9 +686,18 @@ class KafkaSink(QueuedSink):
 
         self._failed.clear()
         self._produce(self.producer, results)
-        left = self.producer.flush(COMMIT_SECONDS)
+        # what is queued stays queued while the broker is away (the producer sends it when
+        # the broker is back, in order, once): producing it again would duplicate it and
+        # put it out of order. Only records the producer gave up on are produced again.
+        waited = 0.0
+        while (left := self.producer.flush(FLUSH_SECONDS)) and not self._closing:
+            waited += FLUSH_SECONDS
+            if waited % COMMIT_SECONDS < FLUSH_SECONDS:
+                log.warning(
+                    "kafka %s: %d results wait for the broker (%.0f s)", self.url, left, waited
+                )
         if left or self._failed:
-            reason = self._failed[0] if self._failed else f"{left} records not sent in time"
+            reason = self._failed[0] if self._failed else f"{left} records not sent"
             raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, reason))
 
     def _transaction(self, results: list[BatchResult]) -> None:
@@ -776,6 +792,7 @@ class KafkaSink(QueuedSink):
         }
 
     async def close(self) -> None:
+        self._closing = True  # a flush waiting for a broker that is away gives up
         await super().close()
         for producer in (self.producer, self.transactional):
             if producer is not None:
