@@ -227,6 +227,50 @@ def _explain(results, apps, seed: int) -> None:
         print(f"--- {app.proc.args[-1]} (pid {app.proc.pid}):", *lines[-30:], sep="\n")
 
 
+def test_a_fenced_producer_reads_again_from_the_committed_offsets(
+        kafka_broker, model_dir, expected_texts, fresh_name):
+    """Another producer takes ``run``'s transactional id at moments of a seeded schedule (as a
+    second ``run`` with the same ``--name`` would): ``run``'s producer is fenced with its
+    transaction's outcome unknown, no rebalance follows, and ``run`` reads again from the
+    offsets its group committed. A read_committed reader finds one result per record."""
+    seed = random.randrange(1 << 30)
+    print(f"\nseed {seed} (to replay: random.Random({seed}))")
+    rng = random.Random(seed)
+    name_in, name_out, group = fresh_name(), fresh_name(), fresh_name()
+    repeat = 100
+    total = repeat * len(expected_texts)
+    kafka_broker.create_topic(name_in, 3)
+    sent = _cli("send", "--to", kafka_broker.url(name_in), "--format", "u8", "--repeat",
+                str(repeat))
+    assert sent.returncode == 0, sent.stderr
+    app = _run(model_dir, kafka_broker.url(name_in), kafka_broker.url(name_out), "--group",
+               group, "--name", "fenced", "--max-batch", "512").wait_ready(TIMEOUT * 2)
+    fencers = []
+    try:
+        for share in sorted(rng.uniform(0.05, 0.6) for _ in range(3)):
+            wait_for(lambda share=share: app.stats()["messages"]["out"] >= share * total,
+                     TIMEOUT * 4, interval=0.02, what=f"{share:.0%} of the results (seed {seed})")
+            fencer = confluent_kafka.Producer(kafka_broker.config(
+                **{"transactional.id": f"digitstream-{group}-fenced"}))
+            fencer.init_transactions(TIMEOUT)
+            fencers.append(fencer)
+        wait_for(lambda: len(read_committed(kafka_broker, name_out, total, 10)) >= total,
+                 TIMEOUT * 8, interval=0.5, what=f"every result (seed {seed})")
+        counters = app.stats()["connectors"]["source"]["counters"]
+        assert counters["rewinds"] >= 1, counters
+        assert "reading again from the committed offsets" in app.log()
+    finally:
+        for fencer in fencers:
+            fencer.close()
+        assert app.stop() == 0, app.log()
+    results = read_committed(kafka_broker, name_out, total)
+    try:
+        _check(results, _inputs(kafka_broker, name_in), expected_texts, name_in)
+    except AssertionError:
+        _explain(results, [app], seed)
+        raise
+
+
 def _one_line_error(*args: str, timeout: float = TIMEOUT * 6) -> str:
     done = _cli(*args, timeout=timeout)
     assert done.returncode != 0

@@ -14,7 +14,12 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.pipeline import Pipeline
 
 from digitstream.codecs.inputs import encode_images
-from digitstream.testing import MemorySink, MemorySource, run_in_memory
+from digitstream.app import Application
+from digitstream.batch import BatchResult
+from digitstream.config import AppConfig
+from digitstream.sinks import QueuedSink
+from digitstream.testing import MemorySink, MemorySource, memory_bundle, run_in_memory
+from helpers import TIMEOUT
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +55,48 @@ def test_a_stream_that_breaks_has_what_came_before_answered(seed_pipeline, digit
     assert asyncio.run(run_in_memory(seed_pipeline, source, sink, input_format="u8")) == 0
     assert sink.texts(1) == seed_texts[:123]
     assert sink.texts(2) == seed_texts
+
+
+class BrokenSink(QueuedSink):
+    """A queued sink whose deliver() fails with an error it does not retry, after ``good``
+    results: a sink that can deliver nothing more."""
+
+    guarantee = "at most once: in memory"
+
+    def __init__(self, good: int):
+        super().__init__("a broken sink")
+        self.good = good
+        self.taken: list[BatchResult] = []
+
+    build = classmethod(lambda cls, *args: None)
+
+    def describe(self) -> str:
+        return "broken"
+
+    async def deliver(self, results):
+        if len(self.taken) >= self.good:
+            raise ValueError("the sink's peer is gone for good")
+        self.taken += results
+
+
+def test_a_sink_that_fails_for_good_stops_the_run_with_exit_status_1(seed_pipeline, digits,
+                                                                      caplog):
+    """deliver() raises what the sink does not retry: the run logs why and stops (exit status
+    1), rather than serve on with a sink that takes nothing more."""
+    sink = BrokenSink(good=3)
+    source = MemorySource({1: encode_images(digits.X, "u8")}, max_batch=100)
+
+    async def run() -> int:
+        config = AppConfig(metrics_addr=None, model_poll=0, input_format="u8", flush_timeout=1.0)
+        app = Application(config, source=source, sink=sink, bundle=memory_bundle(seed_pipeline))
+        await app.start()
+        return await asyncio.wait_for(app.serve_until_stopped(), TIMEOUT)  # stops by itself
+
+    assert asyncio.run(run()) == 1
+    assert "sink broken failed: the sink's peer is gone for good" in caplog.text
+    taken = sum(r.count for r in sink.taken)
+    assert 300 <= taken < len(digits.X)
+    assert f"{len(digits.X) - taken} results not delivered" in caplog.text
 
 
 class Faulty(TransformerMixin, BaseEstimator):

@@ -128,7 +128,7 @@ class Application:
         # a bundle served from its stored arrays, and what loads its real pipeline
         self._stored: Bundle | None = None
         self._finishing: threading.Thread | None = None
-        self._model_failed = False
+        self._failed = False  # the model failed to load, or the sink for good: exit status 1
 
     @property
     def bundle(self):
@@ -246,6 +246,7 @@ class Application:
         if self.metrics is not None:
             await self._serve_metrics(source, sink)
         self.sink = sink
+        sink.on_failure = self._sink_failed
         await sink.start()
         self.source = source
         await source.start(sink)
@@ -297,7 +298,7 @@ class Application:
 
         def failed(exc: BaseException) -> None:
             log.error("model %s could not be loaded: %s", bundle.path, failure_reason(exc))
-            self._model_failed = True
+            self._failed = True
             self.request_stop()
 
         def load() -> None:
@@ -435,6 +436,10 @@ class Application:
                     )
                 await backoff.failed(exc)
 
+    def _sink_failed(self, exc: BaseException) -> None:
+        self._failed = True
+        self.request_stop()
+
     # ------------------------------------------------------------ shutdown
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -447,7 +452,8 @@ class Application:
 
     async def shutdown(self) -> int:
         """Answer what was received and deliver it, within the drain and flush bounds;
-        the exit status (1 if results were left undelivered or the model failed to load)."""
+        the exit status (1 if results were left undelivered, the model failed to load or
+        the sink failed)."""
         cfg = self.config
         if self.watcher is not None:
             await self.watcher.close()
@@ -495,7 +501,7 @@ class Application:
             await self.metrics_server.stop()
         if self._finishing is not None:  # a process does not exit in the middle of an import
             await asyncio.to_thread(self._finishing.join)
-        if self._model_failed:
+        if self._failed:
             status = 1
         log.info(
             "stopped: %d frames received, %d answered",

@@ -34,7 +34,7 @@ import asyncio
 import collections
 import logging
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from digitstream.backoff import Backoff
@@ -58,6 +58,10 @@ class Sink(Declared):
     @abstractmethod
     def describe(self) -> str:
         """Where it writes, for logs and the metrics UI (``127.0.0.1:7002``)."""
+
+    #: called (on the event loop) when the sink fails for good and delivers nothing more:
+    #: the application stops then, rather than wait on a sink that will never take results
+    on_failure: Callable[[BaseException], None] | None = None
 
     async def start(self) -> None:
         """Start delivering (a sink may wait for its peer in the background)."""
@@ -155,6 +159,16 @@ class QueuedSink(Sink):
     # ---------------------------------------------------------- the application's part
     async def start(self) -> None:
         self._pump = asyncio.create_task(self._run(), name=f"sink {self.describe()}")
+        self._pump.add_done_callback(self._pump_ended)
+
+    def _pump_ended(self, pump: asyncio.Task) -> None:
+        if pump.cancelled() or pump.exception() is None:
+            return
+        exc = pump.exception()
+        assert exc is not None
+        log.error("sink %s failed: %s", self.describe(), exc)
+        if self.on_failure is not None:
+            self.on_failure(exc)
 
     async def write(self, result: BatchResult) -> None:
         if not result.count:

@@ -369,7 +369,9 @@ class KafkaSource(GroupSource):
         self.epoch = 0
         self.consumer: Any = None
         self._client = _Client(url, "kafka-consumer")
-        self.counts = collections.Counter(read=0, committed=0, stale=0, rebalances=0, errors=0)
+        self.counts = collections.Counter(
+            read=0, committed=0, stale=0, rebalances=0, rewinds=0, errors=0
+        )
 
     @classmethod
     def build(cls, endpoint: Endpoint, options: dict, config: AppConfig, metrics=None) -> Source:
@@ -424,6 +426,36 @@ class KafkaSource(GroupSource):
             "kafka %s: partitions %s assigned",
             self.url.topic,
             ",".join(str(p.partition) for p in partitions) or "(none)",
+        )
+
+    async def rewind(self) -> None:
+        """Read again from the offsets the group has committed: every record read before is
+        stale (dropped by the sink, never committed). On failure, ``run`` stops rather than
+        go on past records it dropped."""
+        try:
+            await self._client.call(self._rewind)
+        except Exception as exc:
+            raise UserError(
+                f"kafka {self.url}: cannot read again from the committed offsets: {exc}"
+            ) from None
+
+    def _rewind(self) -> None:
+        from confluent_kafka import OFFSET_BEGINNING  # start-up time: client only
+
+        self.epoch += 1
+        self.counts["rewinds"] += 1
+        assignment = self.consumer.assignment()
+        if not assignment:
+            return  # the next assignment starts from the committed offsets
+        committed = self.consumer.committed(assignment, timeout=COMMIT_SECONDS)
+        for position in committed:
+            if position.offset < 0:  # nothing committed: where auto.offset.reset says
+                position.offset = OFFSET_BEGINNING
+            self.consumer.seek(position)
+        log.info(
+            "kafka %s: reading again from the committed offsets %s",
+            self.url,
+            ", ".join(f"{p.partition}:{p.offset}" for p in committed),
         )
 
     def _revoked(self, consumer, partitions) -> None:
@@ -641,8 +673,16 @@ class KafkaSink(QueuedSink):
                 self.counts["dropped"] += result.count
             else:
                 live.append(result)
-        if live:
-            await self._client.call(self._transaction, live)
+        if live and not await self._client.call(self._transaction, live):
+            # what became of the transaction is not known (the producer failed or was
+            # fenced, or its abort failed): the records are read again from the offsets the
+            # group has committed, which were committed with their results, so nothing goes
+            # twice; everything read before is dropped on its way
+            receipt = live[0].receipt
+            assert isinstance(receipt, KafkaRecords)
+            source = receipt.source
+            assert isinstance(source, KafkaSource)
+            await source.rewind()
 
     # on the producer's thread
     def _produce(self, producer, results: list[BatchResult]) -> None:
@@ -700,7 +740,9 @@ class KafkaSink(QueuedSink):
             reason = self._failed[0] if self._failed else f"{left} records not sent"
             raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, reason))
 
-    def _transaction(self, results: list[BatchResult]) -> None:
+    def _transaction(self, results: list[BatchResult]) -> bool:
+        """Write ``results`` and commit their inputs' offsets in one transaction; False when
+        its outcome is unknown (see :meth:`deliver`)."""
         from confluent_kafka import KafkaException, TopicPartition  # start-up time
 
         if self.transactional is None:
@@ -721,27 +763,42 @@ class KafkaSink(QueuedSink):
             producer.begin_transaction()
             self._produce(producer, results)
             producer.send_offsets_to_transaction(positions, first.group_metadata, COMMIT_SECONDS)
-            producer.commit_transaction(COMMIT_SECONDS)
+            self._commit(producer)
         except KafkaException as exc:
-            self._failed_transaction(exc, results)
-            return
+            return self._failed_transaction(exc, results)
         self.counts["transactions"] += 1
+        return True
 
-    def _failed_transaction(self, exc, results: list[BatchResult]) -> None:
-        """A transaction that did not commit: aborted; its results dropped if their inputs
-        are no longer this consumer's (they are read again by their new owner), else tried
-        again."""
+    def _commit(self, producer) -> None:
+        """Commit the transaction; asked again while the broker says the answer may yet
+        come (a commit that timed out may have been done: aborting it then, or writing its
+        results again, could put them in twice)."""
+        from confluent_kafka import KafkaException  # start-up time: client only
+
+        while True:
+            try:
+                producer.commit_transaction(COMMIT_SECONDS)
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                if not error.retriable() or self._closing:
+                    raise
+                log.warning("kafka %s: commit not confirmed (%s); asked again", self.url, error)
+
+    def _failed_transaction(self, exc, results: list[BatchResult]) -> bool:
+        """A transaction that did not commit. Aborted: its results are dropped if their
+        inputs are no longer this consumer's (their new owner reads them again), else
+        raised, to be tried again. Not known to be aborted (a fatal error, a fenced
+        producer, an abort that failed): a new producer takes over, and False."""
         error = exc.args[0]
         self.counts["aborted"] += 1
-        if error.fatal():  # fenced: another producer took this transactional id
+        if error.fatal():
             log.warning(
-                "kafka %s: the producer was fenced (%s); a new one takes over",
-                self.url,
-                error.str(),
+                "kafka %s: the producer failed (%s); a new one takes over", self.url, error.str()
             )
             self.transactional = None
             self._drop(results, error.str())
-            return
+            return False
         try:
             # what is still queued first: an abort that reaches the broker before it knows
             # the transaction's partitions fails for good (librdkafka issue 4849)
@@ -750,9 +807,11 @@ class KafkaSink(QueuedSink):
         except Exception as abort:
             log.warning("kafka %s: abort failed (%s); a new producer takes over", self.url, abort)
             self.transactional = None
+            self._drop(results, error.str())
+            return False
         if _stale_generation(error):
             self._drop(results, error.str())
-            return
+            return True
         raise exc
 
     def _drop(self, results: list[BatchResult], reason: str) -> None:
