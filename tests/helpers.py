@@ -335,9 +335,11 @@ class ListenProcess:
         self.proc.wait(timeout=TIMEOUT)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = TIMEOUT) -> int:
-        """Stop it with ``sig`` (killed if it outlives ``timeout``); its exit status."""
+        """Stop it with ``sig`` (continued first if stopped; killed if it outlives
+        ``timeout``); its exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process acts on it once continued
             try:
                 return self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

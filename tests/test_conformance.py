@@ -116,7 +116,6 @@ class Harness:
 
     def close(self) -> None:
         for app in self.apps:
-            app.stop(signal.SIGCONT)
             app.stop()
         for proc in self.procs:
             if proc.poll() is None:
@@ -185,6 +184,11 @@ class AckedHarness(TcpHarness):
     def start_listener(self):
         self.listener_proc = self.spawn("listen", "--acked", f"{HOST}:{self.out_port.port}",
                                         "-o", str(self.file), log="listen")
+        # listening before anything else may take its port (the held port lets either bind)
+        log = self.tmp / f"{len(self.procs) - 1:02d}-listen.log"
+        wait_for(lambda: "listening on" in log.read_text(errors="replace")
+                 or self.listener_proc.poll() is not None, what="the acked listener")
+        assert self.listener_proc.poll() is None, log.read_text(errors="replace")
 
     def send(self, repeat):
         return self.spawn("send", "--acked", "--stream", "s", "--to",

@@ -198,7 +198,6 @@ def test_two_runs_killed_and_stopped_answer_each_record_exactly_once(
                  what=f"every result (seed {seed})")
     finally:
         for app in apps:
-            app.stop(signal.SIGCONT)
             app.stop()
         if sender.poll() is None:
             sender.kill()

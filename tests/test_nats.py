@@ -165,7 +165,6 @@ def test_two_runs_one_killed_one_stopped_answer_each_input_exactly_once(
         assert stopped_once and kills
     finally:
         for app in apps:
-            app.stop(signal.SIGCONT)
             app.stop()
         if sender.poll() is None:
             sender.kill()

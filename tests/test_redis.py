@@ -165,8 +165,11 @@ class RedisApp:
         return json.loads(http_get(self.metrics_url + "/api/stats")[1])
 
     def stop(self, sig=signal.SIGTERM) -> int | None:
+        """Stop it with ``sig`` (continued first if stopped; killed if it outlives TIMEOUT);
+        its exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process acts on it once continued
             try:
                 self.proc.wait(timeout=TIMEOUT)
             except subprocess.TimeoutExpired:
@@ -189,7 +192,6 @@ def start_run(model_dir):
 
     yield start
     for app in started:
-        app.stop(signal.SIGCONT)
         app.stop()
 
 

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.pipeline import Pipeline
 
-from digitstream.codecs.inputs import encode_images
 from digitstream.app import Application
 from digitstream.batch import BatchResult
+from digitstream.codecs.inputs import encode_images
 from digitstream.config import AppConfig
 from digitstream.sinks import QueuedSink
 from digitstream.testing import MemorySink, MemorySource, memory_bundle, run_in_memory
