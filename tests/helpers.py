@@ -448,3 +448,20 @@ def plateau(read, settle: float = 1.5, timeout: float = 60) -> int:
         elif time.monotonic() - since >= settle:
             return now
     raise AssertionError(f"still growing after {timeout} s: {last}")
+
+
+def stop_groups(procs, grace: float = 3.0) -> None:
+    """Stop processes started each in a session of its own: SIGTERM to every group, then
+    SIGKILL to any still there ``grace`` seconds later (a test's servers and workers: how
+    they shut down is not what it tests)."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(TIMEOUT)
+

@@ -30,6 +30,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+from helpers import stop_groups
+
 PREFIX = "ds-"  # of the namespaces made here: ds-<pid>-<host>
 
 
@@ -113,16 +115,8 @@ class Host:
         _ip("link", "set", self.link, "up")
 
     def stop_processes(self) -> None:
-        """Every process started here: SIGTERM, then SIGKILL for any still there after 10 s."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        """Every process started here: SIGTERM, then SIGKILL for any still there after 3 s."""
+        stop_groups(self.procs)
         self.procs.clear()
         _kill_processes_in(self.namespace)  # anything they left in the namespace
 

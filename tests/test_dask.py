@@ -27,7 +27,7 @@ import pytest
 from digitstream.engine.base import EngineOptions
 from digitstream.pipeline import FlowOptions
 from digitstream.wire.framing import Payloads, frame_fixed, frame_many
-from helpers import HOST, Collector, HeldPort, app_counts, send_bytes, wait_for
+from helpers import HOST, Collector, HeldPort, app_counts, send_bytes, stop_groups, wait_for
 from streams import CHUNK, Gaps, Stream
 
 distributed = pytest.importorskip("distributed")
@@ -138,15 +138,7 @@ class Cluster:
     def close(self) -> None:
         if self._client is not None:
             self._client.close(timeout=5)
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_groups(self.procs[::-1])
 
 
 @pytest.fixture
