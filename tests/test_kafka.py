@@ -85,6 +85,13 @@ def _check(results, inputs: dict[tuple[int, int], int], expected_texts, topic: s
         last[(p_out, p_in)] = offset
 
 
+def _send_digits(broker, topic: str, repeat: int) -> None:
+    """The digits ``repeat`` times into a new topic of 3 partitions, by ``send``."""
+    broker.create_topic(topic, 3)
+    sent = _cli("send", "--to", broker.url(topic), "--format", "u8", "--repeat", str(repeat))
+    assert sent.returncode == 0, sent.stderr
+
+
 def _inputs(broker, topic: str) -> dict[tuple[int, int], int]:
     """(partition, offset) -> the record's ``id`` header (its place in what send sent)."""
     return {(p, o): int(i) for p, o, i in _records_with_ids(broker, topic)}
@@ -238,10 +245,7 @@ def test_a_fenced_producer_reads_again_from_the_committed_offsets(
     name_in, name_out, group = fresh_name(), fresh_name(), fresh_name()
     repeat = 100
     total = repeat * len(expected_texts)
-    kafka_broker.create_topic(name_in, 3)
-    sent = _cli("send", "--to", kafka_broker.url(name_in), "--format", "u8", "--repeat",
-                str(repeat))
-    assert sent.returncode == 0, sent.stderr
+    _send_digits(kafka_broker, name_in, repeat)
     app = _run(model_dir, kafka_broker.url(name_in), kafka_broker.url(name_out), "--group",
                group, "--name", "fenced", "--max-batch", "512").wait_ready(TIMEOUT * 2)
     fencers = []
@@ -378,10 +382,7 @@ def test_the_broker_restarted_mid_stream_loses_and_duplicates_nothing(
     name_in, name_out = fresh_name(), fresh_name()
     repeat = 60
     total = repeat * len(expected_texts)
-    kafka_broker.create_topic(name_in, 3)
-    sent = _cli("send", "--to", kafka_broker.url(name_in), "--format", "u8", "--repeat",
-                str(repeat))
-    assert sent.returncode == 0, sent.stderr
+    _send_digits(kafka_broker, name_in, repeat)
     app = _run(model_dir, f"{kafka_broker.url(name_in)}?{FAST_GROUP}",
                kafka_broker.url(name_out), "--group", fresh_name(), "--max-batch", "2048",
                "--name", "restart").wait_ready(TIMEOUT * 2)

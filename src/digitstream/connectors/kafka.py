@@ -386,6 +386,11 @@ class KafkaSource(GroupSource):
         return f"{self.url} (consumer group {self.group})"
 
     async def start(self, sink: Sink) -> None:
+        if isinstance(sink, KafkaSink):
+            # before any offset is read: a run started again under its name fences the
+            # producer it replaces, whose last transaction is settled (committed or aborted)
+            # first, so the offsets read next include it
+            await sink.prepare(self)
         self.consumer = await self._client.call(self._subscribe)
         self.open_stream()
 
@@ -745,13 +750,13 @@ class KafkaSink(QueuedSink):
         its outcome is unknown (see :meth:`deliver`)."""
         from confluent_kafka import KafkaException, TopicPartition  # start-up time
 
-        if self.transactional is None:
-            self.transactional = self._transactional_producer(results[0])
-        producer = self.transactional
         first = results[0].receipt
         assert isinstance(first, KafkaRecords)
         source = first.source
         assert isinstance(source, KafkaSource)
+        if self.transactional is None:  # the last one failed
+            self.transactional = self._transactional_producer(source.group)
+        producer = self.transactional
         offsets: dict[int, int] = {}
         for result in results:
             receipt = result.receipt
@@ -826,15 +831,22 @@ class KafkaSink(QueuedSink):
             reason,
         )
 
-    def _transactional_producer(self, result_of: BatchResult):
+    async def prepare(self, source: KafkaSource) -> None:
+        """The transactional producer for ``source``'s results, if they are committed here."""
+        from confluent_kafka import KafkaException  # start-up time: client only
+
+        if not (self.transactions and source.url.bootstrap == self.url.bootstrap):
+            return
+        try:
+            self.transactional = await self._client.call(self._transactional_producer, source.group)
+        except KafkaException as exc:
+            raise self._client.failure(exc) from None
+
+    def _transactional_producer(self, group: str):
         from confluent_kafka import Producer  # start-up time: client only
 
-        receipt = result_of.receipt
-        assert isinstance(receipt, KafkaRecords)
-        source = receipt.source
-        assert isinstance(source, KafkaSource)
         producer = Producer(
-            self._producer_config(**{"transactional.id": f"digitstream-{source.group}-{self.name}"})
+            self._producer_config(**{"transactional.id": f"digitstream-{group}-{self.name}"})
         )
         producer.init_transactions(COMMIT_SECONDS)
         return producer
