@@ -465,3 +465,16 @@ def stop_groups(procs, grace: float = 3.0) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(TIMEOUT)
 
+
+def one_line_error(*args: str, timeout: float = TIMEOUT * 6) -> str:
+    """Run ``digitstream ARGS``, which must fail with one ``Error:`` line and no traceback;
+    that line."""
+    done = subprocess.run([sys.executable, "-m", "digitstream.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode != 0
+    # run logs its start before it fails: the error is the one line that says Error
+    lines = [line for line in done.stderr.splitlines() if "Error" in line]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return lines[0]
+

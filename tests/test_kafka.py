@@ -18,7 +18,7 @@ import uuid
 import numpy as np
 import pytest
 
-from helpers import HOST, TIMEOUT, HeldPort, wait_for
+from helpers import HOST, TIMEOUT, HeldPort, one_line_error, wait_for
 from test_redis import RedisApp
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
@@ -274,28 +274,18 @@ def test_a_fenced_producer_reads_again_from_the_committed_offsets(
         raise
 
 
-def _one_line_error(*args: str, timeout: float = TIMEOUT * 6) -> str:
-    done = _cli(*args, timeout=timeout)
-    assert done.returncode != 0
-    # run logs its start before it fails: the error is the one line that says Error
-    lines = [line for line in done.stderr.splitlines() if "Error" in line]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    return lines[0]
-
-
 def test_errors_are_one_line(kafka_broker, model_dir, fresh_name):
     with HeldPort() as held:
         started = time.monotonic()
-        line = _one_line_error("send", "--to", f"kafka://{HOST}:{held.port}/t")
+        line = one_line_error("send", "--to", f"kafka://{HOST}:{held.port}/t")
         assert "cannot reach" in line and "within 10 s" in line, line
         assert time.monotonic() - started < 30
-    line = _one_line_error("run", "--model", str(model_dir), "--no-metrics", "--in",
+    line = one_line_error("run", "--model", str(model_dir), "--no-metrics", "--in",
                            kafka_broker.url(fresh_name()))
     assert "no topic" in line
-    line = _one_line_error("listen", kafka_broker.url(fresh_name()), "--count", "1")
+    line = one_line_error("listen", kafka_broker.url(fresh_name()), "--count", "1")
     assert "no topic" in line
-    line = _one_line_error("run", "--model", str(model_dir), "--in",
+    line = one_line_error("run", "--model", str(model_dir), "--in",
                            kafka_broker.url("t") + "?grup=x")
     assert "unknown option 'grup'" in line and "group" in line
 
@@ -305,7 +295,7 @@ def test_scram_over_tls_and_a_wrong_password(kafka_broker, model_dir, expected_t
     user, password = next(iter(kafka_broker.users.items()))
     name_in, name_out = fresh_name(), fresh_name()
     wrong = kafka_broker.secure_url(name_in, user, "not-the-password")
-    line = _one_line_error("send", "--to", wrong)
+    line = one_line_error("send", "--to", wrong)
     assert "refused the user or password" in line and "not-the-password" not in line
     url_in = kafka_broker.secure_url(name_in, user, password)
     assert _cli("send", "--to", url_in, "--format", "u8").returncode == 0

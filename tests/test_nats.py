@@ -19,6 +19,7 @@ import pytest
 
 from certs import Certificates
 from helpers import HOST, TIMEOUT, wait_for
+from helpers import one_line_error as _one_line_error
 from test_redis import RedisApp
 
 nats = pytest.importorskip("nats")
@@ -174,34 +175,27 @@ def test_two_runs_one_killed_one_stopped_answer_each_input_exactly_once(
     _check_exactly_once(results, total, expected_texts, ordered=False)
 
 
-def _one_line_error(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "digitstream.cli", *args],
-                          capture_output=True, text=True, timeout=TIMEOUT * 3)
-    assert done.returncode != 0
-    # run logs its start before it fails: the error is the one line that says Error
-    lines = [line for line in done.stderr.splitlines() if "Error" in line]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    return lines[0]
 
+def one_line_error(*args: str) -> str:
+    return _one_line_error(*args, timeout=TIMEOUT * 3)
 
 def test_errors_are_one_line_and_never_show_the_password(start_nats, model_dir, held_port):
     server = start_nats(user="ana", password="s3cret-pw")
     wrong = server.url("in", "ana", "wrong-pw")
-    line = _one_line_error("send", "--to", wrong)
+    line = one_line_error("send", "--to", wrong)
     assert "refused" in line and "wrong-pw" not in line
-    line = _one_line_error("run", "--model", str(model_dir), "--in", wrong, "--no-metrics")
+    line = one_line_error("run", "--model", str(model_dir), "--in", wrong, "--no-metrics")
     assert "refused" in line and "wrong-pw" not in line
-    line = _one_line_error("send", "--to", server.url("in"))
+    line = one_line_error("send", "--to", server.url("in"))
     assert "needs credentials" in line
-    line = _one_line_error("send", "--to", f"nats://{HOST}:{held_port.port}/in")
+    line = one_line_error("send", "--to", f"nats://{HOST}:{held_port.port}/in")
     assert "cannot reach" in line
-    line = _one_line_error("run", "--model", str(model_dir), "--in",
+    line = one_line_error("run", "--model", str(model_dir), "--in",
                            server.url("in", "ana", "s3cret-pw") + "?wait=1")
     assert "unknown option 'wait'" in line and "ack-wait-ms" in line and "s3cret" not in line
-    line = _one_line_error("listen", server.url("missing", "ana", "s3cret-pw"), "--count", "1")
+    line = one_line_error("listen", server.url("missing", "ana", "s3cret-pw"), "--count", "1")
     assert "no stream" in line and "missing" in line
-    line = _one_line_error("send", "--to", f"nats://{HOST}:{server.port}/a.b")
+    line = one_line_error("send", "--to", f"nats://{HOST}:{server.port}/a.b")
     assert "cannot name a JetStream stream" in line
 
 
@@ -213,7 +207,7 @@ def test_over_tls_with_the_authority_named(start_nats, model_dir, expected_texts
     assert url_in.startswith("tls://")
     assert _send(url_in).returncode == 0
     without_ca = url_in.split("?")[0]
-    line = _one_line_error("send", "--to", without_ca)
+    line = one_line_error("send", "--to", without_ca)
     assert "certificate" in line and "ca=" in line
     app = _run(model_dir, url_in, server.url(name_out)).wait_ready()
     try:
